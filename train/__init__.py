@@ -1,0 +1,1 @@
+"""Training: data sets, scene synthesis, the fit loop and evaluation."""
