@@ -1,0 +1,77 @@
+"""The one switch between stock-torch reference compositions and fused kernels.
+
+Model code calls ``ops.<op>(layer, x)`` and never imports triton. ``RTSED_KERNELS`` chooses:
+
+- ``ref``: the pure-torch compositions (the reference every fast path is tested against);
+- ``triton``: the fused Triton kernels; asking for them where they cannot run (no triton, no CUDA,
+  a CPU tensor) is an error, never a silent fallback;
+- ``auto`` (default): triton for CUDA tensors when it is installed and the op has a kernel,
+  ref otherwise.
+
+The fused kernels themselves land with the kernels issue; until then ``triton`` raises and
+``auto`` resolves to ``ref`` everywhere. The dispatch point is here so that they slot in without
+touching the layers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import TYPE_CHECKING
+
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rtsed.layers import DilatedTemporal, DWSBlock
+
+BACKENDS = ("auto", "ref", "triton")
+
+# Ops with a Triton implementation; filled by the kernels work.
+_TRITON_OPS: frozenset[str] = frozenset()
+
+
+class KernelUnavailableError(RuntimeError):
+    """RTSED_KERNELS=triton was asked for where the Triton kernels cannot run."""
+
+
+def requested_backend() -> str:
+    """The backend named by RTSED_KERNELS (default auto); a typo is an error, not a fallback."""
+    value = os.environ.get("RTSED_KERNELS", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"RTSED_KERNELS={value!r} is not one of {BACKENDS}; unset it or pick one")
+    return value
+
+
+def backend_for(op: str, x: Tensor) -> str:
+    """Resolve the backend ("ref" or "triton") for one op on one input."""
+    requested = requested_backend()
+    if requested == "ref":
+        return "ref"
+    usable, why = _triton_usable(op, x)
+    if requested == "triton" and not usable:
+        raise KernelUnavailableError(f"RTSED_KERNELS=triton but {op} cannot run in Triton here: {why}. "
+                                     "Set RTSED_KERNELS=ref or auto.")
+    return "triton" if usable else "ref"
+
+
+def _triton_usable(op: str, x: Tensor) -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install 'rtsed[triton]')"
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return False, f"the input is on {x.device}, not CUDA (or TRITON_INTERPRET=1 for the interpreter)"
+    if op not in _TRITON_OPS:
+        return False, "no Triton kernel for this op exists yet"
+    return True, ""
+
+
+def dws_conv(block: "DWSBlock", x: Tensor) -> Tensor:
+    """Depthwise K x K -> LeakyReLU -> BN -> pointwise 1x1 of a DWS block; x: (B, C_in, T + K - 1, F)."""
+    backend_for("dws_conv", x)
+    return block.conv_valid_time_ref(x)
+
+
+def dilated_conv(layer: "DilatedTemporal", x: Tensor) -> Tensor:
+    """f_dil's dilated conv; x: (B, 1, T + (K - 1) d, C) time-padded -> (B, C_out, T, W)."""
+    backend_for("dilated_conv", x)
+    return F.conv2d(x, layer.conv.weight, layer.conv.bias, stride=(1, layer.stride), dilation=(layer.dilation, 1))
