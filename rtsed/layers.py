@@ -249,17 +249,32 @@ class GRUTemporal(nn.Module):
     def init_state(self, batch_size: int, max_step_frames: int, device, dtype) -> GRUHidden:
         return GRUHidden(torch.zeros(1, batch_size, self.gru.hidden_size, device=device, dtype=dtype))
 
-    def step(self, h: Tensor, state: GRUHidden, keep: Tensor | None = None) -> Tensor:
-        """h: (B, C, n, 1) -> (B, n, H). keep: (B, n) bool or None (all kept); frames not kept
-        (before a stream's first frame or after its end) leave the hidden state untouched."""
-        x = h[..., 0].transpose(1, 2)  # (B, n, C)
-        if keep is None:
-            out, new_h = self.gru(x, state.h)
-            state.h.copy_(new_h)
-            return out
-        outputs = []
-        for j in range(x.shape[1]):
-            out_j, new_h = self.gru(x[:, j:j + 1], state.h)
-            state.h.copy_(torch.where(keep[:, j].view(1, -1, 1), new_h, state.h))
-            outputs.append(out_j)
-        return torch.cat(outputs, dim=1)
+    def step(self, h: Tensor, state: GRUHidden, skip: Tensor | None = None) -> Tensor:
+        """h: (B, C, n, 1) -> (B, n, H). skip: (B,) int64, leading frames of each stream that lie
+        before its first real frame (the CNN's warm-up under "same" padding); they leave the
+        hidden state untouched and their outputs are meaningless. None: skip nothing."""
+        out, new_h = self.step_tensors(h[..., 0].transpose(1, 2), state.h, skip)
+        state.h.copy_(new_h)
+        return out
+
+    def step_tensors(self, x: Tensor, h: Tensor, skip: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Functional step: x (B, n, C), h (1, B, H), skip (B,) -> (out (B, n, H), new h).
+
+        Skipped frames are always a stream's leading frames, and a stream in warm-up still has
+        h = 0. So instead of a per-frame loop with masked updates, each stream's sequence is
+        shifted left by its skip count (one gather), run through one GRU call, and shifted back;
+        the new h is the output at the stream's last real frame. Only tensor ops: the same code
+        exports to ONNX with dynamic frames per step."""
+        if skip is None:
+            return self.gru(x, h)
+        n, hidden = x.shape[1], self.gru.hidden_size
+        t = torch.arange(n, device=x.device)
+        skip = skip.to(x.device)
+        src = torch.clamp(t[None, :] + skip[:, None], max=n - 1)  # (B, n)
+        shifted = torch.gather(x, 1, src[..., None].expand(-1, -1, x.shape[2]))
+        out_shifted, _ = self.gru(shifted, h)
+        back = torch.clamp(t[None, :] - skip[:, None], min=0)
+        out = torch.gather(out_shifted, 1, back[..., None].expand(-1, -1, hidden))
+        last = torch.clamp(n - 1 - skip, min=0).view(-1, 1, 1).expand(-1, 1, hidden)
+        h_last = torch.gather(out_shifted, 1, last).transpose(0, 1)  # (1, B, H)
+        return out, torch.where((skip >= n).view(1, -1, 1), h, h_last)

@@ -139,8 +139,8 @@ class ModelStream:
         temporal = self.model.temporal
         cnn_delay = self.block_delays[-1] if self.block_delays else 0
         if isinstance(temporal, GRUTemporal):
-            gru_keep = keep(cnn_delay).to(self.device) if masking else None
-            feats = temporal.step(h, self.temporal_state, gru_keep)  # type: ignore[arg-type]
+            skip = torch.clamp(cnn_delay - self.positions, 0, n) if masking else None
+            feats = temporal.step(h, self.temporal_state, skip)  # type: ignore[arg-type]
         else:
             assert isinstance(temporal, DilatedTemporal)
             feats = temporal.step(h, self.temporal_state)  # type: ignore[arg-type]
