@@ -14,6 +14,7 @@ not fit the config, non-finite weights) raises CheckpointError naming the file a
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +86,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, not a torch file, unsafe pickle, ...
+    except pickle.UnpicklingError as exc:
+        unsupported = [line.strip() for line in str(exc).splitlines() if "Unsupported" in line]
+        raise CheckpointError(
+            f"{path}: holds Python objects that safe loading (weights_only=True) refuses "
+            f"({unsupported[0] if unsupported else _first_line(exc)}); rtsed checkpoints contain only "
+            "tensors and plain types: re-save it with rtsed.save_checkpoint, or re-train"
+        ) from exc
+    except Exception as exc:  # truncated zip, not a torch file, ...
         raise CheckpointError(
             f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {_first_line(exc)}); "
             "the file is truncated, corrupt or not an rtsed checkpoint: re-download or re-train it"

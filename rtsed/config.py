@@ -301,6 +301,9 @@ class NormalizationStats(_Config):
     std: tuple[float, ...]
 
     def __post_init__(self) -> None:
+        # Plain floats only: numpy scalars would make the checkpoint unloadable with weights_only.
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if len(self.mean) != len(self.std):
             raise ConfigError(f"NormalizationStats: {len(self.mean)} means but {len(self.std)} stds")
         bad = [s for s in self.std if not (isinstance(s, (int, float)) and s > 0 and math.isfinite(s))]
@@ -331,6 +334,8 @@ class DecoderConfig(_Config):
     smoothing_frames: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("on_thresholds", "off_thresholds"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         for name in ("on_thresholds", "off_thresholds"):
             for v in getattr(self, name):
                 if not 0.0 < v < 1.0:
