@@ -1,0 +1,235 @@
+"""ONNX export: an offline graph and a streaming step graph, self-described by metadata.
+
+    python -m rtsed.export --model X.pt --out X.onnx              offline: log-mel (B, T, F) -> probabilities
+    python -m rtsed.export --model X.pt --out X.onnx --streaming  step: (frames, position, end, states) -> (...)
+
+Both graphs take raw log-mel frames (the front end's output) and normalise inside, so a consumer
+needs only the file: the metadata carries the detector config (front end, model, labels,
+normalisation, decoder) as JSON, the state tensors' names and shapes, and the lookahead.
+
+The step graph is ``ModelStream.step`` written without in-place state: every state tensor is an
+input and its update an output (``<name>`` -> ``<name>_out``). It keeps f_dil's past frames by
+concatenation rather than ModelStream's ring buffer, because an ONNX graph has no in-place
+memory; the arithmetic is otherwise the same. Step protocol (per stream b of the batch):
+
+- ``position[b]``: frames this stream has consumed, 0 at its start (feed back ``position_out``);
+- ``end[b]``: ``NO_END`` while the stream runs; to finish, set it to the stream's ``position``
+  and feed ``lookahead_frames`` more frames (any values: they are treated as offline padding);
+- outputs ``frame_index`` (B, n) and ``valid`` (B, n): which offline frame each output row is,
+  and whether it is a real one (rows before the lookahead has filled, or after the end, are not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rtsed.checkpoint import CheckpointError, load_checkpoint
+from rtsed.config import DetectorConfig, NormalizationStats
+from rtsed.layers import DilatedTemporal, GRUTemporal
+from rtsed.model import SEDModel
+from rtsed.streaming import NO_END
+
+ONNX_FORMAT = "rtsed-onnx"
+ONNX_FORMAT_VERSION = 1
+OPSET = 17
+
+
+class ExportError(ValueError):
+    """A model or config that cannot be exported; the message says why and what to do."""
+
+
+class _Normalize(nn.Module):
+    def __init__(self, config: DetectorConfig):
+        super().__init__()
+        norm = config.normalization or NormalizationStats.identity(config.model.n_mels)
+        self.register_buffer("mean", torch.tensor(norm.mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(norm.std, dtype=torch.float32))
+
+    def forward(self, logmel: Tensor) -> Tensor:
+        return (logmel - self.mean) / self.std
+
+
+class OfflineGraph(nn.Module):
+    """logmel (B, T, F) -> probabilities (B, T, C), logits (B, T, C)."""
+
+    def __init__(self, model: SEDModel, config: DetectorConfig):
+        super().__init__()
+        self.model, self.normalize = model, _Normalize(config)
+
+    def forward(self, logmel: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.model(self.normalize(logmel))
+        return torch.sigmoid(logits), logits
+
+
+class StepGraph(nn.Module):
+    """The streaming step as a pure function of its inputs (see the module docstring)."""
+
+    def __init__(self, model: SEDModel, config: DetectorConfig):
+        super().__init__()
+        self.model, self.normalize = model, _Normalize(config)
+        self.block_delays, total = [], 0
+        for block in model.blocks:
+            total += block.right_pad
+            self.block_delays.append(total)
+        self.cnn_delay = total
+        self.lookahead = total + model.temporal.right_pad
+
+    def state_specs(self) -> list[tuple[str, tuple[int | str, ...]]]:
+        """[(name, shape)] of every state tensor, "batch" standing for the batch size."""
+        specs, freq = [], self.model.config.n_mels
+        for i, block in enumerate(self.model.blocks):
+            specs.append((f"block{i}_history", ("batch", block.in_channels, block.context_frames, freq)))
+            freq //= block.pool.kernel_size[1]
+        t = self.model.temporal
+        if isinstance(t, GRUTemporal):
+            specs.append(("gru_h", (1, "batch", t.gru.hidden_size)))
+        else:
+            specs.append(("dil_history", ("batch", t.context_frames, t.channels)))
+        return specs
+
+    def initial_states(self, batch_size: int) -> list[Tensor]:
+        return [torch.zeros([batch_size if d == "batch" else d for d in shape]) for _, shape in self.state_specs()]
+
+    def forward(self, frames: Tensor, position: Tensor, end: Tensor, *states: Tensor):
+        n = frames.shape[1]
+        pos = position[:, None] + torch.arange(n, dtype=position.dtype)[None, :]  # (B, n)
+
+        def keep(delay: int) -> Tensor:
+            t = pos - delay
+            return ((t >= 0) & (t < end[:, None])).to(frames.dtype)[:, None, :, None]
+
+        h = self.normalize(frames).unsqueeze(1) * keep(0)
+        new_states = []
+        for block, delay, hist in zip(self.model.blocks, self.block_delays, states):
+            window = torch.cat([hist, h], dim=2)
+            new_states.append(window[:, :, window.shape[2] - block.context_frames:])
+            h = block.post(block.conv_valid_time(window))
+            if delay:
+                h = h * keep(delay)
+        t = self.model.temporal
+        temporal_state = states[len(self.model.blocks)]
+        if isinstance(t, GRUTemporal):
+            skip = torch.clamp(self.cnn_delay - position, min=0)
+            skip = torch.minimum(skip, torch.full_like(skip, n))
+            feats, new_h = t.step_tensors(h[..., 0].transpose(1, 2), temporal_state, skip)
+            new_states.append(new_h)
+        else:
+            assert isinstance(t, DilatedTemporal)
+            window = torch.cat([temporal_state, h[..., 0].transpose(1, 2)], dim=1)  # (B, R + n, C)
+            new_states.append(window[:, window.shape[1] - t.context_frames:])
+            y = F.conv2d(window.unsqueeze(1), t.conv.weight, t.conv.bias, stride=(1, t.stride),
+                         dilation=(t.dilation, 1))
+            feats = t._flatten(t.bn(F.relu(y)))
+        logits = self.model.classifier(feats)
+        frame_index = pos - self.lookahead
+        valid = (frame_index >= 0) & (frame_index < end[:, None])
+        return (torch.sigmoid(logits), logits, frame_index, valid, position + n, *new_states)
+
+
+def check_exportable(model: SEDModel, config: DetectorConfig) -> None:
+    if config.model != model.config:
+        raise ExportError(f"the checkpoint's config describes {config.model.name}, its weights {model.name}")
+    if next(model.parameters()).dtype != torch.float32:
+        raise ExportError("export needs float32 weights; call model.float() first")
+    if os.environ.get("RTSED_KERNELS", "auto").lower() == "triton":
+        raise ExportError("RTSED_KERNELS=triton: fused Triton kernels have no ONNX form; export with "
+                          "RTSED_KERNELS=ref or auto (the graph uses the reference ops)")
+
+
+def export_onnx(model: SEDModel, config: DetectorConfig, out: str | Path, streaming: bool = False,
+                opset: int = OPSET) -> Path:
+    """Write the offline (or, with streaming=True, the step) graph of a model to ``out``."""
+    import onnx  # imported here: onnx is only needed to export
+
+    check_exportable(model, config)
+    model = model.cpu().eval()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n_mels = config.model.n_mels
+    meta = {
+        "rtsed_format": ONNX_FORMAT,
+        "rtsed_format_version": str(ONNX_FORMAT_VERSION),
+        "rtsed_config": json.dumps(config.to_dict()),
+        "rtsed_graph": "step" if streaming else "offline",
+        "rtsed_lookahead_frames": str(model.lookahead_frames),
+        "rtsed_hop_s": repr(config.frontend.hop_s),
+    }
+    if streaming:
+        graph = StepGraph(model, config).eval()
+        specs = graph.state_specs()
+        state_names = [name for name, _ in specs]
+        args = (torch.zeros(2, 3, n_mels), torch.zeros(2, dtype=torch.int64),
+                torch.full((2,), NO_END, dtype=torch.int64), *graph.initial_states(2))
+        inputs = ["frames", "position", "end", *state_names]
+        outputs = ["probabilities", "logits", "frame_index", "valid", "position_out",
+                   *[f"{n}_out" for n in state_names]]
+        dynamic = {"frames": {0: "batch", 1: "frames"}, "position": {0: "batch"}, "end": {0: "batch"},
+                   "probabilities": {0: "batch", 1: "frames"}, "logits": {0: "batch", 1: "frames"},
+                   "frame_index": {0: "batch", 1: "frames"}, "valid": {0: "batch", 1: "frames"},
+                   "position_out": {0: "batch"}}
+        for name, shape in specs:
+            axis = shape.index("batch")
+            dynamic[name] = {axis: "batch"}
+            dynamic[f"{name}_out"] = {axis: "batch"}
+        meta["rtsed_state"] = json.dumps([{"name": n, "shape": list(s)} for n, s in specs])
+        meta["rtsed_no_end"] = str(NO_END)
+    else:
+        graph = OfflineGraph(model, config).eval()
+        args = (torch.zeros(2, 8, n_mels),)
+        inputs, outputs = ["logmel"], ["probabilities", "logits"]
+        dynamic = {"logmel": {0: "batch", 1: "frames"}, "probabilities": {0: "batch", 1: "frames"},
+                   "logits": {0: "batch", 1: "frames"}}
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter (dynamo=False) is deliberate: the dynamo one needs onnxscript and
+        # gains nothing here. Its GRU batch-size warning is covered by tests at several batch sizes.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*batch_size other than 1.*GRU.*")
+        warnings.filterwarnings("ignore", message=".*Constant folding.*")
+        # Shape checks become trace-time constants; dynamic batch and frame counts are tested.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(graph, args, str(out), input_names=inputs, output_names=outputs,
+                          dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+    proto = onnx.load(str(out))
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = f"rtsed {config.model.name} ({meta['rtsed_graph']} graph); labels: {', '.join(config.labels)}"
+    onnx.save(proto, str(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rtsed.export", description="Export a checkpoint to ONNX.")
+    p.add_argument("--model", required=True, help="checkpoint path (.pt)")
+    p.add_argument("--out", required=True, help="output .onnx path")
+    p.add_argument("--streaming", action="store_true", help="export the streaming step graph")
+    p.add_argument("--opset", type=int, default=OPSET)
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch check after export")
+    args = p.parse_args(argv)
+    try:
+        ckpt = load_checkpoint(args.model)
+        out = export_onnx(ckpt.model, ckpt.config, args.out, streaming=args.streaming, opset=args.opset)
+    except (CheckpointError, ExportError) as exc:
+        print(f"rtsed.export: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {'step' if args.streaming else 'offline'} graph, "
+          f"{ckpt.config.model.name}, {len(ckpt.config.labels)} classes)")
+    if not args.no_check:
+        from rtsed.onnx_backend import check_against_torch
+
+        worst = check_against_torch(out, ckpt.model)
+        print(f"onnxruntime vs torch on random input: max |diff| of logits {worst:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""ONNX export and the onnxruntime backend: parity with torch (DESIGN.md's rule on logits),
+offline and streamed over many chunks of varying size, and clear errors for bad files/states."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import rtsed
+from rtsed.config import DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
+from rtsed.export import ExportError, export_onnx, main as export_main
+from rtsed.onnx_backend import OnnxModelError, OnnxOffline, OnnxStream
+
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def assert_parity(got, ref):
+    got, ref = np.asarray(got), np.asarray(ref)
+    assert got.shape == ref.shape
+    excess = np.abs(got - ref) - (ATOL + RTOL * np.abs(ref))
+    worst = np.unravel_index(np.argmax(excess), excess.shape)
+    assert excess.max() <= 0, f"parity broken at {worst}: {got[worst]} vs {ref[worst]}"
+
+
+def randomised(name: str, n_classes: int = 6) -> tuple[rtsed.SEDModel, DetectorConfig]:
+    """A model with non-trivial BatchNorm statistics (zero-masking bugs would show) and a config
+    with non-identity normalisation (the graph must normalise inside)."""
+    torch.manual_seed(abs(hash(name)) % 1000)
+    config = DetectorConfig(
+        frontend=FrontendConfig.for_rate(16000),
+        model=ModelConfig.from_name(name, n_classes=n_classes),
+        labels=tuple(f"c{i}" for i in range(n_classes)),
+        normalization=NormalizationStats(mean=tuple(np.linspace(-8, -2, 40)), std=tuple(np.linspace(1, 3, 40))),
+    )
+    model = rtsed.SEDModel(config.model).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_(1.0, 0.3)
+            m.bias.data.normal_(0.0, 0.3)
+    return model, config
+
+
+def raw_logmel(config: DetectorConfig, frames: int, batch: int = 1, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    norm = config.normalization
+    return (rng.standard_normal((batch, frames, 40)) * np.asarray(norm.std) + np.asarray(norm.mean)).astype(np.float32)
+
+
+def torch_logits(model, config, logmel: np.ndarray) -> np.ndarray:
+    norm = config.normalization
+    x = (logmel - np.asarray(norm.mean, np.float32)) / np.asarray(norm.std, np.float32)
+    with torch.no_grad():
+        return model(torch.from_numpy(x.astype(np.float32))).numpy()
+
+
+MODELS = ["base", "dnd_7_10", "dnd_7_10_causal", "dil_3_10"]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def exported(request, tmp_path_factory):
+    model, config = randomised(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    offline = export_onnx(model, config, folder / "offline.onnx")
+    step = export_onnx(model, config, folder / "step.onnx", streaming=True)
+    return model, config, offline, step
+
+
+def test_offline_graph_matches_torch(exported):
+    model, config, offline, _ = exported
+    logmel = raw_logmel(config, 150, batch=2)
+    runner = OnnxOffline(offline)
+    assert runner.config == config
+    assert_parity(runner.logits(logmel), torch_logits(model, config, logmel))
+    # Dynamic frames: another length through the same graph.
+    logmel = raw_logmel(config, 61, seed=1)
+    assert_parity(runner.logits(logmel), torch_logits(model, config, logmel))
+
+
+@pytest.mark.parametrize("chunks", ["ones", "varying", "sixteens"])
+def test_step_graph_streams_like_offline(exported, chunks):
+    model, config, _, step = exported
+    total = 230
+    logmel = raw_logmel(config, total, seed=2)
+    ref = torch_logits(model, config, logmel)[0]
+    rng = np.random.default_rng(3)
+    sizes = {"ones": [1] * 60 + [total - 60], "sixteens": [16] * 15,
+             "varying": list(rng.integers(1, 20, size=40))}[chunks]
+    stream = OnnxStream(step)
+    assert stream.lookahead_frames == model.lookahead_frames
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(stream.push(logmel[0, start:start + size]))
+        start += size
+    parts.append(stream.push(logmel[0, start:]))
+    parts.append(stream.flush())
+    got = np.concatenate(parts)
+    assert_parity(got, ref)
+    assert np.std(ref) > 0.1  # not a trivially constant output
+
+
+def test_step_graph_batched_streams_reset_independently(exported):
+    """Three streams in one session, one reset mid-way and one ended early: each stream's valid
+    rows equal its own offline output (the GRU's warm-up skip included)."""
+    model, config, _, step = exported
+    length, size = 120, 8  # the signal length is a multiple of the step, so ends fall between steps
+    signals = [raw_logmel(config, length, seed=s)[0] for s in (10, 11, 12)]
+    stream = OnnxStream(step, batch_size=3)
+    collected = [dict() for _ in range(3)]
+    starts = [0, 0, 0]
+    for i in range(0, 200, size):
+        if i == 40:
+            stream.reset([1])  # stream 1 restarts its signal from frame 0 while the others go on
+            starts[1] = 0
+            collected[1].clear()
+        frames = np.zeros((3, size, 40), np.float32)
+        for b in range(3):
+            if starts[b] >= length and stream.ends[b] == stream.no_end:
+                stream.end([b])  # from now on this stream's frames are offline padding
+            chunk = signals[b][starts[b]:starts[b] + size]
+            frames[b, :len(chunk)] = chunk
+            starts[b] += size
+        out = stream.step(frames)
+        for b in range(3):
+            for j in np.flatnonzero(out.valid[b]):
+                collected[b][int(out.frame_index[b, j])] = out.logits[b, j]
+    for b in range(3):
+        ref = torch_logits(model, config, signals[b][None])[0]
+        assert sorted(collected[b]) == list(range(length))
+        got = np.stack([collected[b][t] for t in range(length)])
+        assert_parity(got, ref)
+
+
+def test_metadata_describes_everything(exported):
+    _, config, offline, step = exported
+    for path, graph in ((offline, "offline"), (step, "step")):
+        meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        assert meta["rtsed_graph"] == graph
+        assert DetectorConfig.from_dict(json.loads(meta["rtsed_config"])) == config
+    states = json.loads({p.key: p.value for p in onnx.load(str(step)).metadata_props}["rtsed_state"])
+    names = [s["name"] for s in states]
+    assert names[:3] == ["block0_history", "block1_history", "block2_history"]
+    assert names[3] in ("gru_h", "dil_history")
+
+
+def test_wrong_format_version_and_foreign_files(tmp_path):
+    model, config = randomised("dnd_3_1_causal")
+    path = export_onnx(model, config, tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    for p in proto.metadata_props:
+        if p.key == "rtsed_format_version":
+            p.value = "99"
+    onnx.save(proto, str(tmp_path / "future.onnx"))
+    with pytest.raises(OnnxModelError, match=r"future.onnx.*version 99"):
+        OnnxOffline(tmp_path / "future.onnx")
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "bare.onnx"))
+    with pytest.raises(OnnxModelError, match="not an rtsed ONNX file"):
+        OnnxOffline(tmp_path / "bare.onnx")
+    with pytest.raises(OnnxModelError, match="streaming needs one exported with --streaming"):
+        OnnxStream(path)
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    with pytest.raises(OnnxModelError, match="junk.onnx"):
+        OnnxOffline(tmp_path / "junk.onnx")
+
+
+def test_state_of_the_wrong_shape_is_refused(tmp_path):
+    model, config = randomised("dnd_3_10")
+    stream = OnnxStream(export_onnx(model, config, tmp_path / "s.onnx", streaming=True), batch_size=2)
+    with pytest.raises(OnnxModelError, match=r"dil_history.*shape \(1, 20, 256\).*\(2, 20, 256\)"):
+        stream.load_states({"dil_history": np.zeros((1, 20, 256), np.float32)})
+    with pytest.raises(OnnxModelError, match="unknown state"):
+        stream.load_states({"h": np.zeros(3)})
+    with pytest.raises(OnnxModelError, match="step expects"):
+        stream.step(np.zeros((1, 4, 40), np.float32))
+
+
+def test_unexportable_configurations(tmp_path, monkeypatch):
+    model, config = randomised("dnd_3_1")
+    with pytest.raises(ExportError, match="float32"):
+        export_onnx(model.double(), config, tmp_path / "d.onnx")
+    model.float()
+    monkeypatch.setenv("RTSED_KERNELS", "triton")
+    with pytest.raises(ExportError, match="RTSED_KERNELS"):
+        export_onnx(model, config, tmp_path / "t.onnx")
+
+
+def test_cli_exports_and_checks(tmp_path, capsys):
+    model, config = randomised("dnd_3_1_causal")
+    ckpt = rtsed.save_checkpoint(tmp_path / "m.pt", model, config)
+    assert export_main(["--model", str(ckpt), "--out", str(tmp_path / "m.onnx"), "--streaming"]) == 0
+    out = capsys.readouterr().out
+    assert "step graph" in out and "max |diff|" in out
+    (tmp_path / "broken.pt").write_bytes(b"xx")
+    assert export_main(["--model", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "broken.pt" in capsys.readouterr().err
