@@ -1,0 +1,252 @@
+"""train.evaluate on a tiny procedurally made DCASE data set: an oracle model (logits +/-10 from the
+true frame targets) must score perfectly, an oracle that never outputs one class must score exactly
+what hand counting predicts, and the CLI writes JSON with parameters and fails cleanly (exit 2) on
+bad input. No ../shared data is needed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from rtsed.checkpoint import save_checkpoint
+from rtsed.config import DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig
+from rtsed.model import SEDModel
+from train.annotations import Event, events_to_frame_targets, write_dcase_tsv
+from train.datasets import DcaseDataset
+
+pytest.importorskip("sed_eval")
+pytest.importorskip("sed_scores_eval")
+
+from train import evaluate as ev  # noqa: E402  (after the skips: it needs the metric libraries)
+
+RATE = 16000
+LABELS = ("noise", "tone")  # checkpoint output order
+FRONTEND = FrontendConfig.for_rate(RATE)
+HOP_S = FRONTEND.hop_s
+# Three files of distinct lengths (the oracle recognises a file by its frame count). Onsets are
+# off the 20 ms grid on purpose; same-class events are >= 0.5 s apart; tone and noise overlap.
+SCENES = {
+    "a.wav": (8.0, [(0.513, 2.0, "tone"), (2.9, 4.25, "noise"), (5.0, 6.1, "tone"), (5.6, 7.3, "noise")]),
+    "b.wav": (9.0, [(1.0, 1.8, "noise"), (2.2, 3.333, "tone"), (4.0, 8.99, "tone")]),
+    "c.wav": (10.0, [(0.25, 1.25, "tone"), (3.01, 4.5, "noise"), (6.0, 9.4, "noise"), (8.0, 8.6, "tone")]),
+}
+
+
+def _scene(duration_s: float, events, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = int(duration_s * RATE)
+    x = 0.003 * rng.standard_normal(n)  # quiet background: not digital silence
+    t = np.arange(n) / RATE
+    for on, off, label in events:
+        a, b = int(on * RATE), min(int(off * RATE), n)
+        burst = np.sin(2 * np.pi * 1000 * t[a:b]) if label == "tone" else rng.standard_normal(b - a)
+        x[a:b] += 0.3 * burst
+    return x.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dcase")
+    audio = root / "audio"
+    audio.mkdir()
+    events = []
+    for k, (name, (duration, evs)) in enumerate(SCENES.items()):
+        sf.write(audio / name, _scene(duration, evs, k), RATE, subtype="PCM_16")
+        events += [Event(name, on, off, lab) for on, off, lab in evs]
+    write_dcase_tsv(root / "test.tsv", events)
+    return root
+
+
+def _make_checkpoint(path, decoder=DecoderConfig()):
+    torch.manual_seed(0)
+    model_cfg = ModelConfig.from_name("dnd_3_1_causal", n_classes=len(LABELS), channels=8)
+    config = DetectorConfig(frontend=FRONTEND, model=model_cfg, labels=LABELS, decoder=decoder)
+    return save_checkpoint(path, SEDModel(model_cfg).eval(), config, metadata={"epoch": 3})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def _true_targets() -> dict[int, np.ndarray]:
+    """{n_frames: (T, C) targets} of each scene (frame counts differ between files)."""
+    out = {}
+    for name, (duration, evs) in SCENES.items():
+        n_frames = FRONTEND.n_frames(int(duration * RATE))
+        targets = events_to_frame_targets([Event(name, *e) for e in evs], n_frames, HOP_S, LABELS)
+        out[n_frames] = targets
+    assert len(out) == len(SCENES)
+    return out
+
+
+@pytest.fixture
+def oracle(monkeypatch):
+    """Replace every SEDModel's forward by logits +10 on the true targets, -10 elsewhere, with the
+    classes in ``dropped`` forced to -10. The features still flow: the file is found by its frame
+    count, and the input must have the front end's shape."""
+    table = _true_targets()
+    dropped: set[str] = set()
+
+    def forward(self, x):
+        assert x.dim() == 3 and x.shape[0] == 1 and x.shape[2] == FRONTEND.n_mels
+        y = torch.from_numpy(table[x.shape[1]]).clone()
+        for label in dropped:
+            y[:, LABELS.index(label)] = 0
+        return (y * 20 - 10).to(x)[None]
+
+    monkeypatch.setattr(SEDModel, "forward", forward)
+    return dropped
+
+
+def _items(dataset_dir):
+    return DcaseDataset(dataset_dir / "audio", dataset_dir / "test.tsv", LABELS, split="test").split("test")
+
+
+def test_oracle_scores_perfectly(dataset_dir, checkpoint, oracle, tmp_path):
+    res = ev.evaluate(checkpoint, _items(dataset_dir), cache_dir=tmp_path / "cache", data="toy", split="test")
+    (point,) = res["operating_points"]  # no decoder thresholds in this checkpoint: only 0.5
+    assert point["threshold"] == 0.5
+    fr = point["frame"]
+    assert fr["f1"] == 1.0 and fr["error_rate"] == 0.0 and fr["fp"] == 0 and fr["fn"] == 0
+    assert fr["n_frames"] == sum(t.shape[0] for t in _true_targets().values())
+    assert point["segment"]["f1"] == pytest.approx(1.0) and point["segment"]["error_rate"] == pytest.approx(0.0)
+    assert point["event"]["f1"] == pytest.approx(1.0) and point["event"]["error_rate"] == pytest.approx(0.0)
+    n_events = sum(len(e) for _, e in SCENES.values())
+    assert point["n_estimated_events"] == n_events == res["data"]["n_events"]
+    assert res["psds1"]["error"] is None and res["psds1"]["psds"] > 0.99
+    for label in LABELS:
+        c = point["per_class"][label]
+        assert c["frame"]["f1"] == 1.0 and c["segment"]["f1"] == pytest.approx(1.0)
+        assert c["event"]["f1"] == pytest.approx(1.0) and c["psds1"] > 0.99
+    assert res["summary"]["frame_f1"] == 1.0 and res["summary"]["psds1"] > 0.99
+    assert res["data"]["n_files"] == 3 and res["data"]["duration_s"] == pytest.approx(27.0)
+    # Every score carries its parameters.
+    assert point["segment"]["params"]["segment_s"] == 1.0
+    assert point["event"]["params"]["collar_s"] == 0.2 and point["event"]["params"]["evaluate_offset"] is False
+    assert "plain threshold" in point["event"]["params"]["decode"]
+    assert res["psds1"]["params"]["dtc_threshold"] == 0.7 and res["psds1"]["params"]["alpha_st"] == 1.0
+    # Features went through the training feature cache (one .npy per file), keyed by front end.
+    from train.features import config_digest
+
+    assert len(list((tmp_path / "cache" / config_digest(FRONTEND)).glob("*.npy"))) == 3
+    json.dumps(res, allow_nan=False)  # plain, strict JSON
+
+
+def _segment_cells(events, seg=1.0):
+    return {(f, lab, k) for f, on, off, lab in events
+            for k in range(math.floor(on / seg), math.ceil(off / seg))}
+
+
+def test_oracle_without_one_class_scores_as_counted(dataset_dir, checkpoint, oracle):
+    oracle.add("noise")
+    res = ev.evaluate(checkpoint, [(i.audio_path, i.events) for i in _items(dataset_dir)])  # plain pairs
+    point = res["operating_points"][0]
+
+    # Frames: every noise cell is a deletion, nothing is inserted.
+    targets = np.concatenate(list(_true_targets().values()))
+    n_tone, n_noise = targets[:, LABELS.index("tone")].sum(), targets[:, LABELS.index("noise")].sum()
+    fr = point["frame"]
+    assert (fr["tp"], fr["fp"], fr["fn"]) == (n_tone, 0, n_noise)
+    assert fr["recall"] == pytest.approx(n_tone / (n_tone + n_noise))
+    assert fr["f1"] == pytest.approx(2 * n_tone / (2 * n_tone + n_noise))
+    assert fr["error_rate"] == pytest.approx(n_noise / (n_tone + n_noise))
+    assert fr["deletions"] == n_noise and fr["substitutions"] == fr["insertions"] == 0
+
+    # Segments of 1 s: the tone's (segment, class) cells are found, the noise's are missed.
+    events = [(f, on, off, lab) for f, (_, evs) in SCENES.items() for on, off, lab in evs]
+    tone_cells = _segment_cells([e for e in events if e[3] == "tone"])
+    noise_cells = _segment_cells([e for e in events if e[3] == "noise"])
+    seg = point["segment"]
+    assert seg["precision"] == pytest.approx(1.0)
+    assert seg["recall"] == pytest.approx(len(tone_cells) / (len(tone_cells) + len(noise_cells)))
+    assert seg["error_rate"] == pytest.approx(len(noise_cells) / (len(tone_cells) + len(noise_cells)))
+
+    # Events: all tone events found (onsets within 20 ms), no noise event.
+    r = sum(e[3] == "tone" for e in events) / len(events)
+    assert point["event"]["recall"] == pytest.approx(r)
+    assert point["event"]["f1"] == pytest.approx(2 * r / (1 + r))
+    assert point["per_class"]["noise"]["event"]["f1"] == 0.0
+    assert point["per_class"]["tone"]["event"]["f1"] == pytest.approx(1.0)
+
+    # PSDS1: tone ~1, noise 0; alpha_st = 1 subtracts the std of the two: mean - std = 0.
+    ps = res["psds1"]
+    assert ps["per_class"]["tone"] > 0.99 and ps["per_class"]["noise"] == pytest.approx(0.0)
+    assert ps["psds"] == pytest.approx(0.0, abs=0.01)
+
+
+def test_decoder_thresholds_are_a_second_operating_point(dataset_dir, tmp_path, oracle):
+    path = _make_checkpoint(tmp_path / "dec.pt", DecoderConfig(on_thresholds=(0.7, 0.3)))
+    res = ev.evaluate(path, _items(dataset_dir))
+    names = [p["name"] for p in res["operating_points"]]
+    assert names == ["threshold 0.5", "decoder on_thresholds"]
+    assert res["operating_points"][1]["threshold"] == [0.7, 0.3]
+    assert res["operating_points"][1]["frame"]["f1"] == 1.0  # +/-10 logits pass any threshold
+    assert "on_thresholds, per class [0.7, 0.3]" in ev.format_report(res)
+
+
+def test_unknown_reference_label_names_file_and_label(dataset_dir, checkpoint):
+    items = _items(dataset_dir)
+    bad = [(items[0].audio_path, items[0].events + (Event("a.wav", 1.0, 2.0, "dog"),))]
+    with pytest.raises(ev.EvaluationError, match=r"a\.wav.*'dog'"):
+        ev.evaluate(checkpoint, bad)
+
+
+def test_cli_writes_report_and_json(dataset_dir, checkpoint, tmp_path, capsys):
+    out = tmp_path / "out" / "scores.json"
+    code = ev.main(["--model", str(checkpoint), "--test-data", str(dataset_dir / "audio"),
+                    str(dataset_dir / "test.tsv"), "--json", str(out), "--device", "cpu",
+                    "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0
+    text = capsys.readouterr().out
+    for needle in ("dnd_3_1_causal", str(checkpoint), "3 files", "frame-wise (paper)", "1 s segments",
+                   "collar 0.2 s, onset only", "PSDS1", "dtc 0.7", "Per class", "tone", "noise"):
+        assert needle in text, needle
+    res = json.loads(out.read_text())
+    assert res["format"] == "rtsed-evaluation" and res["data"]["split"] == "test"
+    assert res["model"]["labels"] == list(LABELS) and res["model"]["checkpoint"] == str(checkpoint)
+    point = res["operating_points"][0]
+    assert point["frame"]["params"]["threshold"] == 0.5
+    assert point["segment"]["params"]["segment_s"] == 1.0
+    assert point["event"]["params"]["collar_s"] == 0.2
+    assert set(point["per_class"]) == set(LABELS)
+    assert res["psds1"]["params"]["max_efpr"] == 100.0
+    assert 0.0 <= res["summary"]["frame_f1"] <= 1.0  # an untrained model: any score, but a score
+
+
+def test_cli_broken_checkpoint_exits_2_naming_the_file(dataset_dir, tmp_path, capsys):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint at all")
+    code = ev.main(["--model", str(broken), "--test-data", str(dataset_dir / "audio"),
+                    str(dataset_dir / "test.tsv"), "--no-cache"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(broken) in err and "Traceback" not in err
+    assert err.count("\n") == 1  # one line
+
+
+def test_cli_bad_data_exits_2(dataset_dir, checkpoint, tmp_path, capsys):
+    tsv = tmp_path / "other.tsv"
+    tsv.write_text("filename\tonset\toffset\tevent_label\na.wav\t1.0\t2.0\tdog\nb.wav\t\t\t\nc.wav\t\t\t\n")
+    code = ev.main(["--model", str(checkpoint), "--test-data", str(dataset_dir / "audio"), str(tsv),
+                    "--no-cache"])
+    err = capsys.readouterr().err
+    assert code == 2 and "a.wav" in err and "'dog'" in err
+    code = ev.main(["--model", str(checkpoint), "--data", str(tmp_path / "nowhere"), "--no-cache"])
+    err = capsys.readouterr().err
+    assert code == 2 and "nowhere" in err
+
+
+def test_psds_leaves_out_classes_without_reference_events(dataset_dir, checkpoint, oracle):
+    oracle.add("noise")
+    items = [(i.audio_path, tuple(e for e in i.events if e.event_label == "tone")) for i in _items(dataset_dir)]
+    res = ev.evaluate(checkpoint, items)
+    ps = res["psds1"]
+    assert ps["error"] is None and ps["classes_excluded"] == ["noise"]
+    assert set(ps["per_class"]) == {"tone"} and ps["psds"] > 0.99
+    assert res["operating_points"][0]["per_class"]["noise"]["psds1"] is None
+    assert "left out of PSDS1: ['noise']" in ev.format_report(res)
