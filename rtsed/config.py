@@ -325,7 +325,7 @@ class NormalizationStats(_Config):
 class DecoderConfig(_Config):
     """Turning frame probabilities into events: per-class hysteresis thresholds (an event starts
     when p >= on and ends when p < off), minimum event and gap durations, optional causal
-    smoothing over ``median_frames`` frames. Empty threshold tuples mean 0.5 for every class."""
+    median smoothing over ``smoothing_frames`` frames. Empty threshold tuples mean 0.5 for every class."""
 
     on_thresholds: tuple[float, ...] = ()
     off_thresholds: tuple[float, ...] = ()
