@@ -55,9 +55,30 @@ def save_checkpoint(path: str | os.PathLike, model: SEDModel, config: DetectorCo
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "metadata": dict(metadata or {}),
+        "metadata": plain_data(dict(metadata or {}), "metadata"),
     }
     return atomic_torch_save(payload, path)
+
+
+def plain_data(value: Any, where: str) -> Any:
+    """``value`` as plain Python data (dict/list/str/int/float/bool/None, tensors kept), so that
+    weights_only loading accepts it: str and number subclasses (torch.__version__, numpy scalars)
+    become their base types, tuples become lists; anything else is an error naming where."""
+    if value is None or isinstance(value, (bool, torch.Tensor)):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy scalar
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): plain_data(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"{where}: {type(value).__name__} cannot go into a checkpoint (plain types and tensors only)")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

@@ -177,3 +177,19 @@ def test_zip_member_corruption_is_reported(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="m.pt"):
         load_checkpoint(path)
+
+
+def test_metadata_is_stored_as_plain_data(tmp_path):
+    """str subclasses (torch.__version__) and numpy scalars would make the file unloadable under
+    weights_only=True; they are stored as plain types, and other objects are refused at save."""
+    import numpy as np
+
+    config = make_config()
+    model = trained_like(config)
+    meta = {"torch": torch.__version__, "f1": np.float32(0.5), "shape": (1, 2)}
+    path = save_checkpoint(tmp_path / "m.pt", model, config, metadata=meta)
+    loaded = load_checkpoint(path).metadata
+    assert loaded == {"torch": str(torch.__version__), "f1": 0.5, "shape": [1, 2]}
+    assert type(loaded["torch"]) is str
+    with pytest.raises(TypeError, match="metadata.obj"):
+        save_checkpoint(tmp_path / "x.pt", model, config, metadata={"obj": Unsafe()})
