@@ -1,0 +1,418 @@
+"""``python -m train.fit``: train any model of the paper's grid; writes a checkpoint.
+
+Defaults are the paper's recipe (REFERENCE.md): BCE with logits, Adam lr 1e-3 (default betas,
+no weight decay, no schedule), batch 16 sequences of 1024 frames, at most 300 epochs, keep the
+weights of the lowest validation loss, stop after 30 epochs without improvement.
+
+    python -m train.fit --model dnd_7_10 --data scenes/ --out runs/dnd_7_10
+    python -m train.fit --model dnd_7_10 --data scenes/ --out runs/dnd_7_10 --resume
+    torchrun --nproc_per_node 2 -m train.fit --model dnd_7_10 --data scenes/ --out runs/ddp
+
+Writes ``<out>/best.pt`` (an rtsed checkpoint, atomically, whenever validation loss improves) and
+``<out>/last.pt`` (everything needed to resume: weights, optimiser, epoch, position inside the
+epoch, RNG, history), at each epoch's end and every ``--save-every-s`` seconds inside one, so a
+run killed mid-epoch resumes where it stopped with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from rtsed.allocator import ensure_caching_allocator, loaded_allocator
+from rtsed.audio_io import AudioFileError
+from rtsed.checkpoint import atomic_torch_save, save_checkpoint
+from rtsed.config import ConfigError, DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig
+from rtsed.metrics import frame_scores
+from rtsed.model import SEDModel, count_parameters
+from train.annotations import AnnotationError
+from train.data_sources import open_dataset
+from train.datasets import DatasetError
+from train.features import SEQUENCE_FRAMES, FeatureCache, SequenceDataset, load_split, normalization_stats
+
+LAST_STATE_VERSION = 1
+
+
+@dataclass
+class Recipe:
+    """Training hyper-parameters (the paper's by default)."""
+
+    epochs: int = 300
+    patience: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    sequence_frames: int = SEQUENCE_FRAMES
+    save_every_s: float = 300.0
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in last.pt (plain types only, so weights_only loading works)."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    step: int = 0  # batches of that epoch already done
+    loss_sum: float = 0.0  # sum of batch losses so far in that epoch
+    best_val_loss: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- distributed set-up
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, NCCL on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------- one step
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean BCE-with-logits over real (unpadded) frames and all classes; logits/targets (B, T, C),
+    mask (B, T). Equals the paper's plain mean when nothing is padded."""
+    per = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (per * mask[..., None]).sum() / (mask.sum() * logits.shape[-1]).clamp_min(1.0)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, mask: torch.Tensor) -> float:
+    """Forward, masked BCE, backward, Adam: one optimiser step on one (shard of a) batch.
+    Returns the batch's mean loss (over the whole global batch under DDP).
+
+    Under DDP the backward averages gradients over the W processes, so each process scales its
+    loss sum by W / (real frames of the whole global batch): the gradient is then that of the
+    global batch's mean, as in one process, even when padding leaves the shards with different
+    numbers of real frames (a per-shard mean would weight a frame of a padded shard more)."""
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(x)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        per = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        local = (per * mask[..., None]).sum()
+        totals = torch.stack([local.detach(), mask.sum() * logits.shape[-1]])
+        dist.all_reduce(totals)  # [global loss sum, global real cells]
+        loss = local * (dist.get_world_size() / totals[1].clamp_min(1.0))
+        loss.backward()
+        optimizer.step()
+        return float(totals[0] / totals[1].clamp_min(1.0))
+    loss = masked_bce(logits, y, mask)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def validate(model: SEDModel, data: SequenceDataset, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Mean validation loss and frame-wise F1/ER (REFERENCE.md's definitions, threshold 0.5)."""
+    model.eval()
+    loss_sum, weight = 0.0, 0.0
+    probs, targets = [], []
+    for start in range(0, len(data), batch_size):
+        batch = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+        x, y, mask = (torch.stack(t).to(device) for t in zip(*batch))
+        logits = model(x)
+        n = float(mask.sum())
+        loss_sum += float(masked_bce(logits, y, mask)) * n
+        weight += n
+        keep = mask.bool()
+        probs.append(torch.sigmoid(logits)[keep].cpu().numpy())
+        targets.append(y[keep].cpu().numpy())
+    scores = frame_scores(np.concatenate(probs), np.concatenate(targets))
+    return {"val_loss": loss_sum / max(weight, 1.0), "val_f1": scores.f1, "val_er": scores.error_rate}
+
+
+# --------------------------------------------------------------------------------- the loop
+
+
+def epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's shuffled item order, a pure function of (seed, epoch): a resumed run replays
+    the same order and skips the batches already done."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_items, generator=g).tolist()
+
+
+def batches_for_rank(order: list[int], batch_size: int, ddp: Dist) -> list[list[int]]:
+    """Global batches of batch_size items; under DDP each process takes an equal shard of each
+    (batch_size must divide by the world size). The last partial global batch is dropped only
+    under DDP, where shards must stay equal."""
+    out = []
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        if ddp.world > 1:
+            if len(batch) < batch_size:
+                break
+            per = batch_size // ddp.world
+            batch = batch[ddp.rank * per:(ddp.rank + 1) * per]
+        out.append(batch)
+    return out
+
+
+def run(args: argparse.Namespace) -> Path | None:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    ddp = init_distributed(device)
+    if device.type == "cuda" and ddp.world > 1:
+        device = torch.device("cuda", ddp.local_rank)
+        torch.cuda.set_device(device)
+    recipe = Recipe(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
+                    seed=args.seed, save_every_s=args.save_every_s)
+    if ddp.world > 1 and recipe.batch_size % ddp.world:
+        raise SystemExit(f"--batch-size {recipe.batch_size} must divide by the {ddp.world} processes")
+    seed_everything(recipe.seed)
+    out = Path(args.out)
+    log = print if ddp.main else (lambda *a, **k: None)
+
+    dataset = open_dataset(args)
+    labels = dataset.labels
+    first_rate = dataset.split("train")[0].sample_rate_hz
+    frontend = apply_overrides(FrontendConfig.for_rate(first_rate), args.set, "frontend")
+    model_config = apply_overrides(ModelConfig.from_name(args.model, n_classes=len(labels),
+                                                         n_mels=frontend.n_mels), args.set, "model")
+    cache = FeatureCache(args.cache_dir, frontend)
+    log(dataset.summary())
+    train_files = load_split(dataset.pairs("train"), cache, labels)
+    val_files = load_split(dataset.pairs("validate"), cache, labels)
+    norm = normalization_stats(train_files)
+    config = DetectorConfig(frontend=frontend, model=model_config, labels=tuple(labels), normalization=norm,
+                            decoder=DecoderConfig())
+    train_data = SequenceDataset(train_files, norm, recipe.sequence_frames)
+    val_data = SequenceDataset(val_files, norm, recipe.sequence_frames)
+
+    model = SEDModel(model_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    progress = Progress()
+    last_path = out / "last.pt"
+    if args.resume:
+        progress = resume_from(last_path, model, optimizer, config, recipe, log)
+    elif last_path.exists():
+        raise SystemExit(f"{last_path} exists: pass --resume to continue that run, or choose another --out")
+    if args.resume and ddp.rank > 0:
+        # last.pt holds rank 0's RNG; the other ranks' dropout streams restart from their own seed.
+        torch.manual_seed(hash((recipe.seed, ddp.rank, progress.epoch, progress.step)) % 2**63)
+    net: torch.nn.Module = model
+    if ddp.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    log(f"{model_config.name}: {count_parameters(model):,} parameters, {len(train_data)} training and "
+        f"{len(val_data)} validation sequences of {recipe.sequence_frames} frames, device {device}, "
+        f"{ddp.world} process(es), {torch.get_num_threads()} threads each, {loaded_allocator()}")
+    best_path = out / "best.pt"
+    for epoch in range(progress.epoch, recipe.epochs):
+        started = time.perf_counter()
+        if progress.step == 0:
+            # Dropout RNG seeded per (seed, process, epoch): resumed and uninterrupted runs agree
+            # from the next epoch on, and each DDP process draws its own masks.
+            torch.manual_seed(recipe.seed * 1_000_003 + epoch * 1009 + ddp.rank)
+        batches = batches_for_rank(epoch_order(len(train_data), recipe.seed, epoch), recipe.batch_size, ddp)
+        net.train()
+        last_save = time.perf_counter()
+        bar = progress_bar(len(batches), progress.step, f"epoch {epoch + 1}/{recipe.epochs}", ddp.main)
+        for step in range(progress.step, len(batches)):
+            x, y, mask = (torch.stack(t).to(device) for t in zip(*(train_data[i] for i in batches[step])))
+            loss = train_step(net, optimizer, x, y, mask)
+            if not math.isfinite(loss):
+                raise SystemExit(f"epoch {epoch + 1} step {step + 1}: loss is {loss}; training diverged "
+                                 f"(last good state: {last_path})")
+            progress.step, progress.loss_sum = step + 1, progress.loss_sum + loss
+            bar.update(1)
+            # refresh=False: set_postfix would otherwise redraw on every batch, defeating mininterval
+            bar.set_postfix(loss=f"{progress.loss_sum / progress.step:.4f}", refresh=False)
+            if ddp.main and time.perf_counter() - last_save > recipe.save_every_s:
+                save_last(last_path, model, optimizer, config, recipe, progress)
+                last_save = time.perf_counter()
+        bar.close()
+        train_loss = progress.loss_sum / max(len(batches), 1)
+        stop = torch.zeros(1)
+        if ddp.main:
+            scores = validate(model, val_data, recipe.batch_size, device)
+            seconds = time.perf_counter() - started
+            improved = scores["val_loss"] < progress.best_val_loss
+            record = {"epoch": epoch + 1, "train_loss": train_loss, **scores, "seconds": seconds}
+            progress.history.append(record)
+            if improved:
+                progress.best_val_loss, progress.best_epoch, progress.bad_epochs = scores["val_loss"], epoch + 1, 0
+                save_checkpoint(best_path, model, config, metadata=run_metadata(args, recipe, progress, dataset))
+            else:
+                progress.bad_epochs += 1
+            log(f"epoch {epoch + 1:3d}  train_loss {train_loss:.4f}  val_loss {scores['val_loss']:.4f}  "
+                f"val_F1 {scores['val_f1']:.3f}  val_ER {scores['val_er']:.3f}  {seconds:6.1f} s"
+                + ("  *best" if improved else ""))
+            stop[0] = float(progress.bad_epochs >= recipe.patience)
+        progress.epoch, progress.step, progress.loss_sum = epoch + 1, 0, 0.0
+        if ddp.main:
+            save_last(last_path, model, optimizer, config, recipe, progress)
+        if ddp.world > 1:
+            dist.broadcast(stop, src=0)
+        if stop.item():
+            log(f"no improvement for {recipe.patience} epochs: stopping")
+            break
+    if ddp.main:
+        log(f"best epoch {progress.best_epoch} (val_loss {progress.best_val_loss:.4f}): {best_path}")
+    if ddp.world > 1:
+        dist.destroy_process_group()
+    return best_path if ddp.main else None
+
+
+# ---------------------------------------------------------------------------- state and config
+
+
+def save_last(path: Path, model: SEDModel, optimizer: torch.optim.Optimizer, config: DetectorConfig,
+              recipe: Recipe, progress: Progress) -> None:
+    atomic_torch_save({
+        "format": "rtsed-train-state", "format_version": LAST_STATE_VERSION,
+        "config": config.to_dict(), "recipe": asdict(recipe), "progress": asdict(progress),
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }, path)
+
+
+def resume_from(path: Path, model: SEDModel, optimizer: torch.optim.Optimizer, config: DetectorConfig,
+                recipe: Recipe, log) -> Progress:
+    if not path.exists():
+        raise SystemExit(f"--resume: {path} does not exist; start the run without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SystemExit(f"--resume: {path} cannot be read ({exc}); delete it to start afresh") from None
+    if state.get("format") != "rtsed-train-state" or state.get("format_version") != LAST_STATE_VERSION:
+        raise SystemExit(f"--resume: {path} is not a training state of this rtsed version")
+    if state["config"] != config.to_dict():
+        raise SystemExit(f"--resume: {path} was written with another config (model, front end, labels or "
+                         "training-split statistics differ); resume with the same arguments and data")
+    saved = Recipe(**state["recipe"])
+    if (saved.seed, saved.batch_size, saved.sequence_frames) != (recipe.seed, recipe.batch_size, recipe.sequence_frames):
+        raise SystemExit(f"--resume: {path} used seed/batch/sequence {saved.seed}/{saved.batch_size}/"
+                         f"{saved.sequence_frames}; pass the same values")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    progress = Progress(**state["progress"])
+    log(f"resuming {path}: epoch {progress.epoch + 1}, batch {progress.step}, best val_loss "
+        f"{progress.best_val_loss:.4f} at epoch {progress.best_epoch}")
+    return progress
+
+
+def apply_overrides(config, assignments: list[str], section: str):
+    """Apply ``--set section.field=value`` (value parsed as JSON, else taken as a string)."""
+    changes: dict[str, Any] = {}
+    for item in assignments or []:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--set {item!r}: write section.field=value, e.g. model.dropout=0.1")
+        sec, name = key.split(".", 1)
+        if sec not in ("frontend", "model"):
+            raise SystemExit(f"--set {item!r}: section must be 'frontend' or 'model'")
+        if sec != section:
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        changes[name] = tuple(value) if isinstance(value, list) else value
+    if not changes:
+        return config
+    try:
+        return config.replace(**changes)
+    except (TypeError, ConfigError) as exc:
+        raise SystemExit(f"--set: {exc}") from None
+
+
+def run_metadata(args: argparse.Namespace, recipe: Recipe, progress: Progress, dataset) -> dict[str, Any]:
+    return {
+        "command": "python -m train.fit " + " ".join(sys.argv[1:]),
+        "recipe": asdict(recipe),
+        "epoch": progress.best_epoch,
+        "val_loss": progress.best_val_loss,
+        "history": progress.history,
+        "data": dataset.summary(),
+        "torch": str(torch.__version__),  # TorchVersion is a str subclass weights_only refuses
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    """A tqdm bar with loss and ETA on stderr (quiet on non-main processes)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.fit", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="dnd_7_10", help="grid name: base, dws, dil_K_d, dnd_K_d[, _causal]")
+    p.add_argument("--data", help="TUT-SED Synthetic 2016 root, or a folder written by train.synth")
+    p.add_argument("--train-data", nargs=2, metavar=("AUDIO_DIR", "TSV"), help="a DCASE-format training split")
+    p.add_argument("--val-data", nargs=2, metavar=("AUDIO_DIR", "TSV"), help="a DCASE-format validation split")
+    p.add_argument("--test-data", nargs=2, metavar=("AUDIO_DIR", "TSV"), help="a DCASE-format test split")
+    p.add_argument("--labels", help="comma-separated class list (default: from the data)")
+    p.add_argument("--out", required=True, help="run folder: best.pt, last.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    r = Recipe()
+    p.add_argument("--epochs", type=int, default=r.epochs)
+    p.add_argument("--patience", type=int, default=r.patience, help="epochs without val-loss improvement")
+    p.add_argument("--batch-size", type=int, default=r.batch_size, help="global batch (split across DDP processes)")
+    p.add_argument("--lr", type=float, default=r.lr)
+    p.add_argument("--seed", type=int, default=r.seed)
+    p.add_argument("--save-every-s", type=float, default=r.save_every_s, help="mid-epoch last.pt interval")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--cache-dir", default=os.environ.get("RTSED_CACHE", str(Path.home() / ".cache/rtsed/features")),
+                   help="feature cache (keyed by front-end config)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="config override, e.g. --set model.dropout=0.1 --set frontend.n_mels=40")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if argv is None:  # as a command (not called from Python): big tensors want a caching allocator
+        ensure_caching_allocator()
+    try:
+        run(args)
+    except (DatasetError, AnnotationError, AudioFileError) as exc:
+        # Bad data found after the data set was opened (an empty split, a label unknown to
+        # --labels, audio that fails to decode): the message names the file; no traceback.
+        raise SystemExit(f"data error: {exc}") from None
+    except ConfigError as exc:  # e.g. an unknown --model name, or --set n_mels the pools do not fit
+        raise SystemExit(f"config error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()
