@@ -1,0 +1,532 @@
+"""Streaming == offline (DESIGN.md's streaming contract and parity rule), tested, not hoped for.
+
+Every model family (base, dws, dil_K_d, dnd_K_d) in both paddings, small and large dilations,
+is streamed through ``rtsed.streaming.ModelStream`` in random chunkings (1-frame chunks, odd sizes,
+one whole chunk, chunks longer than ``max_step_frames``) and compared with the offline forward
+``model(x[None])[0]`` under the parity rule |a - b| <= 1e-5 + 1e-4 |b| on logits.
+
+The models are untrained but not trivial: their BatchNorm layers get random running statistics
+and affine parameters (BN of zero is not zero), so a frame that streaming fails to mask, or masks
+too much, moves the logits far outside the tolerance. Every comparison also checks that the
+offline logits vary across frames, so an all-zero or constant output cannot pass.
+
+Broad sweeps use narrow models (``channels=32``) to stay fast; the paper's dnd_7_10, base and
+dnd_7_10_causal also run at full size (256 channels). Hypothesis runs derandomised and without an
+example database, so every run (and CI) tries the same examples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from rtsed.config import DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
+from rtsed.layers import DilatedTemporal, FrameRing
+from rtsed.model import SEDModel, build_model
+from rtsed.streaming import ModelStream
+
+ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule, fp32 logits
+SMALL = {"channels": 32}  # narrow models for broad sweeps (dil_kernel <= channels holds for K <= 7)
+N_MELS = 40
+
+# Largest |a - b| / (atol + rtol |b|) seen by assert_parity in this module (printed at the end).
+_WORST = {"ratio": 0.0, "abs": 0.0, "where": ""}
+
+
+def _settings(n: int):
+    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Streaming serves one stream per core: small steps run on one thread (two threads fighting
+    over a loaded 2-core machine made single-frame steps 100x slower, not faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_worst_parity():
+    yield
+    print(f"\n[test_streaming] largest parity ratio {_WORST['ratio']:.3g} of the tolerance, "
+          f"largest |a - b| {_WORST['abs']:.3g} ({_WORST['where']})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def assert_parity(a: Tensor, b: Tensor, what: str = "") -> None:
+    """Streaming (a) vs offline (b) logits: |a - b| <= atol + rtol |b| elementwise; on failure
+    name the worst element (frame, class), both values and the allowed error."""
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != offline {tuple(b.shape)}"
+    assert torch.isfinite(a).all(), f"{what}: non-finite streamed logits"
+    if a.numel() == 0:
+        return
+    a64, b64 = a.double(), b.double()
+    err = (a64 - b64).abs()
+    allowed = ATOL + RTOL * b64.abs()
+    ratio = err / allowed
+    worst = int(ratio.argmax())
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), ratio.shape))
+    r = float(ratio.flatten()[worst])
+    if r > _WORST["ratio"]:
+        _WORST.update(ratio=r, where=f"{what} at {where}")
+    _WORST["abs"] = max(_WORST["abs"], float(err.max()))
+    assert r <= 1.0, (
+        f"{what}: parity broken at (frame, class) {where}: stream {float(a64.flatten()[worst]):.8g} vs "
+        f"offline {float(b64.flatten()[worst]):.8g}, |diff| {float(err.flatten()[worst]):.3g} > "
+        f"allowed {float(allowed.flatten()[worst]):.3g}; {int((ratio > 1).sum())} of {ratio.numel()} "
+        f"elements out of tolerance"
+    )
+
+
+def assert_varies(logits: Tensor, what: str = "") -> None:
+    """Logits (T, C) must vary across frames (by far more than the tolerance), so that a constant
+    or all-zero streaming bug cannot pass the parity check."""
+    assert logits.shape[0] >= 2, what
+    spread = float((logits.max(0).values - logits.min(0).values).max())
+    assert spread > 100 * ATOL, f"{what}: logits are nearly constant across frames (spread {spread:.3g})"
+
+
+def randomize_batchnorm(model: nn.Module, seed: int) -> None:
+    """Random running statistics and affine parameters in every BatchNorm (eval mode uses them):
+    BN(0) = bias - weight * mean / sqrt(var + eps) is then far from zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.3)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
+                m.weight.copy_((torch.rand(n, generator=g) + 0.5) * torch.sign(torch.randn(n, generator=g)))
+                m.bias.copy_(torch.randn(n, generator=g) * 0.5)
+
+
+_MODELS: dict[tuple, SEDModel] = {}
+
+
+def get_model(name: str, small: bool = True) -> SEDModel:
+    """A cached, deterministic, eval-mode model with random BN statistics (not to be mutated)."""
+    key = (name, small)
+    if key not in _MODELS:
+        with torch.random.fork_rng():
+            torch.manual_seed(1234)
+            model = build_model(name, **(SMALL if small else {}))
+        randomize_batchnorm(model, seed=len(_MODELS) + 7)
+        _MODELS[key] = model.eval()
+    return _MODELS[key]
+
+
+def signal(n_frames: int, seed: int) -> Tensor:
+    """(T, 40) normalised-log-mel-like frames: noise plus slow per-band drifts."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(n_frames, dtype=torch.float32)[:, None]
+    phase = torch.rand(1, N_MELS, generator=g) * 6.28
+    return torch.randn(n_frames, N_MELS, generator=g) + torch.sin(t / 17.0 + phase)
+
+
+@torch.no_grad()
+def offline(model: SEDModel, x: Tensor) -> Tensor:
+    return model(x[None])[0]
+
+
+def run_stream(stream: ModelStream, x: Tensor, chunks: list[int]) -> Tensor:
+    """Push x (T, F) through a single stream in the given chunk sizes (the remainder in one last
+    chunk), checking that every push returns exactly the frames whose lookahead has filled, then
+    flush; returns the concatenated logits (T, C)."""
+    lookahead = stream.lookahead_frames
+    total, pushed, outs = x.shape[0], 0, []
+    for size in [*chunks, total]:
+        size = min(size, total - pushed)
+        if size == 0 and pushed == total:
+            break
+        out = stream.push(x[pushed:pushed + size])
+        expected = max(0, pushed + size - lookahead) - max(0, pushed - lookahead)
+        assert out.shape[0] == expected, f"push of {size} frames at {pushed} gave {out.shape[0]} rows, not {expected}"
+        outs.append(out)
+        pushed += size
+    tail = stream.flush()
+    assert tail.shape[0] == min(lookahead, total), f"flush gave {tail.shape[0]} rows, not {min(lookahead, total)}"
+    outs.append(tail)
+    return torch.cat(outs)
+
+
+def chunk_lists(max_chunk: int, max_size: int = 25):
+    """Chunkings: [] (one whole chunk), all ones, or a mix of 1, odd sizes and large chunks."""
+    size = st.one_of(st.just(1), st.integers(0, 8).map(lambda k: 2 * k + 1), st.integers(1, max_chunk),
+                     st.just(0))
+    return st.one_of(st.just([]), st.lists(size, min_size=1, max_size=max_size))
+
+
+def check_stream_equals_offline(model: SEDModel, x: Tensor, chunks: list[int], max_step: int, what: str) -> ModelStream:
+    ref = offline(model, x)
+    assert_varies(ref, what)
+    stream = ModelStream(model, max_step_frames=max_step)
+    got = run_stream(stream, x, chunks)
+    assert_parity(got, ref, f"{what} chunks={chunks} max_step={max_step}")
+    return stream
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming == offline over random chunkings
+# ----------------------------------------------------------------------------------------------
+
+# Every family in both paddings, small and moderate dilations (narrow models).
+SWEEP = ["base", "base_causal", "dws", "dws_causal",
+         "dil_3_1", "dil_3_1_causal", "dil_5_10", "dil_7_10_causal",
+         "dnd_3_1", "dnd_7_10", "dnd_7_10_causal", "dnd_5_50_causal"]
+
+
+@pytest.mark.parametrize("name", SWEEP)
+@_settings(6)
+@given(n_frames=st.integers(2, 160), seed=st.integers(0, 2**16), chunks=chunk_lists(90),
+       max_step=st.sampled_from([1, 2, 5, 16, 64]))
+def test_stream_equals_offline(name, n_frames, seed, chunks, max_step):
+    check_stream_equals_offline(get_model(name), signal(n_frames, seed), chunks, max_step, name)
+
+
+@pytest.mark.parametrize("name", ["dnd_7_10", "base", "dnd_7_10_causal"])
+@_settings(3)
+@given(n_frames=st.integers(30, 160), seed=st.integers(0, 2**16), chunks=chunk_lists(80, max_size=12),
+       max_step=st.sampled_from([3, 16, 64]))
+def test_paper_models_full_size(name, n_frames, seed, chunks, max_step):
+    check_stream_equals_offline(get_model(name, small=False), signal(n_frames, seed), chunks, max_step,
+                                f"{name} (256 channels)")
+
+
+@pytest.mark.parametrize("name", ["dil_3_100", "dnd_7_100", "dnd_7_100_causal", "dil_5_100_causal"])
+@_settings(3)
+@given(n_frames=st.integers(620, 760), seed=st.integers(0, 2**16), chunks=chunk_lists(220, max_size=10),
+       max_step=st.sampled_from([1, 3, 8]))
+def test_large_dilation_ring_wraps(name, n_frames, seed, chunks, max_step):
+    """d = 100 keeps (K - 1) d frames (600 for K = 7) in a ring of (K - 1) d + max_step_frames;
+    with more frames than that and small steps the write position wraps and steps are sliced."""
+    model = get_model(name)
+    stream = check_stream_equals_offline(model, signal(n_frames, seed), chunks, max_step, name)
+    ring = stream.temporal_state
+    assert isinstance(ring, FrameRing)
+    capacity = model.temporal.context_frames + max_step
+    assert ring.frames.shape[1] == capacity
+    assert int(stream.positions[0]) > capacity, "the ring never wrapped: make the signal longer"
+
+
+@pytest.mark.parametrize("name", ["base", "dws_causal", "dil_3_1", "dnd_7_10", "dnd_7_10_causal", "dnd_3_100"])
+def test_one_frame_chunks_short_signal(name):
+    """One-frame steps (the live case), on a short signal."""
+    n = 120 if name.endswith("_100") else 50
+    check_stream_equals_offline(get_model(name), signal(n, seed=3), [1] * n, 4, name)
+
+
+@pytest.mark.parametrize("n_frames", [1, 2, 5, 36, 37])
+def test_signal_shorter_than_lookahead(n_frames):
+    """A stream shorter than the lookahead comes out entirely at flush."""
+    model = get_model("dnd_7_10")
+    x = signal(n_frames, seed=n_frames)
+    stream = ModelStream(model, max_step_frames=4)
+    got = run_stream(stream, x, [1, 2])
+    assert_parity(got, offline(model, x), f"dnd_7_10 T={n_frames}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reset, reuse, batched independent streams
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["base", "dnd_7_10", "dil_5_10_causal", "dnd_7_100"])
+@_settings(4)
+@given(first=st.integers(0, 700), n_frames=st.integers(2, 150), seed=st.integers(0, 2**16),
+       chunks=chunk_lists(60, max_size=10), max_step=st.sampled_from([2, 7, 64]))
+def test_reset_mid_stream(name, first, n_frames, seed, chunks, max_step):
+    """Push part of one signal, reset, stream a new one: equals offline on the new signal. The
+    reset lands at any ring position (first frames pushed before it, up to past a d=100 wrap)."""
+    model = get_model(name)
+    stream = ModelStream(model, max_step_frames=max_step)
+    old = signal(first, seed + 1) * 3
+    for i in range(0, first, 97):
+        stream.push(old[i:i + 97])
+    stream.reset()
+    x = signal(n_frames, seed)
+    ref = offline(model, x)
+    assert_parity(run_stream(stream, x, chunks), ref, f"{name} after reset at {first}")
+    # Reuse after flush.
+    stream.reset()
+    assert_parity(run_stream(stream, x, [5]), ref, f"{name} reused after flush")
+
+
+@pytest.mark.parametrize("name", ["base", "dws_causal", "dnd_7_10", "dil_3_1_causal", "dnd_5_50"])
+@_settings(4)
+@given(data=st.data())
+def test_batched_independent_streams(name, data):
+    """B streams in one ModelStream, started (reset) and ended at different times; between their
+    signals the rows carry junk frames. Each stream's valid outputs, by frame_index, equal the
+    offline output of its own signal. Includes GRU models (masked hidden-state update)."""
+    model = get_model(name)
+    lookahead = model.lookahead_frames
+    batch = data.draw(st.integers(2, 4), label="batch")
+    lengths = [data.draw(st.integers(2, 120), label=f"len{i}") for i in range(batch)]
+    starts = [0] + [data.draw(st.integers(0, 90), label=f"start{i}") for i in range(1, batch)]
+    max_step = data.draw(st.sampled_from([1, 4, 64]), label="max_step")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    signals = [signal(n, seed + i) for i, n in enumerate(lengths)]
+    ends = [s + n for s, n in zip(starts, lengths)]
+    horizon = max(ends) + lookahead + 3  # every stream's last output has come out by then
+    junk = torch.randn(batch, horizon, N_MELS, generator=torch.Generator().manual_seed(seed)) * 3
+
+    stream = ModelStream(model, batch_size=batch, max_step_frames=max_step)
+    collected: list[list[tuple[int, Tensor]]] = [[] for _ in range(batch)]
+    started = [False] * batch
+    now = 0
+    while now < horizon:
+        for i in range(batch):
+            if now == starts[i]:
+                if i:  # stream 0 starts on the fresh state; the others are reset mid-run
+                    stream.reset(streams=[i])
+                started[i] = True
+            if now == ends[i]:
+                stream.end(streams=[i])
+        # Chunk boundaries land on every start and end.
+        boundaries = [b for b in [*starts, *ends, horizon] if b > now]
+        n = min(data.draw(st.integers(1, 40), label="chunk"), min(boundaries) - now)
+        x = junk[:, now:now + n].clone()
+        for i in range(batch):
+            lo, hi = max(now, starts[i]), min(now + n, ends[i])
+            if lo < hi:
+                x[i, lo - now:hi - now] = signals[i][lo - starts[i]:hi - starts[i]]
+        out = stream.step(x)
+        assert out.logits.shape == (batch, n, model.config.n_classes)
+        assert out.frame_index.shape == out.valid.shape == (batch, n)
+        for i in range(batch):
+            if not started[i]:
+                continue
+            for j in torch.nonzero(out.valid[i]).flatten().tolist():
+                collected[i].append((int(out.frame_index[i, j]), out.logits[i, j]))
+        now += n
+
+    for i in range(batch):
+        frames = [f for f, _ in collected[i]]
+        assert frames == list(range(lengths[i])), f"stream {i}: frame indices {frames[:5]}..."
+        got = torch.stack([row for _, row in collected[i]])
+        ref = offline(model, signals[i])
+        assert_varies(ref, f"{name} stream {i}")
+        assert_parity(got, ref, f"{name} batch stream {i} (start {starts[i]}, end {ends[i]})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Lookahead and latency
+# ----------------------------------------------------------------------------------------------
+
+
+def test_lookahead_and_latency_paper_model():
+    config = DetectorConfig(model=ModelConfig.from_name("dnd_7_10"))  # FrontendConfig defaults
+    assert config.frontend.sample_rate_hz == 44100 and config.frontend.hop_samples == 882
+    from rtsed.detector import Detector
+
+    det = Detector(config)
+    assert det.model.lookahead_frames == 36 == config.model.lookahead_frames
+    assert ModelStream(det.model.eval()).lookahead_frames == 36
+    assert det.lookahead_frames == 36
+    assert det.lookahead_s == pytest.approx(0.72, abs=1e-9)
+    assert det.algorithmic_latency_s == pytest.approx(0.76, abs=1e-9)
+
+    causal = Detector(DetectorConfig(model=ModelConfig.from_name("dnd_7_10_causal")))
+    assert causal.lookahead_frames == 0 and causal.lookahead_s == 0
+    assert causal.algorithmic_latency_s == pytest.approx(0.04, abs=1e-9)
+
+
+@pytest.mark.parametrize("name, lookahead", [("dnd_7_10", 36), ("base", 6), ("dil_3_100", 106),
+                                             ("dnd_7_10_causal", 0), ("base_causal", 0)])
+def test_push_emits_after_lookahead(name, lookahead):
+    """Nothing comes out until the lookahead has filled, then one output per input frame; flush
+    returns exactly the remaining frames."""
+    model = get_model(name)
+    stream = ModelStream(model, max_step_frames=8)
+    assert stream.lookahead_frames == lookahead == model.lookahead_frames
+    n = lookahead + 12
+    x = signal(n, seed=11)
+    counts = [stream.push(x[t:t + 1]).shape[0] for t in range(n)]
+    assert counts == [0] * lookahead + [1] * 12
+    tail = stream.flush()
+    assert tail.shape == (lookahead, model.config.n_classes)
+    assert stream.flush().shape[0] == 0  # nothing left after the end
+
+
+# ----------------------------------------------------------------------------------------------
+# O(new frames) per step
+# ----------------------------------------------------------------------------------------------
+
+
+def _state_tensors(stream: ModelStream) -> list[Tensor]:
+    tensors = [s.frames for s in stream.block_states]
+    temporal = stream.temporal_state
+    tensors.append(temporal.frames if isinstance(temporal, FrameRing) else temporal.h)
+    return tensors
+
+
+@pytest.mark.parametrize("name", ["dnd_7_100", "dil_3_1_causal", "base"])
+def test_state_does_not_grow(name):
+    """The tensors a stream holds are allocated once: same shapes and storage after many steps."""
+    model = get_model(name)
+    stream = ModelStream(model, batch_size=2, max_step_frames=8)
+    before = [(t.shape, t.data_ptr()) for t in _state_tensors(stream)]
+    g = torch.Generator().manual_seed(0)
+    for step in range(150):
+        n = [1, 3, 8, 13][step % 4]
+        stream.step(torch.randn(2, n, N_MELS, generator=g))
+        if step == 60:
+            stream.reset(streams=[1])
+        if step == 100:
+            stream.end(streams=[0])
+    after = [(t.shape, t.data_ptr()) for t in _state_tensors(stream)]
+    assert after == before
+    if isinstance(stream.temporal_state, FrameRing):
+        capacity = stream.temporal_state.frames.shape[1]
+        assert int(stream.positions.max()) > capacity  # the ring has wrapped
+        assert 0 <= stream.temporal_state.write_pos < capacity
+
+
+@pytest.mark.parametrize("dilation", [1, 10, 100])
+@pytest.mark.parametrize("padding", ["", "_causal"])
+def test_step_computes_only_new_frames(monkeypatch, dilation, padding):
+    """Per step, f_dil's conv sees exactly the B * n new frames' K taps (whatever d) and each CNN
+    block's conv sees the n new frames plus its K - 1 kept ones: no past window is re-run."""
+    model = get_model(f"dnd_7_{dilation}{padding}")
+    temporal = model.temporal
+    assert isinstance(temporal, DilatedTemporal)
+    batch, max_step = 3, 16
+    stream = ModelStream(model, batch_size=batch, max_step_frames=max_step)
+
+    dil_calls: list[tuple[int, ...]] = []
+    real_conv2d = torch.nn.functional.conv2d
+
+    def spy(input, weight, *args, **kwargs):
+        if weight is temporal.conv.weight:
+            dil_calls.append(tuple(input.shape))
+        return real_conv2d(input, weight, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    block_inputs: list[tuple[int, ...]] = []
+    hooks = [block.depthwise.register_forward_hook(lambda m, i, o: block_inputs.append(tuple(i[0].shape)))
+             for block in model.blocks]
+    try:
+        g = torch.Generator().manual_seed(dilation)
+        for n in [1, 1, 5, 16, 40, 7, 1]:
+            dil_calls.clear()
+            block_inputs.clear()
+            stream.step(torch.randn(batch, n, N_MELS, generator=g))
+            k, c = temporal.kernel, temporal.channels
+            assert all(shape[1:] == (1, k, c) for shape in dil_calls), dil_calls
+            assert sum(shape[0] for shape in dil_calls) == batch * n
+            assert len(dil_calls) == math.ceil(n / max_step)  # longer steps are sliced, not re-run
+            assert [shape[2] for shape in block_inputs] == [n + model.config.cnn_kernel - 1] * 3
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_gru_step_sees_only_new_frames():
+    model = get_model("base")
+    stream = ModelStream(model, max_step_frames=4)
+    seen: list[tuple[int, ...]] = []
+    hook = model.temporal.gru.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    try:
+        stream.push(signal(3, seed=1))  # warm-up frames (before the CNN delay): still one call
+        assert seen == [(1, 3, model.config.channels)]
+        stream.push(signal(50, seed=1))  # past the lookahead: no masking, one GRU call
+        seen.clear()
+        stream.push(signal(9, seed=2))
+        assert seen == [(1, 9, model.config.channels)]
+    finally:
+        hook.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals
+# ----------------------------------------------------------------------------------------------
+
+
+def test_rejects_training_mode():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model("dnd_7_10", **SMALL)
+    assert model.training
+    with pytest.raises(RuntimeError, match="eval"):
+        ModelStream(model)
+    model.eval()
+    stream = ModelStream(model)
+    model.train()  # switched back after the stream was made: BN would use (and update) batch stats
+    running_mean = model.blocks[0].bn.running_mean.clone()
+    with pytest.raises(RuntimeError, match="eval"):
+        stream.push(signal(4, seed=0))
+    assert torch.equal(model.blocks[0].bn.running_mean, running_mean)
+
+
+def test_rejects_wrong_shapes():
+    model = get_model("dnd_3_1")
+    stream = ModelStream(model, batch_size=2)
+    for bad in [torch.zeros(3, 4, N_MELS), torch.zeros(2, 4, N_MELS + 1), torch.zeros(4, N_MELS),
+                torch.zeros(2, 1, 4, N_MELS)]:
+        with pytest.raises(ValueError, match="step expects"):
+            stream.step(bad)
+    with pytest.raises(RuntimeError, match="push/flush"):
+        stream.push(torch.zeros(4, N_MELS))
+    single = ModelStream(model)
+    with pytest.raises(ValueError):
+        single.push(torch.zeros(4, N_MELS - 1))
+    with pytest.raises(ValueError):
+        ModelStream(model, max_step_frames=0)
+    with pytest.raises(ValueError):
+        ModelStream(model, batch_size=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Audio in: Detector's AudioStream (front end + normalisation + model)
+# ----------------------------------------------------------------------------------------------
+
+
+def _small_detector(name: str):
+    from rtsed.detector import Detector
+
+    g = torch.Generator().manual_seed(5)
+    norm = NormalizationStats(mean=tuple((torch.randn(N_MELS, generator=g) * 2 - 8).tolist()),
+                              std=tuple((torch.rand(N_MELS, generator=g) * 2 + 1).tolist()))
+    model = get_model(name)
+    config = DetectorConfig(frontend=FrontendConfig.for_rate(16000), model=model.config, normalization=norm)
+    return Detector(config, model=model).eval()
+
+
+def _audio(n_samples: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(n_samples) / 16000
+    tone = torch.sin(2 * math.pi * (300 + 2000 * t) * t) * (t % 0.7 < 0.3)
+    return (0.3 * tone + 0.05 * torch.randn(n_samples, generator=g)).float()
+
+
+@pytest.mark.parametrize("name", ["dnd_7_10", "base_causal"])
+@_settings(4)
+@given(n_samples=st.integers(5000, 40000), seed=st.integers(0, 2**16),
+       chunks=st.lists(st.one_of(st.integers(1, 400), st.integers(400, 9000)), min_size=1, max_size=30))
+def test_audio_stream_equals_offline(name, n_samples, seed, chunks):
+    """Samples in any chunking -> log-mel stream -> model stream == Detector offline."""
+    det = _small_detector(name)
+    audio = _audio(n_samples, seed)
+    ref = det.detect_logits(audio)
+    assert_varies(ref, name)
+    stream = det.stream(max_step_frames=8)
+    outs, pos = [], 0
+    for size in [*chunks, n_samples]:
+        outs.append(stream.push(audio[pos:pos + size]))
+        pos = min(pos + size, n_samples)
+    outs.append(stream.flush())
+    assert_parity(torch.cat(outs), ref, f"AudioStream {name} chunks={chunks}")
+    stream.reset()
+    assert_parity(torch.cat([stream.push(audio.numpy()), stream.flush()]), ref, f"AudioStream {name} after reset")
