@@ -1,0 +1,146 @@
+"""The streaming engine: front end + model state + decoder, on torch and onnxruntime, one stream
+and many. Its events must equal offline detection's (whole file -> probabilities -> decoder)."""
+
+import numpy as np
+import pytest
+import torch
+
+import rtsed
+from rtsed.config import DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
+from rtsed.decode import OnsetNotice, SoundEvent, decode_offline
+from rtsed.engine import DetectionEngine, MultiStreamEngine, make_stepper
+
+RATE = 16000
+LABELS = ("tone", "noise", "click")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small dnd model with randomised weights and BN statistics, scaled so its probabilities
+    cross the thresholds often (events to compare), saved as a real checkpoint."""
+    torch.manual_seed(0)
+    config = DetectorConfig(
+        frontend=FrontendConfig.for_rate(RATE),
+        model=ModelConfig.from_name("dnd_3_10", n_classes=3, channels=16),
+        labels=LABELS,
+        normalization=NormalizationStats(mean=(-6.0,) * 40, std=(3.0,) * 40),
+        decoder=DecoderConfig(on_thresholds=(0.6, 0.55, 0.5), off_thresholds=(0.4, 0.45, 0.5), min_event_s=0.06),
+    )
+    model = rtsed.SEDModel(config.model).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        model.classifier.weight.mul_(20.0)
+    return rtsed.save_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.pt", model, config)
+
+
+def scene(seconds=6.0, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * RATE)) / RATE
+    x = 0.01 * rng.standard_normal(t.shape)
+    x += 0.3 * np.sin(2 * np.pi * 800 * t) * ((t > 1.0) & (t < 2.5))
+    x += 0.2 * rng.standard_normal(t.shape) * ((t > 3.0) & (t < 4.2))
+    return x.astype(np.float32)
+
+
+def offline_events(checkpoint_path, audio):
+    detector = rtsed.load_detector(checkpoint_path)
+    probs = torch.sigmoid(detector.detect_logits(audio)).numpy()
+    return decode_offline(probs, detector.labels, detector.hop_s, detector.config.decoder), probs
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+@pytest.mark.parametrize("block", [320, 1000, 7919])
+def test_engine_events_equal_offline_detection(checkpoint, backend, block, tmp_path, monkeypatch):
+    monkeypatch.setenv("RTSED_ONNX_CACHE", str(tmp_path))
+    audio = scene()
+    expected, probs = offline_events(checkpoint, audio)
+    assert expected, "the fixture model should produce some events"
+    stepper, config, _ = make_stepper(checkpoint, backend)
+    engine = DetectionEngine(stepper, config, frames_per_step=3, keep_probabilities=True)
+    items = []
+    for start in range(0, audio.shape[0], block):
+        items += engine.push_audio(audio[start:start + block])
+    items += engine.flush()
+    events = [e for e in items if isinstance(e, SoundEvent)]
+    assert _same(events, expected)
+    np.testing.assert_allclose(engine.probabilities(), probs, atol=2e-5, rtol=1e-4)
+    notices = [e for e in items if isinstance(e, OnsetNotice)]
+    assert len(notices) == len(events)
+    # Every notice precedes its event in the output order.
+    for n in notices:
+        i = items.index(n)
+        assert any(isinstance(e, SoundEvent) and e.label == n.label and e.onset_s == n.onset_s for e in items[i:])
+
+
+def _same(a, b):
+    a = sorted(a, key=lambda e: (e.onset_s, e.label))
+    b = sorted(b, key=lambda e: (e.onset_s, e.label))
+    return len(a) == len(b) and all(x.label == y.label and abs(x.onset_s - y.onset_s) < 1e-9
+                                    and abs(x.offset_s - y.offset_s) < 1e-9 and abs(x.score - y.score) < 1e-4
+                                    for x, y in zip(a, b))
+
+
+def test_engine_reports_latency_and_compute(checkpoint):
+    stepper, config, model = make_stepper(checkpoint, "torch")
+    engine = DetectionEngine(stepper, config, frames_per_step=4, extra_latency_s=0.005)
+    assert engine.lookahead_frames == model.lookahead_frames == 3 * 2 + 10
+    # window 40 ms + (16 lookahead + 3 buffered) hops of 20 ms + 5 ms resampler
+    assert engine.algorithmic_latency_s == pytest.approx(0.04 + 19 * 0.02 + 0.005)
+    engine.push_audio(scene(1.0))
+    assert engine.stats.steps > 0 and engine.stats.compute_ms_per_hop() > 0
+
+
+def test_engine_reset_and_flushed_stream(checkpoint):
+    stepper, config, _ = make_stepper(checkpoint, "torch")
+    engine = DetectionEngine(stepper, config)
+    audio = scene(seed=3)
+    first = [e for e in engine.push_audio(audio) + engine.flush() if isinstance(e, SoundEvent)]
+    with pytest.raises(RuntimeError, match="reset"):
+        engine.push_audio(audio)
+    engine.reset()
+    again = [e for e in engine.push_audio(audio) + engine.flush() if isinstance(e, SoundEvent)]
+    assert _same(first, again)
+
+
+def test_multistream_slots_are_independent(checkpoint):
+    """Three slots in one batched call, started at different times: each slot's events equal
+    the single-stream events of its own signal (up to the lookahead it never flushed)."""
+    audios = [scene(seed=s) for s in (0, 1, 2)]
+    stepper, config, _ = make_stepper(checkpoint, "torch", batch_size=3)
+    multi = MultiStreamEngine(stepper, config, frames_per_step=8)
+    hop = config.frontend.hop_samples
+    block = hop * 8
+    events = {0: [], 1: [], 2: []}
+    offsets = {0: 0, 1: 0, 2: 0}
+    multi.start(0)
+    multi.start(2)
+    for k in range(0, 40):
+        if k == 5:
+            multi.start(1)  # joins late
+        for slot in np.flatnonzero(multi.active):
+            a = audios[slot]
+            multi.push_audio(int(slot), a[offsets[slot]:offsets[slot] + block] if offsets[slot] < len(a)
+                             else np.zeros(block, np.float32))
+            offsets[slot] += block
+        while multi.ready():
+            for slot, items in multi.step().items():
+                events[slot] += [e for e in items if isinstance(e, SoundEvent)]
+    single_stepper, _, _ = make_stepper(checkpoint, "torch")
+    for slot in (0, 1, 2):
+        single = DetectionEngine(single_stepper, config, frames_per_step=8)
+        single_stepper.reset()
+        ref = [e for e in single.push_audio(audios[slot]) if isinstance(e, SoundEvent)]
+        # Events that ended well before the signal's end are final in both.
+        cutoff = len(audios[slot]) / RATE - 1.0
+        assert _same([e for e in events[slot] if e.offset_s < cutoff], [e for e in ref if e.offset_s < cutoff])
+
+
+def test_make_stepper_errors(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="backend"):
+        make_stepper(checkpoint, "tensorrt")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            make_stepper(checkpoint, "torch", device="cuda")
