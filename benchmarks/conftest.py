@@ -1,0 +1,72 @@
+"""Benchmark session plumbing: seeds, thread control, machine facts in the header, and the
+Markdown summary (printed after pytest-benchmark's own tables and written to benchmarks/latest.md).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+from benchmarks import _report
+from rtsed.allocator import ensure_caching_allocator
+
+# Big-tensor figures (train steps, batch-16 inference) depend on the allocator more than on the
+# model code (PERFORMANCE.md): run them as a user of train.fit would, under tcmalloc/jemalloc when
+# installed (the process re-executes itself once with LD_PRELOAD). RTSED_ALLOCATOR=system opts out;
+# the summary always names the allocator used.
+ensure_caching_allocator()
+
+_session: dict = {}
+
+
+def pytest_sessionstart(session) -> None:
+    _session["start"] = time.perf_counter()
+    _session["header"] = _report.machine_info()
+
+
+def pytest_report_header(config) -> list[str]:
+    info = _session.get("header") or _report.machine_info()
+    return [
+        f"rtsed benchmarks: {info['cpu']} ({info['usable_cpus']} usable CPUs, AVX-512 "
+        f"{'yes' if info['avx512'] else 'no'}), torch {info['torch']}, "
+        f"{info['torch_threads_default']} torch threads, allocator: {info['allocator']}, "
+        f"load avg {info['load_avg_1min']}",
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every benchmark starts from the same seeds, so its random weights and inputs repeat."""
+    random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def torch_threads():
+    """Call with n to set torch's intra-op threads for this test; restored afterwards."""
+    before = torch.get_num_threads()
+
+    def set_threads(n: int | None) -> int:
+        if n is not None:
+            torch.set_num_threads(n)
+        return torch.get_num_threads()
+
+    yield set_threads
+    torch.set_num_threads(before)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _report.RESULTS:
+        return
+    wall = time.perf_counter() - _session["start"] if "start" in _session else None
+    text = _report.render_markdown(_session.get("header") or _report.machine_info(),
+                                   _report.load_average(), wall)
+    _report.REPORT_PATH.write_text(text)
+    terminalreporter.write_sep("=", "rtsed benchmark summary (Markdown)")
+    terminalreporter.write_line(text)
+    terminalreporter.write_line(f"(written to {_report.REPORT_PATH})")

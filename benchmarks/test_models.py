@@ -1,0 +1,133 @@
+"""The paper's baseline (base) against its proposal (dnd_7_10), side by side.
+
+Run with ``pytest benchmarks/ --benchmark-only`` (a few minutes on 2 cores). Figures:
+
+- model size: parameters and multiply-accumulates per output frame (deterministic counts);
+- offline inference: eval mode, ``torch.inference_mode``, batch 16 x 1024 frames x 40 mel bands of
+  random normal input, torch's default thread count -> frames per second;
+- forward + backward: train mode, forward, BCE-with-logits loss against random 0/1 targets,
+  backward; NO optimizer step (an Adam step would add its own cost), default thread count;
+- streaming: one stream, one thread, ``ModelStream.push`` of 1 or 16 new random frames after the
+  lookahead has filled -> microseconds of compute per frame, real-time factor, streams per core,
+  for base, dnd_7_10 ("same" padding, 36 frames of lookahead) and dnd_7_10_causal.
+
+Each pytest-benchmark group holds one figure for every model, so its table shows them side by
+side; the session summary (conftest.py) adds the ratios and writes benchmarks/latest.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks._report import BASE, DND, HOP_S, measure, record
+from rtsed.model import build_model, count_parameters, macs_per_frame
+from rtsed.streaming import ModelStream
+
+BATCH, FRAMES = 16, 1024
+PAIR = [BASE, DND]
+STREAM_MODELS = [BASE, DND, f"{DND}_causal"]
+
+
+def _n_mels(model) -> int:
+    return model.config.n_mels
+
+
+# ----------------------------------------------------------------------------------------------
+# Model size
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group="model size: params and MACs in extra_info (the time is the MAC-counting pass)")
+@pytest.mark.parametrize("name", PAIR)
+def test_model_size(benchmark, name):
+    model = build_model(name)
+    macs = benchmark.pedantic(macs_per_frame, args=(model,), rounds=1, iterations=1)
+    params = count_parameters(model)
+    record(benchmark, "params", name, params=params)
+    record(benchmark, "macs", name, macs_per_frame=macs,
+           gmac_per_audio_second=macs / HOP_S / 1e9)
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline: inference and forward + backward at the paper's batch
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group=f"offline inference, batch {BATCH} x {FRAMES} frames")
+@pytest.mark.parametrize("name", PAIR)
+def test_offline_inference(benchmark, torch_threads, name):
+    threads = torch_threads(None)  # torch's default: all cores
+    model = build_model(name).eval()
+
+    def setup():
+        return (torch.randn(BATCH, FRAMES, _n_mels(model)),), {}
+
+    def infer(x):
+        with torch.inference_mode():
+            return model(x)
+
+    measure(benchmark, infer, setup, budget_s=30, min_rounds=3, max_rounds=10, warmup_rounds=1)
+    record(benchmark, "offline", name, threads=threads, batch=BATCH, frames=FRAMES,
+           derive=lambda t: {"seconds_per_batch": t,
+                             "frames_per_second": BATCH * FRAMES / t,
+                             "ms_per_frame": 1e3 * t / (BATCH * FRAMES)})
+
+
+@pytest.mark.benchmark(group=f"forward + BCE + backward (no optimizer), batch {BATCH} x {FRAMES} frames")
+@pytest.mark.parametrize("name", PAIR)
+def test_forward_backward(benchmark, torch_threads, name):
+    threads = torch_threads(None)
+    model = build_model(name).train()
+    n_classes = model.config.n_classes
+
+    def setup():
+        model.zero_grad(set_to_none=True)  # as optimizer.zero_grad() does: backward allocates grads
+        x = torch.randn(BATCH, FRAMES, _n_mels(model))
+        y = torch.randint(0, 2, (BATCH, FRAMES, n_classes)).float()
+        return (x, y), {}
+
+    def train_pass(x, y):
+        loss = F.binary_cross_entropy_with_logits(model(x), y)
+        loss.backward()
+        return loss
+
+    measure(benchmark, train_pass, setup, budget_s=40, min_rounds=3, max_rounds=8, warmup_rounds=1)
+    model.zero_grad(set_to_none=True)
+    record(benchmark, "fwd_bwd", name, threads=threads, batch=BATCH, frames=FRAMES, optimizer="none",
+           derive=lambda t: {"seconds_per_batch": t,
+                             "frames_per_second": BATCH * FRAMES / t,
+                             "ms_per_frame": 1e3 * t / (BATCH * FRAMES)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming: one stream, one thread
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frames_per_step", [1, 16])
+@pytest.mark.parametrize("name", STREAM_MODELS)
+def test_streaming(benchmark, torch_threads, name, frames_per_step):
+    benchmark.group = f"streaming, 1 stream, 1 thread, {frames_per_step} frame(s) per step"
+    threads = torch_threads(1)
+    model = build_model(name).eval()
+    n_mels = _n_mels(model)
+    stream = ModelStream(model, batch_size=1, max_step_frames=64)
+    # Fill the lookahead (36 frames for dnd_7_10) and the f_dil ring, so that timed steps are the
+    # steady state: every new frame completes one output frame, no start-of-stream masking.
+    for _ in range(3):
+        stream.push(torch.randn(64, n_mels))
+    assert stream.push(torch.randn(frames_per_step, n_mels)).shape[0] == frames_per_step
+
+    def setup():
+        return (torch.randn(frames_per_step, n_mels),), {}
+
+    measure(benchmark, stream.push, setup, budget_s=3, min_rounds=30, max_rounds=3000, warmup_rounds=20)
+    record(benchmark, "stream", name, threads=threads, frames_per_step=frames_per_step,
+           lookahead_frames=stream.lookahead_frames, hop_s=HOP_S,
+           derive=lambda t: {"ms_per_step": 1e3 * t,
+                             "us_per_frame": 1e6 * t / frames_per_step,
+                             "ms_per_frame": 1e3 * t / frames_per_step,
+                             "real_time_factor": t / frames_per_step / HOP_S,
+                             "streams_per_core": HOP_S * frames_per_step / t})
