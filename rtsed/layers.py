@@ -46,7 +46,8 @@ class ConvHistory:
 
 class FrequencyBlock(nn.Module):
     """One CNN block: time-frequency conv (K x K) -> ReLU -> BatchNorm -> max-pool over frequency
-    (1, P) -> Dropout2d. Subclasses define the conv part (``conv_valid_time``).
+    (1, P) -> Dropout2d. Subclasses define the conv part (``conv_valid_time``); ``valid_time``
+    runs the whole block on time-padded input, and is what a fused kernel replaces.
 
     x: (B, C_in, T, F) -> (B, C_out, T, F // P). Frequency is zero-padded by K // 2 on each side;
     time by ``K - 1 - right_pad`` on the left and ``right_pad`` on the right (K // 2 on each side
@@ -72,9 +73,13 @@ class FrequencyBlock(nn.Module):
         """ReLU -> BN -> pool -> dropout, per frame (the paper's order: ReLU before BN)."""
         return self.dropout(self.pool(self.bn(F.relu(y))))
 
+    def valid_time(self, x: Tensor) -> Tensor:
+        """(B, C_in, T + K - 1, F) time-padded input -> (B, C_out, T, F // P): the whole block."""
+        return self.post(self.conv_valid_time(x))
+
     def forward(self, x: Tensor) -> Tensor:
         x = F.pad(x, (0, 0, self.context_frames - self.right_pad, self.right_pad))
-        return self.post(self.conv_valid_time(x))
+        return self.valid_time(x)
 
     def init_state(self, batch_size: int, n_freq: int, device, dtype) -> ConvHistory:
         c_in = self.in_channels
@@ -86,7 +91,7 @@ class FrequencyBlock(nn.Module):
         window = torch.cat([state.frames, x], dim=2)
         if self.context_frames:
             state.frames.copy_(window[:, :, window.shape[2] - self.context_frames:])
-        return self.post(self.conv_valid_time(window))
+        return self.valid_time(window)
 
 
 class ConvBlock(FrequencyBlock):
@@ -117,11 +122,12 @@ class DWSBlock(FrequencyBlock):
         self.pointwise = nn.Conv2d(c_out, c_out, 1)
 
     def conv_valid_time(self, x: Tensor) -> Tensor:
-        return ops.dws_conv(self, x)
-
-    def conv_valid_time_ref(self, x: Tensor) -> Tensor:
-        """Reference composition of stock torch ops (what the fused kernels must match)."""
         return self.pointwise(self.inner_bn(F.leaky_relu(self.depthwise(x), 0.01)))
+
+    def valid_time(self, x: Tensor) -> Tensor:
+        # The fused DWS kernel (rtsed.ops) replaces the whole block; the reference is the
+        # composition of stock torch ops above.
+        return ops.dws_block(self, x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +184,12 @@ class DilatedTemporal(nn.Module):
         """h: (B, C, T, 1) -> (B, T, C_out * W)."""
         x = h.permute(0, 3, 2, 1)  # (B, 1, T, C): CNN channels become the width axis
         x = F.pad(x, (0, 0, self.context_frames - self.right_pad, self.right_pad))
-        return self._flatten(self.bn(F.relu(ops.dilated_conv(self, x))))
+        return self._flatten(ops.dilated_temporal(self, x))
+
+    def conv_relu_bn(self, x: Tensor) -> Tensor:
+        """Reference: (B, 1, T + (K - 1) d, C) time-padded -> (B, C_out, T, W), conv -> ReLU -> BN."""
+        y = F.conv2d(x, self.conv.weight, self.conv.bias, stride=(1, self.stride), dilation=(self.dilation, 1))
+        return self.bn(F.relu(y))
 
     @staticmethod
     def _flatten(y: Tensor) -> Tensor:

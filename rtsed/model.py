@@ -119,7 +119,7 @@ def macs_per_frame(model: SEDModel, n_frames: int = 64) -> int:
         for h in handles:
             h.remove()
         model.train(was_training)
-    # f_dil's conv is called through ops (F.conv2d), which hooks do not see: count it here.
+    # f_dil's conv runs through rtsed.ops (F.conv2d or a kernel), which hooks do not see: count it here.
     if isinstance(model.temporal, DilatedTemporal):
         t = model.temporal
         total += n_frames * t.conv.out_channels * t.width * t.kernel * t.kernel

@@ -19,7 +19,6 @@ import importlib.util
 import os
 from typing import TYPE_CHECKING
 
-import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,13 +64,16 @@ def _triton_usable(op: str, x: Tensor) -> tuple[bool, str]:
     return True, ""
 
 
-def dws_conv(block: "DWSBlock", x: Tensor) -> Tensor:
-    """Depthwise K x K -> LeakyReLU -> BN -> pointwise 1x1 of a DWS block; x: (B, C_in, T + K - 1, F)."""
-    backend_for("dws_conv", x)
-    return block.conv_valid_time_ref(x)
+def dws_block(block: "DWSBlock", x: Tensor) -> Tensor:
+    """A whole DWS block on time-padded input: depthwise K x K -> LeakyReLU -> BN -> pointwise
+    1x1 -> ReLU -> BN -> max-pool over frequency (-> dropout in training).
+    x: (B, C_in, T + K - 1, F) -> (B, C_out, T, F // P)."""
+    backend_for("dws_block", x)
+    return block.post(block.conv_valid_time(x))
 
 
-def dilated_conv(layer: "DilatedTemporal", x: Tensor) -> Tensor:
-    """f_dil's dilated conv; x: (B, 1, T + (K - 1) d, C) time-padded -> (B, C_out, T, W)."""
-    backend_for("dilated_conv", x)
-    return F.conv2d(x, layer.conv.weight, layer.conv.bias, stride=(1, layer.stride), dilation=(layer.dilation, 1))
+def dilated_temporal(layer: "DilatedTemporal", x: Tensor) -> Tensor:
+    """f_dil's dilated conv -> ReLU -> BN on time-padded input.
+    x: (B, 1, T + (K - 1) d, C) -> (B, C_out, T, W)."""
+    backend_for("dilated_temporal", x)
+    return layer.conv_relu_bn(x)
