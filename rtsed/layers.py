@@ -207,10 +207,12 @@ class DilatedTemporal(nn.Module):
         frames = h[..., 0].transpose(1, 2)  # (B, n, C)
         capacity = state.frames.shape[1]
         max_step = capacity - self.context_frames
-        outputs = [self._step_slice(frames[:, i:i + max_step], state) for i in range(0, frames.shape[1], max_step)]
+        outputs = [ops.dilated_step(self, frames[:, i:i + max_step], state)
+                   for i in range(0, frames.shape[1], max_step)]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    def _step_slice(self, frames: Tensor, state: FrameRing) -> Tensor:
+    def step_slice_ref(self, frames: Tensor, state: FrameRing) -> Tensor:
+        """Reference ring step: frames (B, n, C) with n <= capacity - (K - 1) d -> (B, n, C_out * W)."""
         b, n, c = frames.shape
         capacity = state.frames.shape[1]
         device = frames.device

@@ -8,9 +8,9 @@ Model code calls ``ops.<op>(layer, x)`` and never imports triton. ``RTSED_KERNEL
 - ``auto`` (default): triton for CUDA tensors when it is installed and the op has a kernel,
   ref otherwise.
 
-The fused kernels themselves land with the kernels issue; until then ``triton`` raises and
-``auto`` resolves to ``ref`` everywhere. The dispatch point is here so that they slot in without
-touching the layers.
+Each op with a kernel lives in ``kernels/<op>.py`` and exposes ``<op>_layer(layer, ...)`` with
+the signature of the function here (an autograd-aware launcher). An op whose kernel module does
+not exist yet resolves to ``ref`` under ``auto`` and is an error under ``triton``.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rtsed.layers import DilatedTemporal, DWSBlock
+    from rtsed.layers import DilatedTemporal, DWSBlock, FrameRing
 
 BACKENDS = ("auto", "ref", "triton")
 
-# Ops with a Triton implementation; filled by the kernels work.
-_TRITON_OPS: frozenset[str] = frozenset()
+OPS = ("dws_block", "dilated_temporal", "dilated_step")
 
 
 class KernelUnavailableError(RuntimeError):
@@ -59,21 +58,37 @@ def _triton_usable(op: str, x: Tensor) -> tuple[bool, str]:
         return False, "triton is not installed (pip install 'rtsed[triton]')"
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return False, f"the input is on {x.device}, not CUDA (or TRITON_INTERPRET=1 for the interpreter)"
-    if op not in _TRITON_OPS:
-        return False, "no Triton kernel for this op exists yet"
+    if importlib.util.find_spec(f"kernels.{op}") is None:
+        return False, f"no Triton kernel for {op} exists yet (kernels/{op}.py)"
     return True, ""
+
+
+def _kernel(op: str):
+    """The launcher ``kernels.<op>.<op>_layer`` (imported only when dispatched to)."""
+    module = importlib.import_module(f"kernels.{op}")
+    return getattr(module, f"{op}_layer")
 
 
 def dws_block(block: "DWSBlock", x: Tensor) -> Tensor:
     """A whole DWS block on time-padded input: depthwise K x K -> LeakyReLU -> BN -> pointwise
     1x1 -> ReLU -> BN -> max-pool over frequency (-> dropout in training).
     x: (B, C_in, T + K - 1, F) -> (B, C_out, T, F // P)."""
-    backend_for("dws_block", x)
+    if backend_for("dws_block", x) == "triton":
+        return _kernel("dws_block")(block, x)
     return block.post(block.conv_valid_time(x))
 
 
 def dilated_temporal(layer: "DilatedTemporal", x: Tensor) -> Tensor:
     """f_dil's dilated conv -> ReLU -> BN on time-padded input.
     x: (B, 1, T + (K - 1) d, C) -> (B, C_out, T, W)."""
-    backend_for("dilated_temporal", x)
+    if backend_for("dilated_temporal", x) == "triton":
+        return _kernel("dilated_temporal")(layer, x)
     return layer.conv_relu_bn(x)
+
+
+def dilated_step(layer: "DilatedTemporal", frames: Tensor, state: "FrameRing") -> Tensor:
+    """One streaming step of f_dil over its ring buffer: writes frames (B, n, C) into the ring
+    at state.write_pos, advances it, and returns (B, n, C_out * W) for the new frames."""
+    if backend_for("dilated_step", frames) == "triton":
+        return _kernel("dilated_step")(layer, frames, state)
+    return layer.step_slice_ref(frames, state)

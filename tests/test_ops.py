@@ -1,0 +1,32 @@
+"""The kernel dispatch point: RTSED_KERNELS chooses, and asking for what cannot run is an error."""
+
+import pytest
+import torch
+
+from rtsed import ops
+from rtsed.model import build_model
+
+
+def test_ref_and_auto_run_on_cpu(monkeypatch):
+    model = build_model("dnd_3_10", channels=16).eval()
+    x = torch.randn(1, 30, 40)
+    monkeypatch.setenv("RTSED_KERNELS", "ref")
+    ref = model(x)
+    monkeypatch.setenv("RTSED_KERNELS", "auto")
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    for op in ops.OPS:
+        assert ops.backend_for(op, x) == "ref"  # CPU tensors never go to Triton under auto
+
+
+def test_triton_where_it_cannot_run_is_an_error(monkeypatch):
+    monkeypatch.setenv("RTSED_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = build_model("dnd_3_10", channels=16)
+    with pytest.raises(ops.KernelUnavailableError, match="RTSED_KERNELS=triton"):
+        model(torch.randn(1, 30, 40))
+
+
+def test_unknown_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv("RTSED_KERNELS", "cuda-please")
+    with pytest.raises(ValueError, match="RTSED_KERNELS"):
+        ops.requested_backend()
