@@ -81,6 +81,12 @@ def plain_data(value: Any, where: str) -> Any:
     raise TypeError(f"{where}: {type(value).__name__} cannot go into a checkpoint (plain types and tensors only)")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``: a
     reader (or a run killed mid-write) sees the old file or the new one, never half of one."""
@@ -92,6 +98,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a checkpoint is for sharing
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -193,3 +193,15 @@ def test_metadata_is_stored_as_plain_data(tmp_path):
     assert type(loaded["torch"]) is str
     with pytest.raises(TypeError, match="metadata.obj"):
         save_checkpoint(tmp_path / "x.pt", model, config, metadata={"obj": Unsafe()})
+
+
+def test_checkpoint_files_get_normal_permissions(tmp_path):
+    """Atomic saving goes through mkstemp (mode 0600); the final file follows the umask instead."""
+    import os
+    import stat
+
+    config = make_config()
+    path = save_checkpoint(tmp_path / "m.pt", trained_like(config), config)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
