@@ -13,11 +13,20 @@ import torch
 from benchmarks import _report
 from rtsed.allocator import ensure_caching_allocator
 
-# Big-tensor figures (train steps, batch-16 inference) depend on the allocator more than on the
-# model code (PERFORMANCE.md): run them as a user of train.fit would, under tcmalloc/jemalloc when
-# installed (the process re-executes itself once with LD_PRELOAD). RTSED_ALLOCATOR=system opts out;
-# the summary always names the allocator used.
-ensure_caching_allocator()
+
+
+def pytest_configure(config) -> None:
+    """Big-tensor figures (train steps, batch-16 inference) depend on the allocator more than on
+    the model code (PERFORMANCE.md): run them as a user of train.fit would, under tcmalloc/jemalloc
+    when installed (the process re-executes itself once with LD_PRELOAD; RTSED_ALLOCATOR=system
+    opts out). pytest has already redirected stdout/stderr into its capture files by now, so they
+    are restored first, or the re-executed run would print into a file nobody reads."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.stop_global_capturing()
+    ensure_caching_allocator()  # returns only when no re-execution was needed
+    if capture is not None:
+        capture.start_global_capturing()
 
 _session: dict = {}
 
