@@ -17,6 +17,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -121,10 +122,19 @@ def run(args: argparse.Namespace) -> int:
     interactive = not args.no_view and sys.stderr.isatty()
     stop = {"now": False}
 
-    def on_sigterm(signum, frame):
+    def on_stop_signal(signum, frame):
+        # Ctrl-C / SIGTERM ask the loop to stop after the block in hand: a KeyboardInterrupt
+        # raised mid-block could land between the model step and the decoder (frames replayed
+        # at flush) or between emitting a block's events (finished events lost). A second
+        # Ctrl-C interrupts at once.
+        if stop["now"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         stop["now"] = True
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    previous_handlers = {}
+    if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous_handlers[sig] = signal.signal(sig, on_stop_signal)
     print(f"rtsed live: {config.model.name} ({model_path}), backend {args.backend} on {args.device}, "
           f"{len(config.labels)} classes; algorithmic latency {engine.algorithmic_latency_s * 1000:.0f} ms "
           f"(lookahead {engine.lookahead_frames} frames)", file=sys.stderr)
@@ -161,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
         summary = (f"{len(sinks.events)} events; compute {engine.stats.compute_ms_per_hop():.3f} ms per "
                    f"{engine.hop_s * 1000:.0f} ms hop; " + _source_summary(source))
         print(summary, file=sys.stderr)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     return 0
 
 
