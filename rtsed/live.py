@@ -59,8 +59,14 @@ class EventSinks:
             self.events.append(item)
             self.recent.appendleft(f"{item.onset_s:8.2f}-{item.offset_s:8.2f} s  {item.label}  ({item.score:.2f})")
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps(event_to_json(item)) + "\n")
-            self.jsonl.flush()
+            try:
+                self.jsonl.write(json.dumps(event_to_json(item)) + "\n")
+                self.jsonl.flush()
+            except BrokenPipeError:
+                # The consumer went away (e.g. `| head`): stop writing JSONL, keep detecting so
+                # the TSV/Audacity files still get every event.
+                print("rtsed.live: JSONL reader closed the pipe; JSONL output stopped", file=sys.stderr)
+                self.jsonl = None
 
     def close(self) -> None:
         if self.tsv:
@@ -69,6 +75,11 @@ class EventSinks:
             write_audacity_labels(self.audacity, self.events)
         if self.jsonl is not None and self.jsonl is not sys.stdout:
             self.jsonl.close()
+        elif self.jsonl is sys.stdout:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                pass
 
 
 def render_view(engine, source, sinks: EventSinks, elapsed_s: float):
