@@ -6,7 +6,7 @@ Model code calls ``ops.<op>(layer, x)`` and never imports triton. ``RTSED_KERNEL
 - ``triton``: the fused Triton kernels; asking for them where they cannot run (no triton, no CUDA,
   a CPU tensor) is an error, never a silent fallback;
 - ``auto`` (default): triton for CUDA tensors when it is installed and the op has a kernel,
-  ref otherwise.
+  ref otherwise (CPU tensors always ref: the interpreter runs only when asked for by name).
 
 Each op with a kernel lives in ``kernels/<op>.py`` and exposes ``<op>_layer(layer, ...)`` with
 the signature of the function here (an autograd-aware launcher). An op whose kernel module does
@@ -47,6 +47,10 @@ def backend_for(op: str, x: Tensor) -> str:
     if requested == "ref":
         return "ref"
     usable, why = _triton_usable(op, x)
+    if requested == "auto" and not x.is_cuda:
+        # The interpreter (TRITON_INTERPRET=1 on CPU tensors) is for kernel tests, which ask for
+        # it explicitly; auto never sends CPU work to it.
+        return "ref"
     if requested == "triton" and not usable:
         raise KernelUnavailableError(f"RTSED_KERNELS=triton but {op} cannot run in Triton here: {why}. "
                                      "Set RTSED_KERNELS=ref or auto.")

@@ -30,3 +30,10 @@ def test_unknown_backend_is_an_error(monkeypatch):
     monkeypatch.setenv("RTSED_KERNELS", "cuda-please")
     with pytest.raises(ValueError, match="RTSED_KERNELS"):
         ops.requested_backend()
+
+
+def test_auto_never_sends_cpu_tensors_to_the_interpreter(monkeypatch):
+    monkeypatch.setenv("RTSED_KERNELS", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(1, 1, 8, 40)
+    assert all(ops.backend_for(op, x) == "ref" for op in ops.OPS)
