@@ -26,7 +26,24 @@ from rtsed.frontend import LogMelStream
 # ------------------------------------------------------------------------------------ steppers
 
 
-class TorchStepper:
+class _Stepper:
+    """What both backends share: stream control delegated to the wrapped ModelStream/OnnxStream
+    (same API), and how many padding frames an ended stream still needs."""
+
+    stream: object
+
+    def reset(self, streams=None) -> None:
+        self.stream.reset(streams)
+
+    def end(self, streams=None) -> None:
+        self.stream.end(streams)
+
+    def pending_after_end(self, stream: int = 0) -> int:
+        s = self.stream
+        return max(0, int(s.ends[stream] + s.lookahead_frames - s.positions[stream]))
+
+
+class TorchStepper(_Stepper):
     """ModelStream behind the stepper interface: raw log-mel (B, n, F) numpy -> numpy outputs."""
 
     def __init__(self, model, config: DetectorConfig, batch_size: int = 1, device: str = "cpu",
@@ -50,18 +67,8 @@ class TorchStepper:
         out = self.stream.step(x)
         return torch.sigmoid(out.logits).cpu().numpy(), out.frame_index.numpy(), out.valid.numpy()
 
-    def reset(self, streams=None) -> None:
-        self.stream.reset(streams)
 
-    def end(self, streams=None) -> None:
-        self.stream.end(streams)
-
-    def pending_after_end(self, stream: int = 0) -> int:
-        s = self.stream
-        return max(0, int(s.ends[stream] + s.lookahead_frames - s.positions[stream]))
-
-
-class OnnxStepper:
+class OnnxStepper(_Stepper):
     """OnnxStream behind the stepper interface (the graph normalises inside)."""
 
     def __init__(self, onnx_path: str | Path, batch_size: int = 1, device: str = "cpu", threads: int | None = 1):
@@ -74,16 +81,6 @@ class OnnxStepper:
     def step(self, logmel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         out = self.stream.step(logmel)
         return 1.0 / (1.0 + np.exp(-out.logits)), out.frame_index, out.valid
-
-    def reset(self, streams=None) -> None:
-        self.stream.reset(streams)
-
-    def end(self, streams=None) -> None:
-        self.stream.end(streams)
-
-    def pending_after_end(self, stream: int = 0) -> int:
-        s = self.stream
-        return max(0, int(s.ends[stream] + s.lookahead_frames - s.positions[stream]))
 
 
 def make_stepper(model_path: str | Path, backend: str = "torch", device: str = "cpu", batch_size: int = 1,

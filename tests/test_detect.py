@@ -88,3 +88,15 @@ def test_resolve_model_prefers_paths_then_bundled(checkpoint, tmp_path, monkeypa
     assert resolve_model("tiny.pt") == tmp_path / "tiny.pt"
     with pytest.raises(ModelNotFoundError, match="Bundled detectors: tiny"):
         resolve_model("huge.pt")
+
+
+def test_onnx_backend_gives_the_torch_events(checkpoint, folder, tmp_path_factory, monkeypatch):
+    out = tmp_path_factory.mktemp("onnx")
+    monkeypatch.setenv("RTSED_ONNX_CACHE", str(out / "cache"))
+    assert main([str(folder / "a.wav"), "--model", str(checkpoint), "--output", str(out / "t.tsv")]) == 0
+    assert main([str(folder / "a.wav"), "--model", str(checkpoint), "--backend", "onnx",
+                 "--output", str(out / "o.tsv")]) == 0
+    torch_rows, onnx_rows = read_tsv(out / "t.tsv"), read_tsv(out / "o.tsv")
+    assert torch_rows and [(r["onset"], r["offset"], r["event_label"]) for r in torch_rows] == \
+        [(r["onset"], r["offset"], r["event_label"]) for r in onnx_rows]
+    assert list((out / "cache").glob("*-step.onnx")), "the checkpoint's step graph is exported once and cached"
