@@ -26,6 +26,7 @@ from rtsed.allocator import find_allocator
 from rtsed.config import FrontendConfig, NormalizationStats
 from rtsed.frontend import LogMel
 from train.features import SEQUENCE_FRAMES, FeatureCache, FileFeatures, SequenceDataset, normalization_stats
+from procedural import write_dcase_split  # tests/ is on sys.path (not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 RATE = 16000
@@ -54,18 +55,7 @@ def _scene(rng: np.random.Generator, seconds: float) -> tuple[np.ndarray, list[t
 
 
 def _write_split(folder: Path, n_files: int, seconds: float, rng: np.random.Generator) -> tuple[Path, Path]:
-    """<folder>/audio/*.wav and <folder>/annotations.tsv (DCASE format)."""
-    audio = folder / "audio"
-    audio.mkdir(parents=True)
-    rows = ["filename\tonset\toffset\tevent_label"]
-    for i in range(n_files):
-        x, events = _scene(rng, seconds)
-        name = f"{folder.name}_{i}.wav"
-        sf.write(audio / name, x, RATE)
-        rows += [f"{name}\t{on}\t{off}\t{label}" for on, off, label in events]
-    tsv = folder / "annotations.tsv"
-    tsv.write_text("\n".join(rows) + "\n")
-    return audio, tsv
+    return write_dcase_split(folder, n_files, seconds, rng, _scene, RATE)
 
 
 def make_scenes(root: Path, n_train: int = 4, n_val: int = 2, seconds: float = 3.0, seed: int = 0) -> Path:

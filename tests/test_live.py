@@ -43,6 +43,7 @@ from rtsed.checkpoint import load_checkpoint, save_checkpoint
 from rtsed.config import DecoderConfig
 from rtsed.decode import DCASE_TSV_HEADER
 from rtsed.sources import CLIP_LEVEL
+from procedural import write_dcase_split  # tests/ is on sys.path (not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 RATE = 16000
@@ -111,17 +112,7 @@ def random_scene(rng: np.random.Generator, seconds: float) -> tuple[np.ndarray, 
 
 
 def _write_split(folder: Path, n_files: int, seconds: float, rng: np.random.Generator) -> tuple[Path, Path]:
-    audio = folder / "audio"
-    audio.mkdir(parents=True)
-    rows = ["filename\tonset\toffset\tevent_label"]
-    for i in range(n_files):
-        x, events = random_scene(rng, seconds)
-        name = f"{folder.name}_{i}.wav"
-        sf.write(audio / name, x, RATE)
-        rows += [f"{name}\t{on}\t{off}\t{label}" for on, off, label in events]
-    tsv = folder / "annotations.tsv"
-    tsv.write_text("\n".join(rows) + "\n")
-    return audio, tsv
+    return write_dcase_split(folder, n_files, seconds, rng, random_scene, RATE)
 
 
 # -------------------------------------------------------------------------------- fixtures
