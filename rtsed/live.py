@@ -89,7 +89,7 @@ def render_view(engine, source, sinks: EventSinks, elapsed_s: float):
     from rich.table import Table
 
     bars = Table.grid(padding=(0, 1))
-    on, _ = engine.config.decoder.thresholds(len(engine.labels))
+    on = engine.decoder.on  # the thresholds in force: the checkpoint's with --threshold overrides
     for label, p, thr in zip(engine.labels, engine.latest_probs, on):
         width = int(round(float(p) * 30))
         style = "bold green" if p >= thr else "dim"
