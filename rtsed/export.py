@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rtsed import ops
 from rtsed.checkpoint import CheckpointError, load_checkpoint
 from rtsed.config import DetectorConfig, NormalizationStats
 from rtsed.layers import DilatedTemporal, GRUTemporal
@@ -112,7 +113,7 @@ class StepGraph(nn.Module):
         for block, delay, hist in zip(self.model.blocks, self.block_delays, states):
             window = torch.cat([hist, h], dim=2)
             new_states.append(window[:, :, window.shape[2] - block.context_frames:])
-            h = block.post(block.conv_valid_time(window))
+            h = block.valid_time(window)
             if delay:
                 h = h * keep(delay)
         t = self.model.temporal
@@ -128,8 +129,12 @@ class StepGraph(nn.Module):
             new_states.append(window[:, window.shape[1] - t.context_frames:])
             y = F.conv2d(window.unsqueeze(1), t.conv.weight, t.conv.bias, stride=(1, t.stride),
                          dilation=(t.dilation, 1))
-            feats = t._flatten(t.bn(F.relu(y)))
-        logits = self.model.classifier(feats)
+            if ops.eval_fast_path(t, y):  # BN folded into the classifier, as ModelStream does
+                logits = t.conv_to_logits(y, self.model.classifier)
+            else:
+                logits = self.model.classifier(t._flatten(t.bn(F.relu(y))))
+        if isinstance(t, GRUTemporal):
+            logits = self.model.classifier(feats)
         frame_index = pos - self.lookahead
         valid = (frame_index >= 0) & (frame_index < end[:, None])
         return (torch.sigmoid(logits), logits, frame_index, valid, position + n, *new_states)

@@ -26,6 +26,56 @@ from rtsed import ops
 # ----------------------------------------------------------------------------------------------
 
 
+def conv2d_like_input(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv(x)`` with the weight in x's memory format. oneDNN picks its layout from input and
+    weight together; a one-input-channel weight (256, 1, 5, 5) reads as NCHW unless restrided, and
+    then a channels-last input runs the whole conv in NCHW (PERFORMANCE.md). Same values either way."""
+    if not (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
+        return conv(x)  # through the module, so forward hooks (e.g. macs_per_frame's) see it
+    weight = conv.weight.to(memory_format=torch.channels_last)
+    return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def folded_cache(module: nn.Module, name: str, sources: list[Tensor], compute):
+    """``compute()`` (folded weights), cached on the module while its sources are unchanged.
+
+    A streaming step at one frame is short enough that re-folding BN into the weights each
+    call (a 256 x 256 product per block) was a fifth of its time. The key is each source's
+    storage and in-place version counter, so loading a checkpoint or an optimizer step
+    invalidates it. Not cached while autograd records through the sources: gradients must
+    then flow through the folding."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+        return compute()
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    cache = module.__dict__.setdefault("_folded_cache", {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = compute()
+    cache[name] = (key, value)
+    return value
+
+
+def bn_sources(bn: nn.BatchNorm2d) -> list[Tensor]:
+    return [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+
+
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm as a per-channel affine y = scale * x + shift (running statistics)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def pointwise_rows(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """A 1x1 conv as one GEMM over the channels-last rows: x (B, C_in, T, F), weight (C_out, C_in),
+    bias (C_out,) -> (B, C_out, T, F) channels-last. oneDNN's 1x1 conv falls to a slow path at
+    one thread and small sizes (PERFORMANCE.md); addmm does not. Exports to ONNX as Gemm."""
+    b, c, t, f = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view when x is channels-last
+    out = torch.addmm(bias, rows, weight.t())
+    return out.view(b, t, f, -1).permute(0, 3, 1, 2)
+
+
 @dataclass
 class ConvHistory:
     """The last ``K - 1`` input frames of a K-tap time convolution: (B, C_in, K - 1, F).
@@ -74,8 +124,29 @@ class FrequencyBlock(nn.Module):
         return self.dropout(self.pool(self.bn(F.relu(y))))
 
     def valid_time(self, x: Tensor) -> Tensor:
-        """(B, C_in, T + K - 1, F) time-padded input -> (B, C_out, T, F // P): the whole block."""
-        return self.post(self.conv_valid_time(x))
+        """(B, C_in, T + K - 1, F) time-padded input -> (B, C_out, T, F // P): the whole block,
+        through rtsed.ops (reference, folded eval path on CPU, or a fused kernel)."""
+        return ops.frequency_block(self, x)
+
+    def conv_folded(self, x: Tensor) -> Tensor:
+        """Eval mode: the conv part with every BN before the output ReLU folded in. Works in x's
+        memory format: channels-last pays for whole files (offline), NCHW for the few frames of a
+        streaming step (oneDNN's channels-last 5x5 conv was 4x slower there, at one thread)."""
+        raise NotImplementedError
+
+    def folded_valid_time(self, x: Tensor) -> Tensor:
+        """Eval-mode fast path, equal to ``post(conv_valid_time(x))`` up to rounding: BNs folded, and the output BN (after ReLU, a per-channel affine
+        y = a r + b) applied after the max-pool, on 1/P of the values: max_p(a r_p + b) =
+        |a| max_p(sign(a) r_p) + b holds for either sign of a. Dropout is off in eval."""
+        sign, magnitude, shift = folded_cache(self, "post", bn_sources(self.bn), self._pool_affine)
+        r = F.relu(self.conv_folded(x)) * sign
+        pooled = F.max_pool2d(r, self.pool.kernel_size, self.pool.stride)
+        return torch.addcmul(shift, pooled, magnitude)
+
+    def _pool_affine(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(sign(a), |a|, b) of the output BN, each (C, 1, 1) to broadcast over (T, F)."""
+        scale, shift = bn_affine(self.bn)
+        return torch.sign(scale)[:, None, None], scale.abs()[:, None, None], shift[:, None, None]
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.pad(x, (0, 0, self.context_frames - self.right_pad, self.right_pad))
@@ -103,7 +174,10 @@ class ConvBlock(FrequencyBlock):
         self.conv = nn.Conv2d(c_in, c_out, kernel, padding=(0, kernel // 2))
 
     def conv_valid_time(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return conv2d_like_input(x, self.conv)
+
+    def conv_folded(self, x: Tensor) -> Tensor:
+        return conv2d_like_input(x, self.conv)
 
 
 class DWSBlock(FrequencyBlock):
@@ -122,12 +196,20 @@ class DWSBlock(FrequencyBlock):
         self.pointwise = nn.Conv2d(c_out, c_out, 1)
 
     def conv_valid_time(self, x: Tensor) -> Tensor:
-        return self.pointwise(self.inner_bn(F.leaky_relu(self.depthwise(x), 0.01)))
+        depthwise = conv2d_like_input(x, self.depthwise)
+        return conv2d_like_input(self.inner_bn(F.leaky_relu(depthwise, 0.01)), self.pointwise)
 
-    def valid_time(self, x: Tensor) -> Tensor:
-        # The fused DWS kernel (rtsed.ops) replaces the whole block; the reference is the
-        # composition of stock torch ops above.
-        return ops.dws_block(self, x)
+    def conv_folded(self, x: Tensor) -> Tensor:
+        a = F.leaky_relu(conv2d_like_input(x, self.depthwise), 0.01)
+        sources = [self.pointwise.weight, self.pointwise.bias, *bn_sources(self.inner_bn)]
+        weight, bias = folded_cache(self, "pointwise", sources, self._folded_pointwise)
+        return pointwise_rows(a, weight, bias)
+
+    def _folded_pointwise(self) -> tuple[Tensor, Tensor]:
+        # The inner BN precedes the pointwise conv: W (s x + t) + b = (W s) x + (W t + b).
+        scale, shift = bn_affine(self.inner_bn)
+        weight = self.pointwise.weight[:, :, 0, 0]
+        return weight * scale, self.pointwise.bias + weight @ shift  # (no addmv: ONNX lacks it)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,8 +293,58 @@ class DilatedTemporal(nn.Module):
                    for i in range(0, frames.shape[1], max_step)]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    def step_slice_ref(self, frames: Tensor, state: FrameRing) -> Tensor:
-        """Reference ring step: frames (B, n, C) with n <= capacity - (K - 1) d -> (B, n, C_out * W)."""
+    def folded_classifier(self, classifier: nn.Linear) -> tuple[Tensor, Tensor]:
+        """Eval mode: the classifier with this layer's BN folded in (BN is a per-channel affine
+        y = a r + b of r = ReLU(conv), and the classifier is linear in y):
+        weight (n_classes, C_out * W) = L * a (channel-major), bias = l + L b."""
+        sources = [classifier.weight, classifier.bias, *bn_sources(self.bn)]
+
+        def compute():
+            scale, shift = bn_affine(self.bn)
+            lin = classifier.weight.view(classifier.out_features, self.conv.out_channels, self.width)
+            weight = (lin * scale[:, None]).reshape(classifier.out_features, -1)
+            return weight, classifier.bias + torch.einsum("kcw,c->k", lin, shift)
+
+        return folded_cache(self, "classifier", sources, compute)
+
+    def conv_to_logits(self, y: Tensor, classifier: nn.Linear) -> Tensor:
+        """Eval mode: conv output y (B, C_out, n, W) -> logits (B, n, n_classes) through ReLU,
+        BN and the classifier, with BN folded into the classifier."""
+        return F.linear(self._flatten(F.relu(y)), *self.folded_classifier(classifier))
+
+    def step_logits_folded(self, h: Tensor, state: FrameRing, classifier: nn.Linear) -> Tensor:
+        """Eval-mode streaming step of f_dil and the classifier together:
+        h (B, C, n, 1) new CNN frames -> logits (B, n, n_classes), BN folded."""
+        frames = h[..., 0].transpose(1, 2)
+        capacity = state.frames.shape[1]
+        max_step = capacity - self.context_frames
+        outputs = []
+        weight_t, bias, lin_t, lin_bias = folded_cache(
+            self, "patch_gemms", [self.conv.weight, self.conv.bias, classifier.weight, classifier.bias,
+                                  *bn_sources(self.bn)], lambda: self._patch_gemm_weights(classifier))
+        k, s, w = self.kernel, self.stride, self.width
+        for i in range(0, frames.shape[1], max_step):
+            taps = self._ring_taps(frames[:, i:i + max_step], state)  # (B * n, 1, K, C), contiguous
+            rows, _, _, c = taps.shape
+            # The conv as one GEMM over patches (B n W, K K) (oneDNN's 1-channel conv and the
+            # ReLU over its output layout took 3x longer at one thread); columns (i, j).
+            patches = taps.as_strided((rows, w, k, k), (k * c, s, c, 1)).reshape(-1, k * k)
+            r = torch.addmm(bias, patches, weight_t).clamp_min_(0)  # (B n W, C_out)
+            logits = torch.addmm(lin_bias, r.view(rows, -1), lin_t)  # (w, c) order on both sides
+            outputs.append(logits.view(frames.shape[0], -1, classifier.out_features))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def _patch_gemm_weights(self, classifier: nn.Linear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Weights of ``step_logits_folded``'s two GEMMs: conv (K K, C_out), its bias, and the
+        BN-folded classifier reordered to (w, c) rows, (W C_out, n_classes), and its bias."""
+        weight, lin_bias = self.folded_classifier(classifier)
+        lin_wc = weight.view(-1, self.conv.out_channels, self.width).transpose(1, 2)
+        return (self.conv.weight.reshape(self.conv.out_channels, -1).t().contiguous(), self.conv.bias,
+                lin_wc.reshape(weight.shape[0], -1).t().contiguous(), lin_bias)
+
+    def _ring_taps(self, frames: Tensor, state: FrameRing) -> Tensor:
+        """Write frames (B, n, C) into the ring and gather each new frame's K taps, already spaced
+        by d: (B * n, 1, K, C). Advances the write position."""
         b, n, c = frames.shape
         capacity = state.frames.shape[1]
         device = frames.device
@@ -222,7 +354,12 @@ class DilatedTemporal(nn.Module):
         offsets = (torch.arange(self.kernel, device=device) - (self.kernel - 1)) * self.dilation
         tap_slots = (state.write_pos + torch.arange(n, device=device)[:, None] + offsets[None, :]) % capacity
         state.write_pos = (state.write_pos + n) % capacity
-        taps = state.frames[:, tap_slots.reshape(-1)].reshape(b * n, 1, self.kernel, c)
+        return state.frames[:, tap_slots.reshape(-1)].reshape(b * n, 1, self.kernel, c)
+
+    def step_slice_ref(self, frames: Tensor, state: FrameRing) -> Tensor:
+        """Reference ring step: frames (B, n, C) with n <= capacity - (K - 1) d -> (B, n, C_out * W)."""
+        b, n, c = frames.shape
+        taps = self._ring_taps(frames, state)
         # The gathered taps are already spaced by d, so the conv runs undilated over them.
         y = F.conv2d(taps, self.conv.weight, self.conv.bias, stride=(1, self.stride))  # (B*n, C_out, 1, W)
         y = self.bn(F.relu(y))

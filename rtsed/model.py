@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rtsed import ops
 from rtsed.config import ModelConfig
 from rtsed.layers import ConvBlock, DilatedTemporal, DWSBlock, FrequencyBlock, GRUTemporal
 
@@ -56,13 +57,51 @@ class SEDModel(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         h = x.unsqueeze(1)
+        if ops.cpu_fast_path(h):
+            # channels-last through the CNN on CPU: 2-3x faster oneDNN convolutions, pooling and
+            # BN (layout only: the arithmetic is the same). ``.to`` rather than ``.contiguous``:
+            # a one-channel tensor counts as channels-last already and would keep NCHW strides.
+            h = h.to(memory_format=torch.channels_last)
+        if (ops.cpu_fast_path(h) and not self.training and not torch.is_grad_enabled()
+                and x.shape[1] > 2 * self.INFERENCE_CHUNK_FRAMES):
+            return self._features_in_chunks(h)
         for block in self.blocks:
             h = block(h)
         return h
 
+    # Offline inference on CPU runs the CNN over time chunks of this many output frames, so block
+    # 1's (B, 256, n, 40) intermediates stay small (~80 MB at batch 16) instead of 0.7 GB each.
+    INFERENCE_CHUNK_FRAMES = 128
+
+    def _features_in_chunks(self, h: Tensor) -> Tensor:
+        """h: (B, 1, T, F) -> CNN output (B, C, T, 1), computed chunk by chunk with a halo of
+        input frames. Each block pads ITS input with zeros outside [0, T) offline, so after every
+        block the frames outside [0, T) are zeroed: exactly what the unchunked forward sees."""
+        frames = h.shape[2]
+        left = sum(b.context_frames - b.right_pad for b in self.blocks)
+        right = sum(b.right_pad for b in self.blocks)
+        outputs = []
+        for t0 in range(0, frames, self.INFERENCE_CHUNK_FRAMES):
+            t1 = min(t0 + self.INFERENCE_CHUNK_FRAMES, frames)
+            lo, hi = t0 - left, t1 + right
+            chunk = h[:, :, max(lo, 0):min(hi, frames)]
+            chunk = torch.nn.functional.pad(chunk, (0, 0, max(0, -lo), max(0, hi - frames)))
+            start = lo  # time of the chunk's first frame
+            for block in self.blocks:
+                chunk = block.valid_time(chunk)
+                start += block.context_frames - block.right_pad
+                if start < 0 or start + chunk.shape[2] > frames:
+                    t = torch.arange(start, start + chunk.shape[2])
+                    chunk = chunk * ((t >= 0) & (t < frames)).to(chunk.dtype)[:, None]
+            outputs.append(chunk)
+        return torch.cat(outputs, dim=2)
+
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, F) normalised log-mel -> logits (B, T, n_classes)."""
-        return self.classifier(self.temporal(self.features(x)))
+        h = self.features(x)
+        if isinstance(self.temporal, DilatedTemporal):
+            return ops.dilated_head(self.temporal, self.classifier, h)
+        return self.classifier(self.temporal(h))
 
 
 def build_model(name: str | ModelConfig, **overrides) -> SEDModel:
@@ -113,7 +152,7 @@ def macs_per_frame(model: SEDModel, n_frames: int = 64) -> int:
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), ops.forced_backend("ref"):  # the reference modules, which hooks see
             model(torch.zeros(1, n_frames, model.config.n_mels))
     finally:
         for h in handles:

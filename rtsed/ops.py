@@ -5,8 +5,11 @@ Model code calls ``ops.<op>(layer, x)`` and never imports triton. ``RTSED_KERNEL
 - ``ref``: the pure-torch compositions (the reference every fast path is tested against);
 - ``triton``: the fused Triton kernels; asking for them where they cannot run (no triton, no CUDA,
   a CPU tensor) is an error, never a silent fallback;
-- ``auto`` (default): triton for CUDA tensors when it is installed and the op has a kernel,
-  ref otherwise (CPU tensors always ref: the interpreter runs only when asked for by name).
+- ``auto`` (default): triton for CUDA tensors when it is installed and the op has a kernel;
+  for CPU tensors the op's CPU fast path (``cpu``: the same arithmetic arranged for oneDNN/MKL,
+  e.g. rtsed.fast_head) where it has one, ref otherwise. The Triton interpreter runs only when
+  asked for by name. While a graph is traced for ONNX export, CPU fast paths give way to ref
+  (their chunk loops would be frozen into the graph at the traced length).
 
 Each op with a kernel lives in ``kernels/<op>.py`` and exposes ``<op>_layer(layer, ...)`` with
 the signature of the function here (an autograd-aware launcher). An op whose kernel module does
@@ -15,26 +18,52 @@ not exist yet resolves to ``ref`` under ``auto`` and is an error under ``triton`
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rtsed.layers import DilatedTemporal, DWSBlock, FrameRing
+    from torch import nn
+
+    from rtsed.layers import DilatedTemporal, DWSBlock, FrameRing, FrequencyBlock
 
 BACKENDS = ("auto", "ref", "triton")
 
 OPS = ("dws_block", "dilated_temporal", "dilated_step")
+
+# Ops with a CPU fast path (chosen by ``auto`` for CPU tensors of these dtypes).
+CPU_FAST_OPS = ("dilated_head",)  # no Triton kernel of its own: on CUDA it is dilated_temporal + Linear
+CPU_FAST_DTYPES = (torch.float32, torch.float64)
 
 
 class KernelUnavailableError(RuntimeError):
     """RTSED_KERNELS=triton was asked for where the Triton kernels cannot run."""
 
 
+_forced: list[str] = []  # innermost ``forced_backend`` wins over the environment
+
+
+@contextlib.contextmanager
+def forced_backend(name: str):
+    """Run a block of code under one backend whatever RTSED_KERNELS says (e.g. "ref" for
+    ``macs_per_frame``, whose forward hooks must see the reference modules)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; one of {BACKENDS}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
 def requested_backend() -> str:
     """The backend named by RTSED_KERNELS (default auto); a typo is an error, not a fallback."""
+    if _forced:
+        return _forced[-1]
     value = os.environ.get("RTSED_KERNELS", "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"RTSED_KERNELS={value!r} is not one of {BACKENDS}; unset it or pick one")
@@ -50,11 +79,24 @@ def backend_for(op: str, x: Tensor) -> str:
     if requested == "auto" and not x.is_cuda:
         # The interpreter (TRITON_INTERPRET=1 on CPU tensors) is for kernel tests, which ask for
         # it explicitly; auto never sends CPU work to it.
-        return "ref"
+        return "cpu" if _cpu_fast_usable(op, x) else "ref"
     if requested == "triton" and not usable:
         raise KernelUnavailableError(f"RTSED_KERNELS=triton but {op} cannot run in Triton here: {why}. "
                                      "Set RTSED_KERNELS=ref or auto.")
     return "triton" if usable else "ref"
+
+
+def _cpu_fast_usable(op: str, x: Tensor) -> bool:
+    return op in CPU_FAST_OPS and cpu_fast_path(x)
+
+
+def cpu_fast_path(x: Tensor) -> bool:
+    """Whether CPU fast paths apply to x: RTSED_KERNELS=auto, a CPU tensor of a fast dtype, and
+    no ONNX export being traced. The model also uses it to run its CNN blocks channels-last
+    (oneDNN's fast layout on CPU: a 1x1 conv becomes one GEMM over (rows, C))."""
+    exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    return (requested_backend() == "auto" and not x.is_cuda and x.dtype in CPU_FAST_DTYPES
+            and not exporting)
 
 
 def _triton_usable(op: str, x: Tensor) -> tuple[bool, str]:
@@ -71,6 +113,28 @@ def _kernel(op: str):
     """The launcher ``kernels.<op>.<op>_layer`` (imported only when dispatched to)."""
     module = importlib.import_module(f"kernels.{op}")
     return getattr(module, f"{op}_layer")
+
+
+def eval_fast_path(module: "nn.Module", x: Tensor) -> bool:
+    """Whether the folded eval-mode compositions apply: RTSED_KERNELS=auto, a CPU tensor of a
+    fast dtype, the module in eval mode. Unlike ``cpu_fast_path`` this holds during ONNX export:
+    the folded compositions have no loops, and the exported graphs should be the fast ones."""
+    return (requested_backend() == "auto" and not x.is_cuda and x.dtype in CPU_FAST_DTYPES
+            and not module.training)
+
+
+def frequency_block(block: "FrequencyBlock", x: Tensor) -> Tensor:
+    """A whole CNN block (f_cnn or f_dws) on time-padded input: the fused DWS kernel where
+    Triton runs, the folded eval composition on CPU in eval mode, the reference otherwise.
+    x: (B, C_in, T + K - 1, F) -> (B, C_out, T, F // P)."""
+    from rtsed.layers import DWSBlock
+
+    if isinstance(block, DWSBlock):
+        if backend_for("dws_block", x) == "triton":
+            return _kernel("dws_block")(block, x)
+    if eval_fast_path(block, x):
+        return block.folded_valid_time(x)
+    return block.post(block.conv_valid_time(x))
 
 
 def dws_block(block: "DWSBlock", x: Tensor) -> Tensor:
@@ -96,3 +160,25 @@ def dilated_step(layer: "DilatedTemporal", frames: Tensor, state: "FrameRing") -
     if backend_for("dilated_step", frames) == "triton":
         return _kernel("dilated_step")(layer, frames, state)
     return layer.step_slice_ref(frames, state)
+
+
+def dilated_head(layer: "DilatedTemporal", classifier: "nn.Linear", h: Tensor) -> Tensor:
+    """f_dil -> ReLU -> BN -> per-frame classifier: h (B, C, T, 1) CNN output -> logits
+    (B, T, n_classes). The CPU fast path (rtsed.fast_head) folds BN into the classifier and works
+    in time chunks; elsewhere f_dil goes through ``dilated_temporal`` (Triton on CUDA) and the
+    classifier is applied to its output."""
+    if _cpu_fast_usable("dilated_head", h):
+        from rtsed.fast_head import dilated_head as fast_dilated_head
+
+        return fast_dilated_head(layer, classifier, h)
+    return classifier(layer(h))
+
+
+def dilated_step_logits(layer: "DilatedTemporal", classifier: "nn.Linear", h: Tensor,
+                        state: "FrameRing") -> Tensor:
+    """A streaming step of f_dil and the classifier: h (B, C, n, 1) new CNN frames -> logits
+    (B, n, n_classes). On CPU in eval mode BN is folded into the classifier (one conv, ReLU and
+    one GEMM per step); elsewhere ``dilated_step`` (Triton on CUDA) then the classifier."""
+    if backend_for("dilated_step", h) != "triton" and eval_fast_path(layer, h):
+        return layer.step_logits_folded(h, state, classifier)
+    return classifier(layer.step(h, state))

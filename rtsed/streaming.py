@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rtsed import ops
 from rtsed.layers import ConvHistory, DilatedTemporal, FrameRing, GRUHidden, GRUTemporal
 from rtsed.model import SEDModel
 
@@ -143,8 +144,10 @@ class ModelStream:
             feats = temporal.step(h, self.temporal_state, skip)  # type: ignore[arg-type]
         else:
             assert isinstance(temporal, DilatedTemporal)
-            feats = temporal.step(h, self.temporal_state)  # type: ignore[arg-type]
-        logits = self.model.classifier(feats)
+            logits = ops.dilated_step_logits(temporal, self.model.classifier, h,
+                                             self.temporal_state)  # type: ignore[arg-type]
+        if isinstance(temporal, GRUTemporal):
+            logits = self.model.classifier(feats)
         self.positions += n
         frame_index = positions - self.lookahead_frames
         valid = (frame_index >= 0) & (frame_index < ends)

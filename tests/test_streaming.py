@@ -396,24 +396,28 @@ def test_state_does_not_grow(name):
 
 @pytest.mark.parametrize("dilation", [1, 10, 100])
 @pytest.mark.parametrize("padding", ["", "_causal"])
-def test_step_computes_only_new_frames(monkeypatch, dilation, padding):
+@pytest.mark.parametrize("backend", ["ref", "auto"])
+def test_step_computes_only_new_frames(monkeypatch, dilation, padding, backend):
     """Per step, f_dil's conv sees exactly the B * n new frames' K taps (whatever d) and each CNN
-    block's conv sees the n new frames plus its K - 1 kept ones: no past window is re-run."""
+    block's conv sees the n new frames plus its K - 1 kept ones: no past window is re-run.
+    Both for the reference step and the folded CPU fast path (RTSED_KERNELS=auto)."""
+    monkeypatch.setenv("RTSED_KERNELS", backend)
     model = get_model(f"dnd_7_{dilation}{padding}")
     temporal = model.temporal
     assert isinstance(temporal, DilatedTemporal)
     batch, max_step = 3, 16
     stream = ModelStream(model, batch_size=batch, max_step_frames=max_step)
 
+    # Both the reference step and the folded CPU step read f_dil's input through _ring_taps.
     dil_calls: list[tuple[int, ...]] = []
-    real_conv2d = torch.nn.functional.conv2d
+    real_taps = temporal._ring_taps
 
-    def spy(input, weight, *args, **kwargs):
-        if weight is temporal.conv.weight:
-            dil_calls.append(tuple(input.shape))
-        return real_conv2d(input, weight, *args, **kwargs)
+    def spy(frames, state):
+        taps = real_taps(frames, state)
+        dil_calls.append(tuple(taps.shape))
+        return taps
 
-    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    monkeypatch.setattr(temporal, "_ring_taps", spy)
     block_inputs: list[tuple[int, ...]] = []
     hooks = [block.depthwise.register_forward_hook(lambda m, i, o: block_inputs.append(tuple(i[0].shape)))
              for block in model.blocks]
