@@ -52,7 +52,19 @@ def _row(point: dict, psds: float | None) -> str:
             f"| {e['f1']:.3f} | {psds:.3f} |")
 
 
-def model_card(name: str, ckpt, results: dict, manifest: dict, train_command: str, latency: dict) -> str:
+def run_progress(path: str | None) -> dict:
+    """The training run's progress record (epochs run, best epoch, history) from its last-state
+    file (train.fit's last.pt): the best checkpoint only knows the epochs up to itself."""
+    if not path:
+        return {}
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != "rtsed-train-state":
+        raise SystemExit(f"{path} is not a train.fit last-state file (format rtsed-train-state)")
+    return {**state["progress"], "budget": state["recipe"].get("epochs")}
+
+
+def model_card(name: str, ckpt, results: dict, manifest: dict, train_command: str, latency: dict,
+               progress: dict | None = None) -> str:
     cfg = ckpt.config
     fe = cfg.frontend
     meta = ckpt.metadata
@@ -86,13 +98,16 @@ def model_card(name: str, ckpt, results: dict, manifest: dict, train_command: st
         "distractors with categories split between training and validation/test). ESC-10 folds 1-2 "
         "train, fold 3 validation, fold 4 test: no recording appears in two splits.",
         "",
-        "| split | ESC-10 folds | scenes | labelled events | clip uses |",
+        "| split | ESC-10 folds | scenes | labelled events | clips (events + distractors) |",
         "|---|---|---|---|---|",
     ]
     for split, info in split_info.items():
         scenes = info.get("scenes", [])
+        clips = info.get("clips", [])
+        uses = sum(c.get("uses", 1) for c in clips) if isinstance(clips, list) else "-"
         lines.append(f"| {split} | {', '.join(map(str, info.get('folds', [])))} | {len(scenes)} | "
-                     f"{sum(sc.get('events', 0) for sc in scenes)} | {info.get('clips', '-')} |")
+                     f"{sum(sc.get('events', 0) for sc in scenes)} | "
+                     f"{len(clips) if isinstance(clips, list) else clips} clips, {uses} uses |")
     lines += [
         "",
         "## Training",
@@ -102,8 +117,10 @@ def model_card(name: str, ckpt, results: dict, manifest: dict, train_command: st
         "```",
         "",
         f"Paper recipe (Adam 1e-3, batch 16 x 1024 frames, BCE), best validation loss at epoch "
-        f"{meta.get('epoch')} (val loss {meta.get('val_loss', float('nan')):.4f}); epochs run so far: "
-        f"{len(meta.get('history', []))}. Front end: {fe.sample_rate_hz} Hz, {fe.window_samples}-sample "
+        f"{meta.get('epoch')} (val loss {meta.get('val_loss', float('nan')):.4f}); epochs run: "
+        f"{(progress or {}).get('epoch', len(meta.get('history', [])))}"
+        f"{' of a ' + str(progress['budget']) + '-epoch budget' if progress and progress.get('budget') else ''}"
+        f". Front end: {fe.sample_rate_hz} Hz, {fe.window_samples}-sample "
         f"Hamming window, {fe.hop_samples}-sample hop, {fe.n_mels} log-mel bands; per-band normalisation "
         "from the training split (in the checkpoint).",
         "",
@@ -172,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="the train.synth folder it was trained on")
     p.add_argument("--train-command", required=True)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--last", help="the run's last-state file (train.fit's last.pt): epochs run for the card")
     p.add_argument("--json", help="also write the test evaluation as JSON here")
     args = p.parse_args(argv)
     ckpt = load_checkpoint(args.model)
@@ -193,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     metadata["epochs_run"] = len(ckpt.metadata.get("history", []))
     metadata["test_summary"] = results["summary"]
     save_checkpoint(target, ckpt.model, ckpt.config, metadata)
-    (BUNDLED_DIR / f"{args.name}.md").write_text(model_card(args.name, ckpt, results, manifest, args.train_command, latency))
+    (BUNDLED_DIR / f"{args.name}.md").write_text(model_card(args.name, ckpt, results, manifest, args.train_command, latency,
+                                                                  run_progress(args.last)))
     (BUNDLED_DIR / "ATTRIBUTION.md").write_text(attribution(manifest))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
