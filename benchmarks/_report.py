@@ -244,7 +244,7 @@ def _value(figure: str, model: str, key: str) -> float | None:
 
 def render_markdown(header: dict[str, Any], end_load: float | None, wall_s: float | None) -> str:
     offline_threads = next((r.extra.get("threads") for r in RESULTS if r.figure == "offline"), "-")
-    train_threads = next((r.extra.get("threads") for r in RESULTS if r.figure == "fwd_bwd"), "-")
+    train_threads = next((r.extra.get("threads") for r in RESULTS if r.figure == "train_step"), "-")
     lines = [
         "# rtsed benchmarks (latest run)",
         "",
@@ -253,7 +253,7 @@ def render_markdown(header: dict[str, Any], end_load: float | None, wall_s: floa
         f"{header['usable_cpus']} usable of {header['logical_cpus']} logical CPUs",
         f"- torch {header['torch']}, Python {header['python']}, RTSED_KERNELS={header['kernels_backend']}",
         f"- allocator: **{header['allocator']}**",
-        f"- threads: offline inference {offline_threads}, forward+backward {train_threads}, streaming 1 "
+        f"- threads: offline inference {offline_threads}, train step {train_threads}, streaming 1 "
         f"(torch default here: {header['torch_threads_default']})",
         f"- 1-min load average at start / end: {_fmt_load(header['load_avg_1min'])} / {_fmt_load(end_load)} "
         "(above the core count means other processes shared the CPU and inflated the times)",
@@ -284,9 +284,9 @@ def _cpu_table(offline_threads: Any, train_threads: Any) -> list[str]:
         (f"offline inference, batch 16 x 1024, frames/s ({offline_threads} threads)",
          "offline", "frames_per_second", _fmt_int),
         ("offline inference, time per batch", "offline", "seconds_per_batch", _fmt_s),
-        (f"forward + BCE loss + backward, time per batch 16 x 1024 (train mode, no optimizer, "
-         f"{train_threads} threads)", "fwd_bwd", "seconds_per_batch", _fmt_s),
-        ("forward + BCE loss + backward, frames/s", "fwd_bwd", "frames_per_second", _fmt_int),
+        (f"train step (forward, BCE, backward, Adam), time per batch 16 x 1024 "
+         f"({train_threads} threads)", "train_step", "seconds_per_batch", _fmt_s),
+        ("train step, frames/s", "train_step", "frames_per_second", _fmt_int),
     ]
     for label, figure, key, fmt in rows:
         a, b = _value(figure, BASE, key), _value(figure, DND, key)

@@ -56,6 +56,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks._gpu import TF32
 from benchmarks._report import (BASE, DND, GPU_INFER, GPU_STREAM, GPU_STREAMS, GPU_TRAIN, HOP_S, RESULTS,
                                 gpu_model_key, measure, record)
 
@@ -101,18 +102,6 @@ def _release_gpu_memory():
     torch.cuda.empty_cache()
 
 
-class _TF32:
-    """Set TF32 for cuDNN and matmuls (both sides of a parity check), restore on exit."""
-
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self):
-        self.saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.on
-
-    def __exit__(self, *exc):
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 def _settings() -> dict:
@@ -222,7 +211,7 @@ def test_gpu_inference(benchmark, monkeypatch, name, kernels, channels_last):
     parity = {}
     if kernels == "triton":  # whole-model parity with the cuDNN reference at this batch, TF32 off
         x = torch.randn(BATCH, FRAMES, n_mels, device="cuda")
-        with _TF32(False), torch.inference_mode():
+        with TF32(False), torch.inference_mode():
             got = model(x)
             monkeypatch.setenv("RTSED_KERNELS", "ref")
             want = model(x)
@@ -352,7 +341,7 @@ def _copy_state(src: ModelStream, dst: ModelStream) -> None:
 def _check_graph(model: SEDModel, n: int, max_step: int) -> tuple[int, float]:
     """Replays of _GraphedStep == eager ModelStream.step on the same frames (parity rule, TF32 off)
     over two full cycles of ring phases. Returns (phases, worst fraction of the tolerance)."""
-    with _TF32(False):
+    with TF32(False):
         eager = ModelStream(model, batch_size=1, max_step_frames=max_step)
         graphed = ModelStream(model, batch_size=1, max_step_frames=max_step)
         for _ in range(eager.lookahead_frames // 64 + 2):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks._gpu import TF32
 from benchmarks._report import RESULTS, measure, record
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -59,18 +60,6 @@ def _kd():
     return kd
 
 
-class _TF32:
-    """Set TF32 for cuDNN convs and matmuls (both sides of a comparison), restore on exit."""
-
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self):
-        self.saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.on
-
-    def __exit__(self, *exc):
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -117,7 +106,7 @@ def _op(impl: str, kd):
 def _parity(kd, precision: str, training: bool) -> dict[str, float]:
     """Triton vs cuDNN NCHW at the benchmark shape; returns the largest error / tolerance per tensor."""
     worst = {}
-    with _TF32(precision == "tf32"):
+    with TF32(precision == "tf32"):
         x = _x(precision, training)
         outs = {}
         for impl in ("triton", "cudnn_nchw"):
@@ -181,7 +170,7 @@ def test_dilated_inference(benchmark, impl, precision):
         torch.cuda.synchronize()
         return y
 
-    with _TF32(precision == "tf32"):
+    with TF32(precision == "tf32"):
         measure(benchmark, infer, setup, budget_s=3, min_rounds=10, max_rounds=200, warmup_rounds=3)
         y = infer(_x(precision, False))
     byts = (B * TP * C + B * C_OUT * T * W) * es
@@ -219,7 +208,7 @@ def test_dilated_training(benchmark, impl, precision):
         y.backward(ct)
         torch.cuda.synchronize()
 
-    with _TF32(precision == "tf32"):
+    with TF32(precision == "tf32"):
         measure(benchmark, train_pass, setup, budget_s=4, min_rounds=5, max_rounds=100, warmup_rounds=3)
     x_bytes, y_bytes = B * TP * C * es, B * C_OUT * T * W * es
     byts = 3 * x_bytes + 2 * y_bytes
@@ -248,7 +237,7 @@ def test_dilated_step(benchmark, impl, streams, frames):
     capacity = (K - 1) * D + 64
     ring = torch.randn(streams, capacity, C, device="cuda")
     pos = {"write": 0}
-    with _TF32(False):
+    with TF32(False):
         new = torch.randn(streams, frames, C, device="cuda")
         got = ks.dilated_step(new, ring.clone(), 5, *args, dilation=D, stride=S)
         want = ks.dilated_step_ref(new, ring.clone(), 5, *args, dilation=D, stride=S)
@@ -266,7 +255,7 @@ def test_dilated_step(benchmark, impl, streams, frames):
         torch.cuda.synchronize()
         return y
 
-    with _TF32(False):
+    with TF32(False):
         measure(benchmark, step, setup, budget_s=2, min_rounds=50, max_rounds=5000, warmup_rounds=20)
     record(benchmark, "gpu_dilated_step", f"{impl} x{streams} n{frames}", impl=impl, streams=streams,
            frames_per_step=frames, device=torch.cuda.get_device_name(),

@@ -157,8 +157,9 @@ class DilatedHeadFunction(torch.autograd.Function):
         if ctx.training:
             beta_r = -scale * d_bn_weight / (count * std)
             alpha = -scale * d_bn_bias / count - beta_r * mean
+            alpha_wc = alpha.repeat(width)  # per (w, c) column of a chunk's (B n, W C_out) gradient
         else:
-            alpha = beta_r = None
+            alpha_wc = beta_r = None
 
         need_x, need_conv_w, need_conv_b = ctx.needs_input_grad[0:3]
         w_conv = conv_weight.reshape(c_out, kernel * kernel)
@@ -167,9 +168,11 @@ class DilatedHeadFunction(torch.autograd.Function):
         d_conv_bias = torch.zeros(c_out, dtype=x.dtype)
         for (t0, t1), r in zip(chunks, r_chunks):
             # Pass 2: a * gy for this chunk, (rows, C_out), straight from the folded classifier.
-            dz = (g[:, t0:t1].reshape(-1, n_classes) @ folded).view(-1, c_out)
-            if alpha is not None:
-                dz.add_(torch.addcmul(alpha, r, beta_r))
+            g_chunk = g[:, t0:t1].reshape(-1, n_classes)
+            if alpha_wc is None:
+                dz = (g_chunk @ folded).view(-1, c_out)
+            else:  # a gy + alpha + beta r, in place on the GEMM's output
+                dz = torch.addmm(alpha_wc, g_chunk, folded).view(-1, c_out).addcmul_(r, beta_r)
             dz.mul_(r > 0)
             patches = _patches(x, t0, t1, kernel, dilation, stride, width)
             if need_conv_w:

@@ -12,6 +12,7 @@ stream positions: they only turn new input frames into the same number of new ou
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +27,30 @@ from rtsed import ops
 # ----------------------------------------------------------------------------------------------
 
 
+_channels_last_depth = 0  # > 0 inside ``channels_last_convs()``
+
+
+@contextlib.contextmanager
+def channels_last_convs():
+    """Within this block, convolutions run channels-last even on one-channel inputs, whose memory
+    format cannot be read off their strides (a (B, 1, T, F) tensor is NCHW and channels-last at
+    once). SEDModel turns it on around its CNN on the CPU fast path."""
+    global _channels_last_depth
+    _channels_last_depth += 1
+    try:
+        yield
+    finally:
+        _channels_last_depth -= 1
+
+
 def conv2d_like_input(x: Tensor, conv: nn.Conv2d) -> Tensor:
     """``conv(x)`` with the weight in x's memory format. oneDNN picks its layout from input and
     weight together; a one-input-channel weight (256, 1, 5, 5) reads as NCHW unless restrided, and
     then a channels-last input runs the whole conv in NCHW (PERFORMANCE.md). Same values either way."""
-    if not (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
+    channels_last = x.dim() == 4 and (
+        (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        or (_channels_last_depth > 0 and x.shape[1] == 1))
+    if not channels_last:
         return conv(x)  # through the module, so forward hooks (e.g. macs_per_frame's) see it
     weight = conv.weight.to(memory_format=torch.channels_last)
     return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
