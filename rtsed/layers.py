@@ -155,9 +155,10 @@ class FrequencyBlock(nn.Module):
         raise NotImplementedError
 
     def folded_valid_time(self, x: Tensor) -> Tensor:
-        """Eval-mode fast path, equal to ``post(conv_valid_time(x))`` up to rounding: BNs folded, and the output BN (after ReLU, a per-channel affine
-        y = a r + b) applied after the max-pool, on 1/P of the values: max_p(a r_p + b) =
-        |a| max_p(sign(a) r_p) + b holds for either sign of a. Dropout is off in eval."""
+        """Eval-mode fast path, equal to ``post(conv_valid_time(x))`` up to rounding: BNs
+        folded, and the output BN (after ReLU, a per-channel affine y = a r + b) applied after
+        the max-pool, on 1/P of the values: max_p(a r_p + b) = |a| max_p(sign(a) r_p) + b holds
+        for either sign of a. Dropout is off in eval."""
         sign, magnitude, shift = folded_cache(self, "post", bn_sources(self.bn), self._pool_affine)
         r = F.relu(self.conv_folded(x)) * sign
         pooled = F.max_pool2d(r, self.pool.kernel_size, self.pool.stride)

@@ -5,11 +5,12 @@ Model code calls ``ops.<op>(layer, x)`` and never imports triton. ``RTSED_KERNEL
 - ``ref``: the pure-torch compositions (the reference every fast path is tested against);
 - ``triton``: the fused Triton kernels; asking for them where they cannot run (no triton, no CUDA,
   a CPU tensor) is an error, never a silent fallback;
-- ``auto`` (default): triton for CUDA tensors when it is installed and the op has a kernel;
-  for CPU tensors the op's CPU fast path (``cpu``: the same arithmetic arranged for oneDNN/MKL,
-  e.g. rtsed.fast_head) where it has one, ref otherwise. The Triton interpreter runs only when
-  asked for by name. While a graph is traced for ONNX export, CPU fast paths give way to ref
-  (their chunk loops would be frozen into the graph at the traced length).
+- ``auto`` (default): triton for CUDA tensors when it is installed and the op has a kernel.
+  CPU tensors take the CPU fast paths, the same arithmetic arranged for oneDNN/MKL:
+  ``cpu_fast_path`` (channels-last CNN, rtsed.fast_head's chunked f_dil + BN + classifier; not
+  while a graph is traced for ONNX export, whose chunk loops would freeze at the traced length)
+  and ``eval_fast_path`` (eval-mode BNs folded into neighbouring weights; also in exported
+  graphs). The Triton interpreter runs only when asked for by name.
 
 Each op with a kernel lives in ``kernels/<op>.py`` and exposes ``<op>_layer(layer, ...)`` with
 the signature of the function here (an autograd-aware launcher). An op whose kernel module does
@@ -71,7 +72,8 @@ def requested_backend() -> str:
 
 
 def backend_for(op: str, x: Tensor) -> str:
-    """Resolve the backend ("ref" or "triton") for one op on one input."""
+    """Resolve the backend ("ref", "triton", or "cpu" for an op in CPU_FAST_OPS) for one op on
+    one input."""
     requested = requested_backend()
     if requested == "ref":
         return "ref"

@@ -6,6 +6,7 @@ bad input. No ../shared data is needed."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -110,8 +111,11 @@ def _items(dataset_dir):
 
 def test_oracle_scores_perfectly(dataset_dir, checkpoint, oracle, tmp_path):
     res = ev.evaluate(checkpoint, _items(dataset_dir), cache_dir=tmp_path / "cache", data="toy", split="test")
-    (point,) = res["operating_points"]  # no decoder thresholds in this checkpoint: only 0.5
-    assert point["threshold"] == 0.5
+    # no decoder thresholds in this checkpoint: 0.5, then the live decoder (0.5 on/off too)
+    point, decoded = res["operating_points"]
+    assert point["threshold"] == 0.5 and decoded["threshold"] == "decoder"
+    for key in ("frame", "segment", "event"):  # the oracle's +/-10 logits: the decoder loses nothing
+        assert decoded[key]["f1"] == pytest.approx(1.0), key
     fr = point["frame"]
     assert fr["f1"] == 1.0 and fr["error_rate"] == 0.0 and fr["fp"] == 0 and fr["fn"] == 0
     assert fr["n_frames"] == sum(t.shape[0] for t in _true_targets().values())
@@ -184,7 +188,7 @@ def test_decoder_thresholds_are_a_second_operating_point(dataset_dir, tmp_path, 
     path = _make_checkpoint(tmp_path / "dec.pt", DecoderConfig(on_thresholds=(0.7, 0.3)))
     res = ev.evaluate(path, _items(dataset_dir))
     names = [p["name"] for p in res["operating_points"]]
-    assert names == ["threshold 0.5", "decoder on_thresholds"]
+    assert names == ["threshold 0.5", "decoder on_thresholds", "live decoder"]
     assert res["operating_points"][1]["threshold"] == [0.7, 0.3]
     assert res["operating_points"][1]["frame"]["f1"] == 1.0  # +/-10 logits pass any threshold
     assert "on_thresholds, per class [0.7, 0.3]" in ev.format_report(res)
@@ -250,3 +254,27 @@ def test_psds_leaves_out_classes_without_reference_events(dataset_dir, checkpoin
     assert set(ps["per_class"]) == {"tone"} and ps["psds"] > 0.99
     assert res["operating_points"][0]["per_class"]["noise"]["psds1"] is None
     assert "left out of PSDS1: ['noise']" in ev.format_report(res)
+
+
+def test_live_decoder_point_merges_flicker_that_a_plain_threshold_splits():
+    """Probabilities that dip below threshold for single frames inside each reference event: a
+    plain threshold decode splits every event into pieces (event F1 collapses), the live
+    decoder with a minimum gap merges them back (the events a user of rtsed.live gets)."""
+    n, hop = 500, HOP_S
+    probs = np.zeros((n, 2), dtype=np.float32)
+    refs = [Event("f.wav", 1.0, 3.0, "tone"), Event("f.wav", 5.0, 8.0, "tone")]
+    for e in refs:
+        a, b = int(round(e.onset_s / hop)), int(round(e.offset_s / hop))
+        probs[a:b, 1] = 0.9
+        probs[a + 5:b - 5:7, 1] = 0.2  # one-frame dips every 7 frames
+    targets = events_to_frame_targets(refs, n, hop, LABELS)
+    out = ev.FileOutput("f.wav", Path("f.wav"), probs, targets, tuple(refs), n * hop)
+    reference = [("f.wav", e.onset_s, e.offset_s, e.event_label) for e in refs]
+    durations = {"f.wav": n * hop}
+    plain = ev._score_point([out], LABELS, hop, "threshold 0.5", 0.5, reference, durations)
+    decoder = DecoderConfig(min_gap_s=0.1)
+    live = ev._score_point([out], LABELS, hop, "live decoder", None, reference, durations, decoder=decoder)
+    assert plain["n_estimated_events"] > 20 and plain["event"]["f1"] < 0.2
+    assert live["n_estimated_events"] == 2 and live["event"]["f1"] == pytest.approx(1.0)
+    assert live["frame"]["f1"] > plain["frame"]["f1"]
+    assert "min gap 0.1 s" in live["event"]["params"]["decode"]

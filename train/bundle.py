@@ -135,8 +135,11 @@ def model_card(name: str, ckpt, results: dict, manifest: dict, train_command: st
         f"## Test-fold scores ({results['data']['n_files']} scenes, {results['data']['hours']:.2f} h)",
         "",
         "Frame-wise F1/ER as the paper (20 ms frames), segment-based on 1 s segments and event-based "
-        "F1 with a 200 ms onset collar (sed_eval), PSDS1 (sed_scores_eval; threshold-free). Events for "
-        "sed_eval come from a plain threshold decode (`python -m train.evaluate`).",
+        "F1 with a 200 ms onset collar (sed_eval), PSDS1 (sed_scores_eval; threshold-free), all from "
+        "`python -m train.evaluate`. The threshold rows decode events by a plain threshold (runs of "
+        "active frames); the `live decoder` row scores the events `rtsed.live` and `rtsed.detect` "
+        "report (hysteresis, minimum event and gap durations; its frame scores count the frames "
+        "inside those events).",
         "",
         "| thresholds | frame F1 | frame ER | segment F1 | segment ER | event F1 | PSDS1 |",
         "|---|---|---|---|---|---|---|",
@@ -149,7 +152,8 @@ def model_card(name: str, ckpt, results: dict, manifest: dict, train_command: st
         "| class | frame F1 | segment F1 | event F1 | PSDS1 |",
         "|---|---|---|---|---|",
     ]
-    point = results["operating_points"][-1]
+    tuned = [p for p in results["operating_points"] if p["name"] == "decoder on_thresholds"]
+    point = tuned[0] if tuned else results["operating_points"][0]
     for label in cfg.labels:
         pc = point["per_class"][label]
         lines.append(f"| {label} | {_num(pc['frame'].get('f1'))} | {_num(pc['segment'].get('f1'))} "

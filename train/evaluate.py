@@ -15,7 +15,9 @@ Scores (REFERENCE.md "Metrics"; every one is reported with its parameters):
 * frame-wise F1 and ER of the paper (micro over every frame of every file, ``p >= threshold``);
 * segment-based F1/ER on 1 s segments and event-based F1/ER with a 200 ms onset-only collar
   (sed_eval), from events decoded by a plain threshold (runs of active frames; no hysteresis,
-  minimum duration or smoothing: the live decoder's settings are not applied here);
+  minimum duration or smoothing) and, as a last operating point, from the live decoder
+  (rtsed.decode with the checkpoint's thresholds, minimum durations and smoothing: the events a
+  user of rtsed.live or rtsed.detect gets);
 * PSDS scenario 1 (sed_scores_eval; threshold-independent);
 * a per-class table of all of them.
 
@@ -45,7 +47,8 @@ import torch
 from rtsed.allocator import ensure_caching_allocator
 from rtsed.audio_io import AudioFileError, read_audio
 from rtsed.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from rtsed.config import ConfigError, FrontendConfig
+from rtsed.config import ConfigError, DecoderConfig, FrontendConfig
+from rtsed.decode import decode_offline
 from rtsed.detector import Detector
 from rtsed.frontend import LogMel
 from rtsed.metrics import (
@@ -208,14 +211,39 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _decoded_activity(outputs: list[FileOutput], labels: Sequence[str], hop_s: float,
+                      decoder: DecoderConfig) -> tuple[list[np.ndarray], list[tuple]]:
+    """The live decoder on whole files (``rtsed.decode.decode_offline``: hysteresis, minimum
+    event and gap durations, smoothing, as the checkpoint configures them): per-file frame
+    activity (T, C) in {0, 1} and the (file, onset, offset, label) events."""
+    activity, estimated = [], []
+    for o in outputs:
+        events = decode_offline(o.probs, labels, hop_s, decoder)
+        estimated += [(o.key, e.onset_s, e.offset_s, e.label) for e in events]
+        activity.append(events_to_frame_targets(
+            [Event(o.key, e.onset_s, e.offset_s, e.label) for e in events], o.probs.shape[0], hop_s, labels))
+    return activity, estimated
+
+
 def _score_point(outputs: list[FileOutput], labels: Sequence[str], hop_s: float, name: str,
-                 threshold: Any, reference: list[tuple], durations: dict[str, float]) -> dict[str, Any]:
-    probs = [o.probs for o in outputs]
+                 threshold: Any, reference: list[tuple], durations: dict[str, float],
+                 decoder: DecoderConfig | None = None) -> dict[str, Any]:
+    """Scores at one operating point: a threshold on the probabilities (plain decode), or, with
+    ``decoder``, the live decoder's events (frame scores then count its active frames)."""
     targets = [o.targets for o in outputs]
+    if decoder is None:
+        probs = [o.probs for o in outputs]
+        estimated = [(o.key, on, off, lab) for o in outputs
+                     for on, off, lab in frame_probs_to_events(o.probs, hop_s, labels, threshold)]
+        decode_note = DECODE_NOTE
+    else:
+        probs, estimated = _decoded_activity(outputs, labels, hop_s, decoder)
+        threshold = 0.5  # on the decoder's 0/1 activity
+        decode_note = (f"the live decoder (rtsed.decode): on {list(decoder.on_thresholds) or 0.5}, "
+                       f"off {list(decoder.off_thresholds) or 'on'}, min event {decoder.min_event_s:g} s, "
+                       f"min gap {decoder.min_gap_s:g} s, median smoothing {decoder.smoothing_frames} frames")
     frame = frame_scores(probs, targets, threshold)
     frame_cls = per_class_scores(probs, targets, threshold, labels)
-    estimated = [(o.key, on, off, lab) for o in outputs
-                 for on, off, lab in frame_probs_to_events(o.probs, hop_s, labels, threshold)]
     seg = segment_scores(reference, estimated, labels, segment_s=SEGMENT_S, durations=durations)
     ev = event_scores(reference, estimated, labels, collar_s=COLLAR_S)
     per_class = {}
@@ -226,14 +254,14 @@ def _score_point(outputs: list[FileOutput], labels: Sequence[str], hop_s: float,
         }
     return {
         "name": name,
-        "threshold": _clean(threshold),
-        "decode": DECODE_NOTE,
+        "threshold": _clean(threshold) if decoder is None else "decoder",
+        "decode": decode_note,
         "n_estimated_events": len(estimated),
         "frame": {**_clean(frame.to_dict()), "params": _clean(
             {**frame.params, "definition": "REFERENCE.md Metrics (Cakir et al. 2017): micro F1 over "
              "frame x class cells; ER = (S + D + I) / N per frame"})},
-        "segment": {**_clean(seg), "params": _clean({**seg.params, "decode": DECODE_NOTE})},
-        "event": {**_clean(ev), "params": _clean({**ev.params, "decode": DECODE_NOTE})},
+        "segment": {**_clean(seg), "params": _clean({**seg.params, "decode": decode_note})},
+        "event": {**_clean(ev), "params": _clean({**ev.params, "decode": decode_note})},
         "per_class": per_class,
     }
 
@@ -301,6 +329,8 @@ def evaluate(
     durations = {o.key: o.duration_s for o in outputs}
     points = [_score_point(outputs, labels, hop_s, name, th, reference, durations)
               for name, th in _operating_points(ckpt, threshold)]
+    points.append(_score_point(outputs, labels, hop_s, "live decoder", None, reference, durations,
+                               decoder=config.decoder))
 
     psds = _psds(outputs, labels, hop_s, durations)
     for point in points:
@@ -365,6 +395,8 @@ def _threshold_text(th: Any) -> str:
 
 
 def _point_title(point: dict[str, Any]) -> str:
+    if point["threshold"] == "decoder":
+        return "the live decoder's events (hysteresis, minimum durations, smoothing)"
     if isinstance(point["threshold"], list):
         return f"the decoder's on_thresholds, {_threshold_text(point['threshold'])}"
     return f"threshold {_threshold_text(point['threshold'])}"
