@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", metavar="PNG", help="plot log-mel, probabilities and events (one file, or one PNG per file)")
     p.add_argument("--reference", metavar="TSV", help="reference events to draw in the plot")
     args = p.parse_args(argv)
+    if argv is None:  # as a command: whole-file forwards allocate big tensors (rtsed.allocator)
+        from rtsed.allocator import ensure_caching_allocator
+
+        ensure_caching_allocator()
     try:
         base, files = find_audio(Path(args.target))
         stepper, config, _ = make_stepper(resolve_model(args.model), args.backend, args.device)

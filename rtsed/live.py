@@ -218,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and not args.list_devices:
+        # As a command: each step allocates ~1.4 MB (f_dil's patches), which glibc serves with
+        # fresh page faults every time; a caching allocator keeps them (rtsed.allocator).
+        from rtsed.allocator import ensure_caching_allocator
+
+        ensure_caching_allocator()
     from rtsed.bundled import ModelNotFoundError
     from rtsed.checkpoint import CheckpointError
 
