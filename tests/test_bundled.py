@@ -63,3 +63,22 @@ def test_bundled_detector_floor_on_fold4_scenes(name, fold4_scenes):
     tuned = results["operating_points"][-1]
     print(f"{name}: frame F1 {tuned['frame']['f1']:.3f} on fold-4 scenes (seed 4242)")
     assert tuned["frame"]["f1"] >= floor, f"{name}: frame F1 {tuned['frame']['f1']:.3f} < floor {floor}"
+
+
+def test_bundle_reads_epochs_run_from_the_last_state_file(tmp_path):
+    """The model card's 'epochs run' comes from train.fit's last.pt (the best checkpoint only
+    knows the epochs up to itself); a file of another kind is refused by name."""
+    import torch
+
+    from train.bundle import run_progress
+
+    last = tmp_path / "last.pt"
+    torch.save({"format": "rtsed-train-state", "recipe": {"epochs": 40},
+                "progress": {"epoch": 40, "best_epoch": 18, "history": []}}, last)
+    progress = run_progress(str(last))
+    assert progress["epoch"] == 40 and progress["budget"] == 40 and progress["best_epoch"] == 18
+    assert run_progress(None) == {}
+    other = tmp_path / "other.pt"
+    torch.save({"format": "something-else"}, other)
+    with pytest.raises(SystemExit, match="other.pt is not a train.fit last-state file"):
+        run_progress(str(other))
