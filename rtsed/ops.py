@@ -30,15 +30,13 @@ from torch import Tensor
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from rtsed.layers import DilatedTemporal, DWSBlock, FrameRing, FrequencyBlock
+    from rtsed.layers import DilatedTemporal, FrameRing, FrequencyBlock
 
 BACKENDS = ("auto", "ref", "triton")
 
 OPS = ("dws_block", "dilated_temporal", "dilated_step")
 
-# Ops with a CPU fast path (chosen by ``auto`` for CPU tensors of these dtypes).
-CPU_FAST_OPS = ("dilated_head",)  # no Triton kernel of its own: on CUDA it is dilated_temporal + Linear
-CPU_FAST_DTYPES = (torch.float32, torch.float64)
+CPU_FAST_DTYPES = (torch.float32, torch.float64)  # dtypes the CPU fast paths take
 
 
 class KernelUnavailableError(RuntimeError):
@@ -72,8 +70,8 @@ def requested_backend() -> str:
 
 
 def backend_for(op: str, x: Tensor) -> str:
-    """Resolve the backend ("ref", "triton", or "cpu" for an op in CPU_FAST_OPS) for one op on
-    one input."""
+    """Resolve the Triton-or-not backend ("ref" or "triton") for one op on one input; CPU fast
+    paths are chosen by ``cpu_fast_path`` / ``eval_fast_path``."""
     requested = requested_backend()
     if requested == "ref":
         return "ref"
@@ -81,15 +79,11 @@ def backend_for(op: str, x: Tensor) -> str:
     if requested == "auto" and not x.is_cuda:
         # The interpreter (TRITON_INTERPRET=1 on CPU tensors) is for kernel tests, which ask for
         # it explicitly; auto never sends CPU work to it.
-        return "cpu" if _cpu_fast_usable(op, x) else "ref"
+        return "ref"
     if requested == "triton" and not usable:
         raise KernelUnavailableError(f"RTSED_KERNELS=triton but {op} cannot run in Triton here: {why}. "
                                      "Set RTSED_KERNELS=ref or auto.")
     return "triton" if usable else "ref"
-
-
-def _cpu_fast_usable(op: str, x: Tensor) -> bool:
-    return op in CPU_FAST_OPS and cpu_fast_path(x)
 
 
 def cpu_fast_path(x: Tensor) -> bool:
@@ -139,15 +133,6 @@ def frequency_block(block: "FrequencyBlock", x: Tensor) -> Tensor:
     return block.post(block.conv_valid_time(x))
 
 
-def dws_block(block: "DWSBlock", x: Tensor) -> Tensor:
-    """A whole DWS block on time-padded input: depthwise K x K -> LeakyReLU -> BN -> pointwise
-    1x1 -> ReLU -> BN -> max-pool over frequency (-> dropout in training).
-    x: (B, C_in, T + K - 1, F) -> (B, C_out, T, F // P)."""
-    if backend_for("dws_block", x) == "triton":
-        return _kernel("dws_block")(block, x)
-    return block.post(block.conv_valid_time(x))
-
-
 def dilated_temporal(layer: "DilatedTemporal", x: Tensor) -> Tensor:
     """f_dil's dilated conv -> ReLU -> BN on time-padded input.
     x: (B, 1, T + (K - 1) d, C) -> (B, C_out, T, W)."""
@@ -169,7 +154,7 @@ def dilated_head(layer: "DilatedTemporal", classifier: "nn.Linear", h: Tensor) -
     (B, T, n_classes). The CPU fast path (rtsed.fast_head) folds BN into the classifier and works
     in time chunks; elsewhere f_dil goes through ``dilated_temporal`` (Triton on CUDA) and the
     classifier is applied to its output."""
-    if _cpu_fast_usable("dilated_head", h):
+    if cpu_fast_path(h):
         from rtsed.fast_head import dilated_head as fast_dilated_head
 
         return fast_dilated_head(layer, classifier, h)
