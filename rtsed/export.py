@@ -123,6 +123,7 @@ class StepGraph(nn.Module):
             skip = torch.minimum(skip, torch.full_like(skip, n))
             feats, new_h = t.step_tensors(h[..., 0].transpose(1, 2), temporal_state, skip)
             new_states.append(new_h)
+            logits = self.model.classifier(feats)
         else:
             assert isinstance(t, DilatedTemporal)
             window = torch.cat([temporal_state, h[..., 0].transpose(1, 2)], dim=1)  # (B, R + n, C)
@@ -133,8 +134,6 @@ class StepGraph(nn.Module):
                 logits = t.conv_to_logits(y, self.model.classifier)
             else:
                 logits = self.model.classifier(t._flatten(t.bn(F.relu(y))))
-        if isinstance(t, GRUTemporal):
-            logits = self.model.classifier(feats)
         frame_index = pos - self.lookahead
         valid = (frame_index >= 0) & (frame_index < end[:, None])
         return (torch.sigmoid(logits), logits, frame_index, valid, position + n, *new_states)

@@ -38,7 +38,7 @@ def _chunks(batch: int, frames: int, width: int) -> list[tuple[int, int]]:
     return [(t0, min(t0 + step, frames)) for t0 in range(0, frames, step)]
 
 
-def _patches(x: Tensor, t0: int, t1: int, kernel: int, dilation: int, stride: int, width: int) -> Tensor:
+def dilated_patches(x: Tensor, t0: int, t1: int, kernel: int, dilation: int, stride: int, width: int) -> Tensor:
     """x: (B, Tp, C) contiguous time-padded input -> (B * (t1 - t0) * W, K * K) patches of output
     frames [t0, t1), rows ordered (b, t, w), columns (i, j) for tap x[t + i d, w S + j]."""
     b, tp, c = x.shape
@@ -49,7 +49,7 @@ def _patches(x: Tensor, t0: int, t1: int, kernel: int, dilation: int, stride: in
 
 def _scatter_patch_grads(dx: Tensor, d_patches: Tensor, t0: int, t1: int, kernel: int, dilation: int,
                          stride: int, width: int) -> None:
-    """The transpose of ``_patches``: adds d_patches (rows, K * K) into dx (B, Tp, C) in place.
+    """The transpose of ``dilated_patches``: adds d_patches (rows, K * K) into dx (B, Tp, C) in place.
     For one tap (i, j) the map (t, w) -> (t + i d, w S + j) is one-to-one, so each tap is one
     strided add without collisions; taps overlap each other and are added in turn."""
     b, tp, c = dx.shape
@@ -82,7 +82,7 @@ class DilatedHeadFunction(torch.autograd.Function):
         chunks = _chunks(b, t_out, width)
 
         def relu_z(t0, t1):  # (B * n * W, C_out)
-            z = torch.addmm(conv_bias, _patches(x, t0, t1, kernel, dilation, stride, width), w_conv_t)
+            z = torch.addmm(conv_bias, dilated_patches(x, t0, t1, kernel, dilation, stride, width), w_conv_t)
             return z.clamp_min_(0)
 
         keep = any(ctx.needs_input_grad)
@@ -174,7 +174,7 @@ class DilatedHeadFunction(torch.autograd.Function):
             else:  # a gy + alpha + beta r, in place on the GEMM's output
                 dz = torch.addmm(alpha_wc, g_chunk, folded).view(-1, c_out).addcmul_(r, beta_r)
             dz.mul_(r > 0)
-            patches = _patches(x, t0, t1, kernel, dilation, stride, width)
+            patches = dilated_patches(x, t0, t1, kernel, dilation, stride, width)
             if need_conv_w:
                 d_w_conv.addmm_(dz.t(), patches)
             if need_conv_b:

@@ -10,6 +10,8 @@ Streaming uses the same modules through ``rtsed.streaming.ModelStream``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -58,14 +60,12 @@ class SEDModel(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         h = x.unsqueeze(1)
-        if not ops.cpu_fast_path(h):
-            for block in self.blocks:
-                h = block(h)
-            return h
+        fast = ops.cpu_fast_path(h)
         # channels-last through the CNN on CPU: 2-3x faster oneDNN convolutions, pooling and BN,
         # and 1x1 convs as one GEMM (layout only: the arithmetic is the same).
-        with channels_last_convs():
-            if not self.training and not torch.is_grad_enabled() and x.shape[1] > 2 * self.INFERENCE_CHUNK_FRAMES:
+        with channels_last_convs() if fast else contextlib.nullcontext():
+            if (fast and not self.training and not torch.is_grad_enabled()
+                    and x.shape[1] > 2 * self.INFERENCE_CHUNK_FRAMES):
                 return self._features_in_chunks(h)
             for block in self.blocks:
                 h = block(h)

@@ -141,13 +141,11 @@ class ModelStream:
         cnn_delay = self.block_delays[-1] if self.block_delays else 0
         if isinstance(temporal, GRUTemporal):
             skip = torch.clamp(cnn_delay - self.positions, 0, n) if masking else None
-            feats = temporal.step(h, self.temporal_state, skip)  # type: ignore[arg-type]
+            logits = self.model.classifier(temporal.step(h, self.temporal_state, skip))  # type: ignore[arg-type]
         else:
             assert isinstance(temporal, DilatedTemporal)
             logits = ops.dilated_step_logits(temporal, self.model.classifier, h,
                                              self.temporal_state)  # type: ignore[arg-type]
-        if isinstance(temporal, GRUTemporal):
-            logits = self.model.classifier(feats)
         self.positions += n
         frame_index = positions - self.lookahead_frames
         valid = (frame_index >= 0) & (frame_index < ends)
