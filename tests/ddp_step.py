@@ -56,6 +56,7 @@ def main(out: str) -> None:
         result[f"{mode}_grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save(result, out)
+    dist.barrier()  # tear down together (see train.fit: an early destroy can abort the process)
     dist.destroy_process_group()
 
 
