@@ -75,11 +75,12 @@ def backend_for(op: str, x: Tensor) -> str:
     requested = requested_backend()
     if requested == "ref":
         return "ref"
-    usable, why = _triton_usable(op, x)
     if requested == "auto" and not x.is_cuda:
         # The interpreter (TRITON_INTERPRET=1 on CPU tensors) is for kernel tests, which ask for
-        # it explicitly; auto never sends CPU work to it.
+        # it explicitly; auto never sends CPU work to it. Decided before looking for triton:
+        # that lookup (two find_spec calls, ~50 us) ran 4 times per streaming step.
         return "ref"
+    usable, why = _triton_usable(op, x)
     if requested == "triton" and not usable:
         raise KernelUnavailableError(f"RTSED_KERNELS=triton but {op} cannot run in Triton here: {why}. "
                                      "Set RTSED_KERNELS=ref or auto.")
