@@ -107,15 +107,16 @@ def make_stepper(model_path: str | Path, backend: str = "torch", device: str = "
 
 
 def exported_step_graph(checkpoint_path: Path, ckpt) -> Path:
-    """The checkpoint's step graph, exported once per checkpoint content into ~/.cache/rtsed/onnx."""
+    """The checkpoint's step graph, exported once per checkpoint content and graph revision into
+    ~/.cache/rtsed/onnx."""
     import hashlib
     import os
 
-    from rtsed.export import export_onnx
+    from rtsed.export import STEP_GRAPH_REVISION, export_onnx
 
     digest = hashlib.sha1(checkpoint_path.read_bytes()).hexdigest()[:16]
     folder = Path(os.environ.get("RTSED_ONNX_CACHE", Path.home() / ".cache/rtsed/onnx"))
-    target = folder / f"{checkpoint_path.stem}-{digest}-step.onnx"
+    target = folder / f"{checkpoint_path.stem}-{digest}-step-r{STEP_GRAPH_REVISION}.onnx"
     if not target.exists():
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
         export_onnx(ckpt.model, ckpt.config, tmp, streaming=True)

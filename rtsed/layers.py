@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rtsed import ops
-from rtsed.fast_head import dilated_patches
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,14 +86,44 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return scale, bn.bias - bn.running_mean * scale
 
 
-def pointwise_rows(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """A 1x1 conv as one GEMM over the channels-last rows: x (B, C_in, T, F), weight (C_out, C_in),
-    bias (C_out,) -> (B, C_out, T, F) channels-last. oneDNN's 1x1 conv falls to a slow path at
-    one thread and small sizes (PERFORMANCE.md); addmm does not. Exports to ONNX as Gemm."""
-    b, c, t, f = x.shape
-    rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view when x is channels-last
-    out = torch.addmm(bias, rows, weight.t())
-    return out.view(b, t, f, -1).permute(0, 3, 1, 2)
+def _relu_owned(x: Tensor) -> Tensor:
+    """ReLU of a fresh tensor the caller owns: in place, unless autograd records it (amax and
+    max-pool save their output for backward, which an in-place ReLU would overwrite)."""
+    return F.relu(x) if x.requires_grad else x.relu_()
+
+
+def _mkldnn_linear():
+    """torch's oneDNN linear with a fused post-op (what inductor uses on CPU), or None."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):  # a torch build without it
+        return None
+
+
+_MKLDNN_LINEAR = _mkldnn_linear()
+_ONEDNN_MIN_MACS = 4_000_000
+
+
+def fused_linear(x: Tensor, weight: Tensor, bias: Tensor, activation: str = "none") -> Tensor:
+    """Eval-mode ``act(x @ weight.T + bias)``: x (M, K), weight (N, K), bias (N,) -> (M, N), with
+    activation "none", "relu" or "leaky_relu" (slope 0.01). On the CPU in fp32 without autograd,
+    from 4M multiply-accumulates up, it is one oneDNN matmul with the activation fused (torch's
+    mkldnn linear-pointwise op, which has no backward): at one thread it ran the 16-frame
+    streaming GEMMs 3-15 % faster than MKL's addmm and saves the activation's pass over the
+    output; below that size its ~6 us more per call lost. Elsewhere addmm, then the activation."""
+    if (_MKLDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.shape[0] * weight.numel() >= _ONEDNN_MIN_MACS
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)))):
+        scalars = [0.01] if activation == "leaky_relu" else []
+        return _MKLDNN_LINEAR(x, weight, bias, activation, scalars, "")
+    out = torch.addmm(bias, x, weight.t())
+    if activation == "relu":
+        return F.relu(out) if out.requires_grad else out.clamp_min_(0)
+    if activation == "leaky_relu":
+        return F.leaky_relu(out, 0.01) if out.requires_grad else F.leaky_relu_(out, 0.01)
+    return out
 
 
 def one_channel_patches(x: Tensor, kernel: int) -> Tensor:
@@ -162,24 +191,46 @@ class FrequencyBlock(nn.Module):
 
     def conv_folded(self, x: Tensor) -> Tensor:
         """Eval mode: the conv part with every BN before the output ReLU folded in. Works in x's
-        memory format: channels-last pays for whole files (offline), NCHW for the few frames of a
-        streaming step (oneDNN's channels-last 5x5 conv was 4x slower there, at one thread)."""
+        memory format: channels-last on the CPU, offline and streaming alike (the streaming
+        histories are kept channels-last there: 5 % faster per 16-frame dnd_7_10 step than NCHW
+        histories, the same for base)."""
         raise NotImplementedError
 
     def folded_valid_time(self, x: Tensor) -> Tensor:
         """Eval-mode fast path, equal to ``post(conv_valid_time(x))`` up to rounding: BNs
         folded, and the output BN (after ReLU, a per-channel affine y = a r + b) applied after
         the max-pool, on 1/P of the values: max_p(a r_p + b) = |a| max_p(sign(a) r_p) + b holds
-        for either sign of a. Dropout is off in eval."""
-        sign, magnitude, shift = folded_cache(self, "post", bn_sources(self.bn), self._pool_affine)
-        r = F.relu(self.conv_folded(x)) * sign
-        pooled = F.max_pool2d(r, self.pool.kernel_size, self.pool.stride)
-        return torch.addcmul(shift, pooled, magnitude)
+        for either sign of a. Dropout is off in eval.
 
-    def _pool_affine(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(sign(a), |a|, b) of the output BN, each (C, 1, 1) to broadcast over (T, F)."""
+        With a >= 0 in every channel (trained models here: the sign path is for the others) the
+        ReLU moves after the pool too, max_p(a relu(y_p) + b) = a relu(max_p y_p) + b, leaving
+        one full-resolution pass (the pool) instead of three. On a channels-last y the pool is a
+        max over groups of P rows of its (B, T, F, C) view. Traced for ONNX, the ReLU stays
+        before the pool (onnxruntime fuses it into the conv) and the affine is a depthwise 1x1
+        Conv (one node instead of Mul and Add)."""
+        sign, magnitude, shift, nonnegative = folded_cache(self, "post", bn_sources(self.bn), self._pool_affine)
+        y = self.conv_folded(x)
+        if not nonnegative:
+            pooled = F.max_pool2d(F.relu(y) * sign, self.pool.kernel_size, self.pool.stride)
+            return torch.addcmul(shift, pooled, magnitude)
+        if torch.jit.is_tracing():
+            pooled = F.max_pool2d(F.relu(y), self.pool.kernel_size, self.pool.stride)
+            return F.conv2d(pooled, magnitude[:, :, :, None], shift.view(-1), groups=magnitude.shape[0])
+        rows = y.permute(0, 2, 3, 1)  # (B, T, F, C)
+        if not rows.is_contiguous():
+            pooled = _relu_owned(F.max_pool2d(y, self.pool.kernel_size, self.pool.stride))
+            return torch.addcmul(shift, pooled, magnitude)
+        p = self.pool.kernel_size[1]
+        f = rows.shape[2] // p * p  # floor: the last F mod P frequencies are dropped
+        pooled = _relu_owned(rows[:, :, :f].unflatten(2, (-1, p)).amax(3))  # (B, T, F // P, C)
+        return torch.addcmul(shift.view(-1), pooled, magnitude.view(-1)).permute(0, 3, 1, 2)
+
+    def _pool_affine(self) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """(sign(a), |a|, b) of the output BN, each (C, 1, 1) to broadcast over (T, F), and
+        whether a >= 0 in every channel."""
         scale, shift = bn_affine(self.bn)
-        return torch.sign(scale)[:, None, None], scale.abs()[:, None, None], shift[:, None, None]
+        nonnegative = bool((scale >= 0).all())
+        return torch.sign(scale)[:, None, None], scale.abs()[:, None, None], shift[:, None, None], nonnegative
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.pad(x, (0, 0, self.context_frames - self.right_pad, self.right_pad))
@@ -187,7 +238,12 @@ class FrequencyBlock(nn.Module):
 
     def init_state(self, batch_size: int, n_freq: int, device, dtype) -> ConvHistory:
         c_in = self.in_channels
-        return ConvHistory(torch.zeros(batch_size, c_in, self.context_frames, n_freq, device=device, dtype=dtype))
+        frames = torch.zeros(batch_size, c_in, self.context_frames, n_freq, device=device, dtype=dtype)
+        if frames.device.type == "cpu":
+            # The CPU path runs the CNN channels-last (each block's output is a (B, T, F, C) view):
+            # a history in the same layout keeps the window's concatenation a plain block copy.
+            frames = frames.contiguous(memory_format=torch.channels_last)
+        return ConvHistory(frames)
 
     def step(self, x: Tensor, state: ConvHistory) -> Tensor:
         """x: (B, C_in, n, F) new frames -> (B, C_out, n, F // P), the causal outputs for them
@@ -233,31 +289,41 @@ class DWSBlock(FrequencyBlock):
         return conv2d_like_input(self.inner_bn(F.leaky_relu(depthwise, 0.01)), self.pointwise)
 
     def conv_folded(self, x: Tensor) -> Tensor:
-        sources = [self.pointwise.weight, self.pointwise.bias, *bn_sources(self.inner_bn)]
-        weight, bias = folded_cache(self, "pointwise", sources, self._folded_pointwise)
+        dw = self.depthwise
+        sources = [self.pointwise.weight, self.pointwise.bias, *bn_sources(self.inner_bn), dw.weight]
+        weight, bias, dw_weight_cl = folded_cache(self, "pointwise", sources, self._folded_pointwise)
         if torch.jit.is_tracing():
             # ONNX: onnxruntime runs a 1x1 Conv on NCHW directly; the rows GEMM would cost two
             # Transposes (measured 10 % slower per step there).
             a = F.leaky_relu(self.depthwise(x), 0.01)
             return F.conv2d(a, weight[:, :, None, None], bias)
+        b, _, t_in, f = x.shape
+        k = self.kernel
         if self.in_channels == 1:
             # Block 1 (1 -> C) as a patches GEMM straight into channels-last rows: oneDNN's
             # one-channel conv cost 190 us of a 16-frame streaming step, the GEMM ~60 us.
-            b, _, t_in, f = x.shape
-            k = self.kernel
-            rows = torch.addmm(self.depthwise.bias, one_channel_patches(x, k),
-                               self.depthwise.weight.view(-1, k * k).t())
-            a = F.leaky_relu(rows, 0.01)
-            out = torch.addmm(bias, a, weight.t())
-            return out.view(b, t_in - k + 1, f, -1).permute(0, 3, 1, 2)
-        a = F.leaky_relu(conv2d_like_input(x, self.depthwise), 0.01)
-        return pointwise_rows(a, weight, bias)
+            a = fused_linear(one_channel_patches(x, k), self.depthwise.weight.view(-1, k * k),
+                             self.depthwise.bias, "leaky_relu")
+        else:
+            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+                # As conv2d_like_input, with the weight restrided once, not copied per call.
+                d = F.conv2d(x, dw_weight_cl, dw.bias, dw.stride, dw.padding, dw.dilation, dw.groups)
+            else:
+                d = conv2d_like_input(x, dw)
+            d = F.leaky_relu_(d, 0.01) if not d.requires_grad else F.leaky_relu(d, 0.01)
+            # The pointwise conv as one GEMM over channels-last rows (a view when d is channels-last).
+            a = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])
+        out = fused_linear(a, weight, bias)
+        return out.view(b, t_in - k + 1, f, -1).permute(0, 3, 1, 2)
 
-    def _folded_pointwise(self) -> tuple[Tensor, Tensor]:
+    def _folded_pointwise(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The pointwise conv with the inner BN folded in, weight (C, C) and bias (C,), and the
+        depthwise weight restrided channels-last (for ``conv_folded``'s channels-last input)."""
         # The inner BN precedes the pointwise conv: W (s x + t) + b = (W s) x + (W t + b).
         scale, shift = bn_affine(self.inner_bn)
         weight = self.pointwise.weight[:, :, 0, 0]
-        return weight * scale, self.pointwise.bias + weight @ shift  # (no addmv: ONNX lacks it)
+        return (weight * scale, self.pointwise.bias + weight @ shift,  # (no addmv: ONNX lacks it)
+                self.depthwise.weight.to(memory_format=torch.channels_last))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,8 +423,13 @@ class DilatedTemporal(nn.Module):
 
     def conv_to_logits(self, y: Tensor, classifier: nn.Linear) -> Tensor:
         """Eval mode: conv output y (B, C_out, n, W) -> logits (B, n, n_classes) through ReLU,
-        BN and the classifier, with BN folded into the classifier."""
-        return F.linear(self._flatten(F.relu(y)), *self.folded_classifier(classifier))
+        BN and the classifier, with BN folded into the classifier. The classifier runs as a
+        (1, W) convolution over the (C_out, n, W) map: in an exported step graph that is one Conv
+        node, where flattening to (B, n, C_out W) first cost a Transpose and a Reshape whose
+        dynamic shape took six more nodes."""
+        weight, bias = self.folded_classifier(classifier)
+        kernel = weight.view(weight.shape[0], self.conv.out_channels, 1, self.width)
+        return F.conv2d(F.relu(y), kernel, bias).squeeze(3).transpose(1, 2)
 
     def step_logits_folded(self, h: Tensor, state: FrameRing, classifier: nn.Linear) -> Tensor:
         """Eval-mode streaming step of f_dil and the classifier together:
@@ -367,29 +438,49 @@ class DilatedTemporal(nn.Module):
         capacity = state.frames.shape[1]
         max_step = capacity - self.context_frames
         outputs = []
-        weight_t, bias, lin_t, lin_bias = folded_cache(
+        weight, bias, lin_weight, lin_bias = folded_cache(
             self, "patch_gemms", [self.conv.weight, self.conv.bias, classifier.weight, classifier.bias,
                                   *bn_sources(self.bn)], lambda: self._patch_gemm_weights(classifier))
-        k, s, w = self.kernel, self.stride, self.width
+        k, s, w, d = self.kernel, self.stride, self.width, self.dilation
         for i in range(0, frames.shape[1], max_step):
-            taps = self._ring_taps(frames[:, i:i + max_step], state)  # (B * n, 1, K, C), contiguous
-            rows, _, _, c = taps.shape
-            # The conv as one GEMM over patches (B n W, K K) (oneDNN's 1-channel conv and the
-            # ReLU over its output layout took 3x longer at one thread). The taps are already
-            # spaced by d: each row is a one-frame "file" of K frames read undilated.
-            patches = dilated_patches(taps.view(rows, k, c), 0, 1, k, 1, s, w)
-            r = torch.addmm(bias, patches, weight_t).clamp_min_(0)  # (B n W, C_out)
-            logits = torch.addmm(lin_bias, r.view(rows, -1), lin_t)  # (w, c) order on both sides
-            outputs.append(logits.view(frames.shape[0], -1, classifier.out_features))
+            window = self._ring_window(frames[:, i:i + max_step], state)  # (B, (K - 1) d + n, C)
+            b, t_in, c = window.shape
+            n = t_in - self.context_frames
+            # The conv as one GEMM over patches (B n W, K K) read straight off the window, rows
+            # (b, t, w), columns (i, j) for tap window[b, t + i d, w S + j] (oneDNN's 1-channel
+            # conv and the ReLU over its output layout took 3x longer at one thread).
+            sb, st, sc = window.stride()
+            patches = window.as_strided((b, n, w, k, k), (sb, st, s * sc, d * st, sc)).reshape(-1, k * k)
+            r = fused_linear(patches, weight, bias, "relu")  # (B n W, C_out)
+            logits = fused_linear(r.view(b * n, -1), lin_weight, lin_bias)  # (w, c) order on both sides
+            outputs.append(logits.view(b, n, classifier.out_features))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _patch_gemm_weights(self, classifier: nn.Linear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Weights of ``step_logits_folded``'s two GEMMs: conv (K K, C_out), its bias, and the
-        BN-folded classifier reordered to (w, c) rows, (W C_out, n_classes), and its bias."""
+        """Weights of ``step_logits_folded``'s two GEMMs, (out, in) as nn.Linear keeps them: conv
+        (C_out, K K), its bias, and the BN-folded classifier reordered to (w, c) columns,
+        (n_classes, W C_out), and its bias."""
         weight, lin_bias = self.folded_classifier(classifier)
         lin_wc = weight.view(-1, self.conv.out_channels, self.width).transpose(1, 2)
-        return (self.conv.weight.reshape(self.conv.out_channels, -1).t().contiguous(), self.conv.bias,
-                lin_wc.reshape(weight.shape[0], -1).t().contiguous(), lin_bias)
+        return (self.conv.weight.reshape(self.conv.out_channels, -1).contiguous(), self.conv.bias,
+                lin_wc.reshape(weight.shape[0], -1).contiguous(), lin_bias)
+
+    def _ring_window(self, frames: Tensor, state: FrameRing) -> Tensor:
+        """Write frames (B, n, C) into the ring and return the (K - 1) d past frames and the n new
+        ones in time order, (B, (K - 1) d + n, C): a view of the ring where that span does not
+        wrap round its end, else a copy of its two pieces. Advances the write position."""
+        n = frames.shape[1]
+        capacity = state.frames.shape[1]
+        first = min(n, capacity - state.write_pos)
+        state.frames[:, state.write_pos:state.write_pos + first] = frames[:, :first]
+        if first < n:
+            state.frames[:, :n - first] = frames[:, first:]
+        start = state.write_pos - self.context_frames
+        state.write_pos = (state.write_pos + n) % capacity
+        stop = start + self.context_frames + n
+        if start >= 0 and stop <= capacity:
+            return state.frames[:, start:stop]
+        return torch.cat([state.frames[:, start % capacity:], state.frames[:, :stop % capacity]], dim=1)
 
     def _ring_taps(self, frames: Tensor, state: FrameRing) -> Tensor:
         """Write frames (B, n, C) into the ring and gather each new frame's K taps, already spaced

@@ -113,6 +113,14 @@ class ModelStream:
     def step(self, x: Tensor) -> StepOutput:
         """x: (B, n, F) new normalised log-mel frames, one row per stream -> StepOutput with n rows
         per stream (the first ``lookahead_frames`` of a stream are not yet valid)."""
+        first = self.positions.clone()
+        logits = self._step_logits(x)
+        frame_index = first[:, None] + torch.arange(x.shape[1]) - self.lookahead_frames  # (B, n), CPU
+        valid = (frame_index >= 0) & (frame_index < self.ends[:, None])
+        return StepOutput(logits, frame_index, valid)
+
+    def _step_logits(self, x: Tensor) -> Tensor:
+        """The model part of ``step``: x (B, n, F) -> logits (B, n, C); advances the positions."""
         # Checked per step too: a model put back in training mode would use batch statistics
         # (and overwrite its BatchNorm running statistics) without any error.
         _require_eval(self.model)
@@ -121,22 +129,22 @@ class ModelStream:
                 f"step expects (batch={self.batch_size}, frames, {self.n_mels}) frames; got {tuple(x.shape)}"
             )
         n = x.shape[1]
-        positions = self.positions[:, None] + torch.arange(n)  # (B, n), CPU
-        ends = self.ends[:, None]
         # Masking is needed only while some stream is inside its first frames or has ended.
         masking = bool(self.positions.min() < self.lookahead_frames) or bool(self.ends.min() < NO_END)
-
-        def keep(delay: int) -> Tensor:
-            t = positions - delay
-            return (t >= 0) & (t < ends)
-
         h = x.to(self.device).unsqueeze(1)  # (B, 1, n, F)
         if masking:
-            h = h * keep(0).to(self.device, h.dtype)[:, None, :, None]
+            positions = self.positions[:, None] + torch.arange(n)  # (B, n), CPU
+            ends = self.ends[:, None]
+
+            def keep(delay: int) -> Tensor:
+                t = positions - delay
+                return ((t >= 0) & (t < ends)).to(self.device, h.dtype)[:, None, :, None]
+
+            h = h * keep(0)
         for block, state, delay in zip(self.model.blocks, self.block_states, self.block_delays):
             h = block.step(h, state)
             if masking and delay:
-                h = h * keep(delay).to(self.device, h.dtype)[:, None, :, None]
+                h = h * keep(delay)
         temporal = self.model.temporal
         cnn_delay = self.block_delays[-1] if self.block_delays else 0
         if isinstance(temporal, GRUTemporal):
@@ -147,22 +155,26 @@ class ModelStream:
             logits = ops.dilated_step_logits(temporal, self.model.classifier, h,
                                              self.temporal_state)  # type: ignore[arg-type]
         self.positions += n
-        frame_index = positions - self.lookahead_frames
-        valid = (frame_index >= 0) & (frame_index < ends)
-        return StepOutput(logits, frame_index, valid)
+        return logits
 
     # -- one-stream convenience ----------------------------------------------------------------
 
+    @torch.no_grad()
     def push(self, frames: Tensor) -> Tensor:
         """One stream (batch_size 1): frames (n, F) -> logits (m, C) of the output frames
         completed by them, in order (m = n once the lookahead has filled)."""
         self._require_single()
         if frames.dim() == 2:
             frames = frames.unsqueeze(0)
-        if frames.shape[1] == 0:
+        n = frames.shape[1]
+        if n == 0:
             return frames.new_zeros(0, self.model.config.n_classes)
-        out = self.step(frames)
-        return out.logits[0][out.valid[0].to(out.logits.device)]
+        position, end = int(self.positions[0]), int(self.ends[0])
+        logits = self._step_logits(frames)
+        # Row j is offline frame position + j - lookahead: valid from frame 0 up to the end.
+        lo = min(n, max(0, self.lookahead_frames - position))
+        hi = max(lo, min(n, end + self.lookahead_frames - position))
+        return logits[0, lo:hi]
 
     def flush(self) -> Tensor:
         """One stream: end it and return its last ``lookahead_frames`` logits (m, C), computed
@@ -172,9 +184,7 @@ class ModelStream:
         pending = int(self.ends[0] + self.lookahead_frames - self.positions[0])
         if pending <= 0:
             return torch.zeros(0, self.model.config.n_classes, device=self.device)
-        filler = torch.zeros(1, pending, self.n_mels, device=self.device)
-        out = self.step(filler)
-        return out.logits[0][out.valid[0].to(out.logits.device)]
+        return self.push(torch.zeros(pending, self.n_mels, device=self.device))
 
     def _require_single(self) -> None:
         if self.batch_size != 1:

@@ -219,3 +219,20 @@ def test_chunked_offline_inference_matches_reference(monkeypatch, name, chunk):
     hook.remove()
     assert not calls, "chunked inference calls blocks through valid_time, not forward"
     assert_parity(actual, expected, f"{name} chunked ({chunk} frames)")
+
+
+@pytest.mark.parametrize("name", ["dnd_7_10", "base"])
+def test_eval_mode_with_autograd_matches_ref(name):
+    """Eval mode with gradients on (frozen BN statistics, e.g. fine-tuning or saliency): the
+    folded path's in-place shortcuts must leave autograd's saved tensors alone, and its input
+    gradient must equal the reference's (fp64)."""
+    torch.manual_seed(3)
+    model = build_model(name, n_classes=5, dropout=0.0).double().eval()
+    x = torch.randn(2, 40, 40, dtype=torch.float64)
+    grads = {}
+    for backend in ("ref", "auto"):
+        x_in = x.clone().requires_grad_(True)
+        with ops.forced_backend(backend):
+            model(x_in).square().sum().backward()
+        grads[backend] = x_in.grad
+    assert_parity(grads["auto"], grads["ref"], "input gradient", atol=1e-10, rtol=1e-10)

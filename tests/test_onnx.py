@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rtsed
+from rtsed import ops
 from rtsed.config import DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
 from rtsed.export import ExportError, export_onnx, main as export_main
 from rtsed.onnx_backend import OnnxModelError, OnnxOffline, OnnxStream
@@ -133,6 +134,75 @@ def test_step_graph_batched_streams_reset_independently(exported):
         assert sorted(collected[b]) == list(range(length))
         got = np.stack([collected[b][t] for t in range(length)])
         assert_parity(got, ref)
+
+
+def test_steady_state_branch(exported):
+    """The step graph holds two variants of the step behind an If: the masked one (stream starts
+    and ends) and a steady-state one without a single mask op, which OnnxStream also runs as a
+    session of its own once every stream is past its lookahead. Streaming through the file's If
+    alone and through OnnxStream's split gives the same logits, both equal to torch offline."""
+    model, config, _, step = exported
+    proto = onnx.load(str(step))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["rtsed_step_variants"] == "steady-if"
+    (if_node,) = [n for n in proto.graph.node if n.op_type == "If"]
+    branches = {a.name: a.g for a in if_node.attribute}
+    steady_ops = [n.op_type for n in branches["then_branch"].node]
+    masked_ops = [n.op_type for n in branches["else_branch"].node]
+    assert not {"And", "GreaterOrEqual"} & set(steady_ops), steady_ops  # a mask is (t >= 0) & (t < end)
+    assert {"And", "GreaterOrEqual"} <= set(masked_ops)
+    assert len(steady_ops) < len(masked_ops)
+
+    total = 150
+    logmel = raw_logmel(config, total, seed=4)
+    ref = torch_logits(model, config, logmel)[0]
+    for sizes in ([1] * 70 + [total - 70], [16] * 10):
+        split, whole = OnnxStream(step), OnnxStream(step)
+        assert split._steady_session is not None
+        whole._steady_session = None  # every step through the file's If
+        outs = {}
+        for name, stream in (("split", split), ("whole", whole)):
+            parts, start = [], 0
+            for size in sizes:
+                parts.append(stream.push(logmel[0, start:start + size]))
+                start += size
+            parts.append(stream.flush())
+            outs[name] = np.concatenate(parts)
+        assert_parity(outs["split"], ref)
+        assert_parity(outs["whole"], ref)
+        assert_parity(outs["split"], outs["whole"])
+
+
+@pytest.mark.parametrize("signs", ["nonnegative", "mixed"])
+def test_step_graph_either_sign_of_bn_scale(tmp_path, signs):
+    """The traced CNN blocks take one of two forms: pool before the affine (every output BN
+    scale a >= 0; the affine as a depthwise 1x1 Conv) or the sign trick (some a < 0). Both
+    against the torch reference (RTSED_KERNELS=ref) over a whole stream."""
+    model, config = randomised("dnd_7_10")
+    with torch.no_grad():
+        for block in model.blocks:
+            block.bn.weight.abs_()
+            if signs == "mixed":
+                block.bn.weight[::3] *= -1
+    step = export_onnx(model, config, tmp_path / "step.onnx", streaming=True)
+    logmel = raw_logmel(config, 120, seed=5)
+    with ops.forced_backend("ref"):
+        ref = torch_logits(model, config, logmel)[0]
+    stream = OnnxStream(step)
+    parts = [stream.push(logmel[0, i:i + 16]) for i in range(0, 120, 16)]
+    assert_parity(np.concatenate([*parts, stream.flush()]), ref)
+
+
+def test_step_graph_below_opset_13_has_no_steady_branch(tmp_path):
+    """Below opset 13 (no int64 ReduceMin / GreaterOrEqual) the step graph is the masked one alone."""
+    model, config = randomised("dnd_3_1_causal")
+    step = export_onnx(model, config, tmp_path / "s12.onnx", streaming=True, opset=12)
+    assert not [n for n in onnx.load(str(step)).graph.node if n.op_type == "If"]
+    stream = OnnxStream(step)
+    assert stream._steady_session is None
+    logmel = raw_logmel(config, 40, seed=6)
+    got = np.concatenate([stream.push(logmel[0, :25]), stream.push(logmel[0, 25:]), stream.flush()])
+    assert_parity(got, torch_logits(model, config, logmel)[0])
 
 
 def test_metadata_describes_everything(exported):

@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from rtsed.config import DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
-from rtsed.layers import DilatedTemporal, FrameRing
+from rtsed import ops
+from rtsed.layers import DilatedTemporal, FrameRing, fused_linear
 from rtsed.model import SEDModel, build_model
 from rtsed.streaming import ModelStream
 
@@ -408,16 +409,27 @@ def test_step_computes_only_new_frames(monkeypatch, dilation, padding, backend):
     batch, max_step = 3, 16
     stream = ModelStream(model, batch_size=batch, max_step_frames=max_step)
 
-    # Both the reference step and the folded CPU step read f_dil's input through _ring_taps.
-    dil_calls: list[tuple[int, ...]] = []
-    real_taps = temporal._ring_taps
+    # The reference step reads f_dil's input through _ring_taps (each new frame's K taps, spaced
+    # by d), the folded CPU step through _ring_window (the (K - 1) d kept frames and the new
+    # ones, whose patches it reads in place): either way, only the new frames' outputs.
+    k, c = temporal.kernel, temporal.channels
+    dil_calls: list[tuple[str, int]] = []
+    real_taps, real_window = temporal._ring_taps, temporal._ring_window
 
-    def spy(frames, state):
+    def spy_taps(frames, state):
         taps = real_taps(frames, state)
-        dil_calls.append(tuple(taps.shape))
+        assert taps.shape == (batch * frames.shape[1], 1, k, c)
+        dil_calls.append(("taps", frames.shape[1]))
         return taps
 
-    monkeypatch.setattr(temporal, "_ring_taps", spy)
+    def spy_window(frames, state):
+        window = real_window(frames, state)
+        assert window.shape == (batch, temporal.context_frames + frames.shape[1], c)
+        dil_calls.append(("window", frames.shape[1]))
+        return window
+
+    monkeypatch.setattr(temporal, "_ring_taps", spy_taps)
+    monkeypatch.setattr(temporal, "_ring_window", spy_window)
     # Every path through a block (reference, folded, kernel) starts at its valid_time.
     block_inputs: list[tuple[int, ...]] = []
     for block in model.blocks:
@@ -431,9 +443,8 @@ def test_step_computes_only_new_frames(monkeypatch, dilation, padding, backend):
         dil_calls.clear()
         block_inputs.clear()
         stream.step(torch.randn(batch, n, N_MELS, generator=g))
-        k, c = temporal.kernel, temporal.channels
-        assert all(shape[1:] == (1, k, c) for shape in dil_calls), dil_calls
-        assert sum(shape[0] for shape in dil_calls) == batch * n
+        assert {kind for kind, _ in dil_calls} == {"taps" if backend == "ref" else "window"}
+        assert sum(frames for _, frames in dil_calls) == n
         assert len(dil_calls) == math.ceil(n / max_step)  # longer steps are sliced, not re-run
         assert [shape[2] for shape in block_inputs] == [n + model.config.cnn_kernel - 1] * 3
 
@@ -452,6 +463,75 @@ def test_gru_step_sees_only_new_frames():
         assert seen == [(1, 9, model.config.channels)]
     finally:
         hook.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU fast path (RTSED_KERNELS=auto) against the reference (RTSED_KERNELS=ref)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signs", ["nonnegative", "mixed"])
+@pytest.mark.parametrize("name", ["dnd_7_10", "dnd_7_10_causal", "dnd_3_100", "base"])
+def test_fast_step_matches_reference(name, signs):
+    """The folded CPU step against the reference model run offline under RTSED_KERNELS=ref, at
+    full size (the 16-frame GEMMs cross fused_linear's oneDNN threshold, the 1-frame ones do not),
+    in the benchmarked 1- and 16-frame steps and an odd mix, flushed. "nonnegative": every BN
+    scale a >= 0, so each block pools before its ReLU and affine; "mixed": the sign trick. The
+    d = 100 model's ring window wraps round the ring's end (and reads it in place otherwise)."""
+    model = build_model(name, n_classes=8)
+    randomize_batchnorm(model, seed=5)
+    if signs == "nonnegative":
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.abs_()
+    model.eval()
+    x = signal(170, seed=3)
+    with ops.forced_backend("ref"):
+        expected = offline(model, x)
+    assert_varies(expected, name)
+    for chunks, max_step in (([1] * 50, 64), ([16] * 12, 16), ([7, 1, 16, 33, 2, 40], 16)):
+        got = run_stream(ModelStream(model, max_step_frames=max_step), x, chunks)
+        assert_parity(got, expected, f"{name} ({signs} BN scales, fast path) chunks={chunks[:3]}...")
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "leaky_relu"])
+@pytest.mark.parametrize("rows", [3, 640])
+def test_fused_linear_matches_addmm(activation, rows):
+    """fused_linear: oneDNN with the activation fused from 4M multiply-accumulates up (640 x 256 x
+    256), addmm below (3 rows) and whenever autograd records (its op has no backward)."""
+    g = torch.Generator().manual_seed(rows)
+    x, weight, bias = (torch.randn(rows, 256, generator=g), torch.randn(256, 256, generator=g) / 16,
+                       torch.randn(256, generator=g))
+    y = x.double() @ weight.double().T + bias.double()
+    expected = {"none": y, "relu": torch.relu(y), "leaky_relu": torch.nn.functional.leaky_relu(y, 0.01)}[activation]
+    with torch.no_grad():
+        got = fused_linear(x, weight, bias, activation)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    weight.requires_grad_(True)
+    got = fused_linear(x, weight, bias, activation)
+    got.sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    torch.testing.assert_close(got.detach().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ring_window_is_the_kept_frames_then_the_new_ones():
+    """f_dil's folded step reads its input as one window of the (K - 1) d kept frames and the n
+    new ones: a view of the ring where that span does not wrap, a copy where it does. Either
+    way, exactly the frames a linear history would hold (zeros before the stream's start)."""
+    layer = DilatedTemporal(channels=8, kernel=3, dilation=4, stride=1, right_pad=0)  # keeps 8 frames
+    state = layer.init_state(2, max_step_frames=5, device="cpu", dtype=torch.float32)  # capacity 13
+    g = torch.Generator().manual_seed(0)
+    history = torch.zeros(2, layer.context_frames, 8)
+    kinds = set()
+    for n in [1, 5, 3, 5, 2, 5, 5, 4, 1, 5, 5, 5, 3]:
+        frames = torch.randn(2, n, 8, generator=g)
+        window = layer._ring_window(frames, state)
+        history = torch.cat([history, frames], dim=1)
+        assert torch.equal(window, history[:, -(layer.context_frames + n):])
+        shares = window.untyped_storage().data_ptr() == state.frames.untyped_storage().data_ptr()
+        kinds.add("view" if shares else "copy")
+    assert kinds == {"view", "copy"}
 
 
 # ----------------------------------------------------------------------------------------------
