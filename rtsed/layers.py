@@ -43,16 +43,18 @@ def channels_last_convs():
         _channels_last_depth -= 1
 
 
-def conv2d_like_input(x: Tensor, conv: nn.Conv2d) -> Tensor:
+def conv2d_like_input(x: Tensor, conv: nn.Conv2d, channels_last_weight: Tensor | None = None) -> Tensor:
     """``conv(x)`` with the weight in x's memory format. oneDNN picks its layout from input and
     weight together; a one-input-channel weight (256, 1, 5, 5) reads as NCHW unless restrided, and
-    then a channels-last input runs the whole conv in NCHW (PERFORMANCE.md). Same values either way."""
+    then a channels-last input runs the whole conv in NCHW (PERFORMANCE.md). Same values either way.
+    ``channels_last_weight``: conv.weight already restrided (cached by the caller), else restrided here."""
     channels_last = x.dim() == 4 and (
         (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
         or (_channels_last_depth > 0 and x.shape[1] == 1))
     if not channels_last:
         return conv(x)  # through the module, so forward hooks (e.g. macs_per_frame's) see it
-    weight = conv.weight.to(memory_format=torch.channels_last)
+    weight = channels_last_weight if channels_last_weight is not None else \
+        conv.weight.to(memory_format=torch.channels_last)
     return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
@@ -305,11 +307,7 @@ class DWSBlock(FrequencyBlock):
             a = fused_linear(one_channel_patches(x, k), self.depthwise.weight.view(-1, k * k),
                              self.depthwise.bias, "leaky_relu")
         else:
-            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-                # As conv2d_like_input, with the weight restrided once, not copied per call.
-                d = F.conv2d(x, dw_weight_cl, dw.bias, dw.stride, dw.padding, dw.dilation, dw.groups)
-            else:
-                d = conv2d_like_input(x, dw)
+            d = conv2d_like_input(x, dw, dw_weight_cl)  # the weight restrided once, not per call
             d = F.leaky_relu_(d, 0.01) if not d.requires_grad else F.leaky_relu(d, 0.01)
             # The pointwise conv as one GEMM over channels-last rows (a view when d is channels-last).
             a = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])
