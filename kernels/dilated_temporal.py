@@ -60,6 +60,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from rtsed.batchnorm import bn_arguments, update_running_stats
+
 # The @triton.jit decorators read TRITON_INTERPRET when this module is imported; remember what they
 # saw, since the environment may change afterwards (the tests restore it).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -405,11 +407,7 @@ class _DilatedTemporalFn(torch.autograd.Function):
             mean64 = (counts * means.double()).sum(0) / n_rows
             var64 = (m2s.double() + counts * (means.double() - mean64) ** 2).sum(0) / n_rows
             mean, var = mean64.float(), var64.float()
-            if running_mean is not None:
-                with torch.no_grad():
-                    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                    unbiased = (var64 * (n_rows / (n_rows - 1))).float()
-                    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+            update_running_stats(running_mean, running_var, mean64, var64, n_rows, momentum)
         else:
             # copies: saved for the backward, and the buffers may change before it runs
             mean = running_mean.detach().to(torch.float32, copy=True)
@@ -545,23 +543,6 @@ def dilated_temporal_ref(x, weight, bias, bn_weight, bn_bias, bn_running_mean, b
     """The same op in stock torch (what ``DilatedTemporal.conv_relu_bn`` computes)."""
     y = F.conv2d(x, weight, bias, stride=(1, stride), dilation=(dilation, 1))
     return F.batch_norm(F.relu(y), bn_running_mean, bn_running_var, bn_weight, bn_bias, training, momentum, eps)
-
-
-def bn_arguments(bn: torch.nn.BatchNorm2d) -> dict:
-    """What ``nn.BatchNorm2d.forward`` would pass to ``F.batch_norm`` (and its bookkeeping): the
-    running statistics (None when not tracked in training), whether batch statistics are used,
-    and the exponential-average factor (momentum None: cumulative average over num_batches_tracked,
-    which is incremented here in training exactly as the module does)."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-    track = not bn.training or bn.track_running_stats
-    return dict(bn_weight=bn.weight, bn_bias=bn.bias,
-                bn_running_mean=bn.running_mean if track else None,
-                bn_running_var=bn.running_var if track else None,
-                training=use_batch, momentum=factor, eps=bn.eps)
 
 
 def dilated_temporal_layer(layer, x):

@@ -66,6 +66,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from rtsed.batchnorm import bn_arguments, update_running_stats
+
 NEGATIVE_SLOPE = 0.01
 # The decorators below read TRITON_INTERPRET when this module is imported; remember what they saw,
 # since the environment may change afterwards (the tests restore it).
@@ -592,7 +594,7 @@ class _DWSBlockFunction(torch.autograd.Function):
             _dws_stats1_kernel[(progs, n_cb)](x, wd, bd, mean_p, m2_p, *common, iters,
                                               K=K, ONE_IN=one_in, **tiles)
             mu1, var1 = _merge_stats(mean_p, m2_p, NR, iters * tiles["BLOCK_R"])
-            _update_running(bn1_mean, bn1_var, mu1, var1, NR, mom1)
+            update_running_stats(bn1_mean, bn1_var, mu1, var1, NR, mom1)
         else:
             mu1, var1 = bn1_mean.detach().float(), bn1_var.detach().float()
         rstd1 = torch.rsqrt(var1 + eps1)
@@ -609,7 +611,7 @@ class _DWSBlockFunction(torch.autograd.Function):
             _dws_stats2_kernel[(progs, n_ob)](x, wd, bd, s1, h1, wp, bp, mean_p, m2_p, *common, iters,
                                               K=K, ONE_IN=one_in, PREC=prec, **tiles)
             mu2, var2 = _merge_stats(mean_p, m2_p, NR, iters * tiles["BLOCK_R"])
-            _update_running(bn2_mean, bn2_var, mu2, var2, NR, mom2)
+            update_running_stats(bn2_mean, bn2_var, mu2, var2, NR, mom2)
         else:
             mu2, var2 = bn2_mean.detach().float(), bn2_var.detach().float()
         rstd2 = torch.rsqrt(var2 + eps2)
@@ -732,16 +734,6 @@ class _DWSBlockFunction(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-def _update_running(running_mean, running_var, mean, var_biased, n, momentum) -> None:
-    """torch's BatchNorm update: r = (1 - momentum) r + momentum * batch (unbiased variance)."""
-    if running_mean is None:
-        return
-    unbiased = var_biased * (n / max(n - 1, 1))
-    with torch.no_grad():
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-
-
 # ----------------------------------------------------------------------------------------------
 # Public API: launcher, reference twin, layer entry point
 # ----------------------------------------------------------------------------------------------
@@ -804,17 +796,6 @@ def dws_block_ref(x, dw_weight, dw_bias, bn1_weight, bn1_bias, bn1_running_mean,
     return F.max_pool2d(z, (1, pool), (1, pool))
 
 
-def _bn_args(bn: torch.nn.BatchNorm2d) -> tuple:
-    """(running_mean, running_var, momentum factor) as torch's _BatchNorm.forward derives them
-    (including the num_batches_tracked increment in training)."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_running = not bn.training or bn.track_running_stats
-    return (bn.running_mean if use_running else None, bn.running_var if use_running else None, factor)
-
-
 def dws_block_layer(block, x):
     """What ``block.post(block.conv_valid_time(x))`` returns, through the fused kernels
     (rtsed.ops dispatches here). block: rtsed.layers.DWSBlock; x: (B, C_in, T + K - 1, F)."""
@@ -830,8 +811,9 @@ def dws_block_layer(block, x):
         raise ValueError(f"unsupported pool {mp}: only (1, P) with stride (1, P)")
     if not bn1.training == bn2.training == block.training:
         raise ValueError("dws_block_layer needs both BatchNorms in the block's train/eval mode")
-    rm1, rv1, m1 = _bn_args(bn1)
-    rm2, rv2, m2 = _bn_args(bn2)
+    args1, args2 = bn_arguments(bn1), bn_arguments(bn2)
+    rm1, rv1, m1 = args1["bn_running_mean"], args1["bn_running_var"], args1["momentum"]
+    rm2, rv2, m2 = args2["bn_running_mean"], args2["bn_running_var"], args2["momentum"]
     out = dws_block(x, dw.weight, dw.bias, bn1.weight, bn1.bias, rm1, rv1, pw.weight, pw.bias,
                     bn2.weight, bn2.bias, rm2, rv2, pool=pool_k[1], training=block.training,
                     momentum=(m1, m2), eps=(bn1.eps, bn2.eps))

@@ -122,7 +122,9 @@ def eval_fast_path(module: "nn.Module", x: Tensor) -> bool:
 
 def frequency_block(block: "FrequencyBlock", x: Tensor) -> Tensor:
     """A whole CNN block (f_cnn or f_dws) on time-padded input: the fused DWS kernel where
-    Triton runs, the folded eval composition on CPU in eval mode, the reference otherwise.
+    Triton runs; on CPU the folded eval composition in eval mode and, for DWS blocks in training,
+    rtsed.fast_block (native fused passes; the reference when they cannot be built); the
+    reference otherwise.
     x: (B, C_in, T + K - 1, F) -> (B, C_out, T, F // P)."""
     from rtsed.layers import DWSBlock
 
@@ -131,6 +133,11 @@ def frequency_block(block: "FrequencyBlock", x: Tensor) -> Tensor:
             return _kernel("dws_block")(block, x)
     if eval_fast_path(block, x):
         return block.folded_valid_time(x)
+    if isinstance(block, DWSBlock) and block.training and cpu_fast_path(x):
+        from rtsed import fast_block
+
+        if fast_block.applies(block, x):
+            return fast_block.dws_block_train(block, x)
     return block.post(block.conv_valid_time(x))
 
 
