@@ -96,21 +96,38 @@ def label_blocks(model) -> None:
 
 def _kind(event, shapes: list[list[int]], channels: int) -> str:
     gemm = event.name in ("aten::addmm", "aten::mm", "aten::addmm_", "mkldnn::_linear_pointwise")
+    two_d = [s for s in shapes if len(s) == 2]
     if any(len(s) == 4 and s[0] == channels and s[2:] == [1, 1] for s in shapes) or (
-            gemm and any(s == [channels, channels] for s in shapes)):
+            gemm and any(s == [channels, channels] for s in shapes)) or (
+            # rtsed.fast_block's weight gradient dp^T a: (C, rows) @ (rows, C)
+            gemm and len(two_d) == 2 and two_d[0][0] == channels and two_d[1][1] == channels
+            and two_d[0][1] == two_d[1][0]):
         return "pointwise 1x1 conv"
     if (any(len(s) == 4 and s[0] == channels and s[1] == 1 and s[2] > 1 for s in shapes)
             or event.name in ("aten::convolution_backward", "aten::mkldnn_convolution")
+            or event.name.startswith("rtsed::native::depthwise")
             or (gemm and any(len(s) == 2 and 25 in s for s in shapes))):
         return "depthwise 5x5 conv"
     return "elementwise: activations, BN, pool, copies"
 
 
+def _fast_block_backward(event, freqs: list[int]) -> int | None:
+    """The CNN block whose rtsed.fast_block backward an op runs in, from that backward's
+    gradient input (B, C, T, F_out): block i pools freqs[i] to freqs[i + 1] (the last to 1)."""
+    pooled = freqs[1:] + [1]
+    for ancestor in _ancestors(event):
+        if ancestor.name.startswith("DWSBlockTrainFunctionBackward"):
+            shapes = [s for s in ancestor.input_shapes if isinstance(s, (list, tuple)) and len(s) == 4]
+            if shapes and shapes[0][3] in pooled:
+                return pooled.index(shapes[0][3])
+    return None
+
+
 def attribute(events, freqs: list[int], channels: int) -> dict[str, float]:
-    """Seconds of self time per piece."""
+    """Seconds of self time per piece (operators: aten::, mkldnn::, rtsed::native::)."""
     pieces: dict[str, float] = defaultdict(float)
     for event in events:
-        if "::" not in event.name or event.self_cpu_time_total <= 0:  # operators (aten::, mkldnn::)
+        if "::" not in event.name or event.self_cpu_time_total <= 0:
             continue
         names = [a.name for a in _ancestors(event)]
         seconds = event.self_cpu_time_total / 1e6
@@ -122,7 +139,8 @@ def attribute(events, freqs: list[int], channels: int) -> dict[str, float]:
             continue
         shapes = [list(s) for s in event.input_shapes if isinstance(s, (list, tuple))]
         labels = [n for n in names if n.startswith("rtsed block ")]
-        block = int(labels[0].split()[-1]) - 1 if labels else _block_of(shapes, freqs, channels)
+        block = int(labels[0].split()[-1]) - 1 if labels else _fast_block_backward(event, freqs)
+        block = _block_of(shapes, freqs, channels) if block is None else block
         if block is None:
             pieces["other (loss, head input, glue)"] += seconds
             continue

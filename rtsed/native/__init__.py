@@ -156,6 +156,14 @@ def function(name: str, dtype: torch.dtype):
     return fn
 
 
+def call(name: str, dtype: torch.dtype, *args) -> None:
+    """Run ``<name>_f32/_f64`` under a profiler label ``rtsed::native::<name>`` (so profiles,
+    e.g. benchmarks.profile_step, see native time as operators; ~1 us when not profiling)."""
+    fn = function(name, dtype)
+    with torch.profiler.record_function(f"rtsed::native::{name}"):
+        fn(*args)
+
+
 def check(name: str, dtype: torch.dtype, **tensors: Tensor) -> None:
     if dtype not in DTYPES:
         raise TypeError(f"{name}: native kernels take float32 or float64, got {dtype}")

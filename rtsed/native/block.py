@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rtsed.native import channel_sums, check, declare, function
+from rtsed.native import call, channel_sums, check, declare
 
 declare("act_stats", ["p", "i64", "i64", "T", "int", "p", "p", "int"])
 declare("relu_stats_pool", ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "p", "p", "int"])
@@ -24,7 +24,7 @@ def act_stats(z: Tensor, slope: float, write: bool) -> tuple[Tensor, Tensor]:
     (sum of a, sum of a^2), each (C,)."""
     check("act_stats", z.dtype, z=z)
     total, squares = channel_sums(z.shape[-1], 2)
-    function("act_stats", z.dtype)(z.data_ptr(), z.numel() // z.shape[-1], z.shape[-1], slope, int(write),
+    call("act_stats", z.dtype, z.data_ptr(), z.numel() // z.shape[-1], z.shape[-1], slope, int(write),
                                     total.data_ptr(), squares.data_ptr(), torch.get_num_threads())
     return total, squares
 
@@ -42,7 +42,7 @@ def relu_stats_pool(z: Tensor, pool: int, direction: Tensor) -> tuple[Tensor, Te
     selected = z.new_empty(outer, freq // pool, channels)
     argpos = torch.empty(outer, freq // pool, channels, dtype=torch.int8)
     total, squares = channel_sums(channels, 2)
-    function("relu_stats_pool", z.dtype)(z.data_ptr(), outer, freq, channels, pool, direction.data_ptr(),
+    call("relu_stats_pool", z.dtype, z.data_ptr(), outer, freq, channels, pool, direction.data_ptr(),
                                           selected.data_ptr(), argpos.data_ptr(), total.data_ptr(),
                                           squares.data_ptr(), torch.get_num_threads())
     return selected, argpos, total, squares
@@ -60,9 +60,8 @@ def relu_bn_pool_backward(z: Tensor, grad: Tensor, argpos: Tensor, scale: Tensor
         raise ValueError(f"relu_bn_pool_backward: grad {tuple(grad.shape)} / argpos {tuple(argpos.shape)} "
                          f"do not match z {tuple(z.shape)} pooled by {pool}")
     (total,) = channel_sums(channels, 1)
-    function("relu_bn_pool_backward", z.dtype)(
-        z.data_ptr(), grad.data_ptr(), argpos.data_ptr(), scale.data_ptr(), alpha.data_ptr(), beta.data_ptr(),
-        outer, freq, channels, pool, total.data_ptr(), torch.get_num_threads())
+    call("relu_bn_pool_backward", z.dtype, z.data_ptr(), grad.data_ptr(), argpos.data_ptr(), scale.data_ptr(),
+         alpha.data_ptr(), beta.data_ptr(), outer, freq, channels, pool, total.data_ptr(), torch.get_num_threads())
     return total
 
 
@@ -72,7 +71,7 @@ def grad_sums(g: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     if g.shape != a.shape:
         raise ValueError(f"grad_sums: shapes {tuple(g.shape)} and {tuple(a.shape)} differ")
     total, products = channel_sums(g.shape[-1], 2)
-    function("grad_sums", g.dtype)(g.data_ptr(), a.data_ptr(), g.numel() // g.shape[-1], g.shape[-1],
+    call("grad_sums", g.dtype, g.data_ptr(), a.data_ptr(), g.numel() // g.shape[-1], g.shape[-1],
                                     total.data_ptr(), products.data_ptr(), torch.get_num_threads())
     return total, products
 
@@ -85,7 +84,7 @@ def leaky_bn_backward(g: Tensor, a: Tensor, scale: Tensor, alpha: Tensor, beta: 
     if g.shape != a.shape:
         raise ValueError(f"leaky_bn_backward: shapes {tuple(g.shape)} and {tuple(a.shape)} differ")
     (total,) = channel_sums(g.shape[-1], 1)
-    function("leaky_bn_backward", g.dtype)(g.data_ptr(), a.data_ptr(), scale.data_ptr(), alpha.data_ptr(),
+    call("leaky_bn_backward", g.dtype, g.data_ptr(), a.data_ptr(), scale.data_ptr(), alpha.data_ptr(),
                                             beta.data_ptr(), slope, g.numel() // g.shape[-1], g.shape[-1],
                                             total.data_ptr(), torch.get_num_threads())
     return total
@@ -96,9 +95,9 @@ declare("depthwise_input_grad", ["p", "p", "i64", "i64", "i64", "i64", "i64", "p
 DEPTHWISE_KERNELS = (3, 5, 7)  # the K x K sizes block.cpp's depthwise backward is compiled for
 
 
-def _run(fn, *args) -> None:
+def _run(name: str, dtype: torch.dtype, *args) -> None:
     status = torch.zeros(1, dtype=torch.int32)
-    fn(*args, torch.get_num_threads(), status.data_ptr())
+    call(name, dtype, *args, torch.get_num_threads(), status.data_ptr())
     if int(status):
         raise ValueError(f"native depthwise backward: kernel size not in {DEPTHWISE_KERNELS}")
 
@@ -116,7 +115,7 @@ def depthwise_weight_grad(dd: Tensor, x_padded: Tensor, kernel: int) -> Tensor:
         raise ValueError(f"depthwise_weight_grad: x_padded {tuple(x_padded.shape)} does not fit dd "
                          f"{tuple(dd.shape)} and kernel {kernel}")
     dw = dd.new_empty(channels, kernel * kernel)
-    _run(function("depthwise_weight_grad", dd.dtype), dd.data_ptr(), x_padded.data_ptr(), b, frames, freq, channels,
+    _run("depthwise_weight_grad", dd.dtype, dd.data_ptr(), x_padded.data_ptr(), b, frames, freq, channels,
          cx, kernel, dw.data_ptr())
     return dw
 
@@ -133,6 +132,6 @@ def depthwise_input_grad(dd_padded: Tensor, weight: Tensor, kernel: int) -> Tens
         raise ValueError(f"depthwise_input_grad: dd_padded {tuple(dd_padded.shape)} / weight "
                          f"{tuple(weight.shape)} do not fit kernel {kernel}")
     dx = dd_padded.new_empty(b, frames + kernel - 1, freq, channels)
-    _run(function("depthwise_input_grad", dd_padded.dtype), dd_padded.data_ptr(), weight.data_ptr(), b, frames, freq,
+    _run("depthwise_input_grad", dd_padded.dtype, dd_padded.data_ptr(), weight.data_ptr(), b, frames, freq,
          channels, kernel, dx.data_ptr())
     return dx

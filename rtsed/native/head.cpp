@@ -1,0 +1,218 @@
+// Backward passes of dnd's fused head on the CPU (rtsed.fast_head drives them).
+//
+// The head's f_dil is a GEMM over patch rows ordered (b, t, w); its backward per time chunk of
+// n frames was a GEMM against the BN-folded classifier plus a broadcast bias copy, an addcmul, a
+// ReLU mask (four passes over a (B n W, C_out) chunk, ~350 ms per batch 16 x 1024 step) and a
+// col2im of 49 strided torch adds per chunk (12,544 tiny torch calls per step, ~170 ms). Here:
+//
+// - head_relu_grad: one pass per chunk: dL/dz = r > 0 ? g @ folded + alpha + beta r : 0, with
+//   the per-channel sum of dL/dz (the conv's bias gradient) on the side. The
+//   classifier's contraction over its n_classes (16) outputs is small enough to do here: each
+//   (b t, w) row of C_out outputs is n_classes vector FMAs per vector of channels, the folded
+//   classifier's w-tile staying in L1 while the thread walks its rows.
+// - patch_scatter: the transpose of fast_head.dilated_patches (col2im): adds a chunk's patch
+//   gradients into dx. Work is split over (b, dx time row) pairs, so no two threads ever write the
+//   same dx element and each element's additions happen in one fixed order whatever the thread
+//   count.
+//
+// Threads split statically; sums are float64 per thread, merged in thread order (deterministic
+// for a given thread count). Every function is instantiated for float and double.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline void split(int64_t n, int tid, int nt, int64_t* begin, int64_t* end) {
+  *begin = n * tid / nt;
+  *end = n * (tid + 1) / nt;
+}
+
+constexpr int kRows = 4;  // frames whose rows share each load of the folded classifier
+constexpr int64_t kBlockRows = 64;  // rows summed in T before a float64 flush
+
+template <typename T>
+inline void flush(T* __restrict part, double* __restrict total, int64_t C, int64_t* in_block) {
+  for (int64_t c = 0; c < C; ++c) {
+    total[c] += double(part[c]);
+    part[c] = T(0);
+  }
+  *in_block = 0;
+}
+
+// 64-byte vectors (GCC's vector extensions: one zmm with AVX-512, two ymm with AVX2), loaded
+// and stored unaligned through memcpy.
+template <typename T>
+struct Vector {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int64_t lanes = 64 / sizeof(T);
+};
+
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void store(T* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// R rows (bt, w) .. (bt + R - 1, w) of C channels each (R frames at one position w), a tile of
+// kVectors vectors of channels at a time: the R x kVectors sums over the n_classes live in
+// registers, and each load of the folded classifier (from L1) feeds R FMAs. dz may be r.
+template <typename T, bool Batch, int R>
+inline void relu_grad_rows(const T* r, T* dz, int64_t row_stride, const T* __restrict g, int64_t NC,
+                           const T* __restrict f, const T* __restrict al, const T* __restrict be,
+                           int64_t C, T* __restrict part) {
+  using V = typename Vector<T>::type;
+  constexpr int64_t L = Vector<T>::lanes, kVectors = 4, kTile = kVectors * L;
+  int64_t c0 = 0;
+  for (; c0 + kTile <= C; c0 += kTile) {
+    V acc[R][kVectors];
+    for (int v = 0; v < kVectors; ++v) {
+      const V a = Batch ? load<V>(al + c0 + v * L) : V{};
+      for (int i = 0; i < R; ++i) acc[i][v] = a;
+    }
+    for (int64_t k = 0; k < NC; ++k) {
+      const T* fk = f + k * C + c0;
+      V fv[kVectors];
+      for (int v = 0; v < kVectors; ++v) fv[v] = load<V>(fk + v * L);
+      for (int i = 0; i < R; ++i) {
+        const T gv = g[i * NC + k];
+        for (int v = 0; v < kVectors; ++v) acc[i][v] += gv * fv[v];
+      }
+    }
+    for (int v = 0; v < kVectors; ++v) {
+      V sum = load<V>(part + c0 + v * L);
+      for (int i = 0; i < R; ++i) {
+        const int64_t at = i * row_stride + c0 + v * L;
+        const V x = load<V>(r + at);
+        V d = Batch ? acc[i][v] + load<V>(be + c0 + v * L) * x : acc[i][v];
+        d = x > V{} ? d : V{};
+        store(dz + at, d);
+        sum += d;
+      }
+      store(part + c0 + v * L, sum);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int64_t c = c0; c < C; ++c) {  // channels past the last whole tile
+      T acc = Batch ? al[c] : T(0);
+      for (int64_t k = 0; k < NC; ++k) acc += g[i * NC + k] * f[k * C + c];
+      const T x = r[i * row_stride + c];
+      const T d = x > T(0) ? (Batch ? acc + be[c] * x : acc) : T(0);
+      dz[i * row_stride + c] = d;
+      part[c] += d;
+    }
+  }
+}
+
+// r (BT W, C): ReLU outputs of a chunk, rows ordered (bt, w); dz (BT W, C): dL/dz out (dz may be r:
+// in place; a separate dz buffer reused across chunks stays in cache for the GEMMs that read it,
+// where writing over r sends each chunk back to memory).
+// g (BT, NC): dL/dlogits of the chunk's BT = B n frames; folded (W, NC, C): the BN-folded
+// classifier, one contiguous NC x C block per position w (as (NC, W C) its rows lie W C apart,
+// a multiple of 4 KB at C = 256, and all NC of them fall in the same L1 sets: 3x slower).
+// With batch terms: d = r > 0 ? sum_k g[bt,k] folded[w, k, c] +
+// alpha[c] + beta[c] r : 0; without (eval BN) alpha = beta = 0 and are not read.
+// dz_sum (C,) float64 += per-channel sum of d. Each thread takes a range of frames bt and walks
+// it once per position w, while that position's folded block (NC x C) stays in L1.
+template <typename T, bool Batch>
+void head_relu_grad(const T* r, T* dz, const T* g, const T* folded, const T* alpha, const T* beta, int64_t BT, int64_t W,
+                    int64_t C, int64_t NC, double* dz_sum, int threads) {
+  std::vector<double> sums(size_t(threads) * C, 0.0);
+  const int64_t WC = W * C;
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t b0, b1;
+    split(BT, tid, nt, &b0, &b1);
+    std::vector<T> block(C, T(0));
+    T* part = block.data();
+    double* total = &sums[size_t(tid) * C];
+    int64_t in_block = 0;
+    for (int64_t w = 0; w < W; ++w) {
+      const T* f = folded + w * NC * C;
+      int64_t bt = b0;
+      for (; bt + kRows <= b1; bt += kRows) {
+        relu_grad_rows<T, Batch, kRows>(r + (bt * W + w) * C, dz + (bt * W + w) * C, WC, g + bt * NC, NC, f, alpha, beta, C, part);
+        in_block += kRows;
+        if (in_block >= kBlockRows) flush(part, total, C, &in_block);
+      }
+      for (; bt < b1; ++bt) {
+        relu_grad_rows<T, Batch, 1>(r + (bt * W + w) * C, dz + (bt * W + w) * C, WC, g + bt * NC, NC, f, alpha, beta, C, part);
+        if (++in_block >= kBlockRows) flush(part, total, C, &in_block);
+      }
+    }
+    flush(part, total, C, &in_block);
+  }
+  for (int t = 0; t < threads; ++t)
+    for (int64_t c = 0; c < C; ++c) dz_sum[c] += sums[size_t(t) * C + c];
+}
+
+// dx (B, Tp, C) += the transpose of the patch gather of output frames [t0, t0 + n):
+// dp (B n W, Kk Kk) rows ordered (b, t, w), columns (i, j) for tap dx[b, t + i d, w S + j].
+// Units are (b, tau) pairs, tau a dx time row the chunk reaches: tau - t0 in [0, n + (Kk - 1) d).
+template <typename T>
+void patch_scatter(T* dx, const T* dp, int64_t B, int64_t Tp, int64_t C, int64_t t0, int64_t n, int64_t Kk,
+                   int64_t d, int64_t S, int64_t W, int threads) {
+  const int64_t span = std::min(n + (Kk - 1) * d, Tp - t0);
+  const int64_t KK = Kk * Kk;
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t u0, u1;
+    split(B * span, tid, nt, &u0, &u1);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / span, tau = u % span;  // dx row t0 + tau
+      T* __restrict out = dx + (b * Tp + t0 + tau) * C;
+      for (int64_t i = 0; i < Kk; ++i) {
+        const int64_t t = tau - i * d;  // output frame t0 + t, tap row i
+        if (t < 0) break;
+        if (t >= n) continue;
+        const T* __restrict src = dp + ((b * n + t) * W) * KK + i * Kk;
+        for (int64_t w = 0; w < W; ++w) {
+          T* __restrict o = out + w * S;
+          const T* __restrict s = src + w * KK;
+          for (int64_t j = 0; j < Kk; ++j) o[j] += s[j];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// C entry points (ctypes): <name>_f32 / <name>_f64.
+
+extern "C" {
+
+void head_relu_grad_f32(const float* r, float* dz, const float* g, const float* folded, const float* alpha, const float* beta,
+                        int batch, int64_t BT, int64_t W, int64_t C, int64_t NC, double* dz_sum, int threads) {
+  if (batch) head_relu_grad<float, true>(r, dz, g, folded, alpha, beta, BT, W, C, NC, dz_sum, threads);
+  else head_relu_grad<float, false>(r, dz, g, folded, alpha, beta, BT, W, C, NC, dz_sum, threads);
+}
+void head_relu_grad_f64(const double* r, double* dz, const double* g, const double* folded, const double* alpha,
+                        const double* beta, int batch, int64_t BT, int64_t W, int64_t C, int64_t NC,
+                        double* dz_sum, int threads) {
+  if (batch) head_relu_grad<double, true>(r, dz, g, folded, alpha, beta, BT, W, C, NC, dz_sum, threads);
+  else head_relu_grad<double, false>(r, dz, g, folded, alpha, beta, BT, W, C, NC, dz_sum, threads);
+}
+
+void patch_scatter_f32(float* dx, const float* dp, int64_t B, int64_t Tp, int64_t C, int64_t t0, int64_t n,
+                       int64_t K, int64_t d, int64_t S, int64_t W, int threads) {
+  patch_scatter<float>(dx, dp, B, Tp, C, t0, n, K, d, S, W, threads);
+}
+void patch_scatter_f64(double* dx, const double* dp, int64_t B, int64_t Tp, int64_t C, int64_t t0, int64_t n,
+                       int64_t K, int64_t d, int64_t S, int64_t W, int threads) {
+  patch_scatter<double>(dx, dp, B, Tp, C, t0, n, K, d, S, W, threads);
+}
+
+}  // extern "C"

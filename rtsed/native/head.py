@@ -1,0 +1,65 @@
+"""Wrappers of head.cpp: the backward passes of dnd's fused head (rtsed.fast_head).
+
+A time chunk of n output frames has B n W patch rows ordered (b, t, w); r and dL/dz are
+(B n W, C_out), dL/dlogits (B n, n_classes), the BN-folded classifier (W, n_classes, C_out). float32 or float64; per-channel sums come back as float64 (C_out,) tensors.
+Each call uses ``torch.get_num_threads()`` threads.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rtsed.native import channel_sums, check, declare, function
+
+declare("head_relu_grad", ["p", "p", "p", "p", "p", "p", "int", "i64", "i64", "i64", "i64", "p", "int"])
+declare("patch_scatter", ["p", "p", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "int"])
+
+
+def head_relu_grad(r: Tensor, g: Tensor, folded: Tensor, alpha: Tensor | None = None, beta: Tensor | None = None,
+                   out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """dL/dz (B n W, C) of a chunk, from r (B n W, C) = its ReLU output, rows (b, t, w):
+    dL/dz[(bt, w), c] = r > 0 ? (g @ folded[w])[bt, c] + alpha[c] + beta[c] r : 0, given
+    g (B n, n_classes) = dL/dlogits of the chunk, folded (W, n_classes, C) and BN's batch-statistics
+    terms alpha, beta (C,) (both None for eval-mode BN: zero). Written to ``out`` (B n W, C) when
+    given (it may be r itself). Returns (dL/dz, its float64 per-channel sum (C,), the conv's bias
+    gradient)."""
+    if (alpha is None) != (beta is None):
+        raise ValueError("head_relu_grad: pass both alpha and beta, or neither")
+    out = torch.empty_like(r) if out is None else out
+    extra = {} if alpha is None else {"alpha": alpha, "beta": beta}
+    check("head_relu_grad", r.dtype, r=r, g=g, folded=folded, out=out, **extra)
+    frames, n_classes = g.shape
+    width, channels = folded.shape[0], r.shape[-1]
+    if r.dim() != 2 or folded.shape != (width, n_classes, channels) or r.shape[0] != frames * width:
+        raise ValueError(f"head_relu_grad: r {tuple(r.shape)}, g {tuple(g.shape)}, folded {tuple(folded.shape)} "
+                         "do not match (B n W, C), (B n, n_classes), (W, n_classes, C)")
+    if out.shape != r.shape:
+        raise ValueError(f"head_relu_grad: out {tuple(out.shape)} is not r's {tuple(r.shape)}")
+    if alpha is not None and (alpha.shape != (channels,) or beta.shape != (channels,)):
+        raise ValueError(f"head_relu_grad: alpha {tuple(alpha.shape)} / beta {tuple(beta.shape)} are not ({channels},)")
+    (total,) = channel_sums(channels, 1)
+    batch = alpha is not None
+    function("head_relu_grad", r.dtype)(
+        r.data_ptr(), out.data_ptr(), g.data_ptr(), folded.data_ptr(), alpha.data_ptr() if batch else None,
+        beta.data_ptr() if batch else None, int(batch), frames, width, channels, n_classes, total.data_ptr(),
+        torch.get_num_threads())
+    return out, total
+
+
+def patch_scatter_(dx: Tensor, d_patches: Tensor, t0: int, t1: int, kernel: int, dilation: int, stride: int,
+                   width: int) -> None:
+    """In place: dx (B, Tp, C) += the transpose of ``rtsed.fast_head.dilated_patches`` for output
+    frames [t0, t1): d_patches (B (t1 - t0) W, K K), rows (b, t, w), columns (i, j) add into
+    dx[b, t + i dilation, w stride + j]. Deterministic whatever the thread count."""
+    check("patch_scatter", dx.dtype, dx=dx, d_patches=d_patches)
+    b, tp, c = dx.shape
+    n = t1 - t0
+    if d_patches.shape != (b * n * width, kernel * kernel):
+        raise ValueError(f"patch_scatter_: d_patches {tuple(d_patches.shape)} is not "
+                         f"({b} x {n} x {width}, {kernel * kernel})")
+    if not (0 <= t0 < t1 and t1 - 1 + (kernel - 1) * dilation < tp and (width - 1) * stride + kernel <= c):
+        raise ValueError(f"patch_scatter_: frames [{t0}, {t1}) with kernel {kernel}, dilation {dilation}, "
+                         f"stride {stride}, width {width} reach outside dx {tuple(dx.shape)}")
+    function("patch_scatter", dx.dtype)(dx.data_ptr(), d_patches.data_ptr(), b, tp, c, t0, n, kernel, dilation,
+                                         stride, width, torch.get_num_threads())
