@@ -12,7 +12,8 @@ torch kernel, forward and backward, over full-resolution tensors: for block 1 of
 against ~0.04 s for one read+write pass. Here (channels-last; "rows" are the B T F positions):
 
 forward
-  1. d = depthwise(x) (oneDNN), then one native pass: a = leaky(d) in place, BN1's sums.
+  1. d = depthwise(x) (oneDNN), then one native pass: a = leaky(d) in place, BN1's sums; for
+     block 1 (one input channel) conv, leaky and sums are one native pass.
   2. BN1 folds into the pointwise GEMM: p = a (W s1)^T + (b + W t1); u never exists. This GEMM
      and step 5's dp W run as oneDNN matmuls (``layers.fused_linear``: 10-15 % faster than MKL's
      addmm at (655360, 256) x (256, 256) here; the weight-gradient GEMM stays MKL's, which
@@ -74,10 +75,18 @@ class DWSBlockTrainFunction(torch.autograd.Function):
         # 1. depthwise conv, channels-last (the weight restrided: with one input channel its
         # format cannot be read off its strides, PERFORMANCE.md), then leaky + BN1's sums.
         dw_weight_cl = dw_weight.detach().to(memory_format=torch.channels_last)
-        d = F.conv2d(x, dw_weight_cl, dw_bias, padding=(0, kernel // 2), groups=c_in)
-        a = _channels_last_rows(d)  # (rows, C), becomes leaky(d) in place
-        del d
-        mean1, var1 = mean_var_from_sums(*native_block.act_stats(a, NEGATIVE_SLOPE, write=True), rows)
+        if c_in == 1 and kernel in native_block.DEPTHWISE_KERNELS:  # block 1: one native pass
+            x_padded = F.pad(x[:, 0], (kernel // 2, kernel // 2)).contiguous()  # (B, Tp, F + K - 1)
+            a, total1, squares1 = native_block.conv1_leaky_stats(
+                x_padded, dw_weight.detach().reshape(channels, kernel * kernel).contiguous(),
+                dw_bias.detach().contiguous(), NEGATIVE_SLOPE)
+            del x_padded
+        else:
+            d = F.conv2d(x, dw_weight_cl, dw_bias, padding=(0, kernel // 2), groups=c_in)
+            a = _channels_last_rows(d)  # (rows, C), becomes leaky(d) in place
+            del d
+            total1, squares1 = native_block.act_stats(a, NEGATIVE_SLOPE, write=True)
+        mean1, var1 = mean_var_from_sums(total1, squares1, rows)
         update_running_stats(bn1[0], bn1[1], mean1, var1, rows, bn1[2])
         rstd1 = torch.rsqrt(var1 + bn1[3]).to(x.dtype)
         mean1 = mean1.to(x.dtype)

@@ -2,8 +2,10 @@
 shared library and called through ctypes. Each source has a Python module of the same name here
 that declares its functions' signatures (``declare``) and wraps them for tensors:
 
-- ``block``: the fused elementwise passes and depthwise-conv backward of a training-mode DWS
-  block (used by ``rtsed.fast_block``);
+- ``block``: a training-mode DWS block's fused passes (block 1's conv with its activation and
+  BN statistics; activation + statistics + pool; the BN/activation backwards) and the depthwise
+  conv backward (used by ``rtsed.fast_block``);
+- ``head``: the non-GEMM parts of f_dil + BN + classifier's backward (used by ``rtsed.fast_head``).
 
 What they are for: the CPU training step of dnd_7_10 spent much of its non-GEMM time in torch's
 separate elementwise kernels, each a full pass over full-resolution activations (671 MB for

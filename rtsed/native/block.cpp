@@ -485,6 +485,91 @@ void dw_input_grad(const T* ddp, const T* w, int64_t B, int64_t frames, int64_t 
   }
 }
 
+// Block 1's forward conv (one input channel, C outputs: depth multiplier C) fused with the
+// LeakyReLU and BN1's statistics: a[b, t, f, c] = leaky(bias[c] + sum over (i, j) of
+// w[c, i K + j] xp[b, t + i, f + j]), xp (B, T + K - 1, F + K - 1) zero-padded in frequency,
+// a written as (B T F, C) rows, with per-channel sums of a and a^2. Replaces oneDNN's conv
+// (78 ms at batch 16 x 1024) and a pass over its 671 MB output (28 ms).
+template <typename T, int K>
+void conv1_leaky_stats(const T* xp, const T* w, const T* bias, int64_t B, int64_t frames, int64_t F, int64_t C,
+                       T slope, T* a, double* sum, double* sumsq, int threads) {
+  constexpr int64_t L = kLanes<T>;
+  constexpr int KK = K * K;
+  const int64_t Fp = F + K - 1, Tp = frames + K - 1;
+  const int64_t rows = B * frames, tiles = (rows + kTileRows - 1) / kTileRows, blocks = C / L;
+  std::vector<T> wt_data(KK * C);  // (K K, C): one vector load per tap
+  T* wt = wt_data.data();
+  for (int64_t c = 0; c < C; ++c)
+    for (int tap = 0; tap < KK; ++tap) wt[tap * C + c] = w[c * KK + tap];
+  ThreadSums sums(threads, 2, C);
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    double* s = sums.of(tid, 0);
+    double* q = sums.of(tid, 1);
+    int64_t tile0, tile1;
+    split(tiles, tid, nt, &tile0, &tile1);
+    for (int64_t tile = tile0; tile < tile1; ++tile) {
+      const int64_t r0 = tile * kTileRows, r1 = std::min(rows, r0 + kTileRows);
+      for (int64_t cb = 0; cb < blocks; ++cb) {
+        const int64_t c0 = cb * L;
+        Vec<T> wv[KK];
+        for (int tap = 0; tap < KK; ++tap) wv[tap] = load(wt + tap * C + c0);
+        const Vec<T> bv = load(bias + c0);
+        Vec<T> vs = Vec<T>{}, vq = Vec<T>{};
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t b = r / frames, t = r % frames;
+          for (int64_t f = 0; f < F; ++f) {
+            Vec<T> acc = bv;
+            for (int i = 0; i < K; ++i) {
+              const T* xr = xp + (b * Tp + t + i) * Fp + f;
+              for (int j = 0; j < K; ++j) acc += wv[i * K + j] * xr[j];
+            }
+            acc = acc > T(0) ? acc : acc * slope;
+            store(a + (r * F + f) * C + c0, acc);
+            vs += acc;
+            vq += acc * acc;
+          }
+        }
+        for (int64_t l = 0; l < L; ++l) {
+          s[c0 + l] += double(vs[l]);
+          q[c0 + l] += double(vq[l]);
+        }
+      }
+      for (int64_t c = blocks * L; c < C; ++c) {  // channels past the last full vector
+        T ts = T(0), tq = T(0);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t b = r / frames, t = r % frames;
+          for (int64_t f = 0; f < F; ++f) {
+            T acc = bias[c];
+            for (int i = 0; i < K; ++i)
+              for (int j = 0; j < K; ++j) acc += wt[(i * K + j) * C + c] * xp[(b * Tp + t + i) * Fp + f + j];
+            acc = acc > T(0) ? acc : acc * slope;
+            a[(r * F + f) * C + c] = acc;
+            ts += acc;
+            tq += acc * acc;
+          }
+        }
+        s[c] += double(ts);
+        q[c] += double(tq);
+      }
+    }
+  }
+  sums.merge_into(0, sum);
+  sums.merge_into(1, sumsq);
+}
+
+template <typename T>
+int conv1_leaky_stats_any(const T* xp, const T* w, const T* bias, int64_t B, int64_t frames, int64_t F, int64_t C,
+                          int64_t K, T slope, T* a, double* sum, double* sumsq, int threads) {
+  switch (K) {
+    case 3: conv1_leaky_stats<T, 3>(xp, w, bias, B, frames, F, C, slope, a, sum, sumsq, threads); return 0;
+    case 5: conv1_leaky_stats<T, 5>(xp, w, bias, B, frames, F, C, slope, a, sum, sumsq, threads); return 0;
+    case 7: conv1_leaky_stats<T, 7>(xp, w, bias, B, frames, F, C, slope, a, sum, sumsq, threads); return 0;
+    default: return 1;
+  }
+}
+
 // Runtime K -> template K (3, 5, 7); returns 0 when done, 1 for an unsupported K.
 template <typename T>
 int dw_weight_grad_any(const T* dd, const T* xp, int64_t B, int64_t frames, int64_t F, int64_t C, int64_t Cx,
@@ -587,6 +672,17 @@ void depthwise_input_grad_f32(const float* ddp, const float* w, int64_t B, int64
 void depthwise_input_grad_f64(const double* ddp, const double* w, int64_t B, int64_t frames, int64_t F, int64_t C,
                               int64_t K, double* dx, int threads, int* status) {
   *status = dw_input_grad_any<double>(ddp, w, B, frames, F, C, K, dx, threads);
+}
+
+void conv1_leaky_stats_f32(const float* xp, const float* w, const float* bias, int64_t B, int64_t frames, int64_t F,
+                           int64_t C, int64_t K, float slope, float* a, double* sum, double* sumsq, int threads,
+                           int* status) {
+  *status = conv1_leaky_stats_any<float>(xp, w, bias, B, frames, F, C, K, slope, a, sum, sumsq, threads);
+}
+void conv1_leaky_stats_f64(const double* xp, const double* w, const double* bias, int64_t B, int64_t frames,
+                           int64_t F, int64_t C, int64_t K, double slope, double* a, double* sum, double* sumsq,
+                           int threads, int* status) {
+  *status = conv1_leaky_stats_any<double>(xp, w, bias, B, frames, F, C, K, slope, a, sum, sumsq, threads);
 }
 
 }  // extern "C"

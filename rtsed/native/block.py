@@ -99,7 +99,7 @@ def _run(name: str, dtype: torch.dtype, *args) -> None:
     status = torch.zeros(1, dtype=torch.int32)
     call(name, dtype, *args, torch.get_num_threads(), status.data_ptr())
     if int(status):
-        raise ValueError(f"native depthwise backward: kernel size not in {DEPTHWISE_KERNELS}")
+        raise ValueError(f"native {name}: kernel size not in {DEPTHWISE_KERNELS}")
 
 
 def depthwise_weight_grad(dd: Tensor, x_padded: Tensor, kernel: int) -> Tensor:
@@ -135,3 +135,26 @@ def depthwise_input_grad(dd_padded: Tensor, weight: Tensor, kernel: int) -> Tens
     _run("depthwise_input_grad", dd_padded.dtype, dd_padded.data_ptr(), weight.data_ptr(), b, frames, freq,
          channels, kernel, dx.data_ptr())
     return dx
+
+
+declare("conv1_leaky_stats", ["p", "p", "p", "i64", "i64", "i64", "i64", "i64", "T", "p", "p", "p", "int", "p"])
+
+
+def conv1_leaky_stats(x_padded: Tensor, weight: Tensor, bias: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Block 1's conv (one input channel -> C, K x K, stride 1) with its LeakyReLU and BN1's sums.
+    x_padded: (B, T + K - 1, F + K - 1), the input zero-padded by K // 2 in frequency; weight
+    (C, K * K); bias (C,). -> a (B * T * F, C) channels-last rows of leaky(conv(x)), and the
+    per-channel float64 sum of a and of a^2."""
+    check("conv1_leaky_stats", x_padded.dtype, x_padded=x_padded, weight=weight, bias=bias)
+    b, t_padded, f_padded = x_padded.shape
+    channels, taps = weight.shape
+    kernel = int(round(taps ** 0.5))
+    frames, freq = t_padded - kernel + 1, f_padded - kernel + 1
+    if kernel * kernel != taps or bias.shape != (channels,) or frames < 1 or freq < 1:
+        raise ValueError(f"conv1_leaky_stats: x_padded {tuple(x_padded.shape)}, weight {tuple(weight.shape)} and "
+                         f"bias {tuple(bias.shape)} do not fit one K x K conv")
+    a = x_padded.new_empty(b * frames * freq, channels)
+    total, squares = channel_sums(channels, 2)
+    _run("conv1_leaky_stats", x_padded.dtype, x_padded.data_ptr(), weight.data_ptr(), bias.data_ptr(), b, frames,
+         freq, channels, kernel, slope, a.data_ptr(), total.data_ptr(), squares.data_ptr())
+    return a, total, squares

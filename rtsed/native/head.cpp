@@ -1,22 +1,25 @@
 // Backward passes of dnd's fused head on the CPU (rtsed.fast_head drives them).
 //
-// The head's f_dil is a GEMM over patch rows ordered (b, t, w); its backward per time chunk of
-// n frames was a GEMM against the BN-folded classifier plus a broadcast bias copy, an addcmul, a
-// ReLU mask (four passes over a (B n W, C_out) chunk, ~350 ms per batch 16 x 1024 step) and a
-// col2im of 49 strided torch adds per chunk (12,544 tiny torch calls per step, ~170 ms). Here:
+// The head's f_dil is a GEMM over patch rows ordered (b, t, w) (B n W rows per time chunk of n
+// frames, C = C_out channels); its hand-written backward per chunk was, in torch: a GEMM of the
+// chunk's dL/dlogits against the BN-folded classifier with a broadcast bias copy, an addcmul and
+// a ReLU mask (four passes over the chunk), and a col2im of K^2 strided adds (12,544 tiny torch
+// calls per batch 16 x 1024 step); and, before that, G^T r in MKL at 6 GB/s. Here:
 //
-// - head_relu_grad: one pass per chunk: dL/dz = r > 0 ? g @ folded + alpha + beta r : 0, with
-//   the per-channel sum of dL/dz (the conv's bias gradient) on the side. The
-//   classifier's contraction over its n_classes (16) outputs is small enough to do here: each
-//   (b t, w) row of C_out outputs is n_classes vector FMAs per vector of channels, the folded
-//   classifier's w-tile staying in L1 while the thread walks its rows.
+// - head_relu_grad: dL/dz = r > 0 ? g @ folded + alpha + beta r : 0 in one pass, with the
+//   per-channel sum of dL/dz (the conv's bias gradient) on the side. The contraction over the
+//   n_classes (16) logits is small enough to do in registers: each (bt, w) row of C outputs is
+//   n_classes vector FMAs per vector of channels.
+// - class_products: G^T r (n_classes, W C) += g^T (n_classes, B n) @ r (B n, W C), threads owning
+//   columns.
 // - patch_scatter: the transpose of fast_head.dilated_patches (col2im): adds a chunk's patch
 //   gradients into dx. Work is split over (b, dx time row) pairs, so no two threads ever write the
 //   same dx element and each element's additions happen in one fixed order whatever the thread
 //   count.
 //
-// Threads split statically; sums are float64 per thread, merged in thread order (deterministic
-// for a given thread count). Every function is instantiated for float and double.
+// Threads split statically; per-channel sums are float64 per thread, merged in thread order
+// (deterministic for a given thread count). Every function is instantiated for float and double
+// (the tests check the double ones to ~1e-10 against the reference composition).
 
 #include <omp.h>
 
@@ -33,6 +36,9 @@ inline void split(int64_t n, int tid, int nt, int64_t* begin, int64_t* end) {
 }
 
 constexpr int kRows = 4;  // frames whose rows share each load of the folded classifier
+constexpr int64_t kTileW = 4;  // positions w per walk over a thread's frames
+constexpr int kProductClasses = 8;  // class_products: classes per register tile
+constexpr int kProductVectors = 2;  // class_products: vectors of columns per register tile
 constexpr int64_t kBlockRows = 64;  // rows summed in T before a float64 flush
 
 template <typename T>
@@ -66,7 +72,7 @@ inline void store(T* p, V v) {
 
 // R rows (bt, w) .. (bt + R - 1, w) of C channels each (R frames at one position w), a tile of
 // kVectors vectors of channels at a time: the R x kVectors sums over the n_classes live in
-// registers, and each load of the folded classifier (from L1) feeds R FMAs. dz may be r.
+// registers, and each load of the folded classifier (from L1 / L2) feeds R FMAs. dz may be r.
 template <typename T, bool Batch, int R>
 inline void relu_grad_rows(const T* r, T* dz, int64_t row_stride, const T* __restrict g, int64_t NC,
                            const T* __restrict f, const T* __restrict al, const T* __restrict be,
@@ -114,19 +120,20 @@ inline void relu_grad_rows(const T* r, T* dz, int64_t row_stride, const T* __res
   }
 }
 
-// r (BT W, C): ReLU outputs of a chunk, rows ordered (bt, w); dz (BT W, C): dL/dz out (dz may be r:
-// in place; a separate dz buffer reused across chunks stays in cache for the GEMMs that read it,
-// where writing over r sends each chunk back to memory).
-// g (BT, NC): dL/dlogits of the chunk's BT = B n frames; folded (W, NC, C): the BN-folded
+// r (BT W, C): ReLU outputs of a chunk, rows ordered (bt, w); dz (BT W, C): dL/dz out (dz may be
+// r: in place; a separate dz buffer reused across chunks stays in cache for the GEMMs that read
+// it). g (BT, NC): dL/dlogits of the chunk's BT = B n frames; folded (W, NC, C): the BN-folded
 // classifier, one contiguous NC x C block per position w (as (NC, W C) its rows lie W C apart,
 // a multiple of 4 KB at C = 256, and all NC of them fall in the same L1 sets: 3x slower).
-// With batch terms: d = r > 0 ? sum_k g[bt,k] folded[w, k, c] +
-// alpha[c] + beta[c] r : 0; without (eval BN) alpha = beta = 0 and are not read.
+// With batch terms: d = r > 0 ? sum_k g[bt, k] folded[w, k, c] + alpha[c] + beta[c] r : 0;
+// without (eval BN) alpha = beta = 0 and are not read.
 // dz_sum (C,) float64 += per-channel sum of d. Each thread takes a range of frames bt and walks
-// it once per position w, while that position's folded block (NC x C) stays in L1.
+// it once per kTileW positions w, whose folded blocks (kTileW NC C) stay in L2; r is read in runs
+// of kTileW rows (one position at a time: 148 ms per step against 121 here; software prefetch of
+// the next run made it slower).
 template <typename T, bool Batch>
-void head_relu_grad(const T* r, T* dz, const T* g, const T* folded, const T* alpha, const T* beta, int64_t BT, int64_t W,
-                    int64_t C, int64_t NC, double* dz_sum, int threads) {
+void head_relu_grad(const T* r, T* dz, const T* g, const T* folded, const T* alpha, const T* beta, int64_t BT,
+                    int64_t W, int64_t C, int64_t NC, double* dz_sum, int threads) {
   std::vector<double> sums(size_t(threads) * C, 0.0);
   const int64_t WC = W * C;
 #pragma omp parallel num_threads(threads)
@@ -138,17 +145,25 @@ void head_relu_grad(const T* r, T* dz, const T* g, const T* folded, const T* alp
     T* part = block.data();
     double* total = &sums[size_t(tid) * C];
     int64_t in_block = 0;
-    for (int64_t w = 0; w < W; ++w) {
-      const T* f = folded + w * NC * C;
+    for (int64_t w0 = 0; w0 < W; w0 += kTileW) {
+      const int64_t w1 = std::min(W, w0 + kTileW);
       int64_t bt = b0;
       for (; bt + kRows <= b1; bt += kRows) {
-        relu_grad_rows<T, Batch, kRows>(r + (bt * W + w) * C, dz + (bt * W + w) * C, WC, g + bt * NC, NC, f, alpha, beta, C, part);
-        in_block += kRows;
-        if (in_block >= kBlockRows) flush(part, total, C, &in_block);
+        for (int64_t w = w0; w < w1; ++w) {
+          const int64_t row = (bt * W + w) * C;
+          relu_grad_rows<T, Batch, kRows>(r + row, dz + row, WC, g + bt * NC, NC, folded + w * NC * C, alpha, beta,
+                                          C, part);
+          in_block += kRows;
+          if (in_block >= kBlockRows) flush(part, total, C, &in_block);
+        }
       }
       for (; bt < b1; ++bt) {
-        relu_grad_rows<T, Batch, 1>(r + (bt * W + w) * C, dz + (bt * W + w) * C, WC, g + bt * NC, NC, f, alpha, beta, C, part);
-        if (++in_block >= kBlockRows) flush(part, total, C, &in_block);
+        for (int64_t w = w0; w < w1; ++w) {
+          const int64_t row = (bt * W + w) * C;
+          relu_grad_rows<T, Batch, 1>(r + row, dz + row, WC, g + bt * NC, NC, folded + w * NC * C, alpha, beta, C,
+                                      part);
+          if (++in_block >= kBlockRows) flush(part, total, C, &in_block);
+        }
       }
     }
     flush(part, total, C, &in_block);
@@ -157,14 +172,87 @@ void head_relu_grad(const T* r, T* dz, const T* g, const T* folded, const T* alp
     for (int64_t c = 0; c < C; ++c) dz_sum[c] += sums[size_t(t) * C + c];
 }
 
-// dx (B, Tp, C) += the transpose of the patch gather of output frames [t0, t0 + n):
-// dp (B n W, Kk Kk) rows ordered (b, t, w), columns (i, j) for tap dx[b, t + i d, w S + j].
-// Units are (b, tau) pairs, tau a dx time row the chunk reaches: tau - t0 in [0, n + (Kk - 1) d).
+// out (KB, ld_out) += g^T r over the BT rows for one tile of kProductVectors vectors of columns:
+// the KB x kProductVectors sums live in registers; each r vector feeds KB FMAs. r, g and out
+// point at the tile's first column / class; rows of r lie ld_r apart, of g NC apart.
+template <typename T, int KB>
+inline void class_products_tile(const T* __restrict r, int64_t ld_r, const T* __restrict g, int64_t NC, int64_t BT,
+                                T* __restrict out, int64_t ld_out) {
+  using V = typename Vector<T>::type;
+  constexpr int64_t L = Vector<T>::lanes, kV = kProductVectors;
+  V acc[KB][kV];
+  for (int k = 0; k < KB; ++k)
+    for (int v = 0; v < kV; ++v) acc[k][v] = load<V>(out + k * ld_out + v * L);
+  for (int64_t bt = 0; bt < BT; ++bt) {
+    const T* row = r + bt * ld_r;
+    V x[kV];
+    for (int v = 0; v < kV; ++v) x[v] = load<V>(row + v * L);
+    for (int k = 0; k < KB; ++k) {
+      const T gk = g[bt * NC + k];
+      for (int v = 0; v < kV; ++v) acc[k][v] += gk * x[v];
+    }
+  }
+  for (int k = 0; k < KB; ++k)
+    for (int v = 0; v < kV; ++v) store(out + k * ld_out + v * L, acc[k][v]);
+}
+
 template <typename T>
-void patch_scatter(T* dx, const T* dp, int64_t B, int64_t Tp, int64_t C, int64_t t0, int64_t n, int64_t Kk,
+inline void class_products_block(int kb, const T* r, int64_t ld_r, const T* g, int64_t NC, int64_t BT, T* out,
+                                 int64_t ld_out) {
+  switch (kb) {
+    case 1: class_products_tile<T, 1>(r, ld_r, g, NC, BT, out, ld_out); break;
+    case 2: class_products_tile<T, 2>(r, ld_r, g, NC, BT, out, ld_out); break;
+    case 3: class_products_tile<T, 3>(r, ld_r, g, NC, BT, out, ld_out); break;
+    case 4: class_products_tile<T, 4>(r, ld_r, g, NC, BT, out, ld_out); break;
+    case 5: class_products_tile<T, 5>(r, ld_r, g, NC, BT, out, ld_out); break;
+    case 6: class_products_tile<T, 6>(r, ld_r, g, NC, BT, out, ld_out); break;
+    case 7: class_products_tile<T, 7>(r, ld_r, g, NC, BT, out, ld_out); break;
+    default: class_products_tile<T, kProductClasses>(r, ld_r, g, NC, BT, out, ld_out); break;
+  }
+}
+
+// out (NC, N) += g^T r: g (BT, NC), r (BT, N); the classifier-side products of a chunk
+// (N = W C: r's rows are frames, read as (BT, W C)). Threads split the columns (each owns its
+// out columns: no reduction, deterministic whatever the thread count) and walk them in tiles,
+// all BT rows of a tile at once, the tile's r reused from L1 for every block of classes.
+// (Sweeping the columns a few rows at a time streams r better but moves out through L2 once per
+// sweep: measured slower at BT = 64, N = 21504, as was software prefetch.) 0.5 ms against
+// MKL's 0.85 ms for that chunk, read from memory, float32.
+template <typename T>
+void class_products(const T* r, const T* g, int64_t BT, int64_t N, int64_t NC, T* out, int threads) {
+  constexpr int64_t kCols = kProductVectors * Vector<T>::lanes;
+  const int64_t tiles = N / kCols;
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t j0, j1;
+    split(tiles, tid, nt, &j0, &j1);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t col = j * kCols;
+      for (int64_t k0 = 0; k0 < NC; k0 += kProductClasses) {
+        const int kb = int(std::min<int64_t>(kProductClasses, NC - k0));
+        class_products_block<T>(kb, r + col, N, g + k0, NC, BT, out + k0 * N + col, N);
+      }
+    }
+    if (tid == nt - 1) {  // columns past the last whole tile
+      for (int64_t k = 0; k < NC; ++k)
+        for (int64_t c = tiles * kCols; c < N; ++c) {
+          T acc = out[k * N + c];
+          for (int64_t bt = 0; bt < BT; ++bt) acc += g[bt * NC + k] * r[bt * N + c];
+          out[k * N + c] = acc;
+        }
+    }
+  }
+}
+
+// dx (B, Tp, C) += the transpose of the patch gather of output frames [t0, t0 + n):
+// dp (B n W, K K) rows ordered (b, t, w), columns (i, j) for tap dx[b, t + i d, w S + j].
+// Units are (b, tau) pairs, tau a dx time row the chunk reaches: tau - t0 in [0, n + (K - 1) d).
+template <typename T>
+void patch_scatter(T* dx, const T* dp, int64_t B, int64_t Tp, int64_t C, int64_t t0, int64_t n, int64_t K,
                    int64_t d, int64_t S, int64_t W, int threads) {
-  const int64_t span = std::min(n + (Kk - 1) * d, Tp - t0);
-  const int64_t KK = Kk * Kk;
+  const int64_t span = std::min(n + (K - 1) * d, Tp - t0);
+  const int64_t KK = K * K;
 #pragma omp parallel num_threads(threads)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -173,15 +261,15 @@ void patch_scatter(T* dx, const T* dp, int64_t B, int64_t Tp, int64_t C, int64_t
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / span, tau = u % span;  // dx row t0 + tau
       T* __restrict out = dx + (b * Tp + t0 + tau) * C;
-      for (int64_t i = 0; i < Kk; ++i) {
+      for (int64_t i = 0; i < K; ++i) {
         const int64_t t = tau - i * d;  // output frame t0 + t, tap row i
         if (t < 0) break;
         if (t >= n) continue;
-        const T* __restrict src = dp + ((b * n + t) * W) * KK + i * Kk;
+        const T* __restrict src = dp + ((b * n + t) * W) * KK + i * K;
         for (int64_t w = 0; w < W; ++w) {
           T* __restrict o = out + w * S;
           const T* __restrict s = src + w * KK;
-          for (int64_t j = 0; j < Kk; ++j) o[j] += s[j];
+          for (int64_t j = 0; j < K; ++j) o[j] += s[j];
         }
       }
     }
@@ -194,8 +282,9 @@ void patch_scatter(T* dx, const T* dp, int64_t B, int64_t Tp, int64_t C, int64_t
 
 extern "C" {
 
-void head_relu_grad_f32(const float* r, float* dz, const float* g, const float* folded, const float* alpha, const float* beta,
-                        int batch, int64_t BT, int64_t W, int64_t C, int64_t NC, double* dz_sum, int threads) {
+void head_relu_grad_f32(const float* r, float* dz, const float* g, const float* folded, const float* alpha,
+                        const float* beta, int batch, int64_t BT, int64_t W, int64_t C, int64_t NC, double* dz_sum,
+                        int threads) {
   if (batch) head_relu_grad<float, true>(r, dz, g, folded, alpha, beta, BT, W, C, NC, dz_sum, threads);
   else head_relu_grad<float, false>(r, dz, g, folded, alpha, beta, BT, W, C, NC, dz_sum, threads);
 }
@@ -204,6 +293,15 @@ void head_relu_grad_f64(const double* r, double* dz, const double* g, const doub
                         double* dz_sum, int threads) {
   if (batch) head_relu_grad<double, true>(r, dz, g, folded, alpha, beta, BT, W, C, NC, dz_sum, threads);
   else head_relu_grad<double, false>(r, dz, g, folded, alpha, beta, BT, W, C, NC, dz_sum, threads);
+}
+
+void class_products_f32(const float* r, const float* g, int64_t BT, int64_t N, int64_t NC, float* out,
+                        int threads) {
+  class_products<float>(r, g, BT, N, NC, out, threads);
+}
+void class_products_f64(const double* r, const double* g, int64_t BT, int64_t N, int64_t NC, double* out,
+                        int threads) {
+  class_products<double>(r, g, BT, N, NC, out, threads);
 }
 
 void patch_scatter_f32(float* dx, const float* dp, int64_t B, int64_t Tp, int64_t C, int64_t t0, int64_t n,

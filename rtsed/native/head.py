@@ -1,8 +1,10 @@
 """Wrappers of head.cpp: the backward passes of dnd's fused head (rtsed.fast_head).
 
-A time chunk of n output frames has B n W patch rows ordered (b, t, w); r and dL/dz are
-(B n W, C_out), dL/dlogits (B n, n_classes), the BN-folded classifier (W, n_classes, C_out). float32 or float64; per-channel sums come back as float64 (C_out,) tensors.
-Each call uses ``torch.get_num_threads()`` threads.
+A time chunk of n output frames has B n W patch rows ordered (b, t, w): r (its ReLU output) and
+dL/dz are (B n W, C), dL/dlogits (B n, n_classes), the BN-folded classifier (W, n_classes, C),
+C = f_dil's output channels. float32 or float64; per-channel sums come back as float64 (C,)
+tensors. Each call uses ``torch.get_num_threads()`` threads and runs under a profiler label
+``rtsed::native::<name>``.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rtsed.native import channel_sums, check, declare, function
+from rtsed.native import call, channel_sums, check, declare
 
 declare("head_relu_grad", ["p", "p", "p", "p", "p", "p", "int", "i64", "i64", "i64", "i64", "p", "int"])
+declare("class_products", ["p", "p", "i64", "i64", "i64", "p", "int"])
 declare("patch_scatter", ["p", "p", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "int"])
 
 
@@ -22,8 +25,8 @@ def head_relu_grad(r: Tensor, g: Tensor, folded: Tensor, alpha: Tensor | None = 
     dL/dz[(bt, w), c] = r > 0 ? (g @ folded[w])[bt, c] + alpha[c] + beta[c] r : 0, given
     g (B n, n_classes) = dL/dlogits of the chunk, folded (W, n_classes, C) and BN's batch-statistics
     terms alpha, beta (C,) (both None for eval-mode BN: zero). Written to ``out`` (B n W, C) when
-    given (it may be r itself). Returns (dL/dz, its float64 per-channel sum (C,), the conv's bias
-    gradient)."""
+    given (it may be r itself). Returns (dL/dz, float64 (C,) per-channel sum of dL/dz: the conv's
+    bias gradient)."""
     if (alpha is None) != (beta is None):
         raise ValueError("head_relu_grad: pass both alpha and beta, or neither")
     out = torch.empty_like(r) if out is None else out
@@ -40,11 +43,24 @@ def head_relu_grad(r: Tensor, g: Tensor, folded: Tensor, alpha: Tensor | None = 
         raise ValueError(f"head_relu_grad: alpha {tuple(alpha.shape)} / beta {tuple(beta.shape)} are not ({channels},)")
     (total,) = channel_sums(channels, 1)
     batch = alpha is not None
-    function("head_relu_grad", r.dtype)(
-        r.data_ptr(), out.data_ptr(), g.data_ptr(), folded.data_ptr(), alpha.data_ptr() if batch else None,
-        beta.data_ptr() if batch else None, int(batch), frames, width, channels, n_classes, total.data_ptr(),
-        torch.get_num_threads())
+    call("head_relu_grad", r.dtype, r.data_ptr(), out.data_ptr(), g.data_ptr(), folded.data_ptr(),
+         alpha.data_ptr() if batch else None, beta.data_ptr() if batch else None, int(batch), frames, width,
+         channels, n_classes, total.data_ptr(), torch.get_num_threads())
     return out, total
+
+
+def class_products_(out: Tensor, g: Tensor, r: Tensor) -> Tensor:
+    """In place: out (n_classes, N) += g^T r, g (B n, n_classes) = dL/dlogits of a chunk, r (B n, N)
+    its ReLU output with frames as rows (N = W C). Returns out. Deterministic whatever the thread
+    count (threads split the columns)."""
+    check("class_products", out.dtype, out=out, g=g, r=r)
+    frames, n_classes = g.shape
+    if r.dim() != 2 or r.shape[0] != frames or out.shape != (n_classes, r.shape[1]):
+        raise ValueError(f"class_products_: out {tuple(out.shape)}, g {tuple(g.shape)}, r {tuple(r.shape)} "
+                         "do not match (n_classes, N), (B n, n_classes), (B n, N)")
+    call("class_products", out.dtype, r.data_ptr(), g.data_ptr(), frames, r.shape[1], n_classes, out.data_ptr(),
+         torch.get_num_threads())
+    return out
 
 
 def patch_scatter_(dx: Tensor, d_patches: Tensor, t0: int, t1: int, kernel: int, dilation: int, stride: int,
@@ -61,5 +77,5 @@ def patch_scatter_(dx: Tensor, d_patches: Tensor, t0: int, t1: int, kernel: int,
     if not (0 <= t0 < t1 and t1 - 1 + (kernel - 1) * dilation < tp and (width - 1) * stride + kernel <= c):
         raise ValueError(f"patch_scatter_: frames [{t0}, {t1}) with kernel {kernel}, dilation {dilation}, "
                          f"stride {stride}, width {width} reach outside dx {tuple(dx.shape)}")
-    function("patch_scatter", dx.dtype)(dx.data_ptr(), d_patches.data_ptr(), b, tp, c, t0, n, kernel, dilation,
-                                         stride, width, torch.get_num_threads())
+    call("patch_scatter", dx.dtype, dx.data_ptr(), d_patches.data_ptr(), b, tp, c, t0, n, kernel, dilation, stride,
+         width, torch.get_num_threads())

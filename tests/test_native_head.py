@@ -1,0 +1,277 @@
+"""rtsed.native.head (the native backward kernels of rtsed.fast_head) against plain torch.
+
+- Each wrapper against its torch formula: float64 to ~1e-12, float32 at the parity rule; sizes
+  that leave partial register tiles (channels, classes, columns, frames per thread); results that
+  must not depend on the thread count (patch_scatter, class_products, dL/dz itself) compared
+  bit for bit at 1 and 2 threads.
+- fast_head.dilated_head with the kernels (RTSED_NATIVE on) and with the torch compositions
+  (RTSED_NATIVE=0) against the reference composition ``classifier(temporal(h))`` and against each
+  other: logits, every gradient (input, conv, BN, classifier) and BN's running statistics, train
+  and eval, kernel 3/5/7, dilation 1 and > 1, stride 2/3, time chunks that split frames unevenly
+  (CHUNK_ROWS monkeypatched small).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rtsed import fast_head, native
+from rtsed.layers import DilatedTemporal
+from rtsed.native import head as native_head
+
+ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule (fp32)
+KERNELS = ("head_relu_grad", "class_products_", "patch_scatter_")
+
+
+@pytest.fixture
+def native_on(monkeypatch):
+    """RTSED_NATIVE on for this test; skipped where the kernels cannot be built."""
+    monkeypatch.setenv("RTSED_NATIVE", "1")
+    if not native.available():
+        pytest.skip("native kernels unavailable (no C++ compiler)")
+
+
+@pytest.fixture
+def threads():
+    """Restores torch's thread count after a test that changes it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _tol(dtype):
+    return {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": RTOL, "atol": ATOL}
+
+
+# --- the wrappers against their torch formulas -------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels,n_classes,frames,width", [
+    (5, 3, 7, 5),  # channels all in the scalar tail
+    (35, 5, 9, 4),  # one float64 register tile + tail
+    (72, 16, 7, 6),  # one float32 register tile + tail, dnd's 16 classes
+    (256, 19, 10, 9),  # dnd's channels, classes past 16
+])
+def test_head_relu_grad_matches_torch(native_on, dtype, batch, channels, n_classes, frames, width):
+    torch.manual_seed(0)
+    r = torch.randn(frames * width, channels, dtype=dtype).clamp_min(0)  # ReLU output: many exact zeros
+    g = torch.randn(frames, n_classes, dtype=dtype)
+    folded = torch.randn(n_classes, width * channels, dtype=dtype)  # (k, W C), as fast_head folds it
+    alpha, beta = (torch.randn(channels, dtype=dtype), torch.randn(channels, dtype=dtype)) if batch else (None, None)
+    expected = (g @ folded).view(-1, channels)
+    if batch:
+        expected = expected + alpha + beta * r
+    expected = torch.where(r > 0, expected, torch.zeros_like(expected))
+    folded_w = folded.view(n_classes, width, channels).transpose(0, 1).contiguous()  # (W, k, C)
+
+    dz, total = native_head.head_relu_grad(r, g, folded_w, alpha, beta)
+    torch.testing.assert_close(dz, expected, **_tol(dtype))
+    assert total.dtype == torch.float64  # of dz itself, summed in T over <= 64 rows, then float64
+    magnitude = dz.double().abs().sum(0).max().item()
+    torch.testing.assert_close(total, dz.double().sum(0), rtol=0,
+                               atol=magnitude * (1e-14 if dtype == torch.float64 else 1e-6))
+    in_place = r.clone()
+    out, _ = native_head.head_relu_grad(in_place, g, folded_w, alpha, beta, out=in_place)
+    assert out.data_ptr() == in_place.data_ptr()
+    assert torch.equal(in_place, dz)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n_classes", [1, 5, 8, 16, 19])
+def test_class_products_matches_torch(native_on, dtype, n_classes):
+    torch.manual_seed(1)
+    frames, columns = 11, 3 * 32 + 7  # whole column tiles (16 doubles / 32 floats) and a tail
+    g = torch.randn(frames, n_classes, dtype=dtype)
+    r = torch.randn(frames, columns, dtype=dtype).clamp_min(0)
+    out = torch.randn(n_classes, columns, dtype=dtype)  # accumulates onto what is there
+    expected = out + g.t() @ r
+    assert native_head.class_products_(out, g, r) is out
+    torch.testing.assert_close(out, expected, **_tol(dtype))
+
+
+GEOMETRIES = [  # kernel, dilation, stride, channels (width W = (channels - kernel) // stride + 1)
+    (3, 1, 2, 16),
+    (5, 4, 3, 23),
+    (7, 10, 3, 40),
+    (7, 1, 2, 20),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kernel,dilation,stride,channels", GEOMETRIES)
+@pytest.mark.parametrize("batch,t0,t1", [(3, 0, 4), (1, 2, 9), (2, 5, 6)])
+def test_patch_scatter_matches_torch(native_on, dtype, kernel, dilation, stride, channels, batch, t0, t1):
+    """Against fast_head's torch col2im, which is checked against the reference composition."""
+    torch.manual_seed(2)
+    width = (channels - kernel) // stride + 1
+    frames = 10
+    dx = torch.randn(batch, frames + (kernel - 1) * dilation, channels, dtype=dtype)
+    d_patches = torch.randn(batch * (t1 - t0) * width, kernel * kernel, dtype=dtype)
+    expected = dx.clone()
+    fast_head._scatter_patch_grads(expected, d_patches, t0, t1, kernel, dilation, stride, width)
+    native_head.patch_scatter_(dx, d_patches, t0, t1, kernel, dilation, stride, width)
+    torch.testing.assert_close(dx, expected, **_tol(dtype))
+
+
+def test_patch_scatter_is_the_transpose_of_dilated_patches(native_on):
+    """<dilated_patches(x), p> = <x, scatter(p)>: the adjoint identity, float64."""
+    torch.manual_seed(3)
+    kernel, dilation, stride, channels, t0, t1 = 5, 3, 2, 21, 1, 6
+    width = (channels - kernel) // stride + 1
+    x = torch.randn(2, 8 + (kernel - 1) * dilation, channels, dtype=torch.float64)
+    p = torch.randn(2 * (t1 - t0) * width, kernel * kernel, dtype=torch.float64)
+    dx = torch.zeros_like(x)
+    native_head.patch_scatter_(dx, p, t0, t1, kernel, dilation, stride, width)
+    lhs = (fast_head.dilated_patches(x, t0, t1, kernel, dilation, stride, width) * p).sum()
+    torch.testing.assert_close((x * dx).sum(), lhs, rtol=1e-12, atol=1e-12)
+
+
+def test_results_do_not_depend_on_thread_count(native_on, threads):
+    torch.manual_seed(4)
+    frames, width, channels, n_classes = 9, 7, 72, 16
+    r = torch.randn(frames * width, channels).clamp_min(0)
+    g = torch.randn(frames, n_classes)
+    folded_w = torch.randn(width, n_classes, channels)
+    alpha, beta = torch.randn(channels), torch.randn(channels)
+    kernel, dilation, stride, t0, t1 = 7, 10, 3, 3, 8
+    patch_width = (40 - kernel) // stride + 1
+    d_patches = torch.randn(2 * (t1 - t0) * patch_width, kernel * kernel)
+    results = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        dz, _ = native_head.head_relu_grad(r, g, folded_w, alpha, beta)
+        products = native_head.class_products_(torch.zeros(n_classes, width * channels), g,
+                                               r.view(frames, width * channels))
+        dx = torch.zeros(2, 20 + (kernel - 1) * dilation, 40)
+        native_head.patch_scatter_(dx, d_patches, t0, t1, kernel, dilation, stride, patch_width)
+        results.append((dz, products, dx))
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def test_wrappers_reject_bad_arguments(native_on):
+    r = torch.rand(12, 8, dtype=torch.float64)
+    g = torch.randn(4, 3, dtype=torch.float64)
+    folded_w = torch.randn(3, 3, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="do not match"):
+        native_head.head_relu_grad(r, g, folded_w[:2])
+    with pytest.raises(ValueError, match="both alpha and beta"):
+        native_head.head_relu_grad(r, g, folded_w, alpha=torch.zeros(8, dtype=torch.float64))
+    with pytest.raises(TypeError):
+        native_head.head_relu_grad(r.float(), g, folded_w)
+    with pytest.raises(ValueError, match="contiguous"):
+        native_head.class_products_(torch.zeros(3, 24, dtype=torch.float64), g, r.view(4, 24).t().contiguous().t())
+    with pytest.raises(ValueError, match="reach outside"):
+        native_head.patch_scatter_(torch.zeros(1, 10, 8, dtype=torch.float64), torch.zeros(2, 9, dtype=torch.float64),
+                                   8, 10, 3, 1, 2, 1)
+
+
+# --- dilated_head: native kernels and torch compositions against the reference -----------------
+
+
+def _head(kernel, dilation, stride, channels, n_classes, dtype, training, causal):
+    """A DilatedTemporal + Linear pair with non-trivial BN (running statistics away from 0/1,
+    affine weights of both signs)."""
+    torch.manual_seed(0)
+    context = (kernel - 1) * dilation
+    temporal = DilatedTemporal(channels, kernel, dilation, stride, right_pad=0 if causal else context // 2)
+    model = torch.nn.ModuleDict({"temporal": temporal,
+                                 "classifier": torch.nn.Linear(temporal.out_features, n_classes)}).to(dtype)
+    with torch.no_grad():
+        bn = temporal.bn
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(-1.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return model.train(training)
+
+
+def _run(model, h, grad, path, monkeypatch):
+    """path: "reference", "native" or "torch" -> (logits, dL/dh, parameter gradients by name,
+    BN running mean and variance), on a copy of the model. Checks which path really ran."""
+    model = copy.deepcopy(model)
+    h = h.clone().requires_grad_()
+    calls = []
+    for name in KERNELS:
+        kernel_fn = getattr(native_head, name)
+        monkeypatch.setattr(native_head, name, lambda *a, _f=kernel_fn, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    if path == "reference":
+        logits = model["classifier"](model["temporal"](h))
+    else:
+        monkeypatch.setenv("RTSED_NATIVE", "1" if path == "native" else "0")
+        logits = fast_head.dilated_head(model["temporal"], model["classifier"], h)
+    logits.backward(grad)
+    assert set(calls) == (set(KERNELS) if path == "native" else set()), f"{path} path called {set(calls)}"
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    bn = model["temporal"].bn
+    return logits.detach(), h.grad, grads, (bn.running_mean.clone(), bn.running_var.clone())
+
+
+def _assert_same(actual, expected, what, rtol, atol):
+    logits, dh, grads, stats = actual
+    logits_e, dh_e, grads_e, stats_e = expected
+    torch.testing.assert_close(logits, logits_e, rtol=rtol, atol=atol, msg=f"{what}: logits")
+    torch.testing.assert_close(dh, dh_e, rtol=rtol, atol=atol, msg=f"{what}: dL/dh")
+    assert grads.keys() == grads_e.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_e[name], rtol=rtol, atol=atol, msg=f"{what}: {name}")
+    torch.testing.assert_close(stats, stats_e, rtol=1e-12, atol=1e-12, msg=f"{what}: running statistics")
+
+
+@pytest.mark.parametrize("kernel,dilation,stride,channels", GEOMETRIES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("chunk_rows", [1, 100, 400], ids=["rows1", "rows100", "rows400"])
+def test_head_native_and_torch_match_reference_fp64(native_on, monkeypatch, kernel, dilation, stride, channels,
+                                                    training, chunk_rows):
+    """Frames (37) split unevenly into chunks; chunk_rows 1 leaves fewer frames per chunk than
+    the kernels' register blocks, 400 several blocks and a remainder per thread."""
+    monkeypatch.setattr(fast_head, "CHUNK_ROWS", chunk_rows)
+    model = _head(kernel, dilation, stride, channels, 5, torch.float64, training, causal=kernel == 5)
+    h = torch.randn(3, channels, 37, 1, dtype=torch.float64)
+    grad = torch.randn(3, 37, 5, dtype=torch.float64)
+    expected = _run(model, h, grad, "reference", monkeypatch)
+    native_result = _run(model, h, grad, "native", monkeypatch)
+    torch_result = _run(model, h, grad, "torch", monkeypatch)
+    _assert_same(native_result, expected, "native vs reference", rtol=1e-10, atol=1e-10)
+    _assert_same(torch_result, expected, "torch vs reference", rtol=1e-10, atol=1e-10)
+    _assert_same(native_result, torch_result, "native vs torch", rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_head_native_dnd_geometry_fp64(native_on, monkeypatch, training):
+    """dnd_7_10's f_dil (256 channels, K 7, d 10, S 3: W 84) and 16 classes: the kernels' full
+    register tiles, against the reference."""
+    monkeypatch.setattr(fast_head, "CHUNK_ROWS", 1500)  # 5 frames of 2 x 84 rows: 45 splits 9 ways
+    model = _head(7, 10, 3, 256, 16, torch.float64, training, causal=False)
+    h = torch.randn(2, 256, 45, 1, dtype=torch.float64)
+    grad = torch.randn(2, 45, 16, dtype=torch.float64)
+    expected = _run(model, h, grad, "reference", monkeypatch)
+    _assert_same(_run(model, h, grad, "native", monkeypatch), expected, "native vs reference", rtol=1e-10,
+                 atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_head_native_fp32_parity(native_on, monkeypatch, training):
+    """float32, dnd_7_10's geometry: logits at the parity rule against the reference; every
+    gradient against the torch compositions in float32 (the same algorithm, reordered sums) and
+    against the float64 reference, at the parity rule relative to each gradient's scale (BN's
+    train-mode backward cancels large sums, where float32 orderings alone differ)."""
+    model = _head(7, 10, 3, 256, 16, torch.float32, training, causal=False)
+    h = torch.randn(2, 256, 60, 1)
+    grad = torch.randn(2, 60, 16)
+    native_result = _run(model, h, grad, "native", monkeypatch)
+    torch_result = _run(model, h, grad, "torch", monkeypatch)
+    reference = _run(copy.deepcopy(model).double(), h.double(), grad.double(), "reference", monkeypatch)
+    logits, dh, grads, _ = native_result
+    torch.testing.assert_close(logits, reference[0].float(), rtol=RTOL, atol=ATOL)
+    for other, what in ((torch_result, "torch fp32"), (reference, "reference fp64")):
+        for name, actual, expected in [("dL/dh", dh, other[1]), *((n, grads[n], other[2][n]) for n in grads)]:
+            expected = expected.float()
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL * max(scale, 1.0),
+                                       msg=f"native vs {what}: {name}")
