@@ -287,6 +287,9 @@ def _cpu_table(offline_threads: Any, train_threads: Any) -> list[str]:
         (f"train step (forward, BCE, backward, Adam), time per batch 16 x 1024 "
          f"({train_threads} threads)", "train_step", "seconds_per_batch", _fmt_s),
         ("train step, frames/s", "train_step", "frames_per_second", _fmt_int),
+        ("train step through train.fit's train_step, fp32", "train_step_fit_fp32", "seconds_per_batch", _fmt_s),
+        ("train step through train.fit's train_step, --precision bf16", "train_step_fit_bf16",
+         "seconds_per_batch", _fmt_s),
     ]
     for label, figure, key, fmt in rows:
         a, b = _value(figure, BASE, key), _value(figure, DND, key)

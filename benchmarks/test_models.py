@@ -6,7 +6,8 @@ Run with ``pytest benchmarks/ --benchmark-only`` (a few minutes on 2 cores). Fig
 - offline inference: eval mode, ``torch.inference_mode``, batch 16 x 1024 frames x 40 mel bands of
   random normal input, torch's default thread count -> frames per second;
 - train step: train mode, zero_grad, forward, BCE-with-logits loss against random 0/1 targets,
-  backward, Adam step (as train.fit runs it), default thread count;
+  backward, Adam step (as train.fit runs it), default thread count; and dnd_7_10 through
+  train.fit's own train_step in fp32 and in bf16 (``--precision bf16``);
 - streaming: one stream, one thread, ``ModelStream.push`` of 1 or 16 new random frames after the
   lookahead has filled -> microseconds of compute per frame, real-time factor, streams per core,
   for base, dnd_7_10 ("same" padding, 36 frames of lookahead) and dnd_7_10_causal.
@@ -101,6 +102,30 @@ def test_train_step(benchmark, torch_threads, name):
            derive=lambda t: {"seconds_per_batch": t,
                              "frames_per_second": BATCH * FRAMES / t,
                              "ms_per_frame": 1e3 * t / (BATCH * FRAMES)})
+
+
+@pytest.mark.benchmark(group=f"train step (forward, BCE, backward, Adam), batch {BATCH} x {FRAMES} frames")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_step_fit(benchmark, torch_threads, precision):
+    """dnd_7_10's step through train.fit's own ``train_step`` (masked BCE; ``--precision``):
+    fp32, and bf16 (the fast paths' GEMMs in bfloat16 under CPU autocast, the rest float32;
+    tests/test_fit.py checks that it converges like fp32)."""
+    from train.fit import train_step
+
+    threads = torch_threads(None)
+    model = build_model(DND).train()
+    n_classes = model.config.n_classes
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def setup():
+        x = torch.randn(BATCH, FRAMES, _n_mels(model))
+        y = torch.randint(0, 2, (BATCH, FRAMES, n_classes)).float()
+        return (x, y, torch.ones(BATCH, FRAMES)), {}
+
+    measure(benchmark, lambda x, y, mask: train_step(model, optimizer, x, y, mask, precision), setup,
+            budget_s=30, min_rounds=3, max_rounds=8, warmup_rounds=1)
+    record(benchmark, f"train_step_fit_{precision}", DND, threads=threads, batch=BATCH, frames=FRAMES,
+           precision=precision, derive=lambda t: {"seconds_per_batch": t, "frames_per_second": BATCH * FRAMES / t})
 
 
 # ----------------------------------------------------------------------------------------------
