@@ -76,18 +76,28 @@ def test_offline_inference(benchmark, torch_threads, name):
                              "ms_per_frame": 1e3 * t / (BATCH * FRAMES)})
 
 
+def _training(name: str):
+    """(model in train mode, Adam, batch()): batch() makes a fresh random (x, y) of BATCH x FRAMES
+    frames, y random 0/1 targets."""
+    model = build_model(name).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def batch():
+        return (torch.randn(BATCH, FRAMES, _n_mels(model)),
+                torch.randint(0, 2, (BATCH, FRAMES, model.config.n_classes)).float())
+
+    return model, optimizer, batch
+
+
 @pytest.mark.benchmark(group=f"train step (forward, BCE, backward, Adam), batch {BATCH} x {FRAMES} frames")
 @pytest.mark.parametrize("name", PAIR)
 def test_train_step(benchmark, torch_threads, name):
     """One step as train.fit takes it: zero_grad, forward, BCE-with-logits, backward, Adam."""
     threads = torch_threads(None)
-    model = build_model(name).train()
-    n_classes = model.config.n_classes
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model, optimizer, batch = _training(name)
 
     def setup():
-        x = torch.randn(BATCH, FRAMES, _n_mels(model))
-        y = torch.randint(0, 2, (BATCH, FRAMES, n_classes)).float()
+        x, y = batch()
         return (x, y), {}
 
     def train_step(x, y):
@@ -113,13 +123,10 @@ def test_train_step_fit(benchmark, torch_threads, precision):
     from train.fit import train_step
 
     threads = torch_threads(None)
-    model = build_model(DND).train()
-    n_classes = model.config.n_classes
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model, optimizer, batch = _training(DND)
 
     def setup():
-        x = torch.randn(BATCH, FRAMES, _n_mels(model))
-        y = torch.randint(0, 2, (BATCH, FRAMES, n_classes)).float()
+        x, y = batch()
         return (x, y, torch.ones(BATCH, FRAMES)), {}
 
     measure(benchmark, lambda x, y, mask: train_step(model, optimizer, x, y, mask, precision), setup,

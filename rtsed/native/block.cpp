@@ -63,43 +63,62 @@ inline void flush(T* __restrict block, double* __restrict total, int64_t C) {
   }
 }
 
+// The skeleton every pass below shares: body(unit, partials) runs for each unit in [0, units)
+// (a unit is rows_per_unit consecutive rows: one row, or the F rows of one (b, t) when a pass
+// needs whole pool windows), units split statically over threads. partials[k] is the thread's
+// (C,) accumulator in T of per-channel sum k; it is flushed to float64 once kBlockRows rows have
+// gone into it, and the threads' float64 sums are merged in thread order into out[k] (null: not
+// wanted). Bodies copy the scalars their channel loop uses into locals: read as a captured
+// variable (through the closure, which may alias the rows as far as GCC can tell) a LeakyReLU
+// slope kept the loop from vectorizing and made one pass 12x slower.
+template <typename T, int N, typename Body>
+void sweep_with_sums(int64_t units, int64_t rows_per_unit, int64_t C, int threads, double* const (&out)[N],
+                     Body body) {
+  ThreadSums sums(threads, N, C);
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<T> storage(static_cast<size_t>(N) * C, T(0));
+    T* partials[N];
+    for (int k = 0; k < N; ++k) partials[k] = storage.data() + k * C;
+    auto flush_all = [&]() {
+      for (int k = 0; k < N; ++k) flush(partials[k], sums.of(tid, k), C);
+    };
+    int64_t u0, u1;
+    split(units, tid, nt, &u0, &u1);
+    int64_t pending = 0;
+    for (int64_t u = u0; u < u1; ++u) {
+      body(u, partials);
+      pending += rows_per_unit;
+      if (pending >= kBlockRows) {
+        flush_all();
+        pending = 0;
+      }
+    }
+    flush_all();
+  }
+  for (int k = 0; k < N; ++k) sums.merge_into(k, out[k]);
+}
+
 // z (rows, C) -> act(z) = z > 0 ? z : slope z, written back when Write; per-channel sum and sum
 // of squares of act(z). slope 0 is ReLU, 0.01 LeakyReLU.
 template <typename T, bool Write>
 void act_stats(T* z, int64_t rows, int64_t C, T slope, double* sum, double* sumsq, int threads) {
-  ThreadSums sums(threads, 2, C);
-#pragma omp parallel num_threads(threads)
-  {
-    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    double* s = sums.of(tid, 0);
-    double* q = sums.of(tid, 1);
-    std::vector<T> bs(C, T(0)), bq(C, T(0));
-    T* __restrict ps = bs.data();
-    T* __restrict pq = bq.data();
-    int64_t r0, r1;
-    split(rows, tid, nt, &r0, &r1);
-    int64_t in_block = 0;
-    for (int64_t r = r0; r < r1; ++r) {
-      T* __restrict row = z + r * C;
+  double* const out[2] = {sum, sumsq};
+  sweep_with_sums<T, 2>(rows, 1, C, threads, out, [=](int64_t r, T* const* partials) {
+    T* __restrict row = z + r * C;
+    T* __restrict ps = partials[0];
+    T* __restrict pq = partials[1];
+    const T negative = slope;  // a local: see sweep_with_sums
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        T v = row[c];
-        v = v > T(0) ? v : v * slope;
-        if (Write) row[c] = v;
-        ps[c] += v;
-        pq[c] += v * v;
-      }
-      if (++in_block == kBlockRows) {
-        flush(ps, s, C);
-        flush(pq, q, C);
-        in_block = 0;
-      }
+    for (int64_t c = 0; c < C; ++c) {
+      T v = row[c];
+      v = v > T(0) ? v : v * negative;
+      if (Write) row[c] = v;
+      ps[c] += v;
+      pq[c] += v * v;
     }
-    flush(ps, s, C);
-    flush(pq, q, C);
-  }
-  sums.merge_into(0, sum);
-  sums.merge_into(1, sumsq);
+  });
 }
 
 // z (outer, F, C) pre-ReLU -> per-channel sum and sum of squares of relu(z) over all F, and the
@@ -112,73 +131,56 @@ template <typename T>
 void relu_stats_pool(const T* z, int64_t outer, int64_t F, int64_t C, int64_t P, const T* direction,
                      T* selected, int8_t* argpos, double* sum, double* sumsq, int threads) {
   const int64_t FP = F / P;
-  ThreadSums sums(threads, 2, C);
-#pragma omp parallel num_threads(threads)
-  {
-    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    double* s = sums.of(tid, 0);
-    double* q = sums.of(tid, 1);
-    std::vector<T> bs(C, T(0)), bq(C, T(0)), best_key(C), best_val(C);
-    std::vector<int8_t> best_pos(C);
-    T* __restrict ps = bs.data();
-    T* __restrict pq = bq.data();
+  double* const out[2] = {sum, sumsq};
+  sweep_with_sums<T, 2>(outer, F, C, threads, out, [=](int64_t o, T* const* partials) {
+    // The window's running pick, per thread (a unit holds whole windows).
+    thread_local std::vector<T> best_key, best_val;
+    thread_local std::vector<int8_t> best_pos;
+    best_key.resize(C);
+    best_val.resize(C);
+    best_pos.resize(C);
+    T* __restrict ps = partials[0];
+    T* __restrict pq = partials[1];
     T* __restrict key = best_key.data();
     T* __restrict val = best_val.data();
     int8_t* __restrict pos = best_pos.data();
     const T* __restrict dir = direction;
-    int64_t o0, o1;
-    split(outer, tid, nt, &o0, &o1);
-    int64_t in_block = 0;
-    for (int64_t o = o0; o < o1; ++o) {
-      const T* __restrict plane = z + o * F * C;
-      for (int64_t f = 0; f < F; ++f) {
-        const T* __restrict row = plane + f * C;
-        const int64_t j = f % P;
-        const bool pooled = f / P < FP;
+    for (int64_t f = 0; f < F; ++f) {
+      const T* __restrict row = z + (o * F + f) * C;
+      const int64_t j = f % P;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T r = row[c] > T(0) ? row[c] : T(0);
+        ps[c] += r;
+        pq[c] += r * r;
+      }
+      if (f / P >= FP) continue;  // the dropped F mod P bins count in the statistics only
+      if (j == 0) {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           const T r = row[c] > T(0) ? row[c] : T(0);
-          ps[c] += r;
-          pq[c] += r * r;
+          key[c] = dir[c] * r;
+          val[c] = r;
+          pos[c] = 0;
         }
-        if (pooled) {
-          if (j == 0) {
+      } else {
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const T r = row[c] > T(0) ? row[c] : T(0);
-              key[c] = dir[c] * r;
-              val[c] = r;
-              pos[c] = 0;
-            }
-          } else {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const T r = row[c] > T(0) ? row[c] : T(0);
-              const T k = dir[c] * r;
-              const bool better = k > key[c];  // strict: the first of equal values wins
-              key[c] = better ? k : key[c];
-              val[c] = better ? r : val[c];
-              pos[c] = better ? int8_t(j) : pos[c];
-            }
-          }
-          if (j == P - 1) {
-            const int64_t out = (o * FP + f / P) * C;
-            std::copy(val, val + C, selected + out);
-            std::copy(pos, pos + C, argpos + out);
-          }
-        }
-        if (++in_block == kBlockRows) {
-          flush(ps, s, C);
-          flush(pq, q, C);
-          in_block = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const T r = row[c] > T(0) ? row[c] : T(0);
+          const T k = dir[c] * r;
+          const bool better = k > key[c];  // strict: the first of equal values wins
+          key[c] = better ? k : key[c];
+          val[c] = better ? r : val[c];
+          pos[c] = better ? int8_t(j) : pos[c];
         }
       }
+      if (j == P - 1) {
+        const int64_t at = (o * FP + f / P) * C;
+        std::copy(val, val + C, selected + at);
+        std::copy(pos, pos + C, argpos + at);
+      }
     }
-    flush(ps, s, C);
-    flush(pq, q, C);
-  }
-  sums.merge_into(0, sum);
-  sums.merge_into(1, sumsq);
+  });
 }
 
 // Backward of pool(BN2(relu(z))) with BN2's batch statistics, in place: z (outer, F, C) pre-ReLU
@@ -191,88 +193,53 @@ void relu_bn_pool_backward(T* z, const T* grad, const int8_t* argpos, const T* s
                            const T* beta, int64_t outer, int64_t F, int64_t C, int64_t P, double* dz_sum,
                            int threads) {
   const int64_t FP = F / P;
-  ThreadSums sums(threads, 1, C);
-#pragma omp parallel num_threads(threads)
-  {
-    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    double* s = sums.of(tid, 0);
-    std::vector<T> bs(C, T(0));
-    T* __restrict ps = bs.data();
+  double* const out[1] = {dz_sum};
+  sweep_with_sums<T, 1>(outer * F, 1, C, threads, out, [=](int64_t r, T* const* partials) {
+    T* __restrict row = z + r * C;
+    T* __restrict ps = partials[0];
     const T* __restrict sc = scale;
     const T* __restrict al = alpha;
     const T* __restrict be = beta;
-    int64_t o0, o1;
-    split(outer, tid, nt, &o0, &o1);
-    int64_t in_block = 0;
-    for (int64_t o = o0; o < o1; ++o) {
-      for (int64_t f = 0; f < F; ++f) {
-        T* __restrict row = z + (o * F + f) * C;
-        if (f / P < FP) {
-          const T* __restrict g = grad + (o * FP + f / P) * C;
-          const int8_t* __restrict at = argpos + (o * FP + f / P) * C;
-          const int8_t j = int8_t(f % P);
+    const int64_t o = r / F, f = r % F;
+    if (f / P < FP) {
+      const T* __restrict g = grad + (o * FP + f / P) * C;
+      const int8_t* __restrict at = argpos + (o * FP + f / P) * C;
+      const int8_t j = int8_t(f % P);
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const T v = row[c];
-            const T landed = at[c] == j ? sc[c] * g[c] : T(0);
-            const T d = v > T(0) ? al[c] + be[c] * v + landed : T(0);
-            row[c] = d;
-            ps[c] += d;
-          }
-        } else {  // frequencies the pool drops: only BN2's batch terms reach them
+      for (int64_t c = 0; c < C; ++c) {
+        const T v = row[c];
+        const T landed = at[c] == j ? sc[c] * g[c] : T(0);
+        const T d = v > T(0) ? al[c] + be[c] * v + landed : T(0);
+        row[c] = d;
+        ps[c] += d;
+      }
+    } else {  // frequencies the pool drops: only BN2's batch terms reach them
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const T v = row[c];
-            const T d = v > T(0) ? al[c] + be[c] * v : T(0);
-            row[c] = d;
-            ps[c] += d;
-          }
-        }
-        if (++in_block == kBlockRows) {
-          flush(ps, s, C);
-          in_block = 0;
-        }
+      for (int64_t c = 0; c < C; ++c) {
+        const T v = row[c];
+        const T d = v > T(0) ? al[c] + be[c] * v : T(0);
+        row[c] = d;
+        ps[c] += d;
       }
     }
-    flush(ps, s, C);
-  }
-  sums.merge_into(0, dz_sum);
+  });
 }
 
 // Per-channel sums of g and of g * a over rows: (rows, C) each (BN backward's two reductions).
 template <typename T>
 void grad_sums(const T* g, const T* a, int64_t rows, int64_t C, double* sum_g, double* sum_ga, int threads) {
-  ThreadSums sums(threads, 2, C);
-#pragma omp parallel num_threads(threads)
-  {
-    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    double* s = sums.of(tid, 0);
-    double* q = sums.of(tid, 1);
-    std::vector<T> bs(C, T(0)), bq(C, T(0));
-    T* __restrict ps = bs.data();
-    T* __restrict pq = bq.data();
-    int64_t r0, r1;
-    split(rows, tid, nt, &r0, &r1);
-    int64_t in_block = 0;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* __restrict gr = g + r * C;
-      const T* __restrict ar = a + r * C;
+  double* const out[2] = {sum_g, sum_ga};
+  sweep_with_sums<T, 2>(rows, 1, C, threads, out, [=](int64_t r, T* const* partials) {
+    const T* __restrict gr = g + r * C;
+    const T* __restrict ar = a + r * C;
+    T* __restrict ps = partials[0];
+    T* __restrict pq = partials[1];
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        ps[c] += gr[c];
-        pq[c] += gr[c] * ar[c];
-      }
-      if (++in_block == kBlockRows) {
-        flush(ps, s, C);
-        flush(pq, q, C);
-        in_block = 0;
-      }
+    for (int64_t c = 0; c < C; ++c) {
+      ps[c] += gr[c];
+      pq[c] += gr[c] * ar[c];
     }
-    flush(ps, s, C);
-    flush(pq, q, C);
-  }
-  sums.merge_into(0, sum_g);
-  sums.merge_into(1, sum_ga);
+  });
 }
 
 // BN backward then LeakyReLU backward, in place: g (rows, C) is dL/d(BN output) in, dL/dz out,
@@ -281,39 +248,24 @@ void grad_sums(const T* g, const T* a, int64_t rows, int64_t C, double* sum_g, d
 template <typename T>
 void leaky_bn_backward(T* g, const T* a, const T* scale, const T* alpha, const T* beta, T slope, int64_t rows,
                        int64_t C, double* dz_sum, int threads) {
-  ThreadSums sums(threads, 1, C);
-#pragma omp parallel num_threads(threads)
-  {
-    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    double* s = sums.of(tid, 0);
-    std::vector<T> bs(C, T(0));
-    T* __restrict ps = bs.data();
+  double* const out[1] = {dz_sum};
+  sweep_with_sums<T, 1>(rows, 1, C, threads, out, [=](int64_t r, T* const* partials) {
+    T* __restrict gr = g + r * C;
+    const T* __restrict ar = a + r * C;
+    T* __restrict ps = partials[0];
     const T* __restrict sc = scale;
     const T* __restrict al = alpha;
     const T* __restrict be = beta;
-    int64_t r0, r1;
-    split(rows, tid, nt, &r0, &r1);
-    int64_t in_block = 0;
-    for (int64_t r = r0; r < r1; ++r) {
-      T* __restrict gr = g + r * C;
-      const T* __restrict ar = a + r * C;
+    const T negative = slope;  // a local: see sweep_with_sums
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const T av = ar[c];
-        const T d = (sc[c] * gr[c] + al[c] + be[c] * av) * (av > T(0) ? T(1) : slope);
-        gr[c] = d;
-        ps[c] += d;
-      }
-      if (++in_block == kBlockRows) {
-        flush(ps, s, C);
-        in_block = 0;
-      }
+    for (int64_t c = 0; c < C; ++c) {
+      const T av = ar[c];
+      const T d = (sc[c] * gr[c] + al[c] + be[c] * av) * (av > T(0) ? T(1) : negative);
+      gr[c] = d;
+      ps[c] += d;
     }
-    flush(ps, s, C);
-  }
-  sums.merge_into(0, dz_sum);
+  });
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Depthwise convolution backward (K x K taps, stride 1, frequency zero-padded by K / 2, no time
