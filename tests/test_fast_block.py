@@ -334,3 +334,16 @@ def test_bf16_autocast_training_step_is_as_close_to_fp32_as_stock_autocast():
     assert all(p.grad.dtype == torch.float32 for p in fast.parameters())
     assert 0 < rel(logits_fast, logits32) <= max(rel(logits_stock, logits32), 1e-3)
     assert 0 < rel(grads(fast), grads(model)) <= rel(grads(stock), grads(model))
+
+
+def test_unwritable_cache_falls_back_with_a_warning_naming_the_fix(tmp_path, monkeypatch):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("RTSED_NATIVE_CACHE", str(not_a_folder / "native"))
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not native.available()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "RTSED_NATIVE_CACHE" in messages[0] and "RTSED_NATIVE=0" in messages[0]

@@ -503,3 +503,13 @@ def test_bf16_training_converges_like_fp32(tmp_path, one_thread):
     assert bf16[-1]["train_loss"] == pytest.approx(fp32[-1]["train_loss"], rel=0.25, abs=0.02)
     assert max(r["val_f1"] for r in bf16) >= max(r["val_f1"] for r in fp32) - 0.05
     assert max(r["val_f1"] for r in bf16) > 0.8, bf16
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(tmp_path, one_thread, monkeypatch):
+    data = make_scenes(tmp_path / "data", n_train=2, n_val=1, seconds=2.0)
+    monkeypatch.setattr(fit, "cpu_has_bf16_gemm", lambda: False)
+    with pytest.warns(RuntimeWarning, match="emulated"), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        fit.main([*TINY, "--data", str(data), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
+                  "--epochs", "1", "--batch-size", "2", "--precision", "bf16"])
+    assert isinstance(fit.cpu_has_bf16_gemm(), bool)

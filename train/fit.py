@@ -23,6 +23,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,15 @@ LAST_STATE_VERSION = 1
 
 
 PRECISIONS = ("fp32", "bf16")
+
+
+def cpu_has_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16; Linux /proc/cpuinfo)."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 @dataclass
@@ -206,6 +216,9 @@ def run(args: argparse.Namespace) -> Path | None:
     if recipe.precision == "bf16" and device.type != "cpu":
         raise SystemExit("--precision bf16 is the CPU training path's (its GEMMs in bf16, tested to converge); "
                          f"on {device.type} it has not been measured yet: train with --precision fp32")
+    if recipe.precision == "bf16" and not cpu_has_bf16_gemm():
+        warnings.warn("--precision bf16: this CPU has no AVX512_BF16 or AMX-BF16, so bf16 GEMMs are emulated and "
+                      "likely slower than fp32; train with --precision fp32", RuntimeWarning, stacklevel=2)
     if ddp.world > 1 and recipe.batch_size % ddp.world:
         raise SystemExit(f"--batch-size {recipe.batch_size} must divide by the {ddp.world} processes")
     seed_everything(recipe.seed)

@@ -136,7 +136,8 @@ def library() -> ctypes.CDLL | None:
                 warnings.warn(
                     f"rtsed: native CPU kernels unavailable, training runs the slower torch compositions "
                     f"(same results). Why: {_failure}. Fix: install a C++ compiler with OpenMP "
-                    "(apt-get install g++), or set RTSED_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=2)
+                    "(apt-get install g++) and let RTSED_NATIVE_CACHE (default ~/.cache/rtsed/native) name a "
+                    "writable folder, or set RTSED_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=2)
     return _library
 
 
