@@ -306,6 +306,15 @@ inline void store(T* p, const Vec<T>& v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+// A conv weight (C, K K) as (K K, C): one vector load per tap for a block of channels.
+template <typename T>
+std::vector<T> taps_major(const T* w, int64_t C, int KK) {
+  std::vector<T> out(static_cast<size_t>(KK) * C);
+  for (int64_t c = 0; c < C; ++c)
+    for (int tap = 0; tap < KK; ++tap) out[tap * C + c] = w[c * KK + tap];
+  return out;
+}
+
 // Work is split over tiles of kTileRows (b, t) rows; within a tile each 64-byte block of channels
 // (16 floats / 8 doubles) is swept with its K x K accumulators (weight grad) or weights (input
 // grad) in registers, so the tile's data is read from cache once per channel block and the
@@ -395,10 +404,8 @@ void dw_input_grad(const T* ddp, const T* w, int64_t B, int64_t frames, int64_t 
   constexpr int KK = K * K;
   const int64_t Tq = frames + 2 * (K - 1), Fq = F + K - 1, Tp = frames + K - 1;
   const int64_t rows = B * Tp, tiles = (rows + kTileRows - 1) / kTileRows, blocks = C / L;
-  std::vector<T> wt_data(KK * C);  // w transposed to (K K, C): one vector load per tap
-  T* wt = wt_data.data();
-  for (int64_t c = 0; c < C; ++c)
-    for (int tap = 0; tap < KK; ++tap) wt[tap * C + c] = w[c * KK + tap];
+  const std::vector<T> wt_data = taps_major(w, C, KK);
+  const T* wt = wt_data.data();
 #pragma omp parallel num_threads(threads)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -449,10 +456,8 @@ void conv1_leaky_stats(const T* xp, const T* w, const T* bias, int64_t B, int64_
   constexpr int KK = K * K;
   const int64_t Fp = F + K - 1, Tp = frames + K - 1;
   const int64_t rows = B * frames, tiles = (rows + kTileRows - 1) / kTileRows, blocks = C / L;
-  std::vector<T> wt_data(KK * C);  // (K K, C): one vector load per tap
-  T* wt = wt_data.data();
-  for (int64_t c = 0; c < C; ++c)
-    for (int tap = 0; tap < KK; ++tap) wt[tap * C + c] = w[c * KK + tap];
+  const std::vector<T> wt_data = taps_major(w, C, KK);
+  const T* wt = wt_data.data();
   ThreadSums sums(threads, 2, C);
 #pragma omp parallel num_threads(threads)
   {
