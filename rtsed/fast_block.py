@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rtsed import native
+from rtsed import native, ops
 from rtsed.native import block as native_block
 from rtsed.batchnorm import bn_arguments, mean_var_from_sums, update_running_stats
 from rtsed.layers import fused_linear
@@ -56,17 +56,6 @@ def _channels_last_rows(t: Tensor) -> Tensor:
     b, c, frames, freq = t.shape
     rows = t.permute(0, 2, 3, 1)
     return (rows if rows.is_contiguous() else rows.contiguous()).view(b * frames * freq, c)
-
-
-def gemm_dtype(x: Tensor) -> torch.dtype | None:
-    """bfloat16 when x is on the CPU inside ``torch.autocast("cpu", dtype=torch.bfloat16)``, the
-    block's three big GEMMs then run in bf16 with float32 accumulation (oneDNN; 2x the fp32 rate on
-    this AVX512_BF16 CPU at (655360, 256) x (256, 256): 0.21 s against 0.41); else None (the
-    input's dtype). Everything else in the block stays float32 either way."""
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and \
-            torch.get_autocast_dtype("cpu") == torch.bfloat16:
-        return torch.bfloat16
-    return None
 
 
 def _gemm_operand(t: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -245,5 +234,5 @@ def dws_block_train(block, x: Tensor) -> Tensor:
     out = DWSBlockTrainFunction.apply(
         x, block.depthwise.weight, block.depthwise.bias, block.inner_bn.weight, block.inner_bn.bias,
         block.pointwise.weight, block.pointwise.bias, block.bn.weight, block.bn.bias, args[0], args[1], pool,
-        gemm_dtype(x))
+        ops.cpu_gemm_dtype(x))
     return block.dropout(out)

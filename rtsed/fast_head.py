@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rtsed import fast_block, native
+from rtsed import native, ops
 from rtsed.batchnorm import bn_arguments, update_running_stats
 from rtsed.native import head as native_head
 
@@ -259,4 +259,4 @@ def dilated_head(temporal, classifier, h: Tensor) -> Tensor:
     return DilatedHeadFunction.apply(
         x, temporal.conv.weight, temporal.conv.bias, bn.weight, bn.bias, classifier.weight, classifier.bias,
         args["bn_running_mean"], args["bn_running_var"], geometry, args["training"], args["momentum"], bn.eps,
-        fast_block.gemm_dtype(x))
+        ops.cpu_gemm_dtype(x))
