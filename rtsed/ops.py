@@ -96,6 +96,20 @@ def cpu_fast_path(x: Tensor) -> bool:
             and not exporting)
 
 
+def native_eval(x: Tensor, *params: Tensor) -> bool:
+    """Whether eval-mode inference on x may run rtsed.native's forward kernels: the CPU fast path
+    (``cpu_fast_path``: not during ONNX export, whose graphs must stay plain ops), the kernels
+    built (RTSED_NATIVE on, a compiler found), and no autograd recording through x or ``params``
+    (the kernels have no backward)."""
+    if not cpu_fast_path(x):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    from rtsed import native
+
+    return x.dtype in native.DTYPES and native.available()
+
+
 def cpu_gemm_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype the CPU training fast paths (rtsed.fast_block, rtsed.fast_head) run their big
     GEMMs in: bfloat16 when x is on the CPU inside ``torch.autocast("cpu", dtype=torch.bfloat16)``

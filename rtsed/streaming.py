@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rtsed import ops
+from rtsed import native, ops
 from rtsed.layers import ConvHistory, DilatedTemporal, FrameRing, GRUHidden, GRUTemporal
 from rtsed.model import SEDModel
 
@@ -84,6 +84,10 @@ class ModelStream:
         self.positions = torch.zeros(batch_size, dtype=torch.int64)
         self.ends = torch.full((batch_size,), NO_END, dtype=torch.int64)
         self.device = device
+        if device.type == "cpu":
+            # Build (or load) the native kernels now: a first build takes seconds, which must not
+            # land inside a live stream's first step.
+            native.available()
 
     # -- stream control ------------------------------------------------------------------------
 

@@ -275,3 +275,88 @@ def test_head_native_fp32_parity(native_on, monkeypatch, training):
             scale = expected.abs().max().item()
             torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL * max(scale, 1.0),
                                        msg=f"native vs {what}: {name}")
+
+
+# --- head_logits: the eval-mode forward straight to logits -------------------------------------
+
+
+def _head_logits_reference(x, n, conv_weight, conv_bias, folded, folded_bias, dilation, stride, width):
+    """f_dil (torch's conv2d) -> ReLU -> flatten channel-major -> the folded classifier:
+    x (B, Tx, C) -> logits (B, n, n_classes) for output frames [0, n)."""
+    z = torch.nn.functional.conv2d(x[:, None], conv_weight, conv_bias, stride=(1, stride), dilation=(dilation, 1))
+    r = z[:, :, :n, :width].relu()  # (B, C_out, n, W)
+    return r.permute(0, 2, 1, 3).reshape(x.shape[0], n, -1) @ folded.t() + folded_bias
+
+
+def _head_logits_case(batch, frames, channels, c_out, n_classes, kernel, dilation, stride, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = (channels - kernel) // stride + 1
+    # A window view as the ring gives it: batch stride longer than T x C, two frames cut off each end.
+    ring = torch.randn(batch, frames + (kernel - 1) * dilation + 4, channels, generator=g, dtype=dtype)
+    x = ring[:, 2:-2]
+    conv_weight = torch.randn(c_out, 1, kernel, kernel, generator=g, dtype=dtype) / kernel
+    conv_bias = torch.randn(c_out, generator=g, dtype=dtype)
+    folded = torch.randn(n_classes, c_out * width, generator=g, dtype=dtype) / (c_out * width) ** 0.5
+    folded_bias = torch.randn(n_classes, generator=g, dtype=dtype)
+    weights = native_head.head_logits_weights(conv_weight, conv_bias, folded, folded_bias, width)
+    expected = _head_logits_reference(x, frames, conv_weight, conv_bias, folded, folded_bias, dilation, stride, width)
+    return x, weights, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch,frames,channels,c_out,n_classes,kernel,dilation,stride", [
+    (1, 16, 256, 256, 16, 7, 10, 3),  # dnd_7_10 streaming at 16 frames per step
+    (1, 1, 256, 256, 16, 7, 10, 3),  # one frame: a register tile of 6 rows with 5 repeats
+    (3, 50, 40, 70, 5, 5, 4, 2),  # channels and classes padded; frames past one work unit (48)
+    (2, 97, 23, 8, 17, 3, 1, 1),  # classes past one vector; two units per batch item and a remainder
+])
+def test_head_logits_matches_torch(native_on, dtype, batch, frames, channels, c_out, n_classes, kernel, dilation,
+                                   stride):
+    x, weights, expected = _head_logits_case(batch, frames, channels, c_out, n_classes, kernel, dilation, stride,
+                                             dtype)
+    assert batch == 1 or not x.is_contiguous()  # read in place through its strides
+    got = native_head.head_logits(x, frames, weights, n_classes, kernel, dilation, stride)
+    assert got.shape == (batch, frames, n_classes)
+    assert expected.std() > 0.1  # logits that vary: a constant or zero output cannot pass
+    torch.testing.assert_close(got, expected, **_tol(dtype))
+
+
+def test_head_logits_does_not_depend_on_thread_count(native_on, threads):
+    x, weights, _ = _head_logits_case(4, 70, 256, 256, 16, 7, 10, 3, torch.float32, seed=3)
+    results = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        results.append(native_head.head_logits(x, 70, weights, 16, 7, 10, 3))
+    assert torch.equal(*results)
+
+
+def test_head_logits_rejects_bad_arguments(native_on):
+    x, weights, _ = _head_logits_case(1, 16, 256, 256, 16, 7, 10, 3, torch.float64)
+    with pytest.raises(ValueError, match="do not fit"):
+        native_head.head_logits(x, 17, weights, 16, 7, 10, 3)  # one frame more than x holds
+    with pytest.raises(ValueError, match="contiguous channels"):
+        native_head.head_logits(x.transpose(1, 2), 16, weights, 16, 7, 10, 3)
+    with pytest.raises(TypeError):
+        native_head.head_logits(x.float(), 16, weights, 16, 7, 10, 3)
+
+
+@pytest.mark.parametrize("kernel,dilation,stride,channels", GEOMETRIES)
+def test_eval_inference_runs_head_logits(native_on, monkeypatch, kernel, dilation, stride, channels):
+    """Offline inference (eval mode, no autograd) takes head_logits, against the reference in
+    float64; with RTSED_NATIVE=0, or with autograd recording (it has no backward), it does not."""
+    model = _head(kernel, dilation, stride, channels, 5, torch.float64, training=False, causal=kernel == 5)
+    h = torch.randn(2, channels, 53, 1, dtype=torch.float64)
+    calls = []
+    real = native_head.head_logits
+    monkeypatch.setattr(native_head, "head_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        expected = model["classifier"](model["temporal"](h))
+        got = fast_head.dilated_head(model["temporal"], model["classifier"], h)
+        assert len(calls) == 1
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        monkeypatch.setenv("RTSED_NATIVE", "0")
+        torch.testing.assert_close(fast_head.dilated_head(model["temporal"], model["classifier"], h), expected,
+                                   rtol=1e-12, atol=1e-12)
+    monkeypatch.setenv("RTSED_NATIVE", "1")
+    fast_head.dilated_head(model["temporal"], model["classifier"], h.requires_grad_()).sum().backward()
+    assert len(calls) == 1 and h.grad is not None

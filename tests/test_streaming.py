@@ -470,14 +470,18 @@ def test_gru_step_sees_only_new_frames():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("native_kernels", ["1", "0"], ids=["native", "torch"])
 @pytest.mark.parametrize("signs", ["nonnegative", "mixed"])
 @pytest.mark.parametrize("name", ["dnd_7_10", "dnd_7_10_causal", "dnd_3_100", "base"])
-def test_fast_step_matches_reference(name, signs):
+def test_fast_step_matches_reference(monkeypatch, name, signs, native_kernels):
     """The folded CPU step against the reference model run offline under RTSED_KERNELS=ref, at
     full size (the 16-frame GEMMs cross fused_linear's oneDNN threshold, the 1-frame ones do not),
     in the benchmarked 1- and 16-frame steps and an odd mix, flushed. "nonnegative": every BN
     scale a >= 0, so each block pools before its ReLU and affine; "mixed": the sign trick. The
-    d = 100 model's ring window wraps round the ring's end (and reads it in place otherwise)."""
+    d = 100 model's ring window wraps round the ring's end (and reads it in place otherwise).
+    Both with rtsed.native's forward kernels (f_dil + classifier in one pass) and without them
+    (RTSED_NATIVE=0: the torch GEMMs)."""
+    monkeypatch.setenv("RTSED_NATIVE", native_kernels)
     model = build_model(name, n_classes=8)
     randomize_batchnorm(model, seed=5)
     if signs == "nonnegative":

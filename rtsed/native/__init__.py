@@ -5,7 +5,9 @@ that declares its functions' signatures (``declare``) and wraps them for tensors
 - ``block``: a training-mode DWS block's fused passes (block 1's conv with its activation and
   BN statistics; activation + statistics + pool; the BN/activation backwards) and the depthwise
   conv backward (used by ``rtsed.fast_block``);
-- ``head``: the non-GEMM parts of f_dil + BN + classifier's backward (used by ``rtsed.fast_head``).
+- ``head``: the non-GEMM parts of f_dil + BN + classifier's backward (used by ``rtsed.fast_head``),
+  and its eval-mode forward straight to logits, conv and classifier in one pass (used by offline
+  inference through ``rtsed.fast_head`` and by streaming steps in ``rtsed.layers``).
 
 What they are for: the CPU training step of dnd_7_10 spent much of its non-GEMM time in torch's
 separate elementwise kernels, each a full pass over full-resolution activations (671 MB for
@@ -134,8 +136,8 @@ def library() -> ctypes.CDLL | None:
             except (NativeBuildError, OSError, AttributeError) as error:
                 _failure = str(error)
                 warnings.warn(
-                    f"rtsed: native CPU kernels unavailable, training runs the slower torch compositions "
-                    f"(same results). Why: {_failure}. Fix: install a C++ compiler with OpenMP "
+                    f"rtsed: native CPU kernels unavailable, training and inference run the slower torch "
+                    f"compositions (same results). Why: {_failure}. Fix: install a C++ compiler with OpenMP "
                     "(apt-get install g++) and let RTSED_NATIVE_CACHE (default ~/.cache/rtsed/native) name a "
                     "writable folder, or set RTSED_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=2)
     return _library

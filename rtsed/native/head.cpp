@@ -276,6 +276,101 @@ void patch_scatter(T* dx, const T* dp, int64_t B, int64_t Tp, int64_t C, int64_t
   }
 }
 
+// ---- eval-mode forward: f_dil -> ReLU -> BN-folded classifier, logits only ----------------------
+
+constexpr int kHeadRows = 6;      // frames per register tile of the conv (6 x 4 vectors of accumulators)
+constexpr int kHeadVectors = 4;   // vectors of output channels per register tile
+constexpr int64_t kHeadFrames = 48;  // frames per work unit: each unit walks all W positions once
+
+// logits[b, t, :] = bias + sum over (w, c) of L[w, c, :] relu(z[b, t, w, c]) for output frames
+// t in [0, n), where z[b, t, w, c] = cb[c] + sum over taps (i, j) of wt[i K + j, c] x[b, t + i d, w S + j]:
+// f_dil (a K x K conv of one input channel over (time, CNN channel), dilated by d in time and
+// strided by S across channels) -> ReLU -> the eval-mode BN folded into the classifier. z never
+// leaves the cache: per position w, R frames x 4 vectors of channels are summed in registers,
+// ReLU'd into a small buffer and contracted at once with L[w] (Cp x NCp, 16 KB at 256 x 16,
+// kept in L1/L2 while a unit's frames pass through it). In torch this was a patches copy, a
+// oneDNN GEMM writing z (1.4 MB per 16 frames), and a second GEMM reading it back.
+//
+// x: element (b, t, ch) at x[b sb + t st + ch] (channels contiguous: a ring-buffer window view
+// works as is); wt (K K, Cp) the conv weight taps-major; cb (Cp,); L (W, Cp, NCp); lb (NCp,);
+// out (B, n, NCp) contiguous. Cp must be a multiple of 4 vectors and NCp of one vector (the
+// caller pads with zeros, which contribute exactly nothing). Units of (b, kHeadFrames frames) are
+// split over threads; each output row is written by one thread, in one fixed order.
+template <typename T>
+void head_logits(const T* x, int64_t sb, int64_t st, const T* __restrict wt, const T* __restrict cb,
+                 const T* __restrict L, const T* __restrict lb, int64_t B, int64_t n, int64_t K, int64_t d,
+                 int64_t S, int64_t W, int64_t Cp, int64_t NCp, T* __restrict out, int threads) {
+  using V = typename Vector<T>::type;
+  constexpr int64_t Lanes = Vector<T>::lanes, kTile = kHeadVectors * Lanes;
+  constexpr int R = kHeadRows;
+  const int64_t KK = K * K, class_vectors = NCp / Lanes;
+  const int64_t per_batch = (n + kHeadFrames - 1) / kHeadFrames, units = B * per_batch;
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<T> z_buffer(static_cast<size_t>(R) * Cp);
+    T* __restrict z = z_buffer.data();
+    std::vector<int64_t> tap_offsets(static_cast<size_t>(KK));
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < K; ++j) tap_offsets[i * K + j] = i * d * st + j;
+    const int64_t* __restrict taps = tap_offsets.data();
+    int64_t u0, u1;
+    split(units, tid, nt, &u0, &u1);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / per_batch, f0 = (u % per_batch) * kHeadFrames, f1 = std::min(n, f0 + kHeadFrames);
+      T* __restrict o = out + (b * n) * NCp;
+      for (int64_t t = f0; t < f1; ++t)
+        for (int64_t k = 0; k < NCp; ++k) o[t * NCp + k] = lb[k];
+      for (int64_t w = 0; w < W; ++w) {
+        const T* __restrict Lw = L + w * Cp * NCp;
+        for (int64_t t0 = f0; t0 < f1; t0 += R) {
+          const int rows = int(std::min<int64_t>(R, f1 - t0));
+          // Row pointers at tap (0, 0); a short last tile repeats its last frame (computed, not stored),
+          // so every tile runs the same fully unrolled loop.
+          const T* xr[R];
+          for (int r = 0; r < R; ++r) xr[r] = x + b * sb + (t0 + std::min(r, rows - 1)) * st + w * S;
+          for (int64_t c0 = 0; c0 < Cp; c0 += kTile) {
+            V acc[R][kHeadVectors];
+            for (int v = 0; v < kHeadVectors; ++v) {
+              const V bias = load<V>(cb + c0 + v * Lanes);
+              for (int r = 0; r < R; ++r) acc[r][v] = bias;
+            }
+            for (int64_t tap = 0; tap < KK; ++tap) {
+              const T* wp = wt + tap * Cp + c0;
+              V wv[kHeadVectors];
+              for (int v = 0; v < kHeadVectors; ++v) wv[v] = load<V>(wp + v * Lanes);
+              const int64_t off = taps[tap];
+              for (int r = 0; r < R; ++r) {
+                const T a = xr[r][off];
+                for (int v = 0; v < kHeadVectors; ++v) acc[r][v] += a * wv[v];
+              }
+            }
+            for (int r = 0; r < R; ++r)
+              for (int v = 0; v < kHeadVectors; ++v) {
+                const V a = acc[r][v];
+                store(z + r * Cp + c0 + v * Lanes, a > V{} ? a : V{});
+              }
+          }
+          // The classifier's share of position w: logits[t0 + r] += z[r] (Cp) @ L[w] (Cp, NCp).
+          for (int64_t cv = 0; cv < class_vectors; ++cv) {
+            V acc[R];
+            for (int r = 0; r < R; ++r) acc[r] = V{};
+            const T* lp = Lw + cv * Lanes;
+            for (int64_t c = 0; c < Cp; ++c) {
+              const V lv = load<V>(lp + c * NCp);
+              for (int r = 0; r < R; ++r) acc[r] += z[r * Cp + c] * lv;
+            }
+            for (int r = 0; r < rows; ++r) {
+              T* dst = o + (t0 + r) * NCp + cv * Lanes;
+              store(dst, load<V>(dst) + acc[r]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // C entry points (ctypes): <name>_f32 / <name>_f64.
@@ -311,6 +406,17 @@ void patch_scatter_f32(float* dx, const float* dp, int64_t B, int64_t Tp, int64_
 void patch_scatter_f64(double* dx, const double* dp, int64_t B, int64_t Tp, int64_t C, int64_t t0, int64_t n,
                        int64_t K, int64_t d, int64_t S, int64_t W, int threads) {
   patch_scatter<double>(dx, dp, B, Tp, C, t0, n, K, d, S, W, threads);
+}
+
+void head_logits_f32(const float* x, int64_t sb, int64_t st, const float* wt, const float* cb, const float* L,
+                     const float* lb, int64_t B, int64_t n, int64_t K, int64_t d, int64_t S, int64_t W, int64_t Cp,
+                     int64_t NCp, float* out, int threads) {
+  head_logits<float>(x, sb, st, wt, cb, L, lb, B, n, K, d, S, W, Cp, NCp, out, threads);
+}
+void head_logits_f64(const double* x, int64_t sb, int64_t st, const double* wt, const double* cb, const double* L,
+                     const double* lb, int64_t B, int64_t n, int64_t K, int64_t d, int64_t S, int64_t W, int64_t Cp,
+                     int64_t NCp, double* out, int threads) {
+  head_logits<double>(x, sb, st, wt, cb, L, lb, B, n, K, d, S, W, Cp, NCp, out, threads);
 }
 
 }  // extern "C"

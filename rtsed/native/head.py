@@ -1,4 +1,5 @@
-"""Wrappers of head.cpp: the backward passes of dnd's fused head (rtsed.fast_head).
+"""Wrappers of head.cpp: the backward passes of dnd's fused head (rtsed.fast_head), and its
+eval-mode forward straight to logits (``head_logits``: streaming steps and offline inference).
 
 A time chunk of n output frames has B n W patch rows ordered (b, t, w): r (its ReLU output) and
 dL/dz are (B n W, C), dL/dlogits (B n, n_classes), the BN-folded classifier (W, n_classes, C),
@@ -16,6 +17,8 @@ from rtsed.native import call, channel_sums, check, declare
 
 declare("head_relu_grad", ["p", "p", "p", "p", "p", "p", "int", "i64", "i64", "i64", "i64", "p", "int"])
 declare("class_products", ["p", "p", "i64", "i64", "i64", "p", "int"])
+declare("head_logits", ["p", "i64", "i64", "p", "p", "p", "p", "i64", "i64", "i64", "i64", "i64", "i64", "i64",
+                        "i64", "p", "int"])
 declare("patch_scatter", ["p", "p", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "int"])
 
 
@@ -79,3 +82,60 @@ def patch_scatter_(dx: Tensor, d_patches: Tensor, t0: int, t1: int, kernel: int,
                          f"stride {stride}, width {width} reach outside dx {tuple(dx.shape)}")
     call("patch_scatter", dx.dtype, dx.data_ptr(), d_patches.data_ptr(), b, tp, c, t0, n, kernel, dilation, stride,
          width, torch.get_num_threads())
+
+
+def vector_lanes(dtype: torch.dtype) -> int:
+    """Values per 64-byte vector of the kernels: 16 float32, 8 float64."""
+    return 64 // torch.empty(0, dtype=dtype).element_size()
+
+
+def head_logits_weights(conv_weight: Tensor, conv_bias: Tensor, folded: Tensor, folded_bias: Tensor, width: int
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``head_logits``'s operands from f_dil's conv weight (C_out, 1, K, K), bias (C_out,), and the
+    BN-folded classifier (n_classes, C_out * W) channel-major (index c * W + w, as the model
+    flattens), bias (n_classes,): taps-major conv weight (K K, Cp), bias (Cp,), classifier
+    (W, Cp, NCp) and bias (NCp,), zero-padded to Cp channels (a multiple of 4 vectors) and NCp
+    classes (a multiple of one vector). Padded channels have zero weight and bias, so ReLU gives 0
+    and their zero classifier rows add exactly nothing; padded classes are sliced off."""
+    c_out, n_classes = conv_weight.shape[0], folded.shape[0]
+    lanes = vector_lanes(conv_weight.dtype)
+    cp = -(-c_out // (4 * lanes)) * 4 * lanes
+    ncp = -(-n_classes // lanes) * lanes
+    taps = conv_weight.reshape(c_out, -1).t()  # (K K, C_out)
+    wt = taps.new_zeros(taps.shape[0], cp)
+    wt[:, :c_out] = taps
+    cb = conv_bias.new_zeros(cp)
+    cb[:c_out] = conv_bias
+    lin = folded.new_zeros(width, cp, ncp)
+    lin[:, :c_out, :n_classes] = folded.view(n_classes, c_out, width).permute(2, 1, 0)
+    lb = folded_bias.new_zeros(ncp)
+    lb[:n_classes] = folded_bias
+    return wt, cb, lin, lb
+
+
+def head_logits(x: Tensor, n: int, weights: tuple[Tensor, Tensor, Tensor, Tensor], n_classes: int, kernel: int,
+                dilation: int, stride: int) -> Tensor:
+    """Eval-mode f_dil -> ReLU -> BN-folded classifier, straight to logits (B, n, n_classes).
+
+    x (B, Tx, C): f_dil's time-padded input (CNN frames, C channels contiguous; any batch and time
+    strides, so a view of a ring buffer works); output frame t reads x[b, t + i dilation,
+    w stride + j] for taps i, j < kernel, so Tx >= n + (kernel - 1) dilation. ``weights`` from
+    ``head_logits_weights`` (their W gives the output width). Runs on ``torch.get_num_threads()``
+    threads; each logit is summed in one fixed order whatever the thread count."""
+    wt, cb, lin, lb = weights
+    check("head_logits", x.dtype, wt=wt, cb=cb, lin=lin, lb=lb)
+    if x.dim() != 3 or x.stride(2) != 1:
+        raise ValueError(f"head_logits: x must be (B, T, C) with contiguous channels; got shape {tuple(x.shape)}, "
+                         f"strides {x.stride()}")
+    b, t_in, c = x.shape
+    width, cp, ncp = lin.shape
+    if wt.shape != (kernel * kernel, cp) or n < 0 or n + (kernel - 1) * dilation > t_in \
+            or (width - 1) * stride + kernel > c or n_classes > ncp:
+        raise ValueError(f"head_logits: {n} frames of a {kernel}x{kernel} conv (dilation {dilation}, stride "
+                         f"{stride}, width {width}) do not fit x {tuple(x.shape)} / weights {tuple(wt.shape)}")
+    out = x.new_empty(b, n, ncp)
+    if n:
+        call("head_logits", x.dtype, x.data_ptr(), x.stride(0), x.stride(1), wt.data_ptr(), cb.data_ptr(),
+             lin.data_ptr(), lb.data_ptr(), b, n, kernel, dilation, stride, width, cp, ncp, out.data_ptr(),
+             torch.get_num_threads())
+    return out[..., :n_classes] if ncp != n_classes else out
