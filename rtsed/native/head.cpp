@@ -282,6 +282,64 @@ constexpr int kHeadRows = 6;      // frames per register tile of the conv (6 x 4
 constexpr int kHeadVectors = 4;   // vectors of output channels per register tile
 constexpr int64_t kHeadFrames = 48;  // frames per work unit: each unit walks all W positions once
 
+// One tile of head_logits: R frames (row pointers xr at tap (0, 0) of position w) through the conv
+// and ReLU into z (R, Cp), then o[r] (NCp) += z[r] @ Lw (Cp, NCp) for each frame r < R (o's rows
+// NCp apart). R is a template argument so that a short last tile (a 1-frame streaming step) does
+// only its own rows' work.
+template <typename T, int R>
+inline void head_tile(const T* const (&xr)[R], const int64_t* __restrict taps, int64_t KK, const T* __restrict wt,
+                      const T* __restrict cb, const T* __restrict Lw, int64_t Cp, int64_t NCp, T* __restrict z,
+                      T* __restrict o) {
+  using V = typename Vector<T>::type;
+  constexpr int64_t Lanes = Vector<T>::lanes, kTile = kHeadVectors * Lanes;
+  for (int64_t c0 = 0; c0 < Cp; c0 += kTile) {
+    V acc[R][kHeadVectors];
+    for (int v = 0; v < kHeadVectors; ++v) {
+      const V bias = load<V>(cb + c0 + v * Lanes);
+      for (int r = 0; r < R; ++r) acc[r][v] = bias;
+    }
+    for (int64_t tap = 0; tap < KK; ++tap) {
+      const T* wp = wt + tap * Cp + c0;
+      V wv[kHeadVectors];
+      for (int v = 0; v < kHeadVectors; ++v) wv[v] = load<V>(wp + v * Lanes);
+      const int64_t off = taps[tap];
+      for (int r = 0; r < R; ++r) {
+        const T a = xr[r][off];
+        for (int v = 0; v < kHeadVectors; ++v) acc[r][v] += a * wv[v];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < kHeadVectors; ++v) {
+        const V a = acc[r][v];
+        store(z + r * Cp + c0 + v * Lanes, a > V{} ? a : V{});
+      }
+  }
+  // The classifier's share of position w: one load of Lw per R FMAs.
+  for (int64_t cv = 0; cv < NCp; cv += Lanes) {
+    V acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = V{};
+    const T* lp = Lw + cv;
+    for (int64_t c = 0; c < Cp; ++c) {
+      const V lv = load<V>(lp + c * NCp);
+      for (int r = 0; r < R; ++r) acc[r] += z[r * Cp + c] * lv;
+    }
+    for (int r = 0; r < R; ++r) {
+      T* dst = o + r * NCp + cv;
+      store(dst, load<V>(dst) + acc[r]);
+    }
+  }
+}
+
+// The row pointers of R frames from t0 at position w, then head_tile<R>.
+template <typename T, int R>
+inline void head_rows(const T* x, int64_t b, int64_t sb, int64_t st, int64_t t0, int64_t w, int64_t S,
+                      const int64_t* taps, int64_t KK, const T* wt, const T* cb, const T* Lw, int64_t Cp, int64_t NCp,
+                      T* z, T* o) {
+  const T* xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = x + b * sb + (t0 + r) * st + w * S;
+  head_tile<T, R>(xr, taps, KK, wt, cb, Lw, Cp, NCp, z, o + t0 * NCp);
+}
+
 // logits[b, t, :] = bias + sum over (w, c) of L[w, c, :] relu(z[b, t, w, c]) for output frames
 // t in [0, n), where z[b, t, w, c] = cb[c] + sum over taps (i, j) of wt[i K + j, c] x[b, t + i d, w S + j]:
 // f_dil (a K x K conv of one input channel over (time, CNN channel), dilated by d in time and
@@ -300,71 +358,37 @@ template <typename T>
 void head_logits(const T* x, int64_t sb, int64_t st, const T* __restrict wt, const T* __restrict cb,
                  const T* __restrict L, const T* __restrict lb, int64_t B, int64_t n, int64_t K, int64_t d,
                  int64_t S, int64_t W, int64_t Cp, int64_t NCp, T* __restrict out, int threads) {
-  using V = typename Vector<T>::type;
-  constexpr int64_t Lanes = Vector<T>::lanes, kTile = kHeadVectors * Lanes;
   constexpr int R = kHeadRows;
-  const int64_t KK = K * K, class_vectors = NCp / Lanes;
+  static_assert(R == 6, "the remainder switch below covers 1 to 5 frames");
+  const int64_t KK = K * K;
   const int64_t per_batch = (n + kHeadFrames - 1) / kHeadFrames, units = B * per_batch;
 #pragma omp parallel num_threads(threads)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     std::vector<T> z_buffer(static_cast<size_t>(R) * Cp);
-    T* __restrict z = z_buffer.data();
+    T* z = z_buffer.data();
     std::vector<int64_t> tap_offsets(static_cast<size_t>(KK));
     for (int64_t i = 0; i < K; ++i)
       for (int64_t j = 0; j < K; ++j) tap_offsets[i * K + j] = i * d * st + j;
-    const int64_t* __restrict taps = tap_offsets.data();
+    const int64_t* taps = tap_offsets.data();
     int64_t u0, u1;
     split(units, tid, nt, &u0, &u1);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / per_batch, f0 = (u % per_batch) * kHeadFrames, f1 = std::min(n, f0 + kHeadFrames);
-      T* __restrict o = out + (b * n) * NCp;
+      T* o = out + (b * n) * NCp;
       for (int64_t t = f0; t < f1; ++t)
         for (int64_t k = 0; k < NCp; ++k) o[t * NCp + k] = lb[k];
       for (int64_t w = 0; w < W; ++w) {
-        const T* __restrict Lw = L + w * Cp * NCp;
-        for (int64_t t0 = f0; t0 < f1; t0 += R) {
-          const int rows = int(std::min<int64_t>(R, f1 - t0));
-          // Row pointers at tap (0, 0); a short last tile repeats its last frame (computed, not stored),
-          // so every tile runs the same fully unrolled loop.
-          const T* xr[R];
-          for (int r = 0; r < R; ++r) xr[r] = x + b * sb + (t0 + std::min(r, rows - 1)) * st + w * S;
-          for (int64_t c0 = 0; c0 < Cp; c0 += kTile) {
-            V acc[R][kHeadVectors];
-            for (int v = 0; v < kHeadVectors; ++v) {
-              const V bias = load<V>(cb + c0 + v * Lanes);
-              for (int r = 0; r < R; ++r) acc[r][v] = bias;
-            }
-            for (int64_t tap = 0; tap < KK; ++tap) {
-              const T* wp = wt + tap * Cp + c0;
-              V wv[kHeadVectors];
-              for (int v = 0; v < kHeadVectors; ++v) wv[v] = load<V>(wp + v * Lanes);
-              const int64_t off = taps[tap];
-              for (int r = 0; r < R; ++r) {
-                const T a = xr[r][off];
-                for (int v = 0; v < kHeadVectors; ++v) acc[r][v] += a * wv[v];
-              }
-            }
-            for (int r = 0; r < R; ++r)
-              for (int v = 0; v < kHeadVectors; ++v) {
-                const V a = acc[r][v];
-                store(z + r * Cp + c0 + v * Lanes, a > V{} ? a : V{});
-              }
-          }
-          // The classifier's share of position w: logits[t0 + r] += z[r] (Cp) @ L[w] (Cp, NCp).
-          for (int64_t cv = 0; cv < class_vectors; ++cv) {
-            V acc[R];
-            for (int r = 0; r < R; ++r) acc[r] = V{};
-            const T* lp = Lw + cv * Lanes;
-            for (int64_t c = 0; c < Cp; ++c) {
-              const V lv = load<V>(lp + c * NCp);
-              for (int r = 0; r < R; ++r) acc[r] += z[r * Cp + c] * lv;
-            }
-            for (int r = 0; r < rows; ++r) {
-              T* dst = o + (t0 + r) * NCp + cv * Lanes;
-              store(dst, load<V>(dst) + acc[r]);
-            }
-          }
+        const T* Lw = L + w * Cp * NCp;
+        int64_t t0 = f0;
+        for (; t0 + R <= f1; t0 += R) head_rows<T, R>(x, b, sb, st, t0, w, S, taps, KK, wt, cb, Lw, Cp, NCp, z, o);
+        switch (f1 - t0) {  // the last frames: a shorter tile, exactly their size
+          case 5: head_rows<T, 5>(x, b, sb, st, t0, w, S, taps, KK, wt, cb, Lw, Cp, NCp, z, o); break;
+          case 4: head_rows<T, 4>(x, b, sb, st, t0, w, S, taps, KK, wt, cb, Lw, Cp, NCp, z, o); break;
+          case 3: head_rows<T, 3>(x, b, sb, st, t0, w, S, taps, KK, wt, cb, Lw, Cp, NCp, z, o); break;
+          case 2: head_rows<T, 2>(x, b, sb, st, t0, w, S, taps, KK, wt, cb, Lw, Cp, NCp, z, o); break;
+          case 1: head_rows<T, 1>(x, b, sb, st, t0, w, S, taps, KK, wt, cb, Lw, Cp, NCp, z, o); break;
+          default: break;
         }
       }
     }
