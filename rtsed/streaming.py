@@ -83,6 +83,10 @@ class ModelStream:
         # Positions and ends are bookkeeping on the CPU, whatever the compute device.
         self.positions = torch.zeros(batch_size, dtype=torch.int64)
         self.ends = torch.full((batch_size,), NO_END, dtype=torch.int64)
+        # True once every stream is past its lookahead and none has ended (positions only grow;
+        # reset and end clear it): steps then skip the masking and its bookkeeping, ~20 tensor
+        # ops that cost 10 % of a 16-frame dnd_7_10 step at one thread.
+        self._steady = False
         self.device = device
         if device.type == "cpu":
             # Build (or load) the native kernels now: a first build takes seconds, which must not
@@ -94,6 +98,7 @@ class ModelStream:
     def reset(self, streams: Tensor | list[int] | None = None) -> None:
         """Start the given streams (default: all) afresh at frame 0; the others are untouched."""
         idx = None if streams is None else torch.as_tensor(streams, dtype=torch.long)
+        self._steady = False
         for state in self.block_states:
             state.reset(None if idx is None else idx.to(self.device))
         self.temporal_state.reset(None if idx is None else idx.to(self.device))
@@ -109,6 +114,7 @@ class ModelStream:
         their input frames are ignored and treated as the offline zero padding. Their last
         ``lookahead_frames`` outputs come out over the next steps (or at once with ``flush``)."""
         idx = slice(None) if streams is None else torch.as_tensor(streams, dtype=torch.long)
+        self._steady = False
         self.ends[idx] = torch.minimum(self.ends[idx], self.positions[idx])
 
     # -- stepping ------------------------------------------------------------------------------
@@ -134,7 +140,9 @@ class ModelStream:
             )
         n = x.shape[1]
         # Masking is needed only while some stream is inside its first frames or has ended.
-        masking = bool(self.positions.min() < self.lookahead_frames) or bool(self.ends.min() < NO_END)
+        masking = not self._steady and (
+            bool(self.positions.min() < self.lookahead_frames) or bool(self.ends.min() < NO_END))
+        self._steady = not masking
         h = x.to(self.device).unsqueeze(1)  # (B, 1, n, F)
         if masking:
             positions = self.positions[:, None] + torch.arange(n)  # (B, n), CPU
@@ -173,6 +181,8 @@ class ModelStream:
         n = frames.shape[1]
         if n == 0:
             return frames.new_zeros(0, self.model.config.n_classes)
+        if self._steady:  # every row valid
+            return self._step_logits(frames)[0]
         position, end = int(self.positions[0]), int(self.ends[0])
         logits = self._step_logits(frames)
         # Row j is offline frame position + j - lookahead: valid from frame 0 up to the end.
