@@ -50,6 +50,21 @@ def _session(path: Path, device: str, threads: int | None, model: bytes | None =
         raise OnnxModelError(f"{path}: onnxruntime cannot load it ({exc})") from None
 
 
+_F32 = np.dtype(np.float32)
+
+
+def _runner(session, device: str):
+    """``session.run`` as a callable (output_names, feeds) -> outputs. On the CPU, the binding
+    under it (``session._sess.run``) when this onnxruntime has one: InferenceSession.run checks
+    its feeds against the graph's inputs in Python first, ~3.8 us of a ~160 us one-frame
+    dnd_7_10 step, and OnnxStream checks them itself. On CUDA the public run, whose EP-failure
+    fallback the binding lacks."""
+    raw = getattr(session, "_sess", None)
+    if device == "cpu" and callable(getattr(raw, "run", None)):
+        return lambda names, feeds: raw.run(names, feeds, None)
+    return session.run
+
+
 @dataclass
 class OnnxFile:
     """An opened rtsed ONNX file: session, config and graph kind from its metadata."""
@@ -96,13 +111,31 @@ class OnnxOffline:
         return self.file.session.run(["logits"], {"logmel": x})[0]
 
 
-@dataclass
 class OnnxStepOutput:
-    """As rtsed.streaming.StepOutput, numpy: logits (B, n, C), frame_index (B, n), valid (B, n)."""
+    """As rtsed.streaming.StepOutput, numpy: logits (B, n, C), frame_index (B, n), valid (B, n).
 
-    logits: np.ndarray
-    frame_index: np.ndarray
-    valid: np.ndarray
+    A steady-state step (every stream past its lookahead, none ended) leaves frame_index and valid
+    to be computed on first use, from the positions before the step: every row is then valid and
+    row j of stream b is frame positions[b] + j - lookahead. ``push`` reads neither."""
+
+    __slots__ = ("logits", "_frame_index", "_valid", "_first", "_lookahead")
+
+    def __init__(self, logits: np.ndarray, frame_index: np.ndarray | None = None,
+                 valid: np.ndarray | None = None, first: np.ndarray | None = None, lookahead: int = 0):
+        self.logits, self._frame_index, self._valid = logits, frame_index, valid
+        self._first, self._lookahead = first, lookahead
+
+    @property
+    def frame_index(self) -> np.ndarray:
+        if self._frame_index is None:
+            self._frame_index = self._first[:, None] + (np.arange(self.logits.shape[1]) - self._lookahead)
+        return self._frame_index
+
+    @property
+    def valid(self) -> np.ndarray:
+        if self._valid is None:
+            self._valid = np.ones(self.logits.shape[:2], bool)
+        return self._valid
 
 
 class OnnxStream:
@@ -111,29 +144,44 @@ class OnnxStream:
     A step graph exported with a steady-state branch (``If`` on position and end, see
     rtsed.export) also gets that branch as a session of its own, run directly whenever every
     stream is past its lookahead and none has ended: the same arithmetic without the If node,
-    whose subgraph call cost ~7 us of a ~170 us one-frame step."""
+    whose subgraph call cost ~7 us of a ~170 us one-frame step. That session computes only the
+    logits and the new states (``steady_step_model(..., outputs=...)``): positions, frame indices
+    and validity are then known without the graph (positions in numpy, frame_index/valid only
+    when read), which takes 11 nodes (Sigmoid, the index arithmetic) off it. Measured on
+    dnd_7_10, one thread, one frame per push: 179 -> 166 us for this and a leaner step() (the
+    old one spent ~11 us of Python around the run: two numpy reductions per step to choose the
+    session, a 9-entry feed dict, 8 outputs), then -3.8 us for the binding's run (``_runner``)
+    and ~-3 us for push's own steady path. Numpy states between calls, not IOBinding or
+    run_with_ort_values: both measured slower here (+23 us, +40 us per one-frame step)."""
 
     def __init__(self, path: str | Path, batch_size: int = 1, device: str = "cpu", threads: int | None = None):
         self.file = OnnxFile.open(path, device, threads)
         if self.file.graph != "step":
             raise OnnxModelError(f"{path}: an offline graph; streaming needs one exported with --streaming")
-        self._steady_session = None
-        if self.file.meta.get("rtsed_step_variants") == "steady-if":
-            import onnx
-
-            steady = steady_step_model(onnx.load(str(self.file.path)))
-            self._steady_session = _session(self.file.path, device, threads, steady.SerializeToString())
         self.config = self.file.config
+        self._n_mels = self.config.model.n_mels
         self.batch_size = batch_size
         self.lookahead_frames = self.file.lookahead_frames
         self.no_end = int(self.file.meta["rtsed_no_end"])
         self.state_specs = [(s["name"], tuple(batch_size if d == "batch" else d for d in s["shape"]))
                             for s in json.loads(self.file.meta["rtsed_state"])]
+        self._state_names = [name for name, _ in self.state_specs]
         self.states = {name: np.zeros(shape, np.float32) for name, shape in self.state_specs}
         self.positions = np.zeros(batch_size, np.int64)
         self.ends = np.full(batch_size, self.no_end, np.int64)
-        self._outputs = ["logits", "frame_index", "valid", "position_out", *[f"{n}_out" for n, _ in self.state_specs]]
-        self._state_names = [name for name, _ in self.state_specs]
+        self._outputs = ["logits", "frame_index", "valid", "position_out", *[f"{n}_out" for n in self._state_names]]
+        self._steady_outputs = ["logits", *[f"{n}_out" for n in self._state_names]]
+        self._steady_session = None
+        if self.file.meta.get("rtsed_step_variants") == "steady-if":
+            import onnx
+
+            steady = steady_step_model(onnx.load(str(self.file.path)), self._steady_outputs)
+            self._steady_session = _session(self.file.path, device, threads, steady.SerializeToString())
+            self._run_steady = _runner(self._steady_session, device)
+        self._run = _runner(self.file.session, device)
+        # None: not known, look at positions and ends before the next step. True stays true
+        # until reset() or end(): positions only grow.
+        self._steady: bool | None = None
 
     def load_states(self, states: dict[str, np.ndarray]) -> None:
         """Replace the state tensors (e.g. restored from elsewhere), checking names and shapes."""
@@ -155,34 +203,59 @@ class OnnxStream:
             view[idx] = 0.0
         self.positions[idx] = 0
         self.ends[idx] = self.no_end
+        self._steady = None
 
     def end(self, streams=None) -> None:
         idx = slice(None) if streams is None else np.asarray(streams, dtype=np.int64)
         self.ends[idx] = np.minimum(self.ends[idx], self.positions[idx])
+        self._steady = None
+
+    def _is_steady(self) -> bool:
+        """Whether the steady session may run this step: every stream past its lookahead, none ended."""
+        self._steady = bool(self._steady_session is not None and self.positions.min() >= self.lookahead_frames
+                            and self.ends.min() >= self.no_end)
+        return self._steady
 
     def step(self, frames: np.ndarray) -> OnnxStepOutput:
         """frames (B, n, F) raw log-mel -> OnnxStepOutput."""
-        x = np.ascontiguousarray(frames, dtype=np.float32)
-        if x.ndim != 3 or x.shape[0] != self.batch_size or x.shape[2] != self.config.model.n_mels:
-            raise OnnxModelError(f"step expects (batch={self.batch_size}, frames, {self.config.model.n_mels}); got {x.shape}")
-        session = self.file.session
-        if (self._steady_session is not None and self.positions.min() >= self.lookahead_frames
-                and self.ends.min() >= self.no_end):
-            session = self._steady_session
+        x = frames
+        if type(x) is not np.ndarray or x.dtype is not _F32 or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 3 or x.shape[0] != self.batch_size or x.shape[2] != self._n_mels:
+            raise OnnxModelError(f"step expects (batch={self.batch_size}, frames, {self._n_mels}); got {x.shape}")
+        if self._steady or (self._steady is None and self._is_steady()):
+            logits, first = self._steady_step(x)
+            return OnnxStepOutput(logits, first=first, lookahead=self.lookahead_frames)
         feeds = {"frames": x, "position": self.positions, "end": self.ends, **self.states}
-        logits, frame_index, valid, self.positions, *new_states = session.run(self._outputs, feeds)
+        logits, frame_index, valid, self.positions, *new_states = self._run(self._outputs, feeds)
         # The graph's outputs are fresh arrays: they become the states, no copy.
         self.states = dict(zip(self._state_names, new_states))
+        self._steady = None  # the lookahead may have filled with this step
         return OnnxStepOutput(logits, frame_index, valid)
+
+    def _steady_step(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A checked (B, n, F) float32 batch through the steady session -> (logits (B, n, C),
+        positions before the step (B,)). Every row is then a valid new frame."""
+        feeds = self.states.copy()
+        feeds["frames"] = x
+        logits, *new_states = self._run_steady(self._steady_outputs, feeds)
+        self.states = dict(zip(self._state_names, new_states))
+        first = self.positions
+        self.positions = first + x.shape[1]  # a new array: ``first`` stays the step's own
+        return logits, first
 
     def push(self, frames: np.ndarray) -> np.ndarray:
         """One stream: frames (n, F) -> logits (m, C) of the newly completed output frames."""
         if self.batch_size != 1:
             raise RuntimeError("push/flush serve one stream; with several use step/end/reset")
-        x = np.asarray(frames, dtype=np.float32)
+        x = np.ascontiguousarray(frames, dtype=np.float32)
         n = x.shape[0]
         if n == 0:
             return np.zeros((0, len(self.config.labels)), np.float32)
+        if x.ndim == 2 and x.shape[1] == self._n_mels and (self._steady or (self._steady is None and self._is_steady())):
+            # Every row is a new frame: no step output object, no bounds (~3 us of Python per
+            # one-frame push, measured, which runs slower right after onnxruntime's run).
+            return self._steady_step(x[None])[0][0]
         position, end = int(self.positions[0]), int(self.ends[0])
         logits = self.step(x[None]).logits
         # Row j is offline frame position + j - lookahead: valid from frame 0 up to the end.

@@ -12,7 +12,7 @@ import torch
 import rtsed
 from rtsed import ops
 from rtsed.config import DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
-from rtsed.export import ExportError, export_onnx, main as export_main
+from rtsed.export import ExportError, export_onnx, main as export_main, steady_step_model
 from rtsed.onnx_backend import OnnxModelError, OnnxOffline, OnnxStream
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -171,6 +171,62 @@ def test_steady_state_branch(exported):
         assert_parity(outs["split"], ref)
         assert_parity(outs["whole"], ref)
         assert_parity(outs["split"], outs["whole"])
+
+
+def test_steady_session_is_pruned_to_logits_and_states(exported):
+    """OnnxStream's steady session computes only logits and the new states: no Sigmoid, no
+    frame-index/validity nodes, no position/end inputs. Asking for an output the graph lacks is
+    an error that names it."""
+    _, _, _, step = exported
+    proto = onnx.load(str(step))
+    stream = OnnxStream(step)
+    pruned = steady_step_model(proto, stream._steady_outputs)
+    full = steady_step_model(proto)
+    assert [o.name for o in pruned.graph.output] == stream._steady_outputs
+    assert [i.name for i in pruned.graph.input] == ["frames", *stream._state_names]
+    assert not {"Sigmoid", "Range", "Less"} & {n.op_type for n in pruned.graph.node}
+    assert {"Sigmoid", "Range", "Less"} <= {n.op_type for n in full.graph.node}
+    assert len(pruned.graph.node) < len(full.graph.node)
+    with pytest.raises(ExportError, match="no output.*'nope'"):
+        steady_step_model(proto, ["logits", "nope"])
+
+
+def test_steady_steps_report_frames_like_the_if_graph(exported):
+    """A steady step leaves frame_index and valid to numpy (computed on use, from the positions
+    before the step): with streams at different positions they equal what the file's If graph
+    computes, step for step, and so do logits, positions and states."""
+    _, config, _, step = exported
+    fast, slow = OnnxStream(step, batch_size=2), OnnxStream(step, batch_size=2)
+    slow._steady_session = None  # every step through the If
+    rng = np.random.default_rng(7)
+    steady_steps = 0
+    for i, n in enumerate([9] * 6 + [16] * 3 + [1, 3, 1]):
+        if i == 3:
+            for s in (fast, slow):
+                s.reset([0])  # stream 0 restarts: masked steps until it is past the lookahead again
+        frames = raw_logmel(config, n, batch=2, seed=int(rng.integers(1 << 30)))
+        a, b = fast.step(frames), slow.step(frames)
+        steady_steps += a._valid is None
+        np.testing.assert_array_equal(a.frame_index, b.frame_index)
+        np.testing.assert_array_equal(a.valid, b.valid)
+        assert_parity(a.logits, b.logits)
+        np.testing.assert_array_equal(fast.positions, slow.positions)
+        for name in fast.states:
+            assert_parity(fast.states[name], slow.states[name])
+    assert steady_steps >= 3 and fast.positions[0] != fast.positions[1]
+
+
+def test_multichannel_block_histories_are_channels_last(exported):
+    """The step graph keeps a block's history (B, K - 1, F, C) where the block reads C > 1
+    channels (contiguous Concat/Slice per step), block 0's as (B, 1, K - 1, F)."""
+    model, _, _, step = exported
+    states = json.loads({p.key: p.value for p in onnx.load(str(step)).metadata_props}["rtsed_state"])
+    shapes = {s["name"]: s["shape"] for s in states}
+    freq = model.config.n_mels
+    for i, block in enumerate(model.blocks):
+        k = block.context_frames
+        assert shapes[f"block{i}_history"] == (["batch", 1, k, freq] if i == 0 else ["batch", k, freq, block.in_channels])
+        freq //= block.pool.kernel_size[1]
 
 
 @pytest.mark.parametrize("signs", ["nonnegative", "mixed"])
