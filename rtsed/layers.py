@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rtsed import ops
+from rtsed.native import eval_block
 from rtsed.native import head as native_head
 
 
@@ -187,10 +188,21 @@ class FrequencyBlock(nn.Module):
         """ReLU -> BN -> pool -> dropout, per frame (the paper's order: ReLU before BN)."""
         return self.dropout(self.pool(self.bn(F.relu(y))))
 
-    def valid_time(self, x: Tensor) -> Tensor:
+    def valid_time(self, x: Tensor, history: Tensor | None = None) -> Tensor:
         """(B, C_in, T + K - 1, F) time-padded input -> (B, C_out, T, F // P): the whole block,
-        through rtsed.ops (reference, folded eval path on CPU, or a fused kernel)."""
-        return ops.frequency_block(self, x)
+        through rtsed.ops (reference, folded eval path on CPU, or a fused kernel).
+
+        history: None, or a streaming block's state (B, C_in, K - 1, F), the input frames that
+        precede x: the block then runs on cat(history, x) and advances history in place to that
+        window's last K - 1 frames. The native eval kernels do both without building the window."""
+        if history is None:
+            return ops.frequency_block(self, x)
+        if ops.eval_fast_path(self, x) and self.native_eval_applies(x):
+            return self.native_folded_valid_time(x, history, advance_history=True)
+        window = torch.cat([history, x], dim=2)
+        if self.context_frames:
+            history.copy_(window[:, :, window.shape[2] - self.context_frames:])
+        return ops.frequency_block(self, window)
 
     def conv_folded(self, x: Tensor) -> Tensor:
         """Eval mode: the conv part with every BN before the output ReLU folded in. Works in x's
@@ -210,7 +222,12 @@ class FrequencyBlock(nn.Module):
         one full-resolution pass (the pool) instead of three. On a channels-last y the pool is a
         max over groups of P rows of its (B, T, F, C) view. Traced for ONNX, the ReLU stays
         before the pool (onnxruntime fuses it into the conv) and the affine is a depthwise 1x1
-        Conv (one node instead of Mul and Add)."""
+        Conv (one node instead of Mul and Add).
+
+        Where rtsed.native.eval_block's kernels apply, ``native_folded_valid_time`` runs instead
+        (the same arithmetic in three passes, the pointwise GEMM still oneDNN's)."""
+        if self.native_eval_applies(x):
+            return self.native_folded_valid_time(x)
         sign, magnitude, shift, nonnegative = folded_cache(self, "post", bn_sources(self.bn), self._pool_affine)
         y = self.conv_folded(x)
         if not nonnegative:
@@ -227,6 +244,19 @@ class FrequencyBlock(nn.Module):
         f = rows.shape[2] // p * p  # floor: the last F mod P frequencies are dropped
         pooled = _relu_owned(rows[:, :, :f].unflatten(2, (-1, p)).amax(3))  # (B, T, F // P, C)
         return torch.addcmul(shift.view(-1), pooled, magnitude.view(-1)).permute(0, 3, 1, 2)
+
+    def native_eval_applies(self, x: Tensor) -> bool:
+        """Whether ``folded_valid_time`` runs on x through ``native_folded_valid_time``
+        (rtsed.native.eval_block's kernels). The base class has no native path."""
+        return False
+
+    def native_folded_valid_time(self, x: Tensor, history: Tensor | None = None,
+                                 advance_history: bool = False) -> Tensor:
+        """``folded_valid_time`` through native kernels: (B, C_in, T + K - 1, F) -> (B, C_out, T, F // P),
+        or, given ``history`` (B, C_in, H, F), the same on cat(history, x) without building it, and
+        with ``advance_history`` history advanced in place to the window's last H frames. Only
+        where ``native_eval_applies``."""
+        raise NotImplementedError
 
     def _pool_affine(self) -> tuple[Tensor, Tensor, Tensor, bool]:
         """(sign(a), |a|, b) of the output BN, each (C, 1, 1) to broadcast over (T, F), and
@@ -251,10 +281,7 @@ class FrequencyBlock(nn.Module):
     def step(self, x: Tensor, state: ConvHistory) -> Tensor:
         """x: (B, C_in, n, F) new frames -> (B, C_out, n, F // P), the causal outputs for them
         (offline frame t - right_pad for input frame t)."""
-        window = torch.cat([state.frames, x], dim=2)
-        if self.context_frames:
-            state.frames.copy_(window[:, :, window.shape[2] - self.context_frames:])
-        return self.valid_time(window)
+        return self.valid_time(x, state.frames)
 
 
 class ConvBlock(FrequencyBlock):
@@ -286,6 +313,8 @@ class DWSBlock(FrequencyBlock):
         self.depthwise = nn.Conv2d(c_in, c_out, kernel, padding=(0, kernel // 2), groups=c_in)
         self.inner_bn = nn.BatchNorm2d(c_out)
         self.pointwise = nn.Conv2d(c_out, c_out, 1)
+        # The shapes rtsed.native.eval_block's kernels take (fixed at construction).
+        self._native_shapes_fit = kernel in eval_block.KERNELS and (c_in == 1 or c_in == c_out)
 
     def conv_valid_time(self, x: Tensor) -> Tensor:
         depthwise = conv2d_like_input(x, self.depthwise)
@@ -314,6 +343,44 @@ class DWSBlock(FrequencyBlock):
             a = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])
         out = fused_linear(a, weight, bias)
         return out.view(b, t_in - k + 1, f, -1).permute(0, 3, 1, 2)
+
+    def native_eval_applies(self, x: Tensor) -> bool:
+        """The native kernels take a depthwise (C -> C) or one-input-channel (1 -> C) K x K conv
+        with K in eval_block.KERNELS, where ``ops.native_eval`` allows native inference."""
+        if not self._native_shapes_fit:
+            return False
+        # The parameters are listed only when autograd records (module attribute lookups cost
+        # ~0.5 us each, and this runs once per block per streaming step).
+        parameters = [self.depthwise.weight, self.pointwise.weight] if torch.is_grad_enabled() else []
+        return ops.native_eval(x, *parameters)
+
+    def native_folded_valid_time(self, x: Tensor, history: Tensor | None = None,
+                                 advance_history: bool = False) -> Tensor:
+        """The folded block as three passes over channels-last rows: the native K x K conv +
+        LeakyReLU (reading history and x in place, then advancing history when asked), the
+        pointwise GEMM with the inner BN folded in (oneDNN, ``fused_linear``), and the native
+        ReLU + output-BN affine + max-pool. Same arithmetic as ``folded_valid_time``'s torch path
+        (either sign of the BN scales)."""
+        dw = self.depthwise
+        sources = [self.pointwise.weight, self.pointwise.bias, *bn_sources(self.inner_bn), dw.weight]
+        weight, bias, _ = folded_cache(self, "pointwise", sources, self._folded_pointwise)
+        taps = folded_cache(self, "depthwise_taps", [dw.weight],
+                            lambda: dw.weight.reshape(dw.out_channels, -1).t().contiguous())  # (K K, C)
+        sign, magnitude, shift, _ = folded_cache(self, "post", bn_sources(self.bn), self._pool_affine)
+        # (B, C, T, F) -> (B, T, F, C): a view for channels-last (and one-channel) tensors
+        frames = x.permute(0, 2, 3, 1).contiguous()
+        past = None if history is None else history.permute(0, 2, 3, 1)  # a view of a channels-last state
+        if past is not None and not past.is_contiguous():  # (a state the kernel cannot advance in place)
+            a = eval_block.depthwise_conv_leaky(frames, taps, dw.bias, self.kernel, 0.01, past.contiguous())
+            if advance_history:
+                history.copy_(torch.cat([history, x], dim=2)[:, :, x.shape[2]:])
+        else:
+            a = eval_block.depthwise_conv_leaky(frames, taps, dw.bias, self.kernel, 0.01, past,
+                                                advance_history)  # (B, T, F, C)
+        b, t, f, c = a.shape
+        y = fused_linear(a.view(-1, c), weight, bias)
+        pooled = eval_block.pool_relu_affine(y.view(b * t, f, c), self.pool.kernel_size[1], sign, magnitude, shift)
+        return pooled.view(b, t, -1, c).permute(0, 3, 1, 2)
 
     def _folded_pointwise(self) -> tuple[Tensor, Tensor, Tensor]:
         """The pointwise conv with the inner BN folded in, weight (C, C) and bias (C,), and the

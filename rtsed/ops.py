@@ -37,6 +37,7 @@ BACKENDS = ("auto", "ref", "triton")
 OPS = ("dws_block", "dilated_temporal", "dilated_step")
 
 CPU_FAST_DTYPES = (torch.float32, torch.float64)  # dtypes the CPU fast paths take
+_NATIVE_DTYPES = (torch.float32, torch.float64)  # rtsed.native.DTYPES (not imported here: ops loads first)
 
 
 class KernelUnavailableError(RuntimeError):
@@ -101,13 +102,16 @@ def native_eval(x: Tensor, *params: Tensor) -> bool:
     (``cpu_fast_path``: not during ONNX export, whose graphs must stay plain ops), the kernels
     built (RTSED_NATIVE on, a compiler found), and no autograd recording through x or ``params``
     (the kernels have no backward)."""
-    if not cpu_fast_path(x):
+    # Cheapest tests first: this runs once per block per streaming step.
+    if not x.is_cpu or x.dtype not in _NATIVE_DTYPES:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return False
+    if not cpu_fast_path(x):
+        return False
     from rtsed import native
 
-    return x.dtype in native.DTYPES and native.available()
+    return native.available()
 
 
 def cpu_gemm_dtype(x: Tensor) -> torch.dtype | None:

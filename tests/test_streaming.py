@@ -430,12 +430,13 @@ def test_step_computes_only_new_frames(monkeypatch, dilation, padding, backend):
 
     monkeypatch.setattr(temporal, "_ring_taps", spy_taps)
     monkeypatch.setattr(temporal, "_ring_window", spy_window)
-    # Every path through a block (reference, folded, kernel) starts at its valid_time.
-    block_inputs: list[tuple[int, ...]] = []
+    # Every path through a block (reference, folded, kernel) starts at its valid_time, given the
+    # new frames and the block's history (the native eval kernels read the two in place).
+    block_inputs: list[int] = []
     for block in model.blocks:
-        def spy_block(x, real=block.valid_time):
-            block_inputs.append(tuple(x.shape))
-            return real(x)
+        def spy_block(x, history=None, real=block.valid_time):
+            block_inputs.append(x.shape[2] + (0 if history is None else history.shape[2]))
+            return real(x, history)
 
         monkeypatch.setattr(block, "valid_time", spy_block)
     g = torch.Generator().manual_seed(dilation)
@@ -446,7 +447,7 @@ def test_step_computes_only_new_frames(monkeypatch, dilation, padding, backend):
         assert {kind for kind, _ in dil_calls} == {"taps" if backend == "ref" else "window"}
         assert sum(frames for _, frames in dil_calls) == n
         assert len(dil_calls) == math.ceil(n / max_step)  # longer steps are sliced, not re-run
-        assert [shape[2] for shape in block_inputs] == [n + model.config.cnn_kernel - 1] * 3
+        assert block_inputs == [n + model.config.cnn_kernel - 1] * 3
 
 
 def test_gru_step_sees_only_new_frames():

@@ -7,7 +7,12 @@ that declares its functions' signatures (``declare``) and wraps them for tensors
   conv backward (used by ``rtsed.fast_block``);
 - ``head``: the non-GEMM parts of f_dil + BN + classifier's backward (used by ``rtsed.fast_head``),
   and its eval-mode forward straight to logits, conv and classifier in one pass (used by offline
-  inference through ``rtsed.fast_head`` and by streaming steps in ``rtsed.layers``).
+  inference through ``rtsed.fast_head`` and by streaming steps in ``rtsed.layers``);
+- ``eval_block``: an eval-mode CNN block's non-GEMM parts (the depthwise / one-channel conv with
+  its LeakyReLU; ReLU + max-pool + BN affine after the pointwise GEMM), used by
+  ``rtsed.layers.FrequencyBlock.folded_valid_time`` offline and streaming.
+
+``common.h`` holds the helpers the sources share (SIMD vectors, the static thread split).
 
 What they are for: the CPU training step of dnd_7_10 spent much of its non-GEMM time in torch's
 separate elementwise kernels, each a full pass over full-resolution activations (671 MB for
@@ -74,7 +79,9 @@ def _compiler() -> str:
 
 
 def sources() -> list[Path]:
-    return sorted(FOLDER.glob("*.cpp"))
+    """Every file the build reads: the ``*.cpp`` sources and the ``*.h`` headers they include
+    (all part of the cache key; only the ``.cpp`` files are compiled)."""
+    return sorted([*FOLDER.glob("*.cpp"), *FOLDER.glob("*.h")])
 
 
 def build(cache_dir: Path | None = None) -> Path:
@@ -97,7 +104,8 @@ def build(cache_dir: Path | None = None) -> Path:
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        result = subprocess.run([cxx, *FLAGS, *map(str, sources()), "-o", str(partial)], capture_output=True,
+        compiled = [str(path) for path in sources() if path.suffix == ".cpp"]
+        result = subprocess.run([cxx, *FLAGS, *compiled, "-o", str(partial)], capture_output=True,
                                 text=True, timeout=300)
         if result.returncode != 0:
             raise NativeBuildError(f"{cxx} failed to compile {FOLDER}/*.cpp:\n{result.stderr.strip()[-2000:]}")
@@ -136,8 +144,8 @@ def library() -> ctypes.CDLL | None:
             except (NativeBuildError, OSError, AttributeError) as error:
                 _failure = str(error)
                 warnings.warn(
-                    f"rtsed: native CPU kernels unavailable, training and inference run the slower torch "
-                    f"compositions (same results). Why: {_failure}. Fix: install a C++ compiler with OpenMP "
+                    f"rtsed: native CPU kernels unavailable, the CPU paths run the slower torch compositions "
+                    f"(same results). Why: {_failure}. Fix: install a C++ compiler with OpenMP "
                     "(apt-get install g++) and let RTSED_NATIVE_CACHE (default ~/.cache/rtsed/native) name a "
                     "writable folder, or set RTSED_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=2)
     return _library
@@ -161,11 +169,28 @@ def function(name: str, dtype: torch.dtype):
     return fn
 
 
+_called: dict[tuple[str, torch.dtype], tuple[ctypes.CDLL, object]] = {}  # (name, dtype) -> (library, function)
+# Whether a profiler runs: 0.07 us, where record_function costs ~7 us even unprofiled. A private
+# torch function; without it (another torch), every call is labelled.
+_profiler_enabled = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", lambda: True)
+
+
 def call(name: str, dtype: torch.dtype, *args) -> None:
-    """Run ``<name>_f32/_f64`` under a profiler label ``rtsed::native::<name>`` (so profiles,
-    e.g. benchmarks.profile_step, see native time as operators; ~1 us when not profiling)."""
-    fn = function(name, dtype)
-    with torch.profiler.record_function(f"rtsed::native::{name}"):
+    """Run ``<name>_f32/_f64``; while a profiler runs, under a label ``rtsed::native::<name>``
+    (so profiles, e.g. benchmarks.profile_step, see native time as operators). The function is
+    looked up once per library: a streaming step makes ~10 native calls, and the lookup and an
+    unconditional record_function cost ~9 us a call there. Callers check ``available()`` first
+    (which honours RTSED_NATIVE); ``call`` does not re-read the environment."""
+    cached = _called.get((name, dtype))
+    if cached is None or cached[0] is not _library:
+        fn = function(name, dtype)
+        _called[(name, dtype)] = (_library, fn)
+    else:
+        fn = cached[1]
+    if _profiler_enabled():
+        with torch.profiler.record_function(f"rtsed::native::{name}"):
+            fn(*args)
+    else:
         fn(*args)
 
 
@@ -173,7 +198,7 @@ def check(name: str, dtype: torch.dtype, **tensors: Tensor) -> None:
     if dtype not in DTYPES:
         raise TypeError(f"{name}: native kernels take float32 or float64, got {dtype}")
     for arg, t in tensors.items():
-        if t.device.type != "cpu" or not t.is_contiguous():
+        if not t.is_cpu or not t.is_contiguous():  # (is_cpu: no device object per tensor per call)
             raise ValueError(f"{name}: {arg} must be a contiguous CPU tensor (device {t.device}, "
                              f"strides {t.stride()})")
         if t.dtype not in (dtype, torch.int8):

@@ -23,6 +23,8 @@
 #include <cstring>
 #include <vector>
 
+#include "common.h"  // Vec, load / store, split, taps_major
+
 namespace {
 
 constexpr int64_t kBlockRows = 64;
@@ -48,12 +50,6 @@ class ThreadSums {
   int threads_;
   std::vector<double> data_;
 };
-
-// [begin, end) of `n` items for thread `tid` of `nt`: contiguous, static.
-inline void split(int64_t n, int tid, int nt, int64_t* begin, int64_t* end) {
-  *begin = n * tid / nt;
-  *end = n * (tid + 1) / nt;
-}
 
 template <typename T>
 inline void flush(T* __restrict block, double* __restrict total, int64_t C) {
@@ -275,45 +271,6 @@ void leaky_bn_backward(T* g, const T* a, const T* scale, const T* alpha, const T
 // with the K x K accumulators (weight grad) or weights (input grad) held in registers: no
 // reductions across threads, deterministic.
 // ---------------------------------------------------------------------------------------------
-
-// GCC vector extensions (portable: plain SIMD where the target has no AVX-512). The attribute
-// cannot be applied to a dependent type, hence one typedef per element type.
-template <typename T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
-template <typename T>
-using Vec = typename VecOf<T>::type;
-
-template <typename T>
-constexpr int64_t kLanes = int64_t(64 / sizeof(T));
-
-template <typename T>
-inline Vec<T> load(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <typename T>
-inline void store(T* p, const Vec<T>& v) {
-  std::memcpy(p, &v, sizeof v);
-}
-
-// A conv weight (C, K K) as (K K, C): one vector load per tap for a block of channels.
-template <typename T>
-std::vector<T> taps_major(const T* w, int64_t C, int KK) {
-  std::vector<T> out(static_cast<size_t>(KK) * C);
-  for (int64_t c = 0; c < C; ++c)
-    for (int tap = 0; tap < KK; ++tap) out[tap * C + c] = w[c * KK + tap];
-  return out;
-}
 
 // Work is split over tiles of kTileRows (b, t) rows; within a tile each 64-byte block of channels
 // (16 floats / 8 doubles) is swept with its K x K accumulators (weight grad) or weights (input
