@@ -207,12 +207,27 @@ class DilatedHeadFunction(torch.autograd.Function):
         d_x = torch.zeros_like(x) if need_x else None
         d_w_conv = torch.zeros_like(w_conv)
         d_conv_bias = torch.zeros(c_out, dtype=torch.float64 if fused else x.dtype)  # the kernels sum in float64
+        # With the kernels and float32/64 GEMMs, one native pass per chunk does dL/dz and both of
+        # the conv's gradient GEMMs (head_conv_backward); with bf16 GEMMs (CPU autocast) dL/dz is
+        # native and the GEMMs run in bf16.
+        one_pass = fused and gemm_dtype is None and kernel in native_head.CONV_KERNELS
+        if one_pass:
+            w_conv_padded = native_head.padded_conv_weight(conv_weight)
+            d_patches_buffer = x.new_empty(max((r.shape[0] for r in r_chunks), default=0), kernel * kernel)
         if fused:
             folded_w = folded.view(n_classes, width, c_out).transpose(0, 1).contiguous()  # (W, k, C_out)
             # One dz buffer for all chunks, in cache between the pass that writes it and the GEMMs
             # that read it (as fast as writing over r, which would change what ctx saved).
             dz_buffer = x.new_empty(max((r.shape[0] for r in r_chunks), default=0), c_out)
         for (t0, t1), g_chunk, r in zip(chunks, g_chunks, r_chunks):
+            if one_pass:
+                d_patches = d_patches_buffer[:r.shape[0]]
+                d_conv_bias += native_head.head_conv_backward(x, t0, t1, r, g_chunk, folded_w, alpha, beta_r,
+                                                              w_conv_padded, kernel, dilation, stride, d_patches,
+                                                              d_w_conv)
+                if need_x:
+                    native_head.patch_scatter_(d_x, d_patches, t0, t1, kernel, dilation, stride, width)
+                continue
             # Pass 2: a * gy for this chunk, (rows, C_out), straight from the folded classifier.
             if fused:  # one pass (the torch composition below makes four), its channel sums beside
                 dz, dz_sum = native_head.head_relu_grad(r, g_chunk, folded_w, alpha, beta_r,

@@ -1,4 +1,5 @@
-"""rtsed.native.head (the native backward kernels of rtsed.fast_head) against plain torch.
+"""rtsed.native.head (the native kernels of rtsed.fast_head: its backward passes and its
+eval-mode forward to logits) against plain torch.
 
 - Each wrapper against its torch formula: float64 to ~1e-12, float32 at the parity rule; sizes
   that leave partial register tiles (channels, classes, columns, frames per thread); results that
@@ -23,7 +24,9 @@ from rtsed.layers import DilatedTemporal
 from rtsed.native import head as native_head
 
 ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule (fp32)
-KERNELS = ("head_relu_grad", "class_products_", "patch_scatter_")
+KERNELS = ("head_relu_grad", "head_conv_backward", "class_products_", "patch_scatter_")
+# What fast_head's float32/64 backward runs (head_relu_grad serves its bf16-GEMM variant).
+NATIVE_BACKWARD = {"head_conv_backward", "class_products_", "patch_scatter_"}
 
 
 @pytest.fixture
@@ -131,6 +134,54 @@ def test_patch_scatter_is_the_transpose_of_dilated_patches(native_on):
     torch.testing.assert_close((x * dx).sum(), lhs, rtol=1e-12, atol=1e-12)
 
 
+def _conv_backward_case(batch, frames, channels_in, c_out, n_classes, kernel, dilation, stride, train, dtype, seed=0):
+    """Inputs of head_conv_backward for output frames [2, 2 + frames), and the torch formulas'
+    (d_patches, d_weight, per-channel sum of dL/dz)."""
+    g = torch.Generator().manual_seed(seed)
+    width = (channels_in - kernel) // stride + 1
+    t0, t1 = 2, 2 + frames
+    x = torch.randn(batch, t1 + (kernel - 1) * dilation + 1, channels_in, generator=g, dtype=dtype)
+    r = torch.randn(batch * frames * width, c_out, generator=g, dtype=dtype).clamp_min(0)
+    grad = torch.randn(batch * frames, n_classes, generator=g, dtype=dtype)
+    folded_w = torch.randn(width, n_classes, c_out, generator=g, dtype=dtype)
+    alpha = torch.randn(c_out, generator=g, dtype=dtype) if train else None
+    beta = torch.randn(c_out, generator=g, dtype=dtype) if train else None
+    conv_weight = torch.randn(c_out, 1, kernel, kernel, generator=g, dtype=dtype)
+    dz = torch.einsum("bk,wkc->bwc", grad, folded_w).reshape(-1, c_out)
+    if train:
+        dz = dz + alpha + beta * r
+    dz = torch.where(r > 0, dz, torch.zeros_like(dz))
+    patches = fast_head.dilated_patches(x, t0, t1, kernel, dilation, stride, width)
+    expected = (dz @ conv_weight.reshape(c_out, -1), dz.t() @ patches, dz.sum(0).double())
+    args = (x, t0, t1, r, grad, folded_w, alpha, beta, native_head.padded_conv_weight(conv_weight), kernel, dilation,
+            stride)
+    return args, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("batch,frames,channels_in,c_out,n_classes,kernel,dilation,stride", [
+    (2, 5, 40, 36, 5, 7, 3, 3),  # channels past whole vectors, frames past whole tiles
+    (3, 11, 23, 64, 16, 5, 2, 2),  # 33 frames: a group of 32 rows and one more
+    (1, 3, 16, 7, 3, 3, 1, 1),  # fewer frames than a tile
+    (2, 9, 256, 256, 16, 7, 10, 3),  # dnd_7_10's geometry
+])
+def test_head_conv_backward_matches_torch(native_on, dtype, train, batch, frames, channels_in, c_out, n_classes,
+                                          kernel, dilation, stride):
+    args, (dp_expected, dw_expected, sum_expected) = _conv_backward_case(
+        batch, frames, channels_in, c_out, n_classes, kernel, dilation, stride, train, dtype)
+    width = args[5].shape[0]
+    d_patches = torch.full((batch * frames * width, kernel * kernel), float("nan"), dtype=dtype)
+    start = torch.randn(c_out, kernel * kernel, dtype=dtype)  # d_weight is accumulated into
+    d_weight = start.clone()
+    total = native_head.head_conv_backward(*args, d_patches, d_weight)
+    assert dp_expected.abs().max() > 0.1
+    tol = _tol(dtype) if dtype == torch.float64 else {"rtol": RTOL, "atol": ATOL * dw_expected.abs().max().item()}
+    torch.testing.assert_close(d_patches, dp_expected, **tol)
+    torch.testing.assert_close(d_weight, start + dw_expected, **tol)
+    torch.testing.assert_close(total, sum_expected, **(tol if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-3}))
+
+
 def test_results_do_not_depend_on_thread_count(native_on, threads):
     torch.manual_seed(4)
     frames, width, channels, n_classes = 9, 7, 72, 16
@@ -149,9 +200,17 @@ def test_results_do_not_depend_on_thread_count(native_on, threads):
                                                r.view(frames, width * channels))
         dx = torch.zeros(2, 20 + (kernel - 1) * dilation, 40)
         native_head.patch_scatter_(dx, d_patches, t0, t1, kernel, dilation, stride, patch_width)
-        results.append((dz, products, dx))
-    for one, two in zip(*results):
+        args, _ = _conv_backward_case(2, 9, 40, 72, 16, 7, 3, 3, True, torch.float32, seed=4)
+        conv_d_patches = torch.empty(2 * 9 * args[5].shape[0], 49)
+        conv_d_weight = torch.zeros(72, 49)
+        conv_sum = native_head.head_conv_backward(*args, conv_d_patches, conv_d_weight)
+        results.append(((dz, products, dx, conv_d_patches), (conv_sum, conv_d_weight)))
+    for one, two in zip(results[0][0], results[1][0]):
         assert torch.equal(one, two)
+    # Sums over a thread's rows (the weight gradient; the bias gradient's float32 partials) are
+    # merged in thread order: equal up to rounding.
+    for one, two in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(one.float(), two.float(), rtol=1e-5, atol=1e-4)
 
 
 def test_wrappers_reject_bad_arguments(native_on):
@@ -166,6 +225,14 @@ def test_wrappers_reject_bad_arguments(native_on):
         native_head.head_relu_grad(r.float(), g, folded_w)
     with pytest.raises(ValueError, match="contiguous"):
         native_head.class_products_(torch.zeros(3, 24, dtype=torch.float64), g, r.view(4, 24).t().contiguous().t())
+    args, _ = _conv_backward_case(1, 3, 16, 8, 3, 3, 1, 1, True, torch.float64)
+    width = args[5].shape[0]
+    with pytest.raises(ValueError, match="do not match"):
+        native_head.head_conv_backward(*args, torch.empty(3 * width, 8, dtype=torch.float64),
+                                       torch.zeros(8, 9, dtype=torch.float64))
+    with pytest.raises(ValueError, match="do not fit"):
+        native_head.head_conv_backward(*args[:2], 40, *args[3:], torch.empty(3 * width, 9, dtype=torch.float64),
+                                       torch.zeros(8, 9, dtype=torch.float64))
     with pytest.raises(ValueError, match="reach outside"):
         native_head.patch_scatter_(torch.zeros(1, 10, 8, dtype=torch.float64), torch.zeros(2, 9, dtype=torch.float64),
                                    8, 10, 3, 1, 2, 1)
@@ -206,7 +273,7 @@ def _run(model, h, grad, path, monkeypatch):
         monkeypatch.setenv("RTSED_NATIVE", "1" if path == "native" else "0")
         logits = fast_head.dilated_head(model["temporal"], model["classifier"], h)
     logits.backward(grad)
-    assert set(calls) == (set(KERNELS) if path == "native" else set()), f"{path} path called {set(calls)}"
+    assert set(calls) == (NATIVE_BACKWARD if path == "native" else set()), f"{path} path called {set(calls)}"
     grads = {name: p.grad for name, p in model.named_parameters()}
     bn = model["temporal"].bn
     return logits.detach(), h.grad, grads, (bn.running_mean.clone(), bn.running_var.clone())

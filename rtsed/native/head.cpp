@@ -28,12 +28,9 @@
 #include <cstring>
 #include <vector>
 
-namespace {
+#include "common.h"
 
-inline void split(int64_t n, int tid, int nt, int64_t* begin, int64_t* end) {
-  *begin = n * tid / nt;
-  *end = n * (tid + 1) / nt;
-}
+namespace {
 
 constexpr int kRows = 4;  // frames whose rows share each load of the folded classifier
 constexpr int64_t kTileW = 4;  // positions w per walk over a thread's frames
@@ -50,59 +47,39 @@ inline void flush(T* __restrict part, double* __restrict total, int64_t C, int64
   *in_block = 0;
 }
 
-// 64-byte vectors (GCC's vector extensions: one zmm with AVX-512, two ymm with AVX2), loaded
-// and stored unaligned through memcpy.
-template <typename T>
-struct Vector {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int64_t lanes = 64 / sizeof(T);
-};
-
-template <typename V, typename T>
-inline V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-inline void store(T* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
 // R rows (bt, w) .. (bt + R - 1, w) of C channels each (R frames at one position w), a tile of
 // kVectors vectors of channels at a time: the R x kVectors sums over the n_classes live in
-// registers, and each load of the folded classifier (from L1 / L2) feeds R FMAs. dz may be r.
+// registers, and each load of the folded classifier (from L1 / L2) feeds R FMAs. Rows of r lie
+// row_stride apart, of dz dz_stride apart; dz may be r.
 template <typename T, bool Batch, int R>
-inline void relu_grad_rows(const T* r, T* dz, int64_t row_stride, const T* __restrict g, int64_t NC,
+inline void relu_grad_rows(const T* r, T* dz, int64_t row_stride, int64_t dz_stride, const T* __restrict g, int64_t NC,
                            const T* __restrict f, const T* __restrict al, const T* __restrict be,
                            int64_t C, T* __restrict part) {
-  using V = typename Vector<T>::type;
-  constexpr int64_t L = Vector<T>::lanes, kVectors = 4, kTile = kVectors * L;
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>, kVectors = 4, kTile = kVectors * L;
   int64_t c0 = 0;
   for (; c0 + kTile <= C; c0 += kTile) {
     V acc[R][kVectors];
     for (int v = 0; v < kVectors; ++v) {
-      const V a = Batch ? load<V>(al + c0 + v * L) : V{};
+      const V a = Batch ? load(al + c0 + v * L) : V{};
       for (int i = 0; i < R; ++i) acc[i][v] = a;
     }
     for (int64_t k = 0; k < NC; ++k) {
       const T* fk = f + k * C + c0;
       V fv[kVectors];
-      for (int v = 0; v < kVectors; ++v) fv[v] = load<V>(fk + v * L);
+      for (int v = 0; v < kVectors; ++v) fv[v] = load(fk + v * L);
       for (int i = 0; i < R; ++i) {
         const T gv = g[i * NC + k];
         for (int v = 0; v < kVectors; ++v) acc[i][v] += gv * fv[v];
       }
     }
     for (int v = 0; v < kVectors; ++v) {
-      V sum = load<V>(part + c0 + v * L);
+      V sum = load(part + c0 + v * L);
       for (int i = 0; i < R; ++i) {
-        const int64_t at = i * row_stride + c0 + v * L;
-        const V x = load<V>(r + at);
-        V d = Batch ? acc[i][v] + load<V>(be + c0 + v * L) * x : acc[i][v];
+        const V x = load(r + i * row_stride + c0 + v * L);
+        V d = Batch ? acc[i][v] + load(be + c0 + v * L) * x : acc[i][v];
         d = x > V{} ? d : V{};
-        store(dz + at, d);
+        store(dz + i * dz_stride + c0 + v * L, d);
         sum += d;
       }
       store(part + c0 + v * L, sum);
@@ -114,7 +91,7 @@ inline void relu_grad_rows(const T* r, T* dz, int64_t row_stride, const T* __res
       for (int64_t k = 0; k < NC; ++k) acc += g[i * NC + k] * f[k * C + c];
       const T x = r[i * row_stride + c];
       const T d = x > T(0) ? (Batch ? acc + be[c] * x : acc) : T(0);
-      dz[i * row_stride + c] = d;
+      dz[i * dz_stride + c] = d;
       part[c] += d;
     }
   }
@@ -151,7 +128,7 @@ void head_relu_grad(const T* r, T* dz, const T* g, const T* folded, const T* alp
       for (; bt + kRows <= b1; bt += kRows) {
         for (int64_t w = w0; w < w1; ++w) {
           const int64_t row = (bt * W + w) * C;
-          relu_grad_rows<T, Batch, kRows>(r + row, dz + row, WC, g + bt * NC, NC, folded + w * NC * C, alpha, beta,
+          relu_grad_rows<T, Batch, kRows>(r + row, dz + row, WC, WC, g + bt * NC, NC, folded + w * NC * C, alpha, beta,
                                           C, part);
           in_block += kRows;
           if (in_block >= kBlockRows) flush(part, total, C, &in_block);
@@ -160,7 +137,7 @@ void head_relu_grad(const T* r, T* dz, const T* g, const T* folded, const T* alp
       for (; bt < b1; ++bt) {
         for (int64_t w = w0; w < w1; ++w) {
           const int64_t row = (bt * W + w) * C;
-          relu_grad_rows<T, Batch, 1>(r + row, dz + row, WC, g + bt * NC, NC, folded + w * NC * C, alpha, beta, C,
+          relu_grad_rows<T, Batch, 1>(r + row, dz + row, WC, WC, g + bt * NC, NC, folded + w * NC * C, alpha, beta, C,
                                       part);
           if (++in_block >= kBlockRows) flush(part, total, C, &in_block);
         }
@@ -178,15 +155,15 @@ void head_relu_grad(const T* r, T* dz, const T* g, const T* folded, const T* alp
 template <typename T, int KB>
 inline void class_products_tile(const T* __restrict r, int64_t ld_r, const T* __restrict g, int64_t NC, int64_t BT,
                                 T* __restrict out, int64_t ld_out) {
-  using V = typename Vector<T>::type;
-  constexpr int64_t L = Vector<T>::lanes, kV = kProductVectors;
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>, kV = kProductVectors;
   V acc[KB][kV];
   for (int k = 0; k < KB; ++k)
-    for (int v = 0; v < kV; ++v) acc[k][v] = load<V>(out + k * ld_out + v * L);
+    for (int v = 0; v < kV; ++v) acc[k][v] = load(out + k * ld_out + v * L);
   for (int64_t bt = 0; bt < BT; ++bt) {
     const T* row = r + bt * ld_r;
     V x[kV];
-    for (int v = 0; v < kV; ++v) x[v] = load<V>(row + v * L);
+    for (int v = 0; v < kV; ++v) x[v] = load(row + v * L);
     for (int k = 0; k < KB; ++k) {
       const T gk = g[bt * NC + k];
       for (int v = 0; v < kV; ++v) acc[k][v] += gk * x[v];
@@ -220,7 +197,7 @@ inline void class_products_block(int kb, const T* r, int64_t ld_r, const T* g, i
 // MKL's 0.85 ms for that chunk, read from memory, float32.
 template <typename T>
 void class_products(const T* r, const T* g, int64_t BT, int64_t N, int64_t NC, T* out, int threads) {
-  constexpr int64_t kCols = kProductVectors * Vector<T>::lanes;
+  constexpr int64_t kCols = kProductVectors * kLanes<T>;
   const int64_t tiles = N / kCols;
 #pragma omp parallel num_threads(threads)
   {
@@ -276,6 +253,174 @@ void patch_scatter(T* dx, const T* dp, int64_t B, int64_t Tp, int64_t C, int64_t
   }
 }
 
+// ---- training backward of the conv: dL/dz, dL/dW_conv and the patch gradients in one pass --------
+
+constexpr int64_t kGroupRows = 32;  // dz rows gathered (in L1) before each weight-gradient update
+
+// out rows (R of them, out_stride apart, KK values each) = dz (R, C; rows C apart) @ wc (C, NV L),
+// the conv weight (C, K K) zero-padded to NV vectors per channel: the R x NV sums in registers,
+// each weight row load feeding R FMAs.
+template <typename T, int R, int NV>
+inline void patch_grad_rows(const T* __restrict dz, int64_t C, const T* __restrict wc, int64_t KK, T* out,
+                            int64_t out_stride) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  V acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  for (int64_t c = 0; c < C; ++c) {
+    V wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = load(wc + c * NV * L + v * L);
+    for (int i = 0; i < R; ++i) {
+      const T a = dz[i * C + c];
+      for (int v = 0; v < NV; ++v) acc[i][v] += a * wv[v];
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    T row[NV * L];
+    for (int v = 0; v < NV; ++v) store(row + v * L, acc[i][v]);
+    std::memcpy(out + i * out_stride, row, sizeof(T) * KK);
+  }
+}
+
+// dw (C, NV L) += dz^T (C, G) @ p (G, NV L) over a group of G rows: CB channels x NV vectors of
+// taps in registers per sweep of the group, each patch row load feeding CB FMAs.
+template <typename T, int NV>
+inline void weight_grad_group(const T* __restrict dz, const T* __restrict p, int64_t G, int64_t C, T* __restrict dw) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>, KKp = NV * L;
+  constexpr int CB = 4;
+  int64_t c0 = 0;
+  for (; c0 + CB <= C; c0 += CB) {
+    V acc[CB][NV];
+    for (int cb = 0; cb < CB; ++cb)
+      for (int v = 0; v < NV; ++v) acc[cb][v] = load(dw + (c0 + cb) * KKp + v * L);
+    for (int64_t i = 0; i < G; ++i) {
+      V pv[NV];
+      for (int v = 0; v < NV; ++v) pv[v] = load(p + i * KKp + v * L);
+      for (int cb = 0; cb < CB; ++cb) {
+        const T a = dz[i * C + c0 + cb];
+        for (int v = 0; v < NV; ++v) acc[cb][v] += a * pv[v];
+      }
+    }
+    for (int cb = 0; cb < CB; ++cb)
+      for (int v = 0; v < NV; ++v) store(dw + (c0 + cb) * KKp + v * L, acc[cb][v]);
+  }
+  for (; c0 < C; ++c0) {  // channels past the last whole block
+    V acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = load(dw + c0 * KKp + v * L);
+    for (int64_t i = 0; i < G; ++i)
+      for (int v = 0; v < NV; ++v) acc[v] += dz[i * C + c0] * load(p + i * KKp + v * L);
+    for (int v = 0; v < NV; ++v) store(dw + c0 * KKp + v * L, acc[v]);
+  }
+}
+
+// The conv part of the head's backward for one time chunk, output frames [t0, t0 + n) of all B
+// items (BT = B n frames, rows (bt, w) as in head_relu_grad), replacing head_relu_grad's dz
+// written to memory, two GEMMs reading it back (dz^T patches, dz W: K = 49 shapes oneDNN and MKL
+// ran at ~55 % of this CPU's fp32 peak) and the copy of the patches each of them read:
+//   dz = r > 0 ? g @ folded[w] + alpha + beta r : 0              (head_relu_grad's formula)
+//   dp[(bt, w), i K + j] = sum_c dz[(bt, w), c] wc[c, i K + j]     (the patch gradients)
+//   dw[c, i K + j] += sum over rows of dz[(bt, w), c] x[b, t0 + t + i d, w S + j]
+//   dz_sum[c] += sum over rows of dz[(bt, w), c]                    (float64)
+// x (B, Tp, Cx) the time-padded input; wc (C, NV L) the conv weight zero-padded per channel;
+// dp (BT W, K K) written (patch_scatter adds it into dx). Each thread takes a range of frames and
+// walks them once per position w: a tile of kRows frames' dz stays in L1 for its patch gradients,
+// and kGroupRows rows of dz and their patches (gathered from x) for the weight gradient, summed
+// per thread and merged in thread order (so dw depends on the thread count only by rounding, as
+// a threaded GEMM's does).
+template <typename T, bool Batch, int K>
+void head_conv_backward(const T* x, int64_t Tp, int64_t Cx, int64_t t0, int64_t n, int64_t dil, int64_t S,
+                        const T* r, const T* g, const T* folded, const T* alpha, const T* beta, const T* wc,
+                        int64_t B, int64_t W, int64_t C, int64_t NC, T* dp, T* dw, double* dz_sum, int threads) {
+  constexpr int64_t L = kLanes<T>;
+  constexpr int KK = K * K, NV = int((KK + L - 1) / L);
+  constexpr int64_t KKp = NV * L;
+  constexpr int R = kRows;
+  static_assert(kGroupRows % R == 0, "a group holds whole tiles");
+  const int64_t BT = B * n, WC = W * C;
+  std::vector<double> sums(size_t(threads) * C, 0.0);
+  std::vector<T> dw_parts(size_t(threads) * C * KKp, T(0));
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t b0, b1;
+    split(BT, tid, nt, &b0, &b1);
+    std::vector<T> dz_data(size_t(kGroupRows) * C), p_data(size_t(kGroupRows) * KKp, T(0)), part_data(C, T(0));
+    T* dz = dz_data.data();
+    T* p = p_data.data();
+    T* part = part_data.data();
+    T* dwp = &dw_parts[size_t(tid) * C * KKp];
+    double* total = &sums[size_t(tid) * C];
+    int64_t in_block = 0;
+    for (int64_t w = 0; w < W; ++w) {
+      const T* fw = folded + w * NC * C;
+      int64_t group = 0;
+      for (int64_t bt = b0; bt < b1;) {
+        const int64_t rows = std::min<int64_t>(R, b1 - bt);
+        const int64_t row = (bt * W + w) * C;
+        T* dzg = dz + group * C;
+        T* dpr = dp + (bt * W + w) * KK;
+        if (rows == R) {
+          relu_grad_rows<T, Batch, R>(r + row, dzg, WC, C, g + bt * NC, NC, fw, alpha, beta, C, part);
+          patch_grad_rows<T, R, NV>(dzg, C, wc, KK, dpr, W * KK);
+        } else {
+          for (int64_t i = 0; i < rows; ++i) {
+            relu_grad_rows<T, Batch, 1>(r + row + i * WC, dzg + i * C, WC, C, g + (bt + i) * NC, NC, fw, alpha,
+                                        beta, C, part);
+            patch_grad_rows<T, 1, NV>(dzg + i * C, C, wc, KK, dpr + i * W * KK, W * KK);
+          }
+        }
+        for (int64_t i = 0; i < rows; ++i) {  // the rows' patches, taps zero-padded to KKp
+          const int64_t b = (bt + i) / n, t = (bt + i) % n;
+          const T* xr = x + (b * Tp + t0 + t) * Cx + w * S;
+          T* pr = p + (group + i) * KKp;
+          for (int ti = 0; ti < K; ++ti)
+            for (int tj = 0; tj < K; ++tj) pr[ti * K + tj] = xr[ti * dil * Cx + tj];
+        }
+        group += rows;
+        bt += rows;
+        in_block += rows;
+        if (in_block >= kBlockRows) flush(part, total, C, &in_block);
+        if (group + R > kGroupRows || bt >= b1) {
+          weight_grad_group<T, NV>(dz, p, group, C, dwp);
+          group = 0;
+        }
+      }
+    }
+    flush(part, total, C, &in_block);
+  }
+  for (int t = 0; t < threads; ++t) {
+    const T* part = &dw_parts[size_t(t) * C * KKp];
+    for (int64_t c = 0; c < C; ++c)
+      for (int k = 0; k < KK; ++k) dw[c * KK + k] += part[c * KKp + k];
+    for (int64_t c = 0; c < C; ++c) dz_sum[c] += sums[size_t(t) * C + c];
+  }
+}
+
+template <typename T>
+int head_conv_backward_any(const T* x, int64_t Tp, int64_t Cx, int64_t t0, int64_t n, int64_t K, int64_t dil,
+                           int64_t S, const T* r, const T* g, const T* folded, const T* alpha, const T* beta,
+                           const T* wc, int batch, int64_t B, int64_t W, int64_t C, int64_t NC, T* dp, T* dw,
+                           double* dz_sum, int threads) {
+#define RTSED_HEAD_BACKWARD(KV)                                                                                   \
+  case KV:                                                                                                        \
+    if (batch)                                                                                                    \
+      head_conv_backward<T, true, KV>(x, Tp, Cx, t0, n, dil, S, r, g, folded, alpha, beta, wc, B, W, C, NC, dp,   \
+                                      dw, dz_sum, threads);                                                       \
+    else                                                                                                          \
+      head_conv_backward<T, false, KV>(x, Tp, Cx, t0, n, dil, S, r, g, folded, alpha, beta, wc, B, W, C, NC, dp,  \
+                                       dw, dz_sum, threads);                                                      \
+    return 0;
+  switch (K) {
+    RTSED_HEAD_BACKWARD(3)
+    RTSED_HEAD_BACKWARD(5)
+    RTSED_HEAD_BACKWARD(7)
+    default: return 1;
+  }
+#undef RTSED_HEAD_BACKWARD
+}
+
 // ---- eval-mode forward: f_dil -> ReLU -> BN-folded classifier, logits only ----------------------
 
 constexpr int kHeadRows = 6;      // frames per register tile of the conv (6 x 4 vectors of accumulators)
@@ -290,18 +435,18 @@ template <typename T, int R>
 inline void head_tile(const T* const (&xr)[R], const int64_t* __restrict taps, int64_t KK, const T* __restrict wt,
                       const T* __restrict cb, const T* __restrict Lw, int64_t Cp, int64_t NCp, T* __restrict z,
                       T* __restrict o) {
-  using V = typename Vector<T>::type;
-  constexpr int64_t Lanes = Vector<T>::lanes, kTile = kHeadVectors * Lanes;
+  using V = Vec<T>;
+  constexpr int64_t Lanes = kLanes<T>, kTile = kHeadVectors * Lanes;
   for (int64_t c0 = 0; c0 < Cp; c0 += kTile) {
     V acc[R][kHeadVectors];
     for (int v = 0; v < kHeadVectors; ++v) {
-      const V bias = load<V>(cb + c0 + v * Lanes);
+      const V bias = load(cb + c0 + v * Lanes);
       for (int r = 0; r < R; ++r) acc[r][v] = bias;
     }
     for (int64_t tap = 0; tap < KK; ++tap) {
       const T* wp = wt + tap * Cp + c0;
       V wv[kHeadVectors];
-      for (int v = 0; v < kHeadVectors; ++v) wv[v] = load<V>(wp + v * Lanes);
+      for (int v = 0; v < kHeadVectors; ++v) wv[v] = load(wp + v * Lanes);
       const int64_t off = taps[tap];
       for (int r = 0; r < R; ++r) {
         const T a = xr[r][off];
@@ -320,12 +465,12 @@ inline void head_tile(const T* const (&xr)[R], const int64_t* __restrict taps, i
     for (int r = 0; r < R; ++r) acc[r] = V{};
     const T* lp = Lw + cv;
     for (int64_t c = 0; c < Cp; ++c) {
-      const V lv = load<V>(lp + c * NCp);
+      const V lv = load(lp + c * NCp);
       for (int r = 0; r < R; ++r) acc[r] += z[r * Cp + c] * lv;
     }
     for (int r = 0; r < R; ++r) {
       T* dst = o + r * NCp + cv;
-      store(dst, load<V>(dst) + acc[r]);
+      store(dst, load(dst) + acc[r]);
     }
   }
 }
@@ -441,6 +586,21 @@ void head_logits_f64(const double* x, int64_t sb, int64_t st, const double* wt, 
                      const double* lb, int64_t B, int64_t n, int64_t K, int64_t d, int64_t S, int64_t W, int64_t Cp,
                      int64_t NCp, double* out, int threads) {
   head_logits<double>(x, sb, st, wt, cb, L, lb, B, n, K, d, S, W, Cp, NCp, out, threads);
+}
+
+void head_conv_backward_f32(const float* x, int64_t Tp, int64_t Cx, int64_t t0, int64_t n, int64_t K, int64_t d,
+                           int64_t S, const float* r, const float* g, const float* folded, const float* alpha,
+                           const float* beta, const float* wc, int batch, int64_t B, int64_t W, int64_t C, int64_t NC,
+                            float* dp, float* dw, double* dz_sum, int threads, int* status) {
+  *status = head_conv_backward_any<float>(x, Tp, Cx, t0, n, K, d, S, r, g, folded, alpha, beta, wc, batch, B, W, C,
+                                          NC, dp, dw, dz_sum, threads);
+}
+void head_conv_backward_f64(const double* x, int64_t Tp, int64_t Cx, int64_t t0, int64_t n, int64_t K, int64_t d,
+                           int64_t S, const double* r, const double* g, const double* folded, const double* alpha,
+                           const double* beta, const double* wc, int batch, int64_t B, int64_t W, int64_t C,
+                            int64_t NC, double* dp, double* dw, double* dz_sum, int threads, int* status) {
+  *status = head_conv_backward_any<double>(x, Tp, Cx, t0, n, K, d, S, r, g, folded, alpha, beta, wc, batch, B, W, C,
+                                           NC, dp, dw, dz_sum, threads);
 }
 
 }  // extern "C"

@@ -19,6 +19,8 @@ declare("head_relu_grad", ["p", "p", "p", "p", "p", "p", "int", "i64", "i64", "i
 declare("class_products", ["p", "p", "i64", "i64", "i64", "p", "int"])
 declare("head_logits", ["p", "i64", "i64", "p", "p", "p", "p", "i64", "i64", "i64", "i64", "i64", "i64", "i64",
                         "i64", "p", "int"])
+declare("head_conv_backward", ["p", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "p", "p", "p", "p", "p", "p",
+                               "int", "i64", "i64", "i64", "i64", "p", "p", "p", "int", "p"])
 declare("patch_scatter", ["p", "p", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "int"])
 
 
@@ -139,3 +141,66 @@ def head_logits(x: Tensor, n: int, weights: tuple[Tensor, Tensor, Tensor, Tensor
              lin.data_ptr(), lb.data_ptr(), b, n, kernel, dilation, stride, width, cp, ncp, out.data_ptr(),
              torch.get_num_threads())
     return out[..., :n_classes] if ncp != n_classes else out
+
+
+CONV_KERNELS = (3, 5, 7)  # the K x K sizes head_conv_backward is compiled for
+
+
+def padded_conv_weight(conv_weight: Tensor) -> Tensor:
+    """f_dil's conv weight (C_out, 1, K, K) as ``head_conv_backward`` reads it: (C_out, KKp), each
+    channel's K K taps zero-padded to whole vectors."""
+    c_out = conv_weight.shape[0]
+    taps = conv_weight.reshape(c_out, -1)
+    lanes = vector_lanes(conv_weight.dtype)
+    out = taps.new_zeros(c_out, -(-taps.shape[1] // lanes) * lanes)
+    out[:, :taps.shape[1]] = taps
+    return out
+
+
+def head_conv_backward(x: Tensor, t0: int, t1: int, r: Tensor, g: Tensor, folded: Tensor, alpha: Tensor | None,
+                       beta: Tensor | None, conv_weight_padded: Tensor, kernel: int, dilation: int, stride: int,
+                       d_patches: Tensor, d_weight: Tensor) -> Tensor:
+    """The conv part of fast_head's backward for output frames [t0, t1) (a time chunk of n frames),
+    in one pass: dL/dz of the chunk as ``head_relu_grad`` defines it (never written to memory),
+    the patch gradients d_patches (B n W, K K) = dL/dz @ W_conv (written; ``patch_scatter_`` adds
+    them into dx), and d_weight (C_out, K K) += dL/dz^T @ patches (patches read from x in place).
+
+    x (B, Tp, C_in) the time-padded input; r (B n W, C_out) the chunk's ReLU output, rows (b, t, w);
+    g (B n, n_classes) its dL/dlogits; folded (W, n_classes, C_out); alpha, beta (C_out,) BN's
+    batch-statistics terms or both None (eval-mode BN); conv_weight_padded from
+    ``padded_conv_weight``. Returns the float64 (C_out,) per-channel sum of dL/dz (the conv's bias
+    gradient). d_weight's sums are per thread, merged in thread order: it depends on the thread
+    count by rounding only (as a threaded GEMM's does); d_patches and the sums do not."""
+    if (alpha is None) != (beta is None):
+        raise ValueError("head_conv_backward: pass both alpha and beta, or neither")
+    extra = {} if alpha is None else {"alpha": alpha, "beta": beta}
+    check("head_conv_backward", x.dtype, x=x, r=r, g=g, folded=folded, conv_weight_padded=conv_weight_padded,
+          d_patches=d_patches, d_weight=d_weight, **extra)
+    b, tp, c_in = x.shape
+    n = t1 - t0
+    width, n_classes, c_out = folded.shape
+    kk = kernel * kernel
+    lanes = vector_lanes(x.dtype)
+    if (kernel not in CONV_KERNELS or not 0 <= t0 < t1 or t1 - 1 + (kernel - 1) * dilation >= tp
+            or (width - 1) * stride + kernel > c_in):
+        raise ValueError(f"head_conv_backward: frames [{t0}, {t1}) of a {kernel}x{kernel} conv (dilation {dilation}, "
+                         f"stride {stride}, width {width}) do not fit x {tuple(x.shape)} (kernels: {CONV_KERNELS})")
+    if (r.shape != (b * n * width, c_out) or g.shape != (b * n, n_classes)
+            or conv_weight_padded.shape != (c_out, -(-kk // lanes) * lanes)
+            or d_patches.shape != (b * n * width, kk) or d_weight.shape != (c_out, kk)):
+        raise ValueError(f"head_conv_backward: r {tuple(r.shape)}, g {tuple(g.shape)}, weight "
+                         f"{tuple(conv_weight_padded.shape)}, d_patches {tuple(d_patches.shape)}, d_weight "
+                         f"{tuple(d_weight.shape)} do not match (B n W, C), (B n, n_classes), (C, K K padded), "
+                         f"(B n W, K K), (C, K K) for B {b}, n {n}, W {width}, C {c_out}")
+    if alpha is not None and (alpha.shape != (c_out,) or beta.shape != (c_out,)):
+        raise ValueError(f"head_conv_backward: alpha {tuple(alpha.shape)} / beta {tuple(beta.shape)} are not ({c_out},)")
+    (total,) = channel_sums(c_out, 1)
+    status = torch.zeros(1, dtype=torch.int32)
+    batch = alpha is not None
+    call("head_conv_backward", x.dtype, x.data_ptr(), tp, c_in, t0, n, kernel, dilation, stride, r.data_ptr(),
+         g.data_ptr(), folded.data_ptr(), alpha.data_ptr() if batch else None, beta.data_ptr() if batch else None,
+         conv_weight_padded.data_ptr(), int(batch), b, width, c_out, n_classes, d_patches.data_ptr(),
+         d_weight.data_ptr(), total.data_ptr(), torch.get_num_threads(), status.data_ptr())
+    if int(status):
+        raise ValueError(f"native head_conv_backward: kernel size not in {CONV_KERNELS}")
+    return total
