@@ -120,15 +120,31 @@ class DilatedHeadFunction(torch.autograd.Function):
         w_gemm, bias_gemm = (w_conv_t, conv_bias) if gemm_dtype is None else \
             (w_conv_t.to(gemm_dtype), conv_bias.to(gemm_dtype))
 
+        # float32/64 GEMMs with the kernels: conv, ReLU and BN's sums in one native pass per chunk
+        # (head_conv_relu_stats), replacing a patches copy, the GEMM, a ReLU pass and a statistics
+        # pass over r.
+        native_conv = gemm_dtype is None and _use_native(x.dtype)
+        conv_taps = native_head.taps_major_conv(conv_weight, conv_bias) if native_conv else None
+        sums = []
+
         def relu_z(t0, t1):  # (B * n * W, C_out)
+            if native_conv:
+                r = x.new_empty(b * (t1 - t0) * width, c_out)
+                sums.append(native_head.head_conv_relu_stats(x, t0, t1, conv_taps, kernel, dilation, stride, width, r))
+                return r
             z = torch.addmm(bias_gemm, dilated_patches(x_gemm, t0, t1, kernel, dilation, stride, width), w_gemm)
             return (z if gemm_dtype is None else z.to(x.dtype)).clamp_min_(0)
 
         keep = any(ctx.needs_input_grad)
         if training:
             r_chunks = [relu_z(t0, t1) for t0, t1 in chunks]
-            mean, var = _pooled_stats(r_chunks)
             count = b * t_out * width
+            if native_conv:  # float64 sums of r and r^2 over every row
+                mean64 = sum(total for total, _ in sums) / count
+                var64 = (sum(squares for _, squares in sums) / count - mean64.square()).clamp_min(0)
+                mean, var = mean64.to(x.dtype), var64.to(x.dtype)
+            else:
+                mean, var = _pooled_stats(r_chunks)
             update_running_stats(running_mean, running_var, mean, var, count, momentum)
         else:
             r_chunks = None

@@ -24,9 +24,9 @@ from rtsed.layers import DilatedTemporal
 from rtsed.native import head as native_head
 
 ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule (fp32)
-KERNELS = ("head_relu_grad", "head_conv_backward", "class_products_", "patch_scatter_")
-# What fast_head's float32/64 backward runs (head_relu_grad serves its bf16-GEMM variant).
-NATIVE_BACKWARD = {"head_conv_backward", "class_products_", "patch_scatter_"}
+KERNELS = ("head_conv_relu_stats", "head_relu_grad", "head_conv_backward", "class_products_", "patch_scatter_")
+# What fast_head's float32/64 forward + backward run (head_relu_grad serves its bf16-GEMM variant).
+NATIVE_PATH = {"head_conv_relu_stats", "head_conv_backward", "class_products_", "patch_scatter_"}
 
 
 @pytest.fixture
@@ -182,6 +182,33 @@ def test_head_conv_backward_matches_torch(native_on, dtype, train, batch, frames
     torch.testing.assert_close(total, sum_expected, **(tol if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-3}))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch,frames,channels_in,c_out,kernel,dilation,stride", [
+    (2, 5, 40, 36, 7, 3, 3),  # channels padded to whole register tiles, frames past whole tiles
+    (3, 9, 23, 64, 5, 2, 2),
+    (1, 3, 16, 7, 3, 1, 1),  # fewer frames than a tile
+    (2, 13, 256, 256, 7, 10, 3),  # dnd_7_10's geometry
+])
+def test_head_conv_relu_stats_matches_torch(native_on, dtype, batch, frames, channels_in, c_out, kernel, dilation,
+                                            stride):
+    g = torch.Generator().manual_seed(1)
+    width = (channels_in - kernel) // stride + 1
+    t0, t1 = 2, 2 + frames
+    x = torch.randn(batch, t1 + (kernel - 1) * dilation + 1, channels_in, generator=g, dtype=dtype)
+    weight = torch.randn(c_out, 1, kernel, kernel, generator=g, dtype=dtype)
+    bias = torch.randn(c_out, generator=g, dtype=dtype)
+    patches = fast_head.dilated_patches(x, t0, t1, kernel, dilation, stride, width)
+    expected = (patches @ weight.reshape(c_out, -1).t() + bias).clamp_min(0)
+    out = torch.full((batch * frames * width, c_out), float("nan"), dtype=dtype)
+    total, squares = native_head.head_conv_relu_stats(x, t0, t1, native_head.taps_major_conv(weight, bias), kernel,
+                                                      dilation, stride, width, out)
+    assert (expected == 0).any() and (expected > 0).any()  # the ReLU cuts
+    torch.testing.assert_close(out, expected, **_tol(dtype))
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(total, expected.double().sum(0), rtol=rtol, atol=rtol * expected.numel())
+    torch.testing.assert_close(squares, expected.double().square().sum(0), rtol=rtol, atol=rtol * expected.numel())
+
+
 def test_results_do_not_depend_on_thread_count(native_on, threads):
     torch.manual_seed(4)
     frames, width, channels, n_classes = 9, 7, 72, 16
@@ -273,7 +300,7 @@ def _run(model, h, grad, path, monkeypatch):
         monkeypatch.setenv("RTSED_NATIVE", "1" if path == "native" else "0")
         logits = fast_head.dilated_head(model["temporal"], model["classifier"], h)
     logits.backward(grad)
-    assert set(calls) == (NATIVE_BACKWARD if path == "native" else set()), f"{path} path called {set(calls)}"
+    assert set(calls) == (NATIVE_PATH if path == "native" else set()), f"{path} path called {set(calls)}"
     grads = {name: p.grad for name, p in model.named_parameters()}
     bn = model["temporal"].bn
     return logits.detach(), h.grad, grads, (bn.running_mean.clone(), bn.running_var.clone())

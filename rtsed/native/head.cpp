@@ -427,14 +427,12 @@ constexpr int kHeadRows = 6;      // frames per register tile of the conv (6 x 4
 constexpr int kHeadVectors = 4;   // vectors of output channels per register tile
 constexpr int64_t kHeadFrames = 48;  // frames per work unit: each unit walks all W positions once
 
-// One tile of head_logits: R frames (row pointers xr at tap (0, 0) of position w) through the conv
-// and ReLU into z (R, Cp), then o[r] (NCp) += z[r] @ Lw (Cp, NCp) for each frame r < R (o's rows
-// NCp apart). R is a template argument so that a short last tile (a 1-frame streaming step) does
-// only its own rows' work.
+// R rows of f_dil's output through its ReLU: z[r, c] = relu(cb[c] + sum over taps of wt[tap, c]
+// xr[r][taps[tap]]), xr the rows' pointers at tap (0, 0), z (R, Cp) contiguous. The R x 4 vectors
+// of sums live in registers; each weight load feeds R FMAs.
 template <typename T, int R>
-inline void head_tile(const T* const (&xr)[R], const int64_t* __restrict taps, int64_t KK, const T* __restrict wt,
-                      const T* __restrict cb, const T* __restrict Lw, int64_t Cp, int64_t NCp, T* __restrict z,
-                      T* __restrict o) {
+inline void conv_relu_rows(const T* const (&xr)[R], const int64_t* __restrict taps, int64_t KK,
+                           const T* __restrict wt, const T* __restrict cb, int64_t Cp, T* __restrict z) {
   using V = Vec<T>;
   constexpr int64_t Lanes = kLanes<T>, kTile = kHeadVectors * Lanes;
   for (int64_t c0 = 0; c0 < Cp; c0 += kTile) {
@@ -459,6 +457,19 @@ inline void head_tile(const T* const (&xr)[R], const int64_t* __restrict taps, i
         store(z + r * Cp + c0 + v * Lanes, a > V{} ? a : V{});
       }
   }
+}
+
+// One tile of head_logits: R frames (row pointers xr at tap (0, 0) of position w) through the conv
+// and ReLU into z (R, Cp), then o[r] (NCp) += z[r] @ Lw (Cp, NCp) for each frame r < R (o's rows
+// NCp apart). R is a template argument so that a short last tile (a 1-frame streaming step) does
+// only its own rows' work.
+template <typename T, int R>
+inline void head_tile(const T* const (&xr)[R], const int64_t* __restrict taps, int64_t KK, const T* __restrict wt,
+                      const T* __restrict cb, const T* __restrict Lw, int64_t Cp, int64_t NCp, T* __restrict z,
+                      T* __restrict o) {
+  using V = Vec<T>;
+  constexpr int64_t Lanes = kLanes<T>;
+  conv_relu_rows<T, R>(xr, taps, KK, wt, cb, Cp, z);
   // The classifier's share of position w: one load of Lw per R FMAs.
   for (int64_t cv = 0; cv < NCp; cv += Lanes) {
     V acc[R];
@@ -540,6 +551,82 @@ void head_logits(const T* x, int64_t sb, int64_t st, const T* __restrict wt, con
   }
 }
 
+// ---- training forward of the conv: r = ReLU(f_dil) and BN's statistics in one pass --------------
+
+// r[(bt, w), c] = relu(cb[c] + sum over taps (i, j) of wt[i K + j, c] x[b, t0 + t + i d, w S + j]) for
+// the chunk's frames bt = (b, t), t < n, rows ordered (bt, w), C of the Cp computed channels kept;
+// sum[c] / sumsq[c] (float64) += the per-channel sums of r and r^2 (BN's batch statistics). In
+// torch: a patches copy, the GEMM, a ReLU pass and aten's statistics pass over r (302 ms at batch
+// 16 x 1024 on this project's 2-core CPU). Threads split frames; a tile is kHeadRows consecutive
+// positions w of one frame, so r is written in memory order (tiles of frames at one position
+// wrote 1 KB rows 86 KB apart into fresh memory: 2.4x slower per chunk).
+// Sums are kept in T per thread for kBlockRows rows, then float64, threads merged in thread order.
+template <typename T>
+void head_conv_relu_stats(const T* x, int64_t Tp, int64_t Cx, int64_t t0, int64_t n, int64_t K, int64_t d,
+                          int64_t S, const T* wt, const T* cb, int64_t B, int64_t W, int64_t C, int64_t Cp, T* r,
+                          double* sum, double* sumsq, int threads) {
+  using V = Vec<T>;
+  constexpr int64_t Lanes = kLanes<T>;
+  constexpr int R = kHeadRows;
+  const int64_t KK = K * K, BT = B * n, WC = W * C;
+  std::vector<double> totals(size_t(threads) * 2 * C, 0.0);
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t b0, b1;
+    split(BT, tid, nt, &b0, &b1);
+    std::vector<T> z_data(size_t(R) * Cp), sums_data(size_t(2) * Cp, T(0));
+    T* z = z_data.data();
+    T* part_sum = sums_data.data();
+    T* part_sq = part_sum + Cp;
+    double* total_sum = &totals[size_t(tid) * 2 * C];
+    double* total_sq = total_sum + C;
+    std::vector<int64_t> tap_offsets(static_cast<size_t>(KK));
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < K; ++j) tap_offsets[i * K + j] = i * d * Cx + j;
+    const int64_t* taps = tap_offsets.data();
+    int64_t in_block = 0;
+    auto flush_sums = [&]() {
+      for (int64_t c = 0; c < C; ++c) {
+        total_sum[c] += double(part_sum[c]);
+        total_sq[c] += double(part_sq[c]);
+      }
+      std::fill(part_sum, part_sum + 2 * Cp, T(0));
+      in_block = 0;
+    };
+    for (int64_t bt = b0; bt < b1; ++bt) {
+      const int64_t b = bt / n, t = bt % n;
+      const T* xt = x + (b * Tp + t0 + t) * Cx;
+      T* rt = r + bt * WC;
+      for (int64_t w = 0; w < W;) {
+        const int rows = int(std::min<int64_t>(R, W - w));
+        // Row pointers; a short tile repeats its last position (computed, neither stored nor summed).
+        const T* xr[R];
+        for (int i = 0; i < R; ++i) xr[i] = xt + (w + std::min(i, rows - 1)) * S;
+        conv_relu_rows<T, R>(xr, taps, KK, wt, cb, Cp, z);
+        for (int i = 0; i < rows; ++i) {
+          const T* zi = z + i * Cp;
+          std::memcpy(rt + (w + i) * C, zi, sizeof(T) * C);
+          for (int64_t c = 0; c < Cp; c += Lanes) {
+            const V v = load(zi + c);
+            store(part_sum + c, load(part_sum + c) + v);
+            store(part_sq + c, load(part_sq + c) + v * v);
+          }
+        }
+        w += rows;
+        in_block += rows;
+        if (in_block >= kBlockRows) flush_sums();
+      }
+    }
+    flush_sums();
+  }
+  for (int t = 0; t < threads; ++t)
+    for (int64_t c = 0; c < C; ++c) {
+      sum[c] += totals[size_t(t) * 2 * C + c];
+      sumsq[c] += totals[size_t(t) * 2 * C + C + c];
+    }
+}
+
 }  // namespace
 
 // C entry points (ctypes): <name>_f32 / <name>_f64.
@@ -601,6 +688,17 @@ void head_conv_backward_f64(const double* x, int64_t Tp, int64_t Cx, int64_t t0,
                             int64_t NC, double* dp, double* dw, double* dz_sum, int threads, int* status) {
   *status = head_conv_backward_any<double>(x, Tp, Cx, t0, n, K, d, S, r, g, folded, alpha, beta, wc, batch, B, W, C,
                                            NC, dp, dw, dz_sum, threads);
+}
+
+void head_conv_relu_stats_f32(const float* x, int64_t Tp, int64_t Cx, int64_t t0, int64_t n, int64_t K, int64_t d,
+                              int64_t S, const float* wt, const float* cb, int64_t B, int64_t W, int64_t C, int64_t Cp,
+                              float* r, double* sum, double* sumsq, int threads) {
+  head_conv_relu_stats<float>(x, Tp, Cx, t0, n, K, d, S, wt, cb, B, W, C, Cp, r, sum, sumsq, threads);
+}
+void head_conv_relu_stats_f64(const double* x, int64_t Tp, int64_t Cx, int64_t t0, int64_t n, int64_t K, int64_t d,
+                              int64_t S, const double* wt, const double* cb, int64_t B, int64_t W, int64_t C,
+                              int64_t Cp, double* r, double* sum, double* sumsq, int threads) {
+  head_conv_relu_stats<double>(x, Tp, Cx, t0, n, K, d, S, wt, cb, B, W, C, Cp, r, sum, sumsq, threads);
 }
 
 }  // extern "C"

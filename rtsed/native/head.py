@@ -21,6 +21,8 @@ declare("head_logits", ["p", "i64", "i64", "p", "p", "p", "p", "i64", "i64", "i6
                         "i64", "p", "int"])
 declare("head_conv_backward", ["p", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "p", "p", "p", "p", "p", "p",
                                "int", "i64", "i64", "i64", "i64", "p", "p", "p", "int", "p"])
+declare("head_conv_relu_stats", ["p", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "p", "p", "i64", "i64",
+                                 "i64", "i64", "p", "p", "p", "int"])
 declare("patch_scatter", ["p", "p", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "int"])
 
 
@@ -91,6 +93,21 @@ def vector_lanes(dtype: torch.dtype) -> int:
     return 64 // torch.empty(0, dtype=dtype).element_size()
 
 
+def taps_major_conv(conv_weight: Tensor, conv_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """f_dil's conv weight (C_out, 1, K, K) and bias (C_out,) as the forward kernels read them:
+    taps-major (K K, Cp) and (Cp,), zero-padded to Cp channels, a multiple of 4 vectors (padded
+    channels compute ReLU(0) = 0)."""
+    c_out = conv_weight.shape[0]
+    lanes = vector_lanes(conv_weight.dtype)
+    cp = -(-c_out // (4 * lanes)) * 4 * lanes
+    taps = conv_weight.reshape(c_out, -1).t()  # (K K, C_out)
+    wt = taps.new_zeros(taps.shape[0], cp)
+    wt[:, :c_out] = taps
+    cb = conv_bias.new_zeros(cp)
+    cb[:c_out] = conv_bias
+    return wt, cb
+
+
 def head_logits_weights(conv_weight: Tensor, conv_bias: Tensor, folded: Tensor, folded_bias: Tensor, width: int
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``head_logits``'s operands from f_dil's conv weight (C_out, 1, K, K), bias (C_out,), and the
@@ -101,13 +118,9 @@ def head_logits_weights(conv_weight: Tensor, conv_bias: Tensor, folded: Tensor, 
     and their zero classifier rows add exactly nothing; padded classes are sliced off."""
     c_out, n_classes = conv_weight.shape[0], folded.shape[0]
     lanes = vector_lanes(conv_weight.dtype)
-    cp = -(-c_out // (4 * lanes)) * 4 * lanes
+    wt, cb = taps_major_conv(conv_weight, conv_bias)
+    cp = wt.shape[1]
     ncp = -(-n_classes // lanes) * lanes
-    taps = conv_weight.reshape(c_out, -1).t()  # (K K, C_out)
-    wt = taps.new_zeros(taps.shape[0], cp)
-    wt[:, :c_out] = taps
-    cb = conv_bias.new_zeros(cp)
-    cb[:c_out] = conv_bias
     lin = folded.new_zeros(width, cp, ncp)
     lin[:, :c_out, :n_classes] = folded.view(n_classes, c_out, width).permute(2, 1, 0)
     lb = folded_bias.new_zeros(ncp)
@@ -204,3 +217,26 @@ def head_conv_backward(x: Tensor, t0: int, t1: int, r: Tensor, g: Tensor, folded
     if int(status):
         raise ValueError(f"native head_conv_backward: kernel size not in {CONV_KERNELS}")
     return total
+
+
+def head_conv_relu_stats(x: Tensor, t0: int, t1: int, conv: tuple[Tensor, Tensor], kernel: int, dilation: int,
+                         stride: int, width: int, out: Tensor) -> tuple[Tensor, Tensor]:
+    """Training forward of f_dil's conv for output frames [t0, t1) (a time chunk of n frames):
+    out (B n W, C_out), rows (b, t, w), = ReLU(conv) with the tap x[b, t + i dilation, w stride + j]
+    of x (B, Tp, C_in) the time-padded input; ``conv`` from ``taps_major_conv``. Returns float64
+    (C_out,) sums of out and of out^2 over its rows (BN's batch statistics). Sums depend on the
+    thread count by rounding only; out does not."""
+    wt, cb = conv
+    check("head_conv_relu_stats", x.dtype, x=x, wt=wt, cb=cb, out=out)
+    b, tp, c_in = x.shape
+    n, c_out, cp = t1 - t0, out.shape[-1], wt.shape[1]
+    if (wt.shape[0] != kernel * kernel or not 0 <= t0 < t1 or t1 - 1 + (kernel - 1) * dilation >= tp
+            or (width - 1) * stride + kernel > c_in or c_out > cp or out.shape != (b * n * width, c_out)):
+        raise ValueError(f"head_conv_relu_stats: frames [{t0}, {t1}) of a {kernel}x{kernel} conv (dilation "
+                         f"{dilation}, stride {stride}, width {width}) do not fit x {tuple(x.shape)}, weight "
+                         f"{tuple(wt.shape)} and out {tuple(out.shape)}")
+    total, squares = channel_sums(c_out, 2)
+    call("head_conv_relu_stats", x.dtype, x.data_ptr(), tp, c_in, t0, n, kernel, dilation, stride, wt.data_ptr(),
+         cb.data_ptr(), b, width, c_out, cp, out.data_ptr(), total.data_ptr(), squares.data_ptr(),
+         torch.get_num_threads())
+    return total, squares
