@@ -47,7 +47,7 @@ class TorchStepper(_Stepper):
     """ModelStream behind the stepper interface: raw log-mel (B, n, F) numpy -> numpy outputs."""
 
     def __init__(self, model, config: DetectorConfig, batch_size: int = 1, device: str = "cpu",
-                 max_step_frames: int = 64):
+                 max_step_frames: int = 64, precision: str = "fp32"):
         from rtsed.streaming import ModelStream
 
         if device == "cuda" and not torch.cuda.is_available():
@@ -57,7 +57,8 @@ class TorchStepper(_Stepper):
         norm = config.normalization or NormalizationStats.identity(config.model.n_mels)
         self.mean = torch.tensor(norm.mean, dtype=torch.float32, device=self.device)
         self.std = torch.tensor(norm.std, dtype=torch.float32, device=self.device)
-        self.stream = ModelStream(self.model, batch_size=batch_size, max_step_frames=max_step_frames)
+        self.stream = ModelStream(self.model, batch_size=batch_size, max_step_frames=max_step_frames,
+                                  precision=precision)
         self.lookahead_frames = self.stream.lookahead_frames
         self.batch_size = batch_size
 
@@ -84,14 +85,17 @@ class OnnxStepper(_Stepper):
 
 
 def make_stepper(model_path: str | Path, backend: str = "torch", device: str = "cpu", batch_size: int = 1,
-                 threads: int | None = None):
+                 threads: int | None = None, precision: str = "fp32"):
     """(stepper, config, model or None) for a checkpoint (.pt) or an exported step graph (.onnx).
-    The onnx backend on a checkpoint exports its step graph once to a cache folder."""
+    The onnx backend on a checkpoint exports its step graph once to a cache folder. ``precision``
+    "bf16": the torch backend's GEMMs in bf16 on the CPU (rtsed.precision)."""
     from rtsed.checkpoint import load_checkpoint
+    from rtsed.precision import check_precision
 
     path = Path(model_path)
     if backend not in ("torch", "onnx"):
         raise ValueError(f"--backend {backend!r}: use torch or onnx")
+    check_precision(precision, device, backend)
     if path.suffix == ".onnx":
         if backend != "onnx":
             raise ValueError(f"{path} is an ONNX file: use --backend onnx (or pass the .pt checkpoint)")
@@ -101,7 +105,8 @@ def make_stepper(model_path: str | Path, backend: str = "torch", device: str = "
     if backend == "torch":
         if threads is not None:
             torch.set_num_threads(threads)
-        return TorchStepper(ckpt.model, ckpt.config, batch_size, device), ckpt.config, ckpt.model
+        return (TorchStepper(ckpt.model, ckpt.config, batch_size, device, precision=precision), ckpt.config,
+                ckpt.model)
     onnx_path = exported_step_graph(path, ckpt)
     return OnnxStepper(onnx_path, batch_size, device, threads), ckpt.config, ckpt.model
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from rtsed import native, ops
 from rtsed.layers import ConvHistory, DilatedTemporal, FrameRing, GRUHidden, GRUTemporal
 from rtsed.model import SEDModel
+from rtsed.precision import autocast, check_precision
 
 NO_END = 2**62  # ``ends`` value of a stream that has not been ended
 
@@ -55,12 +56,14 @@ class ModelStream:
     statistics, dropout off): a model in training mode is rejected.
 
     ``max_step_frames`` sizes f_dil's ring buffer; longer steps are split internally.
+    ``precision`` "bf16" runs the step's GEMMs in bf16 (``rtsed.precision``; CPU only).
     """
 
-    def __init__(self, model: SEDModel, batch_size: int = 1, max_step_frames: int = 64):
+    def __init__(self, model: SEDModel, batch_size: int = 1, max_step_frames: int = 64, precision: str = "fp32"):
         _require_eval(model)
         if batch_size < 1 or max_step_frames < 1:
             raise ValueError("batch_size and max_step_frames must be >= 1")
+        self.precision = precision
         self.model = model
         self.batch_size = batch_size
         param = next(model.parameters())
@@ -88,6 +91,7 @@ class ModelStream:
         # ops that cost 10 % of a 16-frame dnd_7_10 step at one thread.
         self._steady = False
         self.device = device
+        check_precision(precision, device.type, what="ModelStream precision")
         if device.type == "cpu":
             # Build (or load) the native kernels now: a first build takes seconds, which must not
             # land inside a live stream's first step.
@@ -143,6 +147,13 @@ class ModelStream:
         masking = not self._steady and (
             bool(self.positions.min() < self.lookahead_frames) or bool(self.ends.min() < NO_END))
         self._steady = not masking
+        with autocast(self.precision):
+            logits = self._model_step(x, n, masking)
+        self.positions += n
+        return logits.float() if logits.dtype != x.dtype and x.is_floating_point() else logits
+
+    def _model_step(self, x: Tensor, n: int, masking: bool) -> Tensor:
+        """The model's arithmetic of a step (``_step_logits`` minus its checks and bookkeeping)."""
         h = x.to(self.device).unsqueeze(1)  # (B, 1, n, F)
         if masking:
             positions = self.positions[:, None] + torch.arange(n)  # (B, n), CPU
@@ -166,7 +177,6 @@ class ModelStream:
             assert isinstance(temporal, DilatedTemporal)
             logits = ops.dilated_step_logits(temporal, self.model.classifier, h,
                                              self.temporal_state)  # type: ignore[arg-type]
-        self.positions += n
         return logits
 
     # -- one-stream convenience ----------------------------------------------------------------

@@ -39,24 +39,13 @@ from rtsed.checkpoint import atomic_torch_save, save_checkpoint
 from rtsed.config import ConfigError, DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig
 from rtsed.metrics import frame_scores
 from rtsed.model import SEDModel, count_parameters
+from rtsed.precision import PRECISIONS, cpu_has_bf16_gemm
 from train.annotations import AnnotationError
 from train.data_sources import open_dataset
 from train.datasets import DatasetError
 from train.features import SEQUENCE_FRAMES, FeatureCache, SequenceDataset, load_split, normalization_stats
 
 LAST_STATE_VERSION = 1
-
-
-PRECISIONS = ("fp32", "bf16")
-
-
-def cpu_has_bf16_gemm() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16; Linux /proc/cpuinfo)."""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 @dataclass
