@@ -284,6 +284,7 @@ def _cpu_table(offline_threads: Any, train_threads: Any) -> list[str]:
         (f"offline inference, batch 16 x 1024, frames/s ({offline_threads} threads)",
          "offline", "frames_per_second", _fmt_int),
         ("offline inference, time per batch", "offline", "seconds_per_batch", _fmt_s),
+        ("offline inference, --precision bf16, frames/s", "offline_bf16", "frames_per_second", _fmt_int),
         (f"train step (forward, BCE, backward, Adam), time per batch 16 x 1024 "
          f"({train_threads} threads)", "train_step", "seconds_per_batch", _fmt_s),
         ("train step, frames/s", "train_step", "frames_per_second", _fmt_int),

@@ -10,7 +10,9 @@ Run with ``pytest benchmarks/ --benchmark-only`` (a few minutes on 2 cores). Fig
   train.fit's own train_step in fp32 and in bf16 (``--precision bf16``);
 - streaming: one stream, one thread, ``ModelStream.push`` of 1 or 16 new random frames after the
   lookahead has filled -> microseconds of compute per frame, real-time factor, streams per core,
-  for base, dnd_7_10 ("same" padding, 36 frames of lookahead) and dnd_7_10_causal.
+  for base, dnd_7_10 ("same" padding, 36 frames of lookahead), dnd_7_10_causal, and dnd_7_10
+  at ``--precision bf16``;
+- offline inference of dnd_7_10 at ``--precision bf16`` too.
 
 Each pytest-benchmark group holds one figure for every model, so its table shows them side by
 side; the session summary (conftest.py) adds the ratios and writes benchmarks/latest.md.
@@ -74,6 +76,27 @@ def test_offline_inference(benchmark, torch_threads, name):
            derive=lambda t: {"seconds_per_batch": t,
                              "frames_per_second": BATCH * FRAMES / t,
                              "ms_per_frame": 1e3 * t / (BATCH * FRAMES)})
+
+
+@pytest.mark.benchmark(group=f"offline inference, batch {BATCH} x {FRAMES} frames, --precision bf16")
+def test_offline_inference_bf16(benchmark, torch_threads):
+    """dnd_7_10 under ``--precision bf16`` (rtsed.precision: the CNN's pointwise GEMMs in bf16,
+    float32 accumulation, the rest float32)."""
+    from rtsed.precision import autocast
+
+    threads = torch_threads(None)
+    model = build_model(DND).eval()
+
+    def setup():
+        return (torch.randn(BATCH, FRAMES, _n_mels(model)),), {}
+
+    def infer(x):
+        with torch.inference_mode(), autocast("bf16"):
+            return model(x)
+
+    measure(benchmark, infer, setup, budget_s=30, min_rounds=3, max_rounds=10, warmup_rounds=1)
+    record(benchmark, "offline_bf16", DND, threads=threads, batch=BATCH, frames=FRAMES, precision="bf16",
+           derive=lambda t: {"seconds_per_batch": t, "frames_per_second": BATCH * FRAMES / t})
 
 
 def _training(name: str):
@@ -141,13 +164,16 @@ def test_train_step_fit(benchmark, torch_threads, precision):
 
 
 @pytest.mark.parametrize("frames_per_step", [1, 16])
-@pytest.mark.parametrize("name", STREAM_MODELS)
+@pytest.mark.parametrize("name", STREAM_MODELS + [f"{DND} [bf16]"])
 def test_streaming(benchmark, torch_threads, name, frames_per_step):
+    """"<model> [bf16]": ModelStream(precision="bf16") (its GEMMs from 4M multiply-accumulates up
+    in bf16: at one frame per step none is that large, so it runs as fp32)."""
     benchmark.group = f"streaming, 1 stream, 1 thread, {frames_per_step} frame(s) per step"
     threads = torch_threads(1)
-    model = build_model(name).eval()
+    model_name, _, tag = name.partition(" [")
+    model = build_model(model_name).eval()
     n_mels = _n_mels(model)
-    stream = ModelStream(model, batch_size=1, max_step_frames=64)
+    stream = ModelStream(model, batch_size=1, max_step_frames=64, precision="bf16" if tag else "fp32")
     # Fill the lookahead (36 frames for dnd_7_10) and the f_dil ring, so that timed steps are the
     # steady state: every new frame completes one output frame, no start-of-stream masking.
     for _ in range(3):

@@ -143,15 +143,22 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor, activation: str = "non
 _bf16_copies: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its version, bf16 weight, bf16 bias)
 
 
+def _version(t: Tensor) -> int:
+    """t's in-place version counter; -1 for an inference tensor (made under torch.inference_mode,
+    which keeps none: the folds computed there are never changed in place, only recomputed)."""
+    return -1 if t.is_inference() else t._version
+
+
 def _bf16_operands(weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """bf16 copies of a GEMM's weight and bias, made once per weight while it is unchanged (the
     callers pass cached folded weights; converting a 256 x 256 weight per streaming step cost
     more than the bf16 GEMM saved)."""
+    versions = (_version(weight), _version(bias))
     hit = _bf16_copies.get(id(weight))
-    if hit is not None and hit[0]() is weight and hit[1] == (weight._version, bias._version) and hit[4] is bias:
+    if hit is not None and hit[0]() is weight and hit[1] == versions and hit[4] is bias:
         return hit[2], hit[3]
     ref = weakref.ref(weight, lambda _, key=id(weight): _bf16_copies.pop(key, None))
-    copies = (ref, (weight._version, bias._version), weight.to(torch.bfloat16), bias.to(torch.bfloat16), bias)
+    copies = (ref, versions, weight.to(torch.bfloat16), bias.to(torch.bfloat16), bias)
     _bf16_copies[id(weight)] = copies
     return copies[2], copies[3]
 
