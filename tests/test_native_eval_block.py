@@ -16,28 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rtsed import native
 from rtsed.layers import ConvHistory, DWSBlock
 from rtsed.model import build_model
 from rtsed.native import eval_block
 
 ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule (fp32)
-
-
-@pytest.fixture
-def native_on(monkeypatch):
-    """RTSED_NATIVE on for this test; skipped where the kernels cannot be built."""
-    monkeypatch.setenv("RTSED_NATIVE", "1")
-    if not native.available():
-        pytest.skip("native kernels unavailable (no C++ compiler)")
-
-
-@pytest.fixture
-def threads():
-    """Restores torch's thread count after a test that changes it."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def _tol(dtype):

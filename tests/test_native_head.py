@@ -19,7 +19,7 @@ import copy
 import pytest
 import torch
 
-from rtsed import fast_head, native
+from rtsed import fast_head
 from rtsed.layers import DilatedTemporal
 from rtsed.native import head as native_head
 
@@ -27,22 +27,6 @@ ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule (fp32)
 KERNELS = ("head_conv_relu_stats", "head_relu_grad", "head_conv_backward", "class_products_", "patch_scatter_")
 # What fast_head's float32/64 forward + backward run (head_relu_grad serves its bf16-GEMM variant).
 NATIVE_PATH = {"head_conv_relu_stats", "head_conv_backward", "class_products_", "patch_scatter_"}
-
-
-@pytest.fixture
-def native_on(monkeypatch):
-    """RTSED_NATIVE on for this test; skipped where the kernels cannot be built."""
-    monkeypatch.setenv("RTSED_NATIVE", "1")
-    if not native.available():
-        pytest.skip("native kernels unavailable (no C++ compiler)")
-
-
-@pytest.fixture
-def threads():
-    """Restores torch's thread count after a test that changes it."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def _tol(dtype):
