@@ -8,9 +8,12 @@ needs only the file: the metadata carries the detector config (front end, model,
 normalisation, decoder) as JSON, the state tensors' names and shapes, and the lookahead.
 
 The step graph is ``ModelStream.step`` written without in-place state: every state tensor is an
-input and its update an output (``<name>`` -> ``<name>_out``). It keeps f_dil's past frames by
-concatenation rather than ModelStream's ring buffer, because an ONNX graph has no in-place
-memory; the arithmetic is otherwise the same. Step protocol (per stream b of the batch):
+input and its update an output (``<name>`` -> ``<name>_out``). The CNN blocks' short histories are
+kept in time order (new frames concatenated, the oldest sliced off); f_dil's (``dil_history``,
+(B, R, C) with R = (K - 1) d past frames) is a ring indexed by stream position: the f_dil input
+frame that arrived with stream position q sits in row q mod R, so a one-frame step reads only its
+K - 1 tap rows and writes one row (see ``StepGraph.forward``). The arithmetic is ModelStream's.
+Step protocol (per stream b of the batch):
 
 - ``position[b]``: frames this stream has consumed, 0 at its start (feed back ``position_out``);
 - ``end[b]``: ``NO_END`` while the stream runs; to finish, set it to the stream's ``position``
@@ -22,7 +25,9 @@ The step is in the file twice, behind one If (opset 13 up): the masked step abov
 which some stream is still inside its first ``lookahead_frames`` or has ended, and a steady-state
 step without the masks (all ones then) for the rest. Same inputs, outputs and arithmetic;
 ``rtsed.onnx_backend.OnnxStream`` runs the steady branch as a session of its own
-(``steady_step_model``), skipping the If's own cost.
+(``steady_step_model``), skipping the If's own cost. With f_dil (``rtsed_step_variants`` =
+``steady-if-1``) the steady branch is itself an If on the step's frame count: a one-frame variant
+(the K - 1 taps gathered from the ring, ``dil_taps``) for n == 1, the n-frame one otherwise.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ ONNX_FORMAT_VERSION = 1
 OPSET = 17
 # Bumped whenever the exported step graph changes shape or speed, so that caches keyed on a
 # checkpoint (rtsed.engine.exported_step_graph) export again instead of serving an old graph.
-STEP_GRAPH_REVISION = 3
+STEP_GRAPH_REVISION = 4  # 4: dil_history as a position-indexed ring, one-frame steady variant
 
 
 class ExportError(ValueError):
@@ -90,10 +95,11 @@ class StepGraph(nn.Module):
     both variants in one file behind an If on position and end). The masks were ~35 of the 113
     nodes onnxruntime ran per step, ~7 % of a one-frame step."""
 
-    def __init__(self, model: SEDModel, config: DetectorConfig, steady: bool = False):
+    def __init__(self, model: SEDModel, config: DetectorConfig, steady: bool = False, one_frame: bool = False):
         super().__init__()
         self.model, self.normalize = model, _Normalize(config)
-        self.steady = steady
+        # one_frame: the steady step specialised for n == 1 (f_dil models only; see forward).
+        self.steady, self.one_frame = steady or one_frame, one_frame
         self.block_delays, total = [], 0
         for block in model.blocks:
             total += block.right_pad
@@ -121,9 +127,15 @@ class StepGraph(nn.Module):
         t = self.model.temporal
         if isinstance(t, GRUTemporal):
             specs.append(("gru_h", (1, "batch", t.gru.hidden_size)))
-        else:
+        else:  # a ring: row q mod R holds the frame of stream position q (see forward)
             specs.append(("dil_history", ("batch", t.context_frames, t.channels)))
         return specs
+
+    def dil_taps(self) -> list[int]:
+        """f_dil's K - 1 past taps of a one-frame step at stream position p, as offsets o: ring
+        row (p + o) mod R holds frame p - R + o, the conv's tap o / d. [0, d, ..., R - d]."""
+        t = self.model.temporal
+        return list(range(0, t.context_frames, t.dilation))
 
     def initial_states(self, batch_size: int) -> list[Tensor]:
         return [torch.zeros([batch_size if d == "batch" else d for d in shape]) for _, shape in self.state_specs()]
@@ -164,16 +176,24 @@ class StepGraph(nn.Module):
             logits = self.model.classifier(feats)
         else:
             assert isinstance(t, DilatedTemporal)
-            window = torch.cat([temporal_state, h.permute(0, 2, 3, 1).squeeze(2)], dim=1)  # (B, R + n, C)
-            new_states.append(window[:, -t.context_frames:])
-            y = F.conv2d(window.unsqueeze(1), t.conv.weight, t.conv.bias, stride=(1, t.stride),
-                         dilation=(t.dilation, 1))
+            if self.one_frame:  # (B, C, 1, 1) is (B, 1, 1, C) in memory: a Reshape, no Transpose node
+                new = h.reshape(-1, 1, 1, t.channels)
+            else:
+                new = h.permute(0, 2, 3, 1).squeeze(2)
+            window, new_ring, dilation = self._dil_window(new, position, temporal_state)
+            new_states.append(new_ring)
+            y = F.conv2d(window, t.conv.weight, t.conv.bias, stride=(1, t.stride), dilation=dilation)
             if ops.eval_fast_path(t, y):  # BN folded into the classifier, as ModelStream does
                 # t.conv_to_logits, with its output taken to (B, n, C) as a permute that
                 # onnxruntime folds into the Conv's output reorder (no Squeeze/Transpose nodes).
                 weight, bias = t.folded_classifier(self.model.classifier)
                 kernel = weight.view(weight.shape[0], t.conv.out_channels, 1, t.width)
-                logits = F.conv2d(F.relu(y), kernel, bias).permute(0, 2, 3, 1).squeeze(2)
+                logits = F.conv2d(F.relu(y), kernel, bias)
+                if self.one_frame:  # (B, C, 1, 1) -> (B, 1, C), a Reshape again
+                    logits = logits.reshape(-1, 1, self.model.classifier.out_features)
+                else:  # [:, :, 0], not squeeze(2): behind the ring's Gathers the exporter no longer
+                    # knows that axis is 1 and made squeeze an If on its size
+                    logits = logits.permute(0, 2, 3, 1)[:, :, 0]
             else:
                 logits = self.model.classifier(t._flatten(t.bn(F.relu(y))))
         frame_index = pos - self.lookahead
@@ -182,6 +202,44 @@ class StepGraph(nn.Module):
         else:
             valid = (frame_index >= 0) & (frame_index < end[:, None])
         return (torch.sigmoid(logits), logits, frame_index, valid, position + n, *new_states)
+
+    def _dil_window(self, new: Tensor, position: Tensor, ring: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
+        """f_dil's input window from its ring (B, R, C) and the step's new frames (B, n, C), or
+        one_frame (B, 1, 1, C) -> (window (B, 1, T, C), next ring (B, R, C), the conv's
+        time/width dilation over the window).
+
+        Ring rows by stream position (row q mod R: frame q), so that the one-frame step can read
+        its K - 1 taps in place (one Gather of K - 1 rows, ``dil_taps``) and write one row
+        (ScatterElements, whose new row ``OnnxStream`` writes into its ring itself), where a
+        time-ordered history cost a Concat of R + 1 rows and a Slice of R per step (R = 60,
+        256 channels: 60 KB each) plus the 60 KB state output: 153.1 -> 148.8 us per one-frame
+        dnd_7_10 push (1 thread, prototype A/B in one process). The window is then the K taps,
+        dilation 1.
+        n frames: the window is the R ring rows in time order then the new ones, (B, R + n, C),
+        and the next ring is gathered from the same rows (two Gathers where the time-ordered
+        history took a Concat and a Slice; per-stream positions, so one flat Gather each)."""
+        t = self.model.temporal
+        r, c = t.context_frames, t.channels
+        streams = torch.arange(position.shape[0], dtype=position.dtype)
+        if self.one_frame:
+            offsets = torch.tensor(self.dil_taps(), dtype=position.dtype)
+            taps = ((position[:, None] + offsets) % r + (streams * r)[:, None])[:, None]  # (B, 1, K - 1): dil_taps
+            # 4-D throughout: no Unsqueeze node before the conv.
+            window = torch.cat([F.embedding(taps, ring.reshape(-1, c)), new], dim=2)  # (B, 1, K, C)
+            slot = (position % r)[:, None, None, None].expand(-1, 1, 1, c)
+            return window, ring[:, None].scatter(2, slot, new)[:, 0], (1, 1)
+        n = new.shape[1]
+        rows = torch.cat([ring, new], dim=1).reshape(-1, c)  # (B (R + n), C)
+        base = (streams * (r + n))[:, None]
+        i = torch.arange(r + n, dtype=position.dtype)
+        read = torch.where(i < r, (position[:, None] + i) % r, i) + base  # (B, R + n): time order
+        s = torch.arange(r, dtype=position.dtype)
+        # Ring row s after the step holds frame q = p + n - R + ((s - p - n) mod R): the frame
+        # row s already held when q < p, else a new one (row R + q - p of rows). (Less, not
+        # GreaterOrEqual: the steady variants hold no op of the masks', which tests check.)
+        ahead = (s - position[:, None] - n) % r + (n - r)  # q - p
+        write = torch.where(ahead < 0, s, ahead + r) + base
+        return F.embedding(read, rows)[:, None], F.embedding(write, rows), (t.dilation, 1)
 
 
 def _branch(proto, prefix: str, inputs: set[str]):
@@ -227,16 +285,91 @@ def _branch(proto, prefix: str, inputs: set[str]):
     return onnx.helper.make_graph(nodes, prefix, [], outputs, inits)
 
 
-def _with_steady_branch(masked, steady, lookahead: int):
+# Names of the one-frame variant's tap rows (B, 1, K - 1) (flat indices into the ring's B R rows)
+# and of its new f_dil frame (B, 1, 1, C): OnnxStream feeds the first and writes the second into
+# its ring itself. DIL_READ / DIL_WRITE: the n-frame variants' Gather indices (B, R + n) and
+# (B, R) into the ring's rows and the new frames (StepGraph._dil_window), fed by OnnxStream to
+# its steady session: the ~20 index nodes computing them in the graph measured +17 us per
+# one-frame step through the n-frame session.
+DIL_TAPS, DIL_NEW, DIL_READ, DIL_WRITE = "dil_taps", "dil_history_new", "dil_read", "dil_write"
+
+
+def window_name(state: str) -> str:
+    """The one-frame variant's name for a CNN block's window: its history and the new frame,
+    (B, K, F, C) or, block 0, (B, 1, K, F), whose last K - 1 frames are ``<state>_out``."""
+    return f"{state}_window"
+
+
+def _name_one_frame_values(proto) -> None:
+    """Give the one-frame export's tap indices and new f_dil frame the fixed names DIL_TAPS and
+    DIL_NEW: the indices of the Gather that reads the flattened ``dil_history``, and the updates
+    of the ScatterElements that makes ``dil_history_out``; and each block's window (the Concat
+    that ``<block>_history_out`` is sliced from) ``window_name(<block>_history)``."""
+    g = proto.graph
+    _name_windows(proto)
+    producer = {o: n for n in g.node for o in n.output}
+    gather = [n for n in g.node if n.op_type == "Gather" and n.input[0] in producer
+              and producer[n.input[0]].op_type == "Reshape" and producer[n.input[0]].input[0] == "dil_history"]
+    scatter = [n for n in g.node if n.op_type == "ScatterElements"]
+    if len(gather) != 1 or len(scatter) != 1:
+        raise ExportError("the one-frame step graph lost its dil_history Gather/ScatterElements (exporter change?)")
+    _rename(g, {gather[0].input[1]: DIL_TAPS, scatter[0].input[2]: DIL_NEW})
+
+
+def _name_windows(proto) -> None:
+    """Name each CNN block's window in a steady export ``window_name(<block>_history)``: the
+    Concat of history and new frames that ``<block>_history_out`` is sliced from."""
+    g = proto.graph
+    _rename(g, {n.input[0]: window_name(n.output[0][:-len("_out")]) for n in g.node
+                if n.op_type == "Slice" and n.output[0].startswith("block") and n.output[0].endswith("_history_out")})
+
+
+def _name_ring_indices(proto) -> None:
+    """Give an n-frame export's two Gathers over the ring rows and new frames their indices'
+    fixed names: DIL_WRITE for the one that makes ``dil_history_out``, DIL_READ for the other."""
+    g = proto.graph
+    producer = {o: n for n in g.node for o in n.output}
+
+    def reads_ring(n) -> bool:
+        src = producer.get(n.input[0])
+        src = producer.get(src.input[0]) if src is not None and src.op_type == "Reshape" else None
+        return src is not None and src.op_type == "Concat" and src.input[0] == "dil_history"
+
+    gathers = [n for n in g.node if n.op_type == "Gather" and reads_ring(n)]
+    write = [n for n in gathers if n.output[0] == "dil_history_out"]
+    if len(gathers) != 2 or len(write) != 1:
+        raise ExportError("the step graph lost its dil_history Gathers (exporter change?)")
+    read = next(n for n in gathers if n is not write[0])
+    _rename(g, {read.input[1]: DIL_READ, write[0].input[1]: DIL_WRITE})
+
+
+def _rename(g, rename: dict[str, str]) -> None:
+    for n in g.node:
+        n.input[:] = [rename.get(x, x) for x in n.input]
+        n.output[:] = [rename.get(x, x) for x in n.output]
+
+
+def _with_steady_branch(masked, steady, lookahead: int, one_frame=None):
     """One step graph from two exports of it: ``If(every stream past its lookahead and none
-    ended) steady else masked``. Same inputs, outputs and metadata as ``masked``."""
+    ended) steady else masked``. Same inputs, outputs and metadata as ``masked``. Given a third,
+    ``one_frame``, the steady branch is ``If(frames.shape[1] == 1) one_frame else steady``."""
     import onnx
     from onnx import TensorProto, helper
 
     inputs = {i.name for i in masked.graph.input}
-    then_branch = _branch(steady, "steady", inputs)
+    then_branch = _branch(steady, "steady", inputs | {DIL_READ, DIL_WRITE})
     else_branch = _branch(masked, "masked", inputs)
     int64 = TensorProto.INT64
+    if one_frame is not None:
+        one_branch = _branch(one_frame, "steady1", inputs | {DIL_TAPS, DIL_NEW})
+        inner = [f"steady_n/{o.name}" for o in masked.graph.output]
+        then_branch = helper.make_graph([
+            helper.make_node("Shape", ["frames"], ["steady_n/shape"]),
+            helper.make_node("Constant", [], ["steady_n/axis"], value=helper.make_tensor("", int64, [], [1])),
+            helper.make_node("Gather", ["steady_n/shape", "steady_n/axis"], ["steady_n/frames"], axis=0),
+            helper.make_node("Equal", ["steady_n/frames", "steady_n/axis"], ["steady_n/one"]),
+            helper.make_node("If", ["steady_n/one"], inner, then_branch=one_branch, else_branch=then_branch),
+        ], "steady_n", [], [helper.make_value_info(name, o.type) for name, o in zip(inner, masked.graph.output)])
     nodes = [
         # min(position + NO_END - lookahead, end) >= NO_END  <=>  position >= lookahead and
         # end >= NO_END (not ended) for every stream; position + NO_END stays far below 2**63.
@@ -258,20 +391,34 @@ def _with_steady_branch(masked, steady, lookahead: int):
     return model
 
 
-def steady_step_model(proto, outputs: list[str] | None = None):
+def steady_step_model(proto, outputs: list[str] | None = None, one_frame: bool = False):
     """The steady-state branch of a step graph exported with one (``_with_steady_branch``), as a
     model of its own: valid for steps in which every stream is past its lookahead and none has
     ended (what the If would choose it for). With the whole graph's inputs and outputs, or, given
     ``outputs``, only those outputs, the nodes they need and the inputs those read (onnxruntime
-    runs every node of a graph whatever outputs a run asks for, and wants every input fed)."""
+    runs every node of a graph whatever outputs a run asks for, and wants every input fed).
+
+    Where the steady branch has a one-frame variant (``steady-if-1``): the n-frame one, or with
+    ``one_frame`` the one-frame one, valid only for one-frame steps. Its ``outputs`` may then
+    name DIL_NEW, the new f_dil frame (B, 1, 1, C), which ring row position mod R of
+    ``dil_history`` takes, and the blocks' windows (``window_name``), whose last K - 1 frames
+    are the next histories. Where they need DIL_TAPS it is an input, (B, 1, K - 1) int64 flat rows
+    b R + (position[b] + o) mod R of the ring for o in the file's ``taps`` (rtsed_state).
+    Likewise the n-frame variant's DIL_READ and DIL_WRITE (``StepGraph._dil_window``)."""
     import onnx
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     node = next((n for n in proto.graph.node if n.op_type == "If"), None)
     if node is None:
         raise ExportError("not a step graph with a steady-state branch (no If node)")
     branch = next(a.g for a in node.attribute if a.name == "then_branch")
     rename = {inner.name: outer for inner, outer in zip(branch.output, node.output)}
+    nested = next((n for n in branch.node if n.op_type == "If"), None)
+    if nested is not None:  # steady-if-1: If(one frame) one-frame variant else n-frame one
+        branch = next(a.g for a in nested.attribute if a.name == ("then_branch" if one_frame else "else_branch"))
+        rename = {inner.name: rename[outer] for inner, outer in zip(branch.output, nested.output)}
+    elif one_frame:
+        raise ExportError("the step graph has no one-frame steady variant (export it with this rtsed)")
     nodes = []
     for n in branch.node:
         new = onnx.NodeProto()
@@ -282,16 +429,27 @@ def steady_step_model(proto, outputs: list[str] | None = None):
     graph_inputs, graph_outputs = list(proto.graph.input), list(proto.graph.output)
     initializers = list(branch.initializer)
     if outputs is not None:
+        # Values inside the branch by their exported names (the branch prefixes them).
+        produced = {o.split("/", 1)[-1]: o for n in nodes for o in n.output}
+        internal = {produced[name]: name for name in outputs if name in (DIL_NEW,) or name.endswith("_window")
+                    if name in produced and name not in {o.name for o in graph_outputs}}
+        for n in nodes:
+            n.input[:] = [internal.get(x, x) for x in n.input]
+            n.output[:] = [internal.get(x, x) for x in n.output]
+        graph_outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in internal.values()]
         unknown = set(outputs) - {o.name for o in graph_outputs}
         if unknown:
             raise ExportError(f"the step graph has no output(s) {sorted(unknown)}")
         needed, kept = set(outputs), []
+        fed = {DIL_TAPS} if one_frame else {DIL_READ, DIL_WRITE}  # inputs, not computed
         for n in reversed(nodes):  # nodes are topologically sorted: one backward sweep
-            if needed & set(n.output):
+            if needed & set(n.output) and not fed & set(n.output):
                 kept.append(n)
                 needed |= {x for x in n.input if x}
         nodes = kept[::-1]
         graph_inputs = [i for i in graph_inputs if i.name in needed]
+        graph_inputs += [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", 1, None] if name == DIL_TAPS
+                                                       else ["batch", None]) for name in sorted(fed & needed)]
         graph_outputs = [next(o for o in graph_outputs if o.name == name) for name in outputs]
         initializers = [i for i in initializers if i.name in needed]
     graph = helper.make_graph(nodes, branch.name, graph_inputs, graph_outputs, initializers)
@@ -345,7 +503,15 @@ def export_onnx(model: SEDModel, config: DetectorConfig, out: str | Path, stream
             axis = shape.index("batch")
             dynamic[name] = {axis: "batch"}
             dynamic[f"{name}_out"] = {axis: "batch"}
-        meta["rtsed_state"] = json.dumps([{"name": n, "shape": list(s)} for n, s in specs])
+        # dil_history is a ring (StepGraph._dil_window): row q mod R holds the frame of stream
+        # position q; "taps" are the offsets o of a one-frame step's rows (position + o) mod R.
+        # time_axis: the axis of each history's frames (2 for a one-channel block's (B, 1, K - 1, F)).
+        meta["rtsed_state"] = json.dumps([
+            {"name": n, "shape": list(s)} if n == "gru_h" else
+            {"name": n, "shape": list(s), "time_axis": 2 if model.blocks[int(n[5:-8])].in_channels == 1 else 1}
+            if n != "dil_history" else
+            {"name": n, "shape": list(s), "time_axis": 1, "layout": "ring: row q mod R holds stream position q's frame",
+             "taps": graph.dil_taps()} for n, s in specs])
         meta["rtsed_no_end"] = str(NO_END)
     else:
         graph = OfflineGraph(model, config).eval()
@@ -373,8 +539,14 @@ def export_onnx(model: SEDModel, config: DetectorConfig, out: str | Path, stream
     proto = trace(graph)
     if streaming and opset >= 13:  # ReduceMin over int64 and GreaterOrEqual need opset 13
         steady = trace(StepGraph(model, config, steady=True).eval())
-        proto = _with_steady_branch(proto, steady, model.lookahead_frames)
-        meta["rtsed_step_variants"] = "steady-if"
+        one_frame = None
+        if isinstance(model.temporal, DilatedTemporal):
+            _name_ring_indices(steady)
+            args = (args[0][:, :1], *args[1:])  # traced at n = 1: the variant only serves n == 1
+            one_frame = trace(StepGraph(model, config, one_frame=True).eval())
+            _name_one_frame_values(one_frame)
+        proto = _with_steady_branch(proto, steady, model.lookahead_frames, one_frame)
+        meta["rtsed_step_variants"] = "steady-if" if one_frame is None else "steady-if-1"
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from rtsed.config import DetectorConfig
-from rtsed.export import ONNX_FORMAT, ONNX_FORMAT_VERSION, steady_step_model
+from rtsed.export import (DIL_NEW, DIL_READ, DIL_TAPS, DIL_WRITE, ONNX_FORMAT, ONNX_FORMAT_VERSION,
+                          steady_step_model, window_name)
 
 
 class OnnxModelError(ValueError):
@@ -152,7 +153,19 @@ class OnnxStream:
     old one spent ~11 us of Python around the run: two numpy reductions per step to choose the
     session, a 9-entry feed dict, 8 outputs), then -3.8 us for the binding's run (``_runner``)
     and ~-3 us for push's own steady path. Numpy states between calls, not IOBinding or
-    run_with_ort_values: both measured slower here (+23 us, +40 us per one-frame step)."""
+    run_with_ort_values: both measured slower here (+23 us, +40 us per one-frame step).
+
+    With f_dil (``steady-if-1`` files) a steady one-frame step runs a third session, the steady
+    branch's one-frame variant: it reads f_dil's K - 1 past taps from the ``dil_history`` ring
+    (their rows fed as ``dil_taps``, from a table by position mod R for one stream) and returns
+    only the new f_dil frame, which this class writes into ring row position mod R in place: no
+    60 KB history copied in or out of onnxruntime (prototype A/B, one process, dnd_7_10, 1
+    thread: 153.1 -> 148.8 us per one-frame push). It returns the CNN blocks' windows (history +
+    new frame) rather than their next histories, which are then views of the windows (one
+    stream), saving a Slice per block (prototype: 153.5 -> 148.0 us). With the lean push and
+    positions (see ``positions``): 155.5 -> 147.1 us per one-frame push, 16 frames per push
+    98.6 -> 99.0 us per frame (noise; A/B against the previous revision in one process).
+    The ring is written in place: an array taken from ``states`` changes with later steps."""
 
     def __init__(self, path: str | Path, batch_size: int = 1, device: str = "cpu", threads: int | None = None):
         self.file = OnnxFile.open(path, device, threads)
@@ -167,21 +180,70 @@ class OnnxStream:
                             for s in json.loads(self.file.meta["rtsed_state"])]
         self._state_names = [name for name, _ in self.state_specs]
         self.states = {name: np.zeros(shape, np.float32) for name, shape in self.state_specs}
-        self.positions = np.zeros(batch_size, np.int64)
+        self._positions = np.zeros(batch_size, np.int64)
+        # Frames pushed through the steady path and not yet added to _positions (see positions).
+        self._advance = 0
         self.ends = np.full(batch_size, self.no_end, np.int64)
         self._outputs = ["logits", "frame_index", "valid", "position_out", *[f"{n}_out" for n in self._state_names]]
         self._steady_outputs = ["logits", *[f"{n}_out" for n in self._state_names]]
-        self._steady_session = None
-        if self.file.meta.get("rtsed_step_variants") == "steady-if":
+        self._steady_session = self._one_frame_session = None
+        variants = self.file.meta.get("rtsed_step_variants")
+        if variants in ("steady-if", "steady-if-1"):
             import onnx
 
-            steady = steady_step_model(onnx.load(str(self.file.path)), self._steady_outputs)
+            proto = onnx.load(str(self.file.path))
+            specs = {s["name"]: s for s in json.loads(self.file.meta["rtsed_state"])}
+            if variants == "steady-if-1":
+                # The one-frame session returns the CNN blocks' windows (history + new frame)
+                # instead of their next histories, which are then views of the windows' last
+                # K - 1 frames (contiguous for one stream), saving a Slice per block: 153.5 ->
+                # 148.0 us per one-frame push (dnd_7_10). Not the n-frame one: its windows are
+                # n + K - 1 frames long, and returning them measured slower at 16 frames.
+                self._next_history = {}  # state name -> index of its window's last K - 1 frames
+                for name in self._state_names:
+                    if name != "dil_history":
+                        axis = specs[name]["time_axis"]
+                        self._next_history[name] = (slice(None),) * axis + (slice(-specs[name]["shape"][axis], None),)
+            steady = steady_step_model(proto, self._steady_outputs)
             self._steady_session = _session(self.file.path, device, threads, steady.SerializeToString())
             self._run_steady = _runner(self._steady_session, device)
+            # The n-frame steady step reads and writes the dil_history ring at rows given by
+            # the positions (steady-if-1): fed, see _ring_indices.
+            self._steady_ring = DIL_READ in {i.name for i in self._steady_session.get_inputs()}
+            if variants == "steady-if-1":
+                rows, taps = specs["dil_history"]["shape"][1], np.asarray(specs["dil_history"]["taps"], np.int64)
+                self._one_frame_names = [n for n in self._state_names if n != "dil_history"]
+                self._one_frame_outputs = ["logits", *[window_name(n) for n in self._one_frame_names], DIL_NEW]
+                one = steady_step_model(proto, self._one_frame_outputs, one_frame=True)
+                self._one_frame_session = _session(self.file.path, device, threads, one.SerializeToString())
+                self._run_one_frame = _runner(self._one_frame_session, device)
+                self._ring_rows, self._ring_taps = rows, taps
+                self._ring_base = (np.arange(batch_size, dtype=np.int64) * rows)[:, None]
+                # One stream: the tap rows of every position mod R, looked up instead of computed
+                # (numpy arithmetic per step costs ~1 us each op after onnxruntime's run).
+                self._tap_table = [(p + taps[None, None]) % rows for p in range(rows)]
+                self._ring_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._run = _runner(self.file.session, device)
         # None: not known, look at positions and ends before the next step. True stays true
         # until reset() or end(): positions only grow.
         self._steady: bool | None = None
+
+    @property
+    def positions(self) -> np.ndarray:
+        """(B,) int64: frames each stream has consumed, its next frame's stream position.
+
+        A steady one-stream ``push`` only counts its frames in a Python int, added here on the
+        first read: allocating ``positions + n`` after every run cost ~3 us of a ~155 us one-frame
+        dnd_7_10 push (numpy runs slowly right after onnxruntime's run, measured A/B). The sum is
+        a new array, so a step output's ``first`` (an earlier positions array) keeps its values."""
+        if self._advance:
+            self._positions = self._positions + self._advance
+            self._advance = 0
+        return self._positions
+
+    @positions.setter
+    def positions(self, value: np.ndarray) -> None:
+        self._positions, self._advance = value, 0
 
     def load_states(self, states: dict[str, np.ndarray]) -> None:
         """Replace the state tensors (e.g. restored from elsewhere), checking names and shapes."""
@@ -193,7 +255,8 @@ class OnnxStream:
             if tuple(value.shape) != expected[name]:
                 raise OnnxModelError(f"{self.file.path}: state {name!r} has shape {tuple(value.shape)}, "
                                      f"the graph needs {expected[name]} (batch size {self.batch_size})")
-            self.states[name] = np.ascontiguousarray(value, dtype=np.float32)
+            # A copy: the one-frame steady step writes into dil_history in place.
+            self.states[name] = np.array(value, dtype=np.float32, order="C")
 
     def reset(self, streams=None) -> None:
         idx = slice(None) if streams is None else np.asarray(streams, dtype=np.int64)
@@ -224,7 +287,14 @@ class OnnxStream:
         if x.ndim != 3 or x.shape[0] != self.batch_size or x.shape[2] != self._n_mels:
             raise OnnxModelError(f"step expects (batch={self.batch_size}, frames, {self._n_mels}); got {x.shape}")
         if self._steady or (self._steady is None and self._is_steady()):
-            logits, first = self._steady_step(x)
+            if x.shape[1] == 1 and self._one_frame_session is not None:
+                first = self.positions
+                slots = first % self._ring_rows
+                taps = self._ring_base + (slots[:, None] + self._ring_taps) % self._ring_rows
+                logits = self._one_frame_step(x, taps[:, None], slots)
+                self.positions = first + 1
+            else:
+                logits, first = self._steady_step(x)
             return OnnxStepOutput(logits, first=first, lookahead=self.lookahead_frames)
         feeds = {"frames": x, "position": self.positions, "end": self.ends, **self.states}
         logits, frame_index, valid, self.positions, *new_states = self._run(self._outputs, feeds)
@@ -238,24 +308,91 @@ class OnnxStream:
         positions before the step (B,)). Every row is then a valid new frame."""
         feeds = self.states.copy()
         feeds["frames"] = x
+        first = self.positions
+        if self._steady_ring:
+            feeds[DIL_READ], feeds[DIL_WRITE] = self._ring_indices(first, x.shape[1])
         logits, *new_states = self._run_steady(self._steady_outputs, feeds)
         self.states = dict(zip(self._state_names, new_states))
-        first = self.positions
         self.positions = first + x.shape[1]  # a new array: ``first`` stays the step's own
         return logits, first
+
+    def _ring_indices(self, positions: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The n-frame steady step's DIL_READ (B, R + n) and DIL_WRITE (B, R) rows for streams at
+        ``positions`` (B,), as StepGraph._dil_window computes them: flat rows of the ring's R
+        rows and the n new frames, stream b's at b (R + n). One stream: cached by position mod R
+        and n (a few numpy ops per step otherwise)."""
+        r = self._ring_rows
+        key = (int(positions[0]) % r, n) if self.batch_size == 1 else None
+        cached = self._ring_cache.get(key) if key is not None else None
+        if cached is not None:
+            return cached
+        p = positions[:, None]
+        base = np.arange(len(positions), dtype=np.int64)[:, None] * (r + n)
+        i = np.arange(r + n, dtype=np.int64)
+        read = np.where(i < r, (p + i) % r, i) + base
+        s = np.arange(r, dtype=np.int64)
+        ahead = (s - p - n) % r + (n - r)  # ring row s after the step: frame position + ahead
+        write = np.where(ahead >= 0, ahead + r, s) + base
+        if key is not None:
+            if len(self._ring_cache) >= 4096:  # bounded: n is the caller's choice
+                self._ring_cache.clear()
+            self._ring_cache[key] = read, write
+        return read, write
+
+    def _one_frame_step(self, x: np.ndarray, taps: np.ndarray, slots) -> np.ndarray:
+        """A checked (B, 1, F) float32 batch through the one-frame steady session, given the
+        ring's tap rows (B, 1, K - 1) and each stream's ring row position mod R (B,) or, for one
+        stream, an int -> logits (B, 1, C). Advances the states, not the positions."""
+        states = self.states
+        feeds = states.copy()
+        feeds["frames"] = x
+        feeds[DIL_TAPS] = taps
+        logits, *windows, frame = self._run_one_frame(self._one_frame_outputs, feeds)
+        for name, window in zip(self._one_frame_names, windows):
+            states[name] = np.ascontiguousarray(window[self._next_history[name]])  # a view where B == 1
+        ring = states["dil_history"]
+        if type(slots) is int:
+            ring[0, slots] = frame[0, 0, 0]
+        else:
+            ring[np.arange(len(slots)), slots] = frame[:, 0, 0]
+        return logits
 
     def push(self, frames: np.ndarray) -> np.ndarray:
         """One stream: frames (n, F) -> logits (m, C) of the newly completed output frames."""
         if self.batch_size != 1:
             raise RuntimeError("push/flush serve one stream; with several use step/end/reset")
-        x = np.ascontiguousarray(frames, dtype=np.float32)
+        x = frames
+        # np.ascontiguousarray(frames, dtype=...) on every push cost ~1.5 us of a one-frame push.
+        if type(x) is not np.ndarray or x.dtype is not _F32 or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=np.float32)
         n = x.shape[0]
         if n == 0:
             return np.zeros((0, len(self.config.labels)), np.float32)
         if x.ndim == 2 and x.shape[1] == self._n_mels and (self._steady or (self._steady is None and self._is_steady())):
             # Every row is a new frame: no step output object, no bounds (~3 us of Python per
-            # one-frame push, measured, which runs slower right after onnxruntime's run).
-            return self._steady_step(x[None])[0][0]
+            # one-frame push, measured, which runs slower right after onnxruntime's run), and
+            # the position counted in an int (see positions).
+            if n == 1 and self._one_frame_session is not None:  # _one_frame_step, inlined (~2 us)
+                slot = (int(self._positions[0]) + self._advance) % self._ring_rows
+                states = self.states
+                feeds = states.copy()
+                feeds["frames"] = x[None]
+                feeds[DIL_TAPS] = self._tap_table[slot]
+                outputs = self._run_one_frame(self._one_frame_outputs, feeds)
+                next_history = self._next_history
+                for name, window in zip(self._one_frame_names, outputs[1:-1]):
+                    states[name] = window[next_history[name]]  # one stream: contiguous
+                states["dil_history"][0, slot] = outputs[-1][0, 0, 0]
+                self._advance += 1
+                return outputs[0][0]
+            feeds = self.states.copy()
+            feeds["frames"] = x[None]
+            if self._steady_ring:
+                feeds[DIL_READ], feeds[DIL_WRITE] = self._ring_indices(self.positions, n)
+            logits, *new_states = self._run_steady(self._steady_outputs, feeds)
+            self.states = dict(zip(self._state_names, new_states))
+            self._advance += n
+            return logits[0]
         position, end = int(self.positions[0]), int(self.ends[0])
         logits = self.step(x[None]).logits
         # Row j is offline frame position + j - lookahead: valid from frame 0 up to the end.

@@ -12,7 +12,8 @@ import torch
 import rtsed
 from rtsed import ops
 from rtsed.config import DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
-from rtsed.export import ExportError, export_onnx, main as export_main, steady_step_model
+from rtsed.export import ExportError, StepGraph, export_onnx, main as export_main, steady_step_model
+from rtsed.layers import DilatedTemporal
 from rtsed.onnx_backend import OnnxModelError, OnnxOffline, OnnxStream
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -144,14 +145,21 @@ def test_steady_state_branch(exported):
     model, config, _, step = exported
     proto = onnx.load(str(step))
     meta = {p.key: p.value for p in proto.metadata_props}
-    assert meta["rtsed_step_variants"] == "steady-if"
+    dilated = isinstance(model.temporal, DilatedTemporal)
+    assert meta["rtsed_step_variants"] == ("steady-if-1" if dilated else "steady-if")
     (if_node,) = [n for n in proto.graph.node if n.op_type == "If"]
     branches = {a.name: a.g for a in if_node.attribute}
-    steady_ops = [n.op_type for n in branches["then_branch"].node]
+    steady_graphs = [branches["then_branch"]]
+    if dilated:  # the steady branch is If(one frame) one-frame variant else n-frame variant
+        (inner,) = [n for n in branches["then_branch"].node if n.op_type == "If"]
+        steady_graphs = [a.g for a in inner.attribute]
+        assert len(steady_graphs) == 2
     masked_ops = [n.op_type for n in branches["else_branch"].node]
-    assert not {"And", "GreaterOrEqual"} & set(steady_ops), steady_ops  # a mask is (t >= 0) & (t < end)
     assert {"And", "GreaterOrEqual"} <= set(masked_ops)
-    assert len(steady_ops) < len(masked_ops)
+    for graph in steady_graphs:
+        steady_ops = [n.op_type for n in graph.node]
+        assert not {"And", "GreaterOrEqual"} & set(steady_ops), steady_ops  # a mask is (t >= 0) & (t < end)
+        assert len(steady_ops) < len(masked_ops)
 
     total = 150
     logmel = raw_logmel(config, total, seed=4)
@@ -183,7 +191,9 @@ def test_steady_session_is_pruned_to_logits_and_states(exported):
     pruned = steady_step_model(proto, stream._steady_outputs)
     full = steady_step_model(proto)
     assert [o.name for o in pruned.graph.output] == stream._steady_outputs
-    assert [i.name for i in pruned.graph.input] == ["frames", *stream._state_names]
+    # f_dil's ring rows are fed (OnnxStream._ring_indices), not computed from position.
+    ring = ["dil_read", "dil_write"] if "dil_history" in stream._state_names else []
+    assert [i.name for i in pruned.graph.input] == ["frames", *stream._state_names, *ring]
     assert not {"Sigmoid", "Range", "Less"} & {n.op_type for n in pruned.graph.node}
     assert {"Sigmoid", "Range", "Less"} <= {n.op_type for n in full.graph.node}
     assert len(pruned.graph.node) < len(full.graph.node)
@@ -214,6 +224,95 @@ def test_steady_steps_report_frames_like_the_if_graph(exported):
         for name in fast.states:
             assert_parity(fast.states[name], slow.states[name])
     assert steady_steps >= 3 and fast.positions[0] != fast.positions[1]
+
+
+def test_one_frame_steady_session(exported):
+    """f_dil models: a steady one-frame step runs OnnxStream's third session, the steady
+    branch's one-frame variant, fed the ring's K - 1 tap rows and returning only the new f_dil
+    frame (no position input, no dil_history_out) and the blocks' windows, whose last K - 1
+    frames become the histories (views for one stream). With two streams at different positions and
+    one-frame steps among n-frame ones, logits and states equal the file's If graph's. GRU
+    models have no such variant."""
+    model, config, _, step = exported
+    fast, slow = OnnxStream(step, batch_size=2), OnnxStream(step, batch_size=2)
+    if not isinstance(model.temporal, DilatedTemporal):
+        assert fast._one_frame_session is None
+        with pytest.raises(ExportError, match="no one-frame"):
+            steady_step_model(onnx.load(str(step)), one_frame=True)
+        return
+    session = fast._one_frame_session
+    assert [i.name for i in session.get_inputs()] == ["frames", *fast._state_names, "dil_taps"]
+    # The blocks' windows (history + new frame): the next histories are views of them.
+    assert [o.name for o in session.get_outputs()] == [
+        "logits", *[f"{n}_window" for n in fast._state_names if n != "dil_history"], "dil_history_new"]
+    slow._steady_session = None  # every step through the If (its one-frame branch included)
+    calls = []
+    run = fast._run_one_frame
+    fast._run_one_frame = lambda names, feeds: calls.append(feeds["dil_taps"].copy()) or run(names, feeds)
+    rng = np.random.default_rng(8)
+    sizes = [16] * 3 + [1] * 3 + [7] * 6 + [1] * 70 + [5, 1, 1]
+    for i, n in enumerate(sizes):
+        if i == 2:
+            for s in (fast, slow):
+                s.reset([1])  # stream 1 restarts: the streams' ring rows differ from then on
+        frames = raw_logmel(config, n, batch=2, seed=int(rng.integers(1 << 30)))
+        a, b = fast.step(frames), slow.step(frames)
+        assert_parity(a.logits, b.logits)
+        np.testing.assert_array_equal(a.frame_index, b.frame_index)
+        np.testing.assert_array_equal(fast.positions, slow.positions)
+        for name in fast.states:
+            assert_parity(fast.states[name], slow.states[name])
+    r = model.temporal.context_frames
+    assert len(calls) >= 70 and fast.positions[0] % r != fast.positions[1] % r
+    # Tap rows (B, 1, K - 1) are flat rows of the (B R, C) ring: stream b's within [b R, (b + 1) R).
+    lo = np.arange(2)[:, None, None] * r
+    assert all(t.shape == (2, 1, model.temporal.kernel - 1) for t in calls)
+    assert all(((t >= lo) & (t < lo + r)).all() for t in calls)
+    # One stream through push: the table of tap rows, the same logits as the If graph.
+    one, ref = OnnxStream(step), OnnxStream(step)
+    ref._steady_session = None
+    logmel = raw_logmel(config, 200, seed=9)
+    got = [one.push(logmel[0, :50])] + [one.push(logmel[0, i:i + 1]) for i in range(50, 200)]
+    want = [ref.push(logmel[0, :50])] + [ref.push(logmel[0, i:i + 1]) for i in range(50, 200)]
+    assert_parity(np.concatenate(got), np.concatenate(want))
+    for name in one.states:
+        assert_parity(one.states[name], ref.states[name])
+        assert one.states[name].flags.c_contiguous
+    assert one.positions[0] == 200
+
+
+def test_dil_history_is_a_ring_by_position(exported):
+    """dil_history (B, R, C) holds f_dil's input frame of stream position q in row q mod R (the
+    state format the metadata describes, with the one-frame taps): after P frames, rolled by
+    P mod R it is the CNN's offline output for the last R positions (delayed by the CNN's
+    lookahead), whichever session wrote it. load_states copies (the ring is written in place)."""
+    model, config, _, step = exported
+    if not isinstance(model.temporal, DilatedTemporal):
+        return
+    states = json.loads({p.key: p.value for p in onnx.load(str(step)).metadata_props}["rtsed_state"])
+    ring = next(s for s in states if s["name"] == "dil_history")
+    t = model.temporal
+    assert ring["layout"].startswith("ring") and ring["taps"] == list(range(0, t.context_frames, t.dilation))
+    graph = StepGraph(model, config)
+    total, r = 157, t.context_frames
+    logmel = raw_logmel(config, total, seed=12)
+    norm = config.normalization
+    x = torch.from_numpy(((logmel - np.asarray(norm.mean, np.float32)) / np.asarray(norm.std, np.float32)))
+    with torch.no_grad():
+        cnn = model.features(x)[..., 0].transpose(1, 2)[0].numpy()  # (T, C) offline CNN output
+    for sizes in ([total], [1] * total, [16] * 9 + [total - 144]):
+        stream, start = OnnxStream(step), 0
+        for n in sizes:
+            stream.push(logmel[0, start:start + n])
+            start += n
+        history = np.roll(stream.states["dil_history"][0], -(total % r), axis=0)  # positions total - R ...
+        frames = np.arange(total - r, total) - graph.cnn_delay
+        assert_parity(history, cnn[frames])
+    saved = stream.states["dil_history"].copy()
+    mine = saved.copy()
+    stream.load_states({"dil_history": mine})
+    stream.push(logmel[0, :1])
+    np.testing.assert_array_equal(mine, saved)
 
 
 def test_multichannel_block_histories_are_channels_last(exported):
