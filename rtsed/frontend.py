@@ -238,6 +238,10 @@ class LogMelStream:
         """Samples pushed since the last reset (pending ones included)."""
         return self._samples_seen
 
+    def frames_after(self, n_samples: int) -> int:
+        """How many frames ``push`` of n_samples more samples would return now (no state change)."""
+        return self.config.n_frames(self._pending + max(n_samples - self._skip, 0))
+
     def _as_tensor(self, samples: Tensor | np.ndarray) -> Tensor:
         """Validate one chunk; return it as a (n,) float32 tensor on self.device. Changes no state."""
         if not isinstance(samples, (np.ndarray, Tensor)):

@@ -93,6 +93,42 @@ def test_engine_reports_latency_and_compute(checkpoint):
     assert engine.stats.steps > 0 and engine.stats.compute_ms_per_hop() > 0
 
 
+def test_engine_runs_the_front_end_once_per_model_step(checkpoint, monkeypatch):
+    """Audio blocks are held back until they complete a step's frames: one front-end call per
+    model step, not one per block, and every step still gets exactly frames_per_step frames."""
+    stepper, config, _ = make_stepper(checkpoint, "torch")
+    engine = DetectionEngine(stepper, config, frames_per_step=4)
+    calls, steps = [], []
+    real_push, real_step = engine.logmel.push, stepper.step
+    monkeypatch.setattr(engine.logmel, "push", lambda x: calls.append(len(x)) or real_push(x))
+    monkeypatch.setattr(stepper, "step", lambda x: steps.append(x.shape[1]) or real_step(x))
+    audio = scene(2.0)
+    hop = config.frontend.hop_samples
+    for start in range(0, len(audio), hop):
+        engine.push_audio(audio[start:start + hop])
+    assert len(steps) == len(calls) > 20 and set(steps) == {4}
+
+
+def test_engine_refuses_a_bad_block_at_once_and_keeps_the_held_audio(checkpoint):
+    stepper, config, _ = make_stepper(checkpoint, "torch")
+    hop = config.frontend.hop_samples
+    audio = scene(2.0, seed=5)
+    probabilities = []
+    for bad in (False, True):
+        engine = DetectionEngine(stepper.__class__(rtsed.load_model(checkpoint), config), config,
+                                 frames_per_step=4, keep_probabilities=True)
+        for i, start in enumerate(range(0, len(audio), hop)):
+            if bad and i == 30:  # a block while earlier ones are held back
+                broken = audio[start:start + hop].copy()
+                broken[7] = np.nan
+                with pytest.raises(ValueError, match="is nan, not finite"):
+                    engine.push_audio(broken)
+            engine.push_audio(audio[start:start + hop])
+        engine.flush()
+        probabilities.append(engine.probabilities())
+    np.testing.assert_array_equal(probabilities[0], probabilities[1])
+
+
 def test_engine_reset_and_flushed_stream(checkpoint):
     stepper, config, _ = make_stepper(checkpoint, "torch")
     engine = DetectionEngine(stepper, config)
