@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():  # signal.signal works only there
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous_handlers[sig] = signal.signal(sig, on_stop_signal)
-    print(f"rtsed live: {config.model.name} ({model_path}), backend {args.backend} on {args.device}, "
+    precision = "" if args.precision == "fp32" else f" ({args.precision} GEMMs)"
+    print(f"rtsed live: {config.model.name} ({model_path}), backend {args.backend}{precision} on {args.device}, "
           f"{len(config.labels)} classes; algorithmic latency {engine.algorithmic_latency_s * 1000:.0f} ms "
           f"(lookahead {engine.lookahead_frames} frames)", file=sys.stderr)
     started = time.monotonic()
