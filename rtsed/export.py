@@ -184,11 +184,9 @@ class StepGraph(nn.Module):
             new_states.append(new_ring)
             y = F.conv2d(window, t.conv.weight, t.conv.bias, stride=(1, t.stride), dilation=dilation)
             if ops.eval_fast_path(t, y):  # BN folded into the classifier, as ModelStream does
-                # t.conv_to_logits, with its output taken to (B, n, C) as a permute that
-                # onnxruntime folds into the Conv's output reorder (no Squeeze/Transpose nodes).
-                weight, bias = t.folded_classifier(self.model.classifier)
-                kernel = weight.view(weight.shape[0], t.conv.out_channels, 1, t.width)
-                logits = F.conv2d(F.relu(y), kernel, bias)
+                # (B, n_classes, n, 1) taken to (B, n, n_classes) as a permute that onnxruntime
+                # folds into the Conv's output reorder (no Squeeze/Transpose nodes).
+                logits = t.classifier_conv(y, self.model.classifier)
                 if self.one_frame:  # (B, C, 1, 1) -> (B, 1, C), a Reshape again
                     logits = logits.reshape(-1, 1, self.model.classifier.out_features)
                 else:  # [:, :, 0], not squeeze(2): behind the ring's Gathers the exporter no longer

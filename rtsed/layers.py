@@ -520,15 +520,16 @@ class DilatedTemporal(nn.Module):
 
         return folded_cache(self, "classifier", sources, compute)
 
-    def conv_to_logits(self, y: Tensor, classifier: nn.Linear) -> Tensor:
-        """Eval mode: conv output y (B, C_out, n, W) -> logits (B, n, n_classes) through ReLU,
-        BN and the classifier, with BN folded into the classifier. The classifier runs as a
+    def classifier_conv(self, y: Tensor, classifier: nn.Linear) -> Tensor:
+        """Eval mode: conv output y (B, C_out, n, W) -> logits as (B, n_classes, n, 1), through
+        ReLU, BN and the classifier, with BN folded into the classifier. The classifier runs as a
         (1, W) convolution over the (C_out, n, W) map: in an exported step graph that is one Conv
         node, where flattening to (B, n, C_out W) first cost a Transpose and a Reshape whose
-        dynamic shape took six more nodes."""
+        dynamic shape took six more nodes. (The step graph takes the result to (B, n, n_classes)
+        in whichever form exports to the fewest nodes.)"""
         weight, bias = self.folded_classifier(classifier)
         kernel = weight.view(weight.shape[0], self.conv.out_channels, 1, self.width)
-        return F.conv2d(F.relu(y), kernel, bias).squeeze(3).transpose(1, 2)
+        return F.conv2d(F.relu(y), kernel, bias)
 
     def step_logits_folded(self, h: Tensor, state: FrameRing, classifier: nn.Linear) -> Tensor:
         """Eval-mode streaming step of f_dil and the classifier together:
