@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from rtsed import native
+
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
@@ -37,7 +39,6 @@ BACKENDS = ("auto", "ref", "triton")
 OPS = ("dws_block", "dilated_temporal", "dilated_step")
 
 CPU_FAST_DTYPES = (torch.float32, torch.float64)  # dtypes the CPU fast paths take
-_NATIVE_DTYPES = (torch.float32, torch.float64)  # rtsed.native.DTYPES (not imported here: ops loads first)
 
 
 class KernelUnavailableError(RuntimeError):
@@ -103,14 +104,12 @@ def native_eval(x: Tensor, *params: Tensor) -> bool:
     built (RTSED_NATIVE on, a compiler found), and no autograd recording through x or ``params``
     (the kernels have no backward)."""
     # Cheapest tests first: this runs once per block per streaming step.
-    if not x.is_cpu or x.dtype not in _NATIVE_DTYPES:
+    if not x.is_cpu or x.dtype not in native.DTYPES:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return False
     if not cpu_fast_path(x):
         return False
-    from rtsed import native
-
     return native.available()
 
 

@@ -150,7 +150,7 @@ class ModelStream:
         with autocast(self.precision):
             logits = self._model_step(x, n, masking)
         self.positions += n
-        return logits.float() if logits.dtype != x.dtype and x.is_floating_point() else logits
+        return logits.to(x.dtype) if logits.dtype != x.dtype and x.is_floating_point() else logits
 
     def _model_step(self, x: Tensor, n: int, masking: bool) -> Tensor:
         """The model's arithmetic of a step (``_step_logits`` minus its checks and bookkeeping)."""

@@ -90,7 +90,7 @@ def patch_scatter_(dx: Tensor, d_patches: Tensor, t0: int, t1: int, kernel: int,
 
 def vector_lanes(dtype: torch.dtype) -> int:
     """Values per 64-byte vector of the kernels: 16 float32, 8 float64."""
-    return 64 // torch.empty(0, dtype=dtype).element_size()
+    return 64 // dtype.itemsize
 
 
 def taps_major_conv(conv_weight: Tensor, conv_bias: Tensor) -> tuple[Tensor, Tensor]:
