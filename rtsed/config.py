@@ -324,14 +324,20 @@ class NormalizationStats(_Config):
 @dataclass(frozen=True)
 class DecoderConfig(_Config):
     """Turning frame probabilities into events: per-class hysteresis thresholds (an event starts
-    when p >= on and ends when p < off), minimum event and gap durations, optional causal
-    median smoothing over ``smoothing_frames`` frames. Empty threshold tuples mean 0.5 for every class."""
+    when p >= on and ends when p < off), minimum event and gap durations, and median smoothing
+    over ``smoothing_frames`` frames.
+
+    Empty threshold tuples mean 0.5 for every class. ``min_event_s``, ``min_gap_s`` and
+    ``smoothing_frames`` take one value for every class or a tuple with one value per class in
+    the model's output order (``train.tune`` chooses them per class: a 5 s rain bed and a 0.3 s
+    sneeze want different smoothing and minimum durations).
+    """
 
     on_thresholds: tuple[float, ...] = ()
     off_thresholds: tuple[float, ...] = ()
-    min_event_s: float = 0.0
-    min_gap_s: float = 0.0
-    smoothing_frames: int = 1
+    min_event_s: float | tuple[float, ...] = 0.0
+    min_gap_s: float | tuple[float, ...] = 0.0
+    smoothing_frames: int | tuple[int, ...] = 1
 
     def __post_init__(self) -> None:
         for name in ("on_thresholds", "off_thresholds"):
@@ -340,8 +346,35 @@ class DecoderConfig(_Config):
             for v in getattr(self, name):
                 if not 0.0 < v < 1.0:
                     raise ConfigError(f"DecoderConfig.{name}: every threshold must lie in (0, 1), got {v}")
-        if self.min_event_s < 0 or self.min_gap_s < 0 or self.smoothing_frames < 1:
-            raise ConfigError("DecoderConfig: min_event_s, min_gap_s >= 0 and smoothing_frames >= 1")
+        for name, kind in (("min_event_s", float), ("min_gap_s", float), ("smoothing_frames", int)):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                if not value:
+                    raise ConfigError(f"DecoderConfig.{name}: give one number or one per class, not an empty list")
+                value = tuple(kind(v) for v in value)
+            else:
+                value = kind(value)
+            object.__setattr__(self, name, value)
+        for v in self._values("min_event_s") + self._values("min_gap_s"):
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"DecoderConfig: min_event_s and min_gap_s must be >= 0 seconds, got {v}")
+        for v in self._values("smoothing_frames"):
+            if v < 1:
+                raise ConfigError(f"DecoderConfig.smoothing_frames must be >= 1 (1 = no smoothing), got {v}")
+
+    def _values(self, name: str) -> tuple:
+        value = getattr(self, name)
+        return value if isinstance(value, tuple) else (value,)
+
+    def per_class(self, name: str, n_classes: int) -> tuple:
+        """``min_event_s``, ``min_gap_s`` or ``smoothing_frames`` as one value per class."""
+        value = getattr(self, name)
+        if not isinstance(value, tuple):
+            return (value,) * n_classes
+        if len(value) != n_classes:
+            raise ConfigError(f"DecoderConfig.{name} has {len(value)} values for {n_classes} classes; "
+                              "give one value for every class or one per class")
+        return value
 
     def thresholds(self, n_classes: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(on, off) per class, 0.5 where none were set; off never exceeds on."""
@@ -352,6 +385,17 @@ class DecoderConfig(_Config):
                 f"DecoderConfig has {len(on)} on / {len(off)} off thresholds for {n_classes} classes"
             )
         return tuple(on), tuple(min(a, b) for a, b in zip(on, off))
+
+    def check(self, n_classes: int) -> None:
+        """Raise ConfigError unless every per-class field fits ``n_classes`` classes."""
+        self.thresholds(n_classes)
+        for name in ("min_event_s", "min_gap_s", "smoothing_frames"):
+            self.per_class(name, n_classes)
+
+    def smoothing_delay_frames(self, n_classes: int) -> int:
+        """Frames by which the median smoother delays decisions (the largest over classes): a
+        median over k frames reports frame t once frame t + (k - 1) // 2 has arrived."""
+        return max((k - 1) // 2 for k in self.per_class("smoothing_frames", n_classes))
 
 
 @dataclass(frozen=True)
@@ -387,4 +431,4 @@ class DetectorConfig(_Config):
             raise ConfigError(
                 f"DetectorConfig: normalisation has {self.normalization.n_bands} bands, model expects {self.model.n_mels}"
             )
-        self.decoder.thresholds(self.model.n_classes)  # raises on a length mismatch
+        self.decoder.check(self.model.n_classes)  # raises on a length mismatch

@@ -50,7 +50,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .config import DecoderConfig
+from .config import ConfigError, DecoderConfig
 
 __all__ = [
     "SoundEvent",
@@ -159,13 +159,29 @@ class EventDecoder:
         self.on = np.asarray(on_l, dtype=np.float64)
         self.off = np.asarray(off_l, dtype=np.float64)
 
-        self.smoothing_frames = int(self.config.smoothing_frames)
-        self.delay_frames = (self.smoothing_frames - 1) // 2 if compensate_delay else 0
-        self.min_event_frames = max(1, _frames(self.config.min_event_s, self.hop_s))
+        try:
+            smoothing = self.config.per_class("smoothing_frames", n)
+            min_event = self.config.per_class("min_event_s", n)
+            min_gap = self.config.per_class("min_gap_s", n)
+        except ConfigError as exc:
+            raise ValueError(f"EventDecoder for labels {list(self.labels)}: {exc}") from None
+        self.smoothing_frames = [int(k) for k in smoothing]
+        # Per-class median windows, grouped: classes that share a window length share one median.
+        self._smoothing_groups = [(k, np.array([c for c in range(n) if self.smoothing_frames[c] == k]))
+                                  for k in sorted(set(self.smoothing_frames)) if k > 1]
+        self._history_frames = max(self.smoothing_frames) - 1
+        self.delay_frames = [(k - 1) // 2 if compensate_delay else 0 for k in self.smoothing_frames]
+        self.min_event_frames = [max(1, _frames(s, self.hop_s)) for s in min_event]
         # A gap of g frames merges when g < merge_below; an ended event is held back that long.
-        self.merge_below = _frames(self.config.min_gap_s, self.hop_s)
-        self._hold = max(1, self.merge_below)
+        self.merge_below = [_frames(s, self.hop_s) for s in min_gap]
+        self._hold = [max(1, m) for m in self.merge_below]
         self.reset()
+
+    @property
+    def decision_delay_frames(self) -> int:
+        """Frames after which an onset is first reported, worst class: the smoother's delay
+        plus the minimum event duration (a notice is sent once the event has lasted that long)."""
+        return max(d + m - 1 for d, m in zip(self.delay_frames, self.min_event_frames))
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -189,26 +205,30 @@ class EventDecoder:
         return 0 if self._origin is None else self._next - self._origin
 
     # ------------------------------------------------------------------ helpers
-    def _time(self, frame: int) -> float:
-        return max(frame - self.delay_frames, self._origin or 0) * self.hop_s
+    def _time(self, c: int, frame: int) -> float:
+        return max(frame - self.delay_frames[c], self._origin or 0) * self.hop_s
 
     def _event(self, c: int, b: int, sb: float, end_frame: int | None = None) -> SoundEvent:
         a = self._a[c]
-        offset = self._time(b) if end_frame is None else end_frame * self.hop_s
-        return SoundEvent(self.labels[c], self._time(a), offset, float((sb - self._sa[c]) / (b - a)))
+        offset = self._time(c, b) if end_frame is None else end_frame * self.hop_s
+        return SoundEvent(self.labels[c], self._time(c, a), offset, float((sb - self._sa[c]) / (b - a)))
 
     def _smooth(self, x: np.ndarray) -> np.ndarray:
-        k = self.smoothing_frames
-        if k == 1:
+        h = self._history_frames
+        if h == 0:
             return x
         if self._hist is None:  # edge padding: the signal repeats its first frame before it
-            self._hist = np.repeat(x[:1], k - 1, axis=0)
-        window = np.concatenate([self._hist, x], axis=0)
-        self._hist = window[-(k - 1):].copy()
+            self._hist = np.repeat(x[:1], h, axis=0)
+        window = np.concatenate([self._hist, x], axis=0)  # (h + n, C): the last h raw frames, then x
+        self._hist = window[-h:].copy()
         n = x.shape[0]
-        # (k, n, C) stack of shifted copies: a contiguous axis-0 median is ~3x faster than one
-        # over a strided sliding-window view, with the same values.
-        return np.median(np.stack([window[i:i + n] for i in range(k)]), axis=0)
+        out = x.copy()
+        for k, classes in self._smoothing_groups:
+            part = window[h - (k - 1):, classes]
+            # (k, n, C_k) stack of shifted copies: a contiguous axis-0 median is faster than one
+            # over a strided sliding-window view, with the same values.
+            out[:, classes] = np.median(np.stack([part[i:i + n] for i in range(k)]), axis=0)
+        return out
 
     # ------------------------------------------------------------------ API
     def push(self, probs: Any, first_frame: int | None = None) -> list[OnsetNotice | SoundEvent]:
@@ -284,13 +304,13 @@ class EventDecoder:
             # Deadlines in [cursor, tr), where the phase is constant.
             phase = self._phase[c]
             if phase == _ACTIVE and not self._noticed[c]:
-                due = max(cursor, self._a[c] + self.min_event_frames - 1)
+                due = max(cursor, self._a[c] + self.min_event_frames[c] - 1)
                 if due < tr:
                     self._noticed[c] = True
                     mean = (csum[due + 1 - t0, c] - self._sa[c]) / (due + 1 - self._a[c])
-                    out.append((due, c, OnsetNotice(self.labels[c], self._time(self._a[c]), float(mean))))
+                    out.append((due, c, OnsetNotice(self.labels[c], self._time(c, self._a[c]), float(mean))))
             elif phase == _GAP:
-                due = self._b[c] + self._hold - 1
+                due = self._b[c] + self._hold[c] - 1
                 if due < tr:
                     if self._noticed[c]:
                         out.append((due, c, self._event(c, self._b[c], self._sb[c])))

@@ -185,9 +185,13 @@ class DetectionEngine:
 
     @property
     def algorithmic_latency_s(self) -> float:
-        """Window + lookahead + buffering of frames_per_step - 1 hops + resampler delay."""
+        """Window + lookahead + buffering of frames_per_step - 1 hops + the decoder's median
+        smoother delay (its worst class) + resampler delay: when the last sample a decision about
+        a sound needs has arrived. Minimum event durations add to when an onset is *reported*
+        (``decoder.decision_delay_frames``), not to when it can first be known."""
         fe = self.config.frontend
-        return (fe.window_s + (self.lookahead_frames + self.frames_per_step - 1) * self.hop_s
+        smoother = max(self.decoder.delay_frames)
+        return (fe.window_s + (self.lookahead_frames + smoother + self.frames_per_step - 1) * self.hop_s
                 + self.extra_latency_s)
 
     def push_audio(self, samples: np.ndarray) -> list[OnsetNotice | SoundEvent]:

@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     precision = "" if args.precision == "fp32" else f" ({args.precision} GEMMs)"
     print(f"rtsed live: {config.model.name} ({model_path}), backend {args.backend}{precision} on {args.device}, "
           f"{len(config.labels)} classes; algorithmic latency {engine.algorithmic_latency_s * 1000:.0f} ms "
-          f"(lookahead {engine.lookahead_frames} frames)", file=sys.stderr)
+          f"(lookahead {engine.lookahead_frames} frames, smoother {max(engine.decoder.delay_frames)} frames)", file=sys.stderr)
     started = time.monotonic()
     view = None
     try:

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rtsed.config import DecoderConfig
+from rtsed.config import ConfigError, DecoderConfig
 from rtsed.decode import (
     EventDecoder,
     OnsetNotice,
@@ -64,13 +64,13 @@ def _nframes(seconds, hop):
 
 def reference_decode(p, labels, hop, cfg, compensate=True):
     T, C = p.shape
-    k = cfg.smoothing_frames
-    D = (k - 1) // 2 if compensate else 0
     on, off = cfg.thresholds(C)
-    min_f = max(1, _nframes(cfg.min_event_s, hop))
-    gap_f = _nframes(cfg.min_gap_s, hop)
     out = []
     for c in range(C):
+        k = cfg.per_class("smoothing_frames", C)[c]
+        D = (k - 1) // 2 if compensate else 0
+        min_f = max(1, _nframes(cfg.per_class("min_event_s", C)[c], hop))
+        gap_f = _nframes(cfg.per_class("min_gap_s", C)[c], hop)
         x = p[:, c]
         padded = np.concatenate([np.full(k - 1, x[0]), x])
         s = np.array([np.median(padded[t:t + k]) for t in range(T)])
@@ -115,12 +115,19 @@ def streams(draw):
         p = np.clip(p + np.random.default_rng(seed).normal(0, 0.15, p.shape), 0, 1)
     on = draw(st.lists(st.sampled_from([0.3, 0.5, 0.7]), min_size=C, max_size=C))
     off = [min(o, draw(st.sampled_from([0.2, 0.4, 0.5]))) for o in on]
+
+    def one_or_per_class(values):
+        # One value for every class, or one per class (the tuned checkpoints' form).
+        if draw(st.booleans()):
+            return draw(st.sampled_from(values))
+        return tuple(draw(st.lists(st.sampled_from(values), min_size=C, max_size=C)))
+
     cfg = DecoderConfig(
         on_thresholds=tuple(on),
         off_thresholds=tuple(off),
-        min_event_s=draw(st.sampled_from([0.0, 0.02, 0.05, 0.1])),
-        min_gap_s=draw(st.sampled_from([0.0, 0.02, 0.06, 0.1])),
-        smoothing_frames=draw(st.sampled_from([1, 2, 3, 5])),
+        min_event_s=one_or_per_class([0.0, 0.02, 0.05, 0.1]),
+        min_gap_s=one_or_per_class([0.0, 0.02, 0.06, 0.1]),
+        smoothing_frames=one_or_per_class([1, 2, 3, 5]),
     )
     cuts = sorted(set(draw(st.lists(st.integers(0, T), max_size=8))))
     return p, LABELS[:C], cfg, cuts
@@ -164,7 +171,8 @@ def test_every_notice_is_followed_by_its_event_and_vice_versa(case):
             notice = open_notices.pop(item.label)  # no event without a notice before it
             assert notice.onset_s == item.onset_s
             assert item.offset_s > item.onset_s
-            assert item.offset_s - item.onset_s >= cfg.min_event_s - 1e-9 or item.onset_s == 0.0
+            min_event_s = cfg.per_class("min_event_s", len(labels))[labels.index(item.label)]
+            assert item.offset_s - item.onset_s >= min_event_s - 1e-9 or item.onset_s == 0.0
     assert not open_notices  # flush closed everything that was announced
 
 
@@ -441,3 +449,51 @@ def test_json_forms():
     assert EVS[0].to_dict() == {"label": "dog", "onset_s": 0.14, "offset_s": 0.38, "score": 0.91234}
     with pytest.raises(TypeError):
         event_to_json(("dog", 0.1, 0.2, 0.3))
+
+
+# ------------------------------------------------------------------------------------------
+# Per-class decoder settings
+# ------------------------------------------------------------------------------------------
+
+
+def test_per_class_settings_act_on_their_own_class_only():
+    # Two classes with the same probabilities: a 3-frame blip and a 12-frame event. Class 0 drops
+    # anything under 0.1 s and smooths over 5 frames; class 1 keeps everything, unsmoothed.
+    x = np.zeros(40)
+    x[5:8] = 0.9
+    x[20:32] = 0.9
+    p = np.stack([x, x], axis=1)
+    cfg = DecoderConfig(min_event_s=(0.1, 0.0), smoothing_frames=(5, 1))
+    got = cells(decode_offline(p, ["a", "b"], HOP, cfg))
+    assert ("a", 5, 8) not in got and ("a", 20, 32) in got
+    assert ("b", 5, 8) in got and ("b", 20, 32) in got
+
+
+def test_per_class_lengths_must_match_the_labels():
+    with pytest.raises(ValueError, match="smoothing_frames has 2 values for 3 classes"):
+        EventDecoder(["a", "b", "c"], HOP, DecoderConfig(smoothing_frames=(3, 5)))
+    with pytest.raises(ConfigError, match="min_event_s and min_gap_s must be >= 0"):
+        DecoderConfig(min_gap_s=(0.1, -0.2))
+
+
+def test_per_class_config_round_trips_through_a_dict():
+    cfg = DecoderConfig(on_thresholds=(0.6, 0.4), off_thresholds=(0.3, 0.2), min_event_s=(0.1, 0.3),
+                        min_gap_s=0.2, smoothing_frames=(7, 1))
+    again = DecoderConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert again.smoothing_delay_frames(2) == 3
+
+
+def test_smoother_delay_counts_in_the_engine_latency():
+    from rtsed.config import DetectorConfig, ModelConfig
+    from rtsed.engine import DetectionEngine
+
+    class Stepper:  # the engine only asks a stepper for its lookahead before the first push
+        lookahead_frames = 0
+
+    model = ModelConfig.from_name("dnd_7_10_causal", n_classes=2)
+    plain = DetectorConfig(model=model, labels=("a", "b"))
+    smooth = plain.replace(decoder=DecoderConfig(smoothing_frames=(1, 9)))
+    a = DetectionEngine(Stepper(), plain, frames_per_step=1)
+    b = DetectionEngine(Stepper(), smooth, frames_per_step=1)
+    assert b.algorithmic_latency_s - a.algorithmic_latency_s == pytest.approx(4 * plain.frontend.hop_s)

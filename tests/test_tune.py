@@ -1,11 +1,36 @@
-"""Threshold tuning: the grid search finds the per-class (on, off) that the decoder scores best."""
+"""Decoder tuning: the per-class search finds the settings a class needs, its fast decoding equals
+the real decoder's, and its event matcher equals sed_eval's."""
 
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rtsed.config import DecoderConfig
-from train.tune import decoded_frames, f1, tune_thresholds
+from rtsed.decode import decode_offline
+from train.annotations import Event
+from train.tune import (
+    COLLAR_S,
+    decode_smoothed,
+    decoded_cells,
+    median_smooth,
+    onset_matches,
+    tune_decoder,
+)
+
+HOP = 0.02
+
+
+def _outputs(probs, targets, labels):
+    """FileOutput-like records: probabilities, frame targets and reference events."""
+    events = []
+    for c, label in enumerate(labels):
+        active = np.concatenate([[0], targets[:, c] > 0, [0]]).astype(int)
+        starts, ends = np.flatnonzero(np.diff(active) == 1), np.flatnonzero(np.diff(active) == -1)
+        events += [Event("f", a * HOP, b * HOP, label) for a, b in zip(starts, ends)]
+    return [SimpleNamespace(probs=probs, targets=targets, events=tuple(events))]
 
 
 def test_tuning_finds_each_class_operating_point():
@@ -19,19 +44,101 @@ def test_tuning_finds_each_class_operating_point():
     probs[:, 0] = np.where(targets[:, 0] > 0, rng.uniform(0.30, 0.40, t), rng.uniform(0.0, 0.2, t))
     # Class 1: a confident class; active at 0.8-1.0, silence 0.5-0.7 (0.5 would fire everywhere).
     probs[:, 1] = np.where(targets[:, 1] > 0, rng.uniform(0.8, 1.0, t), rng.uniform(0.5, 0.7, t))
-    outputs = [SimpleNamespace(probs=probs, targets=targets)]
-    tuned, table = tune_thresholds(outputs, 0.02, DecoderConfig(), 2)
+    tuned, table = tune_decoder(_outputs(probs, targets, ["a", "b"]), HOP, ["a", "b"], "frame_f1")
     assert 0.2 <= tuned.on_thresholds[0] <= 0.30
     assert 0.7 <= tuned.on_thresholds[1] <= 0.8
     assert all(off <= on for on, off in zip(tuned.on_thresholds, tuned.off_thresholds))
-    assert table[0]["f1_tuned"] == 1.0 and table[0]["f1_at_0.5"] == 0.0
-    assert table[1]["f1_tuned"] == 1.0 and table[1]["f1_at_0.5"] < 0.8
+    assert table[0]["frame_f1_tuned"] == 1.0 and table[0]["frame_f1_default"] == 0.0
+    assert table[1]["frame_f1_tuned"] == 1.0 and table[1]["frame_f1_default"] < 0.8
 
 
-def test_decoded_frames_follow_the_decoder():
-    probs = np.array([0.0, 0.9, 0.9, 0.45, 0.9, 0.0, 0.0], np.float32)
-    hysteresis = DecoderConfig(on_thresholds=(0.8,), off_thresholds=(0.4,))
-    assert decoded_frames(probs, 0.02, hysteresis).tolist() == [False, True, True, True, True, False, False]
-    plain = DecoderConfig(on_thresholds=(0.8,), off_thresholds=(0.8,))
-    assert decoded_frames(probs, 0.02, plain).tolist() == [False, True, True, False, True, False, False]
-    assert f1(np.array([True, False]), np.array([True, True])) == 2 / 3
+def test_event_objective_smooths_away_flicker_that_splits_events():
+    # Events of 3 s whose probabilities drop below every threshold for single frames: a plain
+    # threshold reports each event in many pieces (low event F1); a median or a min gap mends them.
+    rng = np.random.default_rng(1)
+    t = 4000
+    targets = np.zeros((t, 1), np.float32)
+    for start in range(200, t - 200, 500):
+        targets[start:start + 150] = 1.0
+    probs = np.where(targets[:, 0] > 0, 0.9, 0.05)
+    flicker = (targets[:, 0] > 0) & (rng.random(t) < 0.15)
+    probs = np.where(flicker, 0.02, probs)[:, None]
+    outputs = _outputs(probs, targets, ["a"])
+    tuned, table = tune_decoder(outputs, HOP, ["a"], "event_f1")
+    assert table[0]["event_f1_default"] < 0.5
+    assert table[0]["event_f1_tuned"] == 1.0
+    assert tuned.per_class("smoothing_frames", 1)[0] > 1 or tuned.per_class("min_gap_s", 1)[0] > 0
+    # The chosen config through the real decoder reports each event once, at its onset.
+    events = decode_offline(probs, ["a"], HOP, tuned)
+    ref = [e for e in outputs[0].events]
+    assert len(events) == len(ref)
+    assert all(abs(e.onset_s - r.onset_s) <= COLLAR_S for e, r in zip(events, ref))
+
+
+def test_smoothing_delay_is_bounded_by_the_latency_budget():
+    rng = np.random.default_rng(2)
+    t = 2000
+    targets = np.zeros((t, 1), np.float32)
+    targets[300:900] = 1
+    probs = np.clip(targets + rng.normal(0, 0.45, targets.shape), 0, 1)
+    tuned, _ = tune_decoder(_outputs(probs, targets, ["a"]), HOP, ["a"], "event_f1", max_smoothing_s=0.04)
+    assert tuned.smoothing_delay_frames(1) <= 2
+
+
+def test_a_class_without_validation_events_keeps_the_defaults():
+    probs = np.full((500, 1), 0.7)
+    tuned, table = tune_decoder(_outputs(probs, np.zeros((500, 1)), ["a"]), HOP, ["a"])
+    assert tuned.on_thresholds == (0.5,) and tuned.smoothing_frames == (1,)
+    assert table[0]["reference_events"] == 0
+
+
+@st.composite
+def _class_signals(draw):
+    n = draw(st.integers(1, 80))
+    levels = draw(st.lists(st.sampled_from([0.0, 0.2, 0.45, 0.5, 0.55, 0.8, 1.0]), min_size=n, max_size=n))
+    k = draw(st.sampled_from([1, 3, 5, 7]))
+    on = draw(st.sampled_from([0.3, 0.5, 0.7]))
+    off = min(on, draw(st.sampled_from([0.2, 0.4, 0.5])))
+    min_event_s = draw(st.sampled_from([0.0, 0.04, 0.1]))
+    min_gap_s = draw(st.sampled_from([0.0, 0.04, 0.1]))
+    return np.asarray(levels, float), k, on, off, min_event_s, min_gap_s
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_class_signals())
+def test_fast_decoding_equals_the_real_decoder(case):
+    x, k, on, off, min_event_s, min_gap_s = case
+    config = DecoderConfig(on_thresholds=(on,), off_thresholds=(off,), min_event_s=min_event_s,
+                           min_gap_s=min_gap_s, smoothing_frames=k)
+    want = decoded_cells(x[:, None], HOP, ["a"], config)["a"]
+    min_event = max(1, int(np.ceil(min_event_s / HOP - 1e-6)))
+    gap = int(np.ceil(min_gap_s / HOP - 1e-6))
+    got = decode_smoothed(median_smooth(x, k), (k - 1) // 2, on, off, min_event, gap)
+    assert got == want
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.floats(0, 20, allow_nan=False), max_size=8),
+       st.lists(st.floats(0, 20, allow_nan=False), max_size=8))
+def test_onset_matching_equals_sed_eval(ref_onsets, est_onsets):
+    sed_eval = pytest.importorskip("sed_eval")
+    # One class; events of one class never overlap in a reference or in decoded output.
+    ref = [{"filename": "f", "event_label": "a", "onset": float(o), "offset": float(o) + 0.01}
+           for o in sorted(set(round(v, 2) for v in ref_onsets))]
+    est = [{"filename": "f", "event_label": "a", "onset": float(o), "offset": float(o) + 0.01}
+           for o in sorted(set(round(v, 2) for v in est_onsets))]
+    metric = sed_eval.sound_event.EventBasedMetrics(["a"], evaluate_onset=True, evaluate_offset=False,
+                                                    t_collar=COLLAR_S, event_matching_type="optimal")
+    metric.evaluate(ref, est)
+    tp = metric.class_wise["a"]["Ntp"]
+    got = onset_matches(np.array([e["onset"] for e in ref]), np.array([e["onset"] for e in est]), COLLAR_S)
+    assert got == tp
+
+
+def test_fixed_durations_are_kept_for_every_class():
+    rng = np.random.default_rng(3)
+    targets = np.zeros((1500, 2), np.float32)
+    targets[200:600, 0] = targets[900:1000, 1] = 1
+    probs = np.clip(targets + rng.normal(0, 0.3, targets.shape), 0, 1)
+    tuned, _ = tune_decoder(_outputs(probs, targets, ["a", "b"]), HOP, ["a", "b"], min_event_s=0.1, min_gap_s=0.2)
+    assert tuned.min_event_s == (0.1, 0.1) and tuned.min_gap_s == (0.2, 0.2)

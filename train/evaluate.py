@@ -225,6 +225,11 @@ def _decoded_activity(outputs: list[FileOutput], labels: Sequence[str], hop_s: f
     return activity, estimated
 
 
+def _per_class_text(value: Any) -> str:
+    """A decoder field that is one number or one per class, for the report's decode note."""
+    return f"{value:g}" if not isinstance(value, tuple) else "[" + ", ".join(f"{v:g}" for v in value) + "]"
+
+
 def _score_point(outputs: list[FileOutput], labels: Sequence[str], hop_s: float, name: str,
                  threshold: Any, reference: list[tuple], durations: dict[str, float],
                  decoder: DecoderConfig | None = None) -> dict[str, Any]:
@@ -240,8 +245,9 @@ def _score_point(outputs: list[FileOutput], labels: Sequence[str], hop_s: float,
         probs, estimated = _decoded_activity(outputs, labels, hop_s, decoder)
         threshold = 0.5  # on the decoder's 0/1 activity
         decode_note = (f"the live decoder (rtsed.decode): on {list(decoder.on_thresholds) or 0.5}, "
-                       f"off {list(decoder.off_thresholds) or 'on'}, min event {decoder.min_event_s:g} s, "
-                       f"min gap {decoder.min_gap_s:g} s, median smoothing {decoder.smoothing_frames} frames")
+                       f"off {list(decoder.off_thresholds) or 'on'}, min event {_per_class_text(decoder.min_event_s)} s, "
+                       f"min gap {_per_class_text(decoder.min_gap_s)} s, "
+                       f"median smoothing {_per_class_text(decoder.smoothing_frames)} frames")
     frame = frame_scores(probs, targets, threshold)
     frame_cls = per_class_scores(probs, targets, threshold, labels)
     seg = segment_scores(reference, estimated, labels, segment_s=SEGMENT_S, durations=durations)
