@@ -1,5 +1,5 @@
 """Scoring detections: frame-wise F1/ER (the paper's metric), segment- and event-based metrics
-(sed_eval), and PSDS scenario 1 (sed_scores_eval).
+(sed_eval), and PSDS scenarios 1 and 2 (sed_scores_eval).
 
 The paper (Drossos et al. 2020, after Cakir et al. 2017) scores frame decisions:
 
@@ -51,7 +51,9 @@ __all__ = [
     "frame_probs_to_events",
     "segment_scores",
     "event_scores",
+    "psds",
     "psds1",
+    "psds2",
 ]
 
 _INSTALL_HINT = (
@@ -506,6 +508,12 @@ PSDS1_PARAMS: dict[str, Any] = {
     "dtc_threshold": 0.7, "gtc_threshold": 0.7, "cttc_threshold": None,
     "alpha_ct": 0.0, "alpha_st": 1.0, "max_efpr": 100.0, "unit_of_time": "hour",
 }
+# DCASE PSDS scenario 2: classification-focused (loose localisation), cross-triggers penalised.
+PSDS2_PARAMS: dict[str, Any] = {
+    "dtc_threshold": 0.1, "gtc_threshold": 0.1, "cttc_threshold": 0.3,
+    "alpha_ct": 0.5, "alpha_st": 1.0, "max_efpr": 100.0, "unit_of_time": "hour",
+}
+PSDS_SCENARIOS = {1: PSDS1_PARAMS, 2: PSDS2_PARAMS}
 
 
 @dataclass(frozen=True)
@@ -527,10 +535,11 @@ class PSDSScores:
     n_files: int = 0
     duration_s: float = 0.0
     n_gt_merged: int = 0
+    scenario: int = 1
 
     @property
     def params(self) -> dict[str, Any]:
-        return {"metric": "PSDS scenario 1 (sed_scores_eval)",
+        return {"metric": f"PSDS scenario {self.scenario} (sed_scores_eval)",
                 **{k: getattr(self, k) for k in PSDS1_PARAMS},
                 "n_files": self.n_files, "duration_s": self.duration_s,
                 "n_gt_merged": self.n_gt_merged}
@@ -541,7 +550,27 @@ def psds1(
     ground_truth: Iterable[Any] | Mapping[str, Iterable[tuple[float, float, str]]],
     durations: Mapping[str, float] | None = None,
 ) -> PSDSScores:
-    """PSDS scenario 1 via ``sed_scores_eval.intersection_based.psds``.
+    """PSDS scenario 1 (localisation-focused); see :func:`psds`."""
+    return psds(scores_per_file, ground_truth, durations, scenario=1)
+
+
+def psds2(
+    scores_per_file: Mapping[str, tuple[Any, float, Sequence[str]]],
+    ground_truth: Iterable[Any] | Mapping[str, Iterable[tuple[float, float, str]]],
+    durations: Mapping[str, float] | None = None,
+) -> PSDSScores:
+    """PSDS scenario 2 (classification-focused, cross-triggers penalised); see :func:`psds`."""
+    return psds(scores_per_file, ground_truth, durations, scenario=2)
+
+
+def psds(
+    scores_per_file: Mapping[str, tuple[Any, float, Sequence[str]]],
+    ground_truth: Iterable[Any] | Mapping[str, Iterable[tuple[float, float, str]]],
+    durations: Mapping[str, float] | None = None,
+    scenario: int = 1,
+) -> PSDSScores:
+    """PSDS of DCASE scenario 1 or 2 (``PSDS_SCENARIOS``) via
+    ``sed_scores_eval.intersection_based.psds``.
 
     scores_per_file: {filename: (probs (T, C), hop_s, labels)}; frame t scores the cell
         [t * hop_s, (t + 1) * hop_s) (DESIGN.md frame time). All files must share the labels.
@@ -550,14 +579,17 @@ def psds1(
         class in one file are merged first (sed_scores_eval rejects them); ``n_gt_merged`` counts them.
     durations: {filename: seconds}; default T * hop_s of each file's scores.
     """
-    ssev = _import("sed_scores_eval", "psds1")
+    if scenario not in PSDS_SCENARIOS:
+        raise ValueError(f"psds: scenario must be one of {sorted(PSDS_SCENARIOS)}, got {scenario!r}")
+    params = PSDS_SCENARIOS[scenario]
+    ssev = _import("sed_scores_eval", "psds")
     try:  # the module moved between sed_scores_eval releases
         from sed_scores_eval.base_modules.scores import create_score_dataframe
     except ImportError:  # pragma: no cover - newer layout
         from sed_scores_eval.utils.scores import create_score_dataframe
 
     if not scores_per_file:
-        raise ValueError("psds1: no scores")
+        raise ValueError("psds: no scores")
     labels = None
     dataframes, lengths_s = {}, {}
     for f, (probs, hop_s, file_labels) in scores_per_file.items():
@@ -565,10 +597,10 @@ def psds1(
         if labels is None:
             labels = file_labels
         elif file_labels != labels:
-            raise ValueError(f"psds1: {f} has labels {file_labels}, others {labels}")
+            raise ValueError(f"psds: {f} has labels {file_labels}, others {labels}")
         p = np.asarray(_to_numpy(probs), dtype=np.float64)
         if p.ndim != 2 or p.shape[1] != len(labels):
-            raise ValueError(f"psds1: scores of {f} must be (T, {len(labels)}), got {p.shape}")
+            raise ValueError(f"psds: scores of {f} must be (T, {len(labels)}), got {p.shape}")
         timestamps = np.arange(p.shape[0] + 1) * float(hop_s)
         dataframes[f] = create_score_dataframe(p, timestamps, labels)
         lengths_s[f] = float(timestamps[-1])
@@ -583,25 +615,25 @@ def psds1(
     gt, n_merged = _merge_overlaps(gt)
     missing = sorted(set(gt) - set(dataframes))
     if missing:
-        raise ValueError(f"psds1: ground truth for files without scores: {missing[:5]}")
+        raise ValueError(f"psds: ground truth for files without scores: {missing[:5]}")
     dur = {f: float(durations[f]) if durations is not None and f in durations else lengths_s[f]
            for f in dataframes}
 
     try:
         value, per_class, (etpr, efpr), _ = ssev.intersection_based.psds(
-            scores=dataframes, ground_truth=gt, audio_durations=dur, **PSDS1_PARAMS,
+            scores=dataframes, ground_truth=gt, audio_durations=dur, **params,
         )
     except ValueError as e:
         # pandas >= 3 hands out read-only arrays (copy-on-write); sed_scores_eval 0.0.4's Cython
         # code needs writable buffers.
         if "read-only" in str(e):
-            raise RuntimeError(f"psds1: sed_scores_eval cannot run with this pandas: pin "
+            raise RuntimeError(f"psds: sed_scores_eval cannot run with this pandas: pin "
                                f"'pandas<3' ({_INSTALL_HINT})") from e
         raise
     return PSDSScores(
         psds=float(value), per_class={k: float(v) for k, v in per_class.items()},
-        efpr_per_hour=np.asarray(efpr), etpr=np.asarray(etpr), **PSDS1_PARAMS,
-        n_files=len(dataframes), duration_s=float(sum(dur.values())), n_gt_merged=n_merged,
+        efpr_per_hour=np.asarray(efpr), etpr=np.asarray(etpr), **params,
+        n_files=len(dataframes), duration_s=float(sum(dur.values())), n_gt_merged=n_merged, scenario=scenario,
     )
 
 

@@ -254,6 +254,7 @@ def test_psds_leaves_out_classes_without_reference_events(dataset_dir, checkpoin
     assert set(ps["per_class"]) == {"tone"} and ps["psds"] > 0.99
     assert res["operating_points"][0]["per_class"]["noise"]["psds1"] is None
     assert "left out of PSDS1: ['noise']" in ev.format_report(res)
+    assert "PSDS2 (sed_scores_eval): not computed (PSDS2 counts cross-triggers" in ev.format_report(res)
 
 
 def test_live_decoder_point_merges_flicker_that_a_plain_threshold_splits():

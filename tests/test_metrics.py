@@ -20,6 +20,7 @@ from rtsed.metrics import (
     per_class_f1,
     per_class_scores,
     psds1,
+    psds2,
     segment_scores,
 )
 
@@ -315,3 +316,18 @@ def test_psds1_off_grid_events():
     r = psds1({f: (y, HOP_S, LABELS) for f, y in frames.items()}, gt)
     assert r.per_class["alarm"] == pytest.approx(1.0) and r.per_class["rain"] < 1.0
     assert r.psds < 1.0
+
+
+def test_psds2_loose_localisation_passes_what_psds1_refuses():
+    """Scenario 2's detection and ground-truth criteria are 0.1, not 0.7: a 10 ms event rasterised
+    onto a 20 ms frame (50 % of the detection on the event) fails PSDS1 but passes PSDS2."""
+    pytest.importorskip("sed_scores_eval")
+    frames, gt = _psds_case(np.random.default_rng(9), on_grid=False, min_s=0.2)
+    frames["short.wav"] = rasterise([(0.505, 0.515, "rain")], 100, HOP_S, LABELS)
+    gt.append(("short.wav", 0.505, 0.515, "rain"))
+    scores = {f: (y, HOP_S, LABELS) for f, y in frames.items()}
+    one, two = psds1(scores, gt), psds2(scores, gt)
+    assert one.per_class["rain"] < 1.0 and two.per_class["rain"] == pytest.approx(1.0)
+    assert two.scenario == 2 and two.params["metric"] == "PSDS scenario 2 (sed_scores_eval)"
+    assert two.params["dtc_threshold"] == 0.1 and two.params["cttc_threshold"] == 0.3
+    assert two.params["alpha_ct"] == 0.5

@@ -18,7 +18,7 @@ Scores (REFERENCE.md "Metrics"; every one is reported with its parameters):
   minimum duration or smoothing) and, as a last operating point, from the live decoder
   (rtsed.decode with the checkpoint's thresholds, minimum durations and smoothing: the events a
   user of rtsed.live or rtsed.detect gets);
-* PSDS scenario 1 (sed_scores_eval; threshold-independent);
+* PSDS scenarios 1 and 2 (sed_scores_eval; threshold-independent);
 * a per-class table of all of them.
 
 They are computed at ``--threshold`` (0.5) and, when the checkpoint's decoder config has per-class
@@ -45,23 +45,24 @@ import numpy as np
 import torch
 
 from rtsed.allocator import ensure_caching_allocator
-from rtsed.audio_io import AudioFileError, read_audio
+from rtsed.audio_io import AudioFileError
 from rtsed.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from rtsed.config import ConfigError, DecoderConfig, FrontendConfig
+from rtsed.config import ConfigError, DecoderConfig
 from rtsed.decode import decode_offline
 from rtsed.detector import Detector
-from rtsed.frontend import LogMel
 from rtsed.metrics import (
     event_scores,
     frame_probs_to_events,
     frame_scores,
     per_class_scores,
-    psds1,
+    psds,
     segment_scores,
 )
 from rtsed.model import count_parameters
 from train.annotations import AnnotationError, Event, events_to_frame_targets
 from train.datasets import DatasetError, audio_info
+from train.false_alarms import FalseAlarmError
+from train.inference import InMemoryFeatures, file_logits
 
 SEGMENT_S = 1.0  # DCASE segment-based metrics
 COLLAR_S = 0.2  # DCASE event-based metrics: onset collar
@@ -110,28 +111,6 @@ def _check_labels(path: Path, events: Iterable[Event], labels: Sequence[str]) ->
             )
 
 
-class _InMemoryFeatures:
-    """FeatureCache's ``get`` without the disk: (T, F) log-mel of a file, computed on the CPU."""
-
-    def __init__(self, frontend: FrontendConfig):
-        self.frontend = frontend
-        self._logmel = LogMel(frontend)
-
-    @torch.no_grad()
-    def get(self, path: Path) -> np.ndarray:
-        samples = read_audio(path, self.frontend.sample_rate_hz)
-        return self._logmel(torch.from_numpy(samples)).numpy()
-
-
-@torch.no_grad()
-def file_logits(detector: Detector, features: np.ndarray) -> torch.Tensor:
-    """(T, F) un-normalised log-mel -> (T, C) logits: normalisation and one model forward over the
-    whole sequence (offline, eval mode) on the detector's device."""
-    device = detector.norm_mean.device
-    x = detector.normalize(torch.from_numpy(np.ascontiguousarray(features)).to(device))
-    return detector.model.eval()(x[None])[0]
-
-
 def predict(
     checkpoint: Checkpoint,
     items: Sequence[Any],
@@ -149,7 +128,7 @@ def predict(
 
         cache: Any = FeatureCache(cache_dir, config.frontend)
     else:
-        cache = _InMemoryFeatures(config.frontend)
+        cache = InMemoryFeatures(config.frontend)
     pairs, seen = [_as_pair(item) for item in items], set()
     for path, events, _ in pairs:  # every label checked before any inference
         _check_labels(path, events, labels)
@@ -273,22 +252,25 @@ def _score_point(outputs: list[FileOutput], labels: Sequence[str], hop_s: float,
 
 
 def _psds(outputs: list[FileOutput], labels: list[str], hop_s: float,
-          durations: dict[str, float]) -> dict[str, Any]:
-    """PSDS1 over the classes that have reference events (sed_scores_eval refuses a class without
-    any); the others are listed in ``classes_excluded``."""
+          durations: dict[str, float], scenario: int = 1) -> dict[str, Any]:
+    """PSDS of scenario 1 or 2 over the classes that have reference events (sed_scores_eval
+    refuses a class without any); the others are listed in ``classes_excluded``."""
     present = {e.event_label for o in outputs for e in o.events}
     keep = [c for c, label in enumerate(labels) if label in present]
     kept = [labels[c] for c in keep]
     out: dict[str, Any] = {"psds": None, "per_class": {}, "error": None,
-                           "params": {"metric": "PSDS scenario 1 (sed_scores_eval)"},
+                           "params": {"metric": f"PSDS scenario {scenario} (sed_scores_eval)"},
                            "classes_excluded": [label for label in labels if label not in present]}
     if not keep:
         out["error"] = "no reference events in the split"
         return out
+    if scenario == 2 and len(keep) < 2:  # sed_scores_eval's cross-trigger statistics fail on one class
+        out["error"] = "PSDS2 counts cross-triggers between classes: it needs two classes with reference events"
+        return out
     try:
-        ps = psds1({o.key: (o.probs[:, keep], hop_s, kept) for o in outputs},
-                   {o.key: [(e.onset_s, e.offset_s, e.event_label) for e in o.events] for o in outputs},
-                   durations=durations)
+        ps = psds({o.key: (o.probs[:, keep], hop_s, kept) for o in outputs},
+                  {o.key: [(e.onset_s, e.offset_s, e.event_label) for e in o.events] for o in outputs},
+                  durations=durations, scenario=scenario)
     except (ValueError, RuntimeError, AssertionError) as exc:  # sed_scores_eval checks with assert
         out["error"] = f"{type(exc).__name__}: {exc}"
         return out
@@ -318,7 +300,8 @@ def evaluate(
     data, split: descriptions for the report.
 
     Keys: ``format``, ``model``, ``data``, ``operating_points`` (one dict per threshold: frame,
-    segment, event scores with their ``params``, per_class), ``psds1`` (threshold-independent),
+    segment, event scores with their ``params``, per_class), ``psds1`` and ``psds2``
+    (threshold-independent),
     ``summary`` (the headline numbers at the first operating point), ``per_file``.
     """
     if not 0.0 < float(threshold) < 1.0:
@@ -338,10 +321,12 @@ def evaluate(
     points.append(_score_point(outputs, labels, hop_s, "live decoder", None, reference, durations,
                                decoder=config.decoder))
 
-    psds = _psds(outputs, labels, hop_s, durations)
+    psds_1 = _psds(outputs, labels, hop_s, durations, scenario=1)
+    psds_2 = _psds(outputs, labels, hop_s, durations, scenario=2)
     for point in points:
         for label in labels:
-            point["per_class"][label]["psds1"] = psds["per_class"].get(label)
+            point["per_class"][label]["psds1"] = psds_1["per_class"].get(label)
+            point["per_class"][label]["psds2"] = psds_2["per_class"].get(label)
 
     duration_s = sum(o.duration_s for o in outputs)
     first = points[0]
@@ -366,13 +351,14 @@ def evaluate(
         "inference": {"mode": "offline, whole file, one forward", "device": str(device),
                       "seconds": inference_s},
         "operating_points": points,
-        "psds1": psds,
+        "psds1": psds_1,
+        "psds2": psds_2,
         "summary": {
             "threshold": first["threshold"],
             "frame_f1": first["frame"]["f1"], "frame_er": first["frame"]["error_rate"],
             "segment_f1": first["segment"]["f1"], "segment_er": first["segment"]["error_rate"],
             "event_f1": first["event"]["f1"], "event_er": first["event"]["error_rate"],
-            "psds1": psds["psds"],
+            "psds1": psds_1["psds"], "psds2": psds_2["psds"],
         },
         "per_file": [
             {"path": o.key, "duration_s": o.duration_s, "n_frames": int(o.probs.shape[0]),
@@ -410,7 +396,7 @@ def _point_title(point: dict[str, Any]) -> str:
 
 def format_report(results: dict[str, Any]) -> str:
     """The evaluation as readable text: header, scores with their parameters, per-class tables."""
-    m, d, ps = results["model"], results["data"], results["psds1"]
+    m, d = results["model"], results["data"]
     fe = m["config"]["frontend"]
     lines = [
         "rtsed evaluation",
@@ -445,26 +431,32 @@ def format_report(results: dict[str, Any]) -> str:
         ]
         lines += ["", f"Per class at {_point_title(point)} (ref frames and ref events: reference counts)",
                   f"  {'label':<20} {'ref frames':>10} {'frame F1':>8} {'frame ER':>8} {'seg F1':>7} "
-                  f"{'seg ER':>7} {'ref events':>10} {'event F1':>8} {'PSDS1':>6}"]
+                  f"{'seg ER':>7} {'ref events':>10} {'event F1':>8} {'PSDS1':>6} {'PSDS2':>6}"]
         for label, c in point["per_class"].items():
             lines.append(
                 f"  {label:<20} {c['frame']['n_ref']:>10} {_f(c['frame']['f1']):>8} "
                 f"{_f(c['frame']['error_rate']):>8} {_f(c['segment']['f1']):>7} {_f(c['segment']['error_rate']):>7} "
-                f"{c['event']['n_ref']:>10} {_f(c['event']['f1']):>8} {_f(c['psds1']):>6}"
+                f"{c['event']['n_ref']:>10} {_f(c['event']['f1']):>8} {_f(c['psds1']):>6} "
+                f"{_f(c.get('psds2')):>6}"
             )
-    p = ps["params"]
     lines.append("")
-    if ps["error"]:
-        lines.append(f"PSDS1 (sed_scores_eval): not computed ({ps['error']})")
-    else:
+    for key in ("psds1", "psds2"):
+        ps = results.get(key)
+        if ps is None:  # JSON written before PSDS2 was reported
+            continue
+        name = key.upper()
+        if ps["error"]:
+            lines.append(f"{name} (sed_scores_eval): not computed ({ps['error']})")
+            continue
+        p = ps["params"]
         lines.append(
-            f"PSDS1 (sed_scores_eval, threshold-independent): {_f(ps['psds'])}  "
+            f"{name} (sed_scores_eval, threshold-independent): {_f(ps['psds'])}  "
             f"dtc {p['dtc_threshold']:g}, gtc {p['gtc_threshold']:g}, cttc {p['cttc_threshold']}, "
             f"alpha_ct {p['alpha_ct']:g}, alpha_st {p['alpha_st']:g}, max eFPR {p['max_efpr']:g} per "
             f"{p['unit_of_time']}; {p['n_gt_merged']} overlapping reference events merged"
         )
-    if ps["classes_excluded"]:
-        lines.append(f"  classes without reference events, left out of PSDS1: {ps['classes_excluded']}")
+        if ps["classes_excluded"]:
+            lines.append(f"  classes without reference events, left out of {name}: {ps['classes_excluded']}")
     return "\n".join(lines)
 
 
@@ -485,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=os.environ.get("RTSED_CACHE", str(Path.home() / ".cache/rtsed/features")),
                    help="feature cache shared with train.fit (keyed by front-end config)")
     p.add_argument("--no-cache", action="store_true", help="compute features in memory, write no cache")
+    p.add_argument("--false-alarms", metavar="DIR",
+                   help="also count false alarms per minute on every audio file under DIR (audio in which no "
+                        "target class sounds; speech/music events are right on speech/music files; see "
+                        "train/false_alarms.py); alone, without --data/--test-data, only that")
     return p
 
 
@@ -505,10 +501,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise EvaluationError("--device cuda: no CUDA device is available to this torch")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.model, "cpu")  # first: a broken model file fails before data work
-    items, data_name, split = _items_from_args(args)
-    results = evaluate(ckpt, items, threshold=args.threshold, device=device, data=data_name, split=split,
-                       cache_dir=None if args.no_cache else args.cache_dir)
-    print(format_report(results))
+    results: dict[str, Any] = {}
+    if args.data or args.test_data or not args.false_alarms:
+        items, data_name, split = _items_from_args(args)
+        results = evaluate(ckpt, items, threshold=args.threshold, device=device, data=data_name, split=split,
+                           cache_dir=None if args.no_cache else args.cache_dir)
+        print(format_report(results))
+    if args.false_alarms:
+        from train.false_alarms import false_alarms, format_false_alarms
+
+        results["false_alarms"] = false_alarms(ckpt, args.false_alarms, device)
+        print(("\n" if len(results) > 1 else "") + format_false_alarms(results["false_alarms"]))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -525,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except (CheckpointError, DatasetError, AnnotationError, AudioFileError, EvaluationError, ConfigError,
-            ImportError, OSError) as exc:
+            FalseAlarmError, ImportError, OSError) as exc:
         print(f"train.evaluate: error: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # train.data_sources reports bad --data/--test-data this way
