@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import _report
-from rtsed.allocator import ensure_caching_allocator
+from rtsed.backends.allocator import ensure_caching_allocator
 
 
 

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from rtsed.batchnorm import bn_arguments, update_running_stats
+from rtsed.backends.batchnorm import bn_arguments, update_running_stats
 
 # The @triton.jit decorators read TRITON_INTERPRET when this module is imported; remember what they
 # saw, since the environment may change afterwards (the tests restore it).

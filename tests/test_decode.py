@@ -1,4 +1,4 @@
-"""Tests for rtsed.decode: chunking invariance (notices included), an independent per-frame
+"""Tests for rtsed.serve.decode: chunking invariance (notices included), an independent per-frame
 reference decoder, hysteresis, minimum event/gap durations, smoothing and its delay compensation,
 the frame-time convention, flush, threshold overrides, bad input, and the writers' exact text."""
 
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtsed.config import DecoderConfig
-from rtsed.decode import (
+from rtsed.serve.decode import (
     EventDecoder,
     OnsetNotice,
     SoundEvent,

@@ -14,9 +14,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from rtsed.checkpoint import save_checkpoint
+from rtsed.models.checkpoint import save_checkpoint
 from rtsed.config import DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig
-from rtsed.model import SEDModel
+from rtsed.models.model import SEDModel
 from train.annotations import Event, events_to_frame_targets, write_dcase_tsv
 from train.datasets import DcaseDataset
 

@@ -7,8 +7,8 @@ from torch import nn
 
 import rtsed
 from rtsed.config import ConfigError, ModelConfig
-from rtsed.layers import ConvBlock, DilatedTemporal, DWSBlock, GRUTemporal
-from rtsed.model import build_model, count_parameters, macs_per_frame
+from rtsed.models.layers import ConvBlock, DilatedTemporal, DWSBlock, GRUTemporal
+from rtsed.models.model import build_model, count_parameters, macs_per_frame
 
 # REFERENCE.md "Parameter counts": every row, to the unit. Dilation changes no count, and the
 # causal variants have the same parameters as the paper's same-padded ones.

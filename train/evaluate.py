@@ -16,7 +16,7 @@ Scores (REFERENCE.md "Metrics"; every one is reported with its parameters):
 * segment-based F1/ER on 1 s segments and event-based F1/ER with a 200 ms onset-only collar
   (sed_eval), from events decoded by a plain threshold (runs of active frames; no hysteresis,
   minimum duration or smoothing) and, as a last operating point, from the live decoder
-  (rtsed.decode with the checkpoint's thresholds, minimum durations and smoothing: the events a
+  (rtsed.serve.decode with the checkpoint's thresholds, minimum durations and smoothing: the events a
   user of rtsed.live or rtsed.detect gets);
 * PSDS scenario 1 (sed_scores_eval; threshold-independent);
 * a per-class table of all of them.
@@ -44,13 +44,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from rtsed.allocator import ensure_caching_allocator
-from rtsed.audio_io import AudioFileError, read_audio
-from rtsed.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from rtsed.backends.allocator import ensure_caching_allocator
+from rtsed.audio.files import AudioFileError, read_audio
+from rtsed.models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from rtsed.config import ConfigError, DecoderConfig, FrontendConfig
-from rtsed.decode import decode_offline
-from rtsed.detector import Detector
-from rtsed.frontend import LogMel
+from rtsed.serve.decode import decode_offline
+from rtsed.serve.detector import Detector
+from rtsed.audio.frontend import LogMel
 from rtsed.metrics import (
     event_scores,
     frame_probs_to_events,
@@ -59,7 +59,7 @@ from rtsed.metrics import (
     psds1,
     segment_scores,
 )
-from rtsed.model import count_parameters
+from rtsed.models.model import count_parameters
 from train.annotations import AnnotationError, Event, events_to_frame_targets
 from train.datasets import DatasetError, audio_info
 
@@ -213,7 +213,7 @@ def _clean(value: Any) -> Any:
 
 def _decoded_activity(outputs: list[FileOutput], labels: Sequence[str], hop_s: float,
                       decoder: DecoderConfig) -> tuple[list[np.ndarray], list[tuple]]:
-    """The live decoder on whole files (``rtsed.decode.decode_offline``: hysteresis, minimum
+    """The live decoder on whole files (``rtsed.serve.decode.decode_offline``: hysteresis, minimum
     event and gap durations, smoothing, as the checkpoint configures them): per-file frame
     activity (T, C) in {0, 1} and the (file, onset, offset, label) events."""
     activity, estimated = [], []
@@ -239,7 +239,7 @@ def _score_point(outputs: list[FileOutput], labels: Sequence[str], hop_s: float,
     else:
         probs, estimated = _decoded_activity(outputs, labels, hop_s, decoder)
         threshold = 0.5  # on the decoder's 0/1 activity
-        decode_note = (f"the live decoder (rtsed.decode): on {list(decoder.on_thresholds) or 0.5}, "
+        decode_note = (f"the live decoder (rtsed.serve.decode): on {list(decoder.on_thresholds) or 0.5}, "
                        f"off {list(decoder.off_thresholds) or 'on'}, min event {decoder.min_event_s:g} s, "
                        f"min gap {decoder.min_gap_s:g} s, median smoothing {decoder.smoothing_frames} frames")
     frame = frame_scores(probs, targets, threshold)
@@ -514,7 +514,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0, or 2 for bad input with a one-line reason)."""
     args = build_parser().parse_args(argv)
-    if argv is None:  # as a command: whole-file forwards allocate big tensors (see rtsed.allocator)
+    if argv is None:  # as a command: whole-file forwards allocate big tensors (see rtsed.backends.allocator)
         ensure_caching_allocator()
     try:
         run(args)

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from rtsed.config import DetectorConfig, NormalizationStats
-from rtsed.decode import EventDecoder, OnsetNotice, SoundEvent
-from rtsed.frontend import LogMelStream
+from rtsed.serve.decode import EventDecoder, OnsetNotice, SoundEvent
+from rtsed.audio.frontend import LogMelStream
 
 
 # ------------------------------------------------------------------------------------ steppers
@@ -48,7 +48,7 @@ class TorchStepper(_Stepper):
 
     def __init__(self, model, config: DetectorConfig, batch_size: int = 1, device: str = "cpu",
                  max_step_frames: int = 64, precision: str = "fp32"):
-        from rtsed.streaming import ModelStream
+        from rtsed.stream.model_stream import ModelStream
 
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda: no CUDA device is visible to torch; use --device cpu")
@@ -73,7 +73,7 @@ class OnnxStepper(_Stepper):
     """OnnxStream behind the stepper interface (the graph normalises inside)."""
 
     def __init__(self, onnx_path: str | Path, batch_size: int = 1, device: str = "cpu", threads: int | None = 1):
-        from rtsed.onnx_backend import OnnxStream
+        from rtsed.stream.onnx_runtime import OnnxStream
 
         self.stream = OnnxStream(onnx_path, batch_size=batch_size, device=device, threads=threads)
         self.lookahead_frames = self.stream.lookahead_frames
@@ -88,9 +88,9 @@ def make_stepper(model_path: str | Path, backend: str = "torch", device: str = "
                  threads: int | None = None, precision: str = "fp32"):
     """(stepper, config, model or None) for a checkpoint (.pt) or an exported step graph (.onnx).
     The onnx backend on a checkpoint exports its step graph once to a cache folder. ``precision``
-    "bf16": the torch backend's GEMMs in bf16 on the CPU (rtsed.precision)."""
-    from rtsed.checkpoint import load_checkpoint
-    from rtsed.precision import check_precision
+    "bf16": the torch backend's GEMMs in bf16 on the CPU (rtsed.backends.precision)."""
+    from rtsed.models.checkpoint import load_checkpoint
+    from rtsed.backends.precision import check_precision
 
     path = Path(model_path)
     if backend not in ("torch", "onnx"):
@@ -117,7 +117,7 @@ def exported_step_graph(checkpoint_path: Path, ckpt) -> Path:
     import hashlib
     import os
 
-    from rtsed.export import STEP_GRAPH_REVISION, export_onnx
+    from rtsed.stream.onnx_export import STEP_GRAPH_REVISION, export_onnx
 
     digest = hashlib.sha1(checkpoint_path.read_bytes()).hexdigest()[:16]
     folder = Path(os.environ.get("RTSED_ONNX_CACHE", Path.home() / ".cache/rtsed/onnx"))

@@ -5,7 +5,7 @@
 accumulation, 2x the fp32 rate on a CPU with AVX512_BF16 or AMX-BF16 (this project's Zen 4:
 (640, 256) x (256, 256) at one thread 108 -> 212 GFLOP/s, measured). Everything else (the native
 depthwise convs, pools, BatchNorm, f_dil + classifier at inference, the loss, optimizer state)
-stays float32. ``rtsed.ops.cpu_gemm_dtype`` is where the paths read it.
+stays float32. ``rtsed.backends.dispatch.cpu_gemm_dtype`` is where the paths read it.
 
 Training uses it through ``train.fit --precision`` (tested to converge like fp32); inference
 through ``rtsed.detect`` / ``rtsed.live --precision`` and ``ModelStream(precision=...)``. Not on

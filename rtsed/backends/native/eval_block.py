@@ -1,9 +1,9 @@
 """Wrappers of eval_block.cpp: the non-GEMM parts of an eval-mode CNN block
-(rtsed.layers.FrequencyBlock.folded_valid_time, offline and streaming).
+(rtsed.models.layers.FrequencyBlock.folded_valid_time, offline and streaming).
 
 Activations are channels-last: (B, T, F, C) row-major with C contiguous, float32 or float64.
 Each call uses ``torch.get_num_threads()`` threads and runs under a profiler label
-``rtsed::native::<name>`` while profiled. Callers check ``rtsed.ops.native_eval`` and otherwise
+``rtsed::native::<name>`` while profiled. Callers check ``rtsed.backends.dispatch.native_eval`` and otherwise
 run their torch compositions.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rtsed.native import call, check, declare
+from rtsed.backends.native import call, check, declare
 
 declare("depthwise_conv_leaky",
         ["p", "i64", "p", "i64", "i64", "i64", "i64", "i64", "i64", "p", "p", "T", "p", "int", "int"])

@@ -50,7 +50,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .config import DecoderConfig
+from rtsed.config import DecoderConfig
 
 __all__ = [
     "SoundEvent",

@@ -1,20 +1,19 @@
-"""The one switch between stock-torch reference compositions and fused kernels.
+"""Which implementation of an op runs: the reference torch compositions, the CPU fast paths
+(oneDNN/MKL arrangements and rtsed.backends.native's kernels), or the Triton kernels of kernels/.
 
-Model code calls ``ops.<op>(layer, x)`` and never imports triton. ``RTSED_KERNELS`` chooses:
+``RTSED_KERNELS`` chooses:
 
 - ``ref``: the pure-torch compositions (the reference every fast path is tested against);
 - ``triton``: the fused Triton kernels; asking for them where they cannot run (no triton, no CUDA,
   a CPU tensor) is an error, never a silent fallback;
 - ``auto`` (default): triton for CUDA tensors when it is installed and the op has a kernel.
   CPU tensors take the CPU fast paths, the same arithmetic arranged for oneDNN/MKL:
-  ``cpu_fast_path`` (channels-last CNN, rtsed.fast_head's chunked f_dil + BN + classifier; not
-  while a graph is traced for ONNX export, whose chunk loops would freeze at the traced length)
-  and ``eval_fast_path`` (eval-mode BNs folded into neighbouring weights; also in exported
-  graphs). The Triton interpreter runs only when asked for by name.
+  ``cpu_fast_path`` (channels-last CNN, the chunked f_dil + BN + classifier of
+  rtsed.backends.cpu_head; not while a graph is traced for ONNX export, whose chunk loops would
+  freeze at the traced length) and ``eval_fast_path`` (eval-mode BNs folded into neighbouring
+  weights; also in exported graphs). The Triton interpreter runs only when asked for by name.
 
-Each op with a kernel lives in ``kernels/<op>.py`` and exposes ``<op>_layer(layer, ...)`` with
-the signature of the function here (an autograd-aware launcher). An op whose kernel module does
-not exist yet resolves to ``ref`` under ``auto`` and is an error under ``triton``.
+``RTSED_NATIVE`` (rtsed.backends.native) switches the native C++ kernels off with 0.
 """
 
 from __future__ import annotations
@@ -27,12 +26,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from rtsed import native
+from rtsed.backends import native
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
-
-    from rtsed.layers import DilatedTemporal, FrameRing, FrequencyBlock
 
 BACKENDS = ("auto", "ref", "triton")
 
@@ -99,7 +96,7 @@ def cpu_fast_path(x: Tensor) -> bool:
 
 
 def native_eval(x: Tensor, *params: Tensor) -> bool:
-    """Whether eval-mode inference on x may run rtsed.native's forward kernels: the CPU fast path
+    """Whether eval-mode inference on x may run rtsed.backends.native's forward kernels: the CPU fast path
     (``cpu_fast_path``: not during ONNX export, whose graphs must stay plain ops), the kernels
     built (RTSED_NATIVE on, a compiler found), and no autograd recording through x or ``params``
     (the kernels have no backward)."""
@@ -114,7 +111,7 @@ def native_eval(x: Tensor, *params: Tensor) -> bool:
 
 
 def cpu_gemm_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype the CPU training fast paths (rtsed.fast_block, rtsed.fast_head) run their big
+    """The dtype the CPU training fast paths (rtsed.backends.cpu_block, rtsed.backends.cpu_head) run their big
     GEMMs in: bfloat16 when x is on the CPU inside ``torch.autocast("cpu", dtype=torch.bfloat16)``
     (float32 accumulation; 2x the fp32 rate on this AVX512_BF16 CPU at (655360, 256) x (256, 256):
     0.21 s against 0.41), else None (x's dtype). Everything else stays float32 either way."""
@@ -133,75 +130,9 @@ def _triton_usable(op: str, x: Tensor) -> tuple[bool, str]:
         return False, f"no Triton kernel for {op} exists yet (kernels/{op}.py)"
     return True, ""
 
-
-def _kernel(op: str):
-    """The launcher ``kernels.<op>.<op>_layer`` (imported only when dispatched to)."""
-    module = importlib.import_module(f"kernels.{op}")
-    return getattr(module, f"{op}_layer")
-
-
 def eval_fast_path(module: "nn.Module", x: Tensor) -> bool:
     """Whether the folded eval-mode compositions apply: RTSED_KERNELS=auto, a CPU tensor of a
     fast dtype, the module in eval mode. Unlike ``cpu_fast_path`` this holds during ONNX export:
     the folded compositions have no loops, and the exported graphs should be the fast ones."""
     return (requested_backend() == "auto" and not x.is_cuda and x.dtype in CPU_FAST_DTYPES
             and not module.training)
-
-
-def frequency_block(block: "FrequencyBlock", x: Tensor) -> Tensor:
-    """A whole CNN block (f_cnn or f_dws) on time-padded input: the fused DWS kernel where
-    Triton runs; on CPU the folded eval composition in eval mode and, for DWS blocks in training,
-    rtsed.fast_block (native fused passes; the reference when they cannot be built); the
-    reference otherwise.
-    x: (B, C_in, T + K - 1, F) -> (B, C_out, T, F // P)."""
-    from rtsed.layers import DWSBlock
-
-    if isinstance(block, DWSBlock):
-        if backend_for("dws_block", x) == "triton":
-            return _kernel("dws_block")(block, x)
-    if eval_fast_path(block, x):
-        return block.folded_valid_time(x)
-    if isinstance(block, DWSBlock) and block.training and cpu_fast_path(x):
-        from rtsed import fast_block
-
-        if fast_block.applies(block, x):
-            return fast_block.dws_block_train(block, x)
-    return block.post(block.conv_valid_time(x))
-
-
-def dilated_temporal(layer: "DilatedTemporal", x: Tensor) -> Tensor:
-    """f_dil's dilated conv -> ReLU -> BN on time-padded input.
-    x: (B, 1, T + (K - 1) d, C) -> (B, C_out, T, W)."""
-    if backend_for("dilated_temporal", x) == "triton":
-        return _kernel("dilated_temporal")(layer, x)
-    return layer.conv_relu_bn(x)
-
-
-def dilated_step(layer: "DilatedTemporal", frames: Tensor, state: "FrameRing") -> Tensor:
-    """One streaming step of f_dil over its ring buffer: writes frames (B, n, C) into the ring
-    at state.write_pos, advances it, and returns (B, n, C_out * W) for the new frames."""
-    if backend_for("dilated_step", frames) == "triton":
-        return _kernel("dilated_step")(layer, frames, state)
-    return layer.step_slice_ref(frames, state)
-
-
-def dilated_head(layer: "DilatedTemporal", classifier: "nn.Linear", h: Tensor) -> Tensor:
-    """f_dil -> ReLU -> BN -> per-frame classifier: h (B, C, T, 1) CNN output -> logits
-    (B, T, n_classes). The CPU fast path (rtsed.fast_head) folds BN into the classifier and works
-    in time chunks; elsewhere f_dil goes through ``dilated_temporal`` (Triton on CUDA) and the
-    classifier is applied to its output."""
-    if cpu_fast_path(h):
-        from rtsed.fast_head import dilated_head as fast_dilated_head
-
-        return fast_dilated_head(layer, classifier, h)
-    return classifier(layer(h))
-
-
-def dilated_step_logits(layer: "DilatedTemporal", classifier: "nn.Linear", h: Tensor,
-                        state: "FrameRing") -> Tensor:
-    """A streaming step of f_dil and the classifier: h (B, C, n, 1) new CNN frames -> logits
-    (B, n, n_classes). On CPU in eval mode BN is folded into the classifier (one conv, ReLU and
-    one GEMM per step); elsewhere ``dilated_step`` (Triton on CUDA) then the classifier."""
-    if backend_for("dilated_step", h) != "triton" and eval_fast_path(layer, h):
-        return layer.step_logits_folded(h, state, classifier)
-    return classifier(layer.step(h, state))

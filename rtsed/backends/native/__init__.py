@@ -4,13 +4,13 @@ that declares its functions' signatures (``declare``) and wraps them for tensors
 
 - ``block``: a training-mode DWS block's fused passes (block 1's conv with its activation and
   BN statistics; activation + statistics + pool; the BN/activation backwards) and the depthwise
-  conv backward (used by ``rtsed.fast_block``);
-- ``head``: the non-GEMM parts of f_dil + BN + classifier's backward (used by ``rtsed.fast_head``),
+  conv backward (used by ``rtsed.backends.cpu_block``);
+- ``head``: the non-GEMM parts of f_dil + BN + classifier's backward (used by ``rtsed.backends.cpu_head``),
   and its eval-mode forward straight to logits, conv and classifier in one pass (used by offline
-  inference through ``rtsed.fast_head`` and by streaming steps in ``rtsed.layers``);
+  inference through ``rtsed.backends.cpu_head`` and by streaming steps in ``rtsed.models.layers``);
 - ``eval_block``: an eval-mode CNN block's non-GEMM parts (the depthwise / one-channel conv with
   its LeakyReLU; ReLU + max-pool + BN affine after the pointwise GEMM), used by
-  ``rtsed.layers.FrequencyBlock.folded_valid_time`` offline and streaming.
+  ``rtsed.models.layers.FrequencyBlock.folded_valid_time`` offline and streaming.
 
 ``common.h`` holds the helpers the sources share (SIMD vectors, the static thread split).
 

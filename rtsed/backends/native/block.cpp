@@ -1,4 +1,4 @@
-// Fused elementwise passes of a training-mode DWS block on the CPU (rtsed.fast_block drives them).
+// Fused elementwise passes of a training-mode DWS block on the CPU (rtsed.backends.cpu_block drives them).
 //
 // Every tensor here is a row-major (rows, C) view of a channels-last activation: a row is one
 // (b, t, f) position, C its channels, contiguous. The big GEMMs and convolutions stay in

@@ -1,4 +1,4 @@
-// Backward passes of dnd's fused head on the CPU (rtsed.fast_head drives them).
+// Backward passes of dnd's fused head on the CPU (rtsed.backends.cpu_head drives them).
 //
 // The head's f_dil is a GEMM over patch rows ordered (b, t, w) (B n W rows per time chunk of n
 // frames, C = C_out channels); its hand-written backward per chunk was, in torch: a GEMM of the
@@ -12,7 +12,7 @@
 //   n_classes vector FMAs per vector of channels.
 // - class_products: G^T r (n_classes, W C) += g^T (n_classes, B n) @ r (B n, W C), threads owning
 //   columns.
-// - patch_scatter: the transpose of fast_head.dilated_patches (col2im): adds a chunk's patch
+// - patch_scatter: the transpose of cpu_head.dilated_patches (col2im): adds a chunk's patch
 //   gradients into dx. Work is split over (b, dx time row) pairs, so no two threads ever write the
 //   same dx element and each element's additions happen in one fixed order whatever the thread
 //   count.

@@ -1,5 +1,5 @@
 """A training-mode DWS block on the CPU: MKL/oneDNN for the GEMM and the convolution, native
-fused passes (rtsed.native) for everything between them.
+fused passes (rtsed.backends.native) for everything between them.
 
 The op is ``kernels/dws_block.py``'s (REFERENCE.md "Depthwise-separable blocks")::
 
@@ -15,7 +15,7 @@ forward
   1. d = depthwise(x) (oneDNN), then one native pass: a = leaky(d) in place, BN1's sums; for
      block 1 (one input channel) conv, leaky and sums are one native pass.
   2. BN1 folds into the pointwise GEMM: p = a (W s1)^T + (b + W t1); u never exists. This GEMM
-     and step 5's dp W run as oneDNN matmuls (``layers.fused_linear``: 10-15 % faster than MKL's
+     and step 5's dp W run as oneDNN matmuls (``rtsed.backends.cpu.fused_linear``: 10-15 % faster than MKL's
      addmm at (655360, 256) x (256, 256) here; the weight-gradient GEMM stays MKL's, which
      oneDNN ran slower).
   3. one native pass reads p: BN2's sums of relu(p), and the pool's pick of relu(p) per window
@@ -31,7 +31,7 @@ backward
      elsewhere.
 
 Saved for backward: x, a and p (the reference keeps more), the pooled picks and their int8
-positions. BN statistics are float64 sums of x and x^2 (rtsed.batchnorm.mean_var_from_sums).
+positions. BN statistics are float64 sums of x and x^2 (rtsed.backends.batchnorm.mean_var_from_sums).
 Parity with the reference (values, all gradients, running statistics) is tested in float64 to
 ~1e-10 and in float32 (tests/test_fast_block.py). Dropout2d stays outside the op: the block's own
 module applies it to the output, with the same random draws as the reference path.
@@ -43,10 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rtsed import native, ops
-from rtsed.native import block as native_block
-from rtsed.batchnorm import bn_arguments, mean_var_from_sums, update_running_stats
-from rtsed.layers import fused_linear
+from rtsed.backends import native
+from rtsed.backends.native import block as native_block
+from rtsed.backends.batchnorm import bn_arguments, mean_var_from_sums, update_running_stats
+from rtsed.backends.cpu import fused_linear
+from rtsed.backends.dispatch import cpu_gemm_dtype
 
 NEGATIVE_SLOPE = 0.01  # the inner LeakyReLU's (REFERENCE.md)
 
@@ -234,5 +235,5 @@ def dws_block_train(block, x: Tensor) -> Tensor:
     out = DWSBlockTrainFunction.apply(
         x, block.depthwise.weight, block.depthwise.bias, block.inner_bn.weight, block.inner_bn.bias,
         block.pointwise.weight, block.pointwise.bias, block.bn.weight, block.bn.bias, args[0], args[1], pool,
-        ops.cpu_gemm_dtype(x))
+        cpu_gemm_dtype(x))
     return block.dropout(out)

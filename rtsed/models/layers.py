@@ -5,15 +5,13 @@ Tensor layout follows the paper's code: (B, C, T, F) with time on axis 2 and fre
 Streaming (DESIGN.md's streaming contract): every layer that looks across time keeps the past
 input frames it still needs in a small state object allocated once by ``init_state`` and updated in
 place by ``step``. A "same"-padded time convolution is run as a causal one; its output is the
-offline output delayed by the right padding, and the caller (``rtsed.streaming.ModelStream``)
+offline output delayed by the right padding, and the caller (``rtsed.stream.model_stream.ModelStream``)
 handles that delay by masking frames that fall outside the stream. The layers here know nothing of
 stream positions: they only turn new input frames into the same number of new output frames.
 """
 
 from __future__ import annotations
 
-import contextlib
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -21,44 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rtsed import ops
-from rtsed.native import eval_block
-from rtsed.native import head as native_head
+from rtsed.backends.cpu import _relu_owned, conv2d_like_input, fused_linear, one_channel_patches
+from rtsed.backends.dispatch import eval_fast_path, native_eval
+from rtsed.backends.native import eval_block
+from rtsed.backends.native import head as native_head
 
 
 # ----------------------------------------------------------------------------------------------
 # Frequency blocks: f_cnn and f_dws
 # ----------------------------------------------------------------------------------------------
-
-
-_channels_last_depth = 0  # > 0 inside ``channels_last_convs()``
-
-
-@contextlib.contextmanager
-def channels_last_convs():
-    """Within this block, convolutions run channels-last even on one-channel inputs, whose memory
-    format cannot be read off their strides (a (B, 1, T, F) tensor is NCHW and channels-last at
-    once). SEDModel turns it on around its CNN on the CPU fast path."""
-    global _channels_last_depth
-    _channels_last_depth += 1
-    try:
-        yield
-    finally:
-        _channels_last_depth -= 1
-
-
-def conv2d_like_input(x: Tensor, conv: nn.Conv2d, channels_last_weight: Tensor | None = None) -> Tensor:
-    """``conv(x)`` with the weight in x's memory format. oneDNN picks its layout from input and
-    weight together; a one-input-channel weight (256, 1, 5, 5) reads as NCHW unless restrided, and
-    then a channels-last input runs the whole conv in NCHW (PERFORMANCE.md). Same values either way.
-    ``channels_last_weight``: conv.weight already restrided (cached by the caller), else restrided here."""
-    channels_last = x.dim() == 4 and (
-        (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-        or (_channels_last_depth > 0 and x.shape[1] == 1))
-    if not channels_last:
-        return conv(x)  # through the module, so forward hooks (e.g. macs_per_frame's) see it
-    weight = channels_last_weight if channels_last_weight is not None else \
-        conv.weight.to(memory_format=torch.channels_last)
-    return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def folded_cache(module: nn.Module, name: str, sources: list[Tensor], compute):
@@ -94,85 +63,6 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return scale, bn.bias - bn.running_mean * scale
 
 
-def _relu_owned(x: Tensor) -> Tensor:
-    """ReLU of a fresh tensor the caller owns: in place, unless autograd records it (amax and
-    max-pool save their output for backward, which an in-place ReLU would overwrite)."""
-    return F.relu(x) if x.requires_grad else x.relu_()
-
-
-def _mkldnn_linear():
-    """torch's oneDNN linear with a fused post-op (what inductor uses on CPU), or None."""
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._linear_pointwise
-    except (AttributeError, RuntimeError):  # a torch build without it
-        return None
-
-
-_MKLDNN_LINEAR = _mkldnn_linear()
-_ONEDNN_MIN_MACS = 4_000_000
-
-
-def fused_linear(x: Tensor, weight: Tensor, bias: Tensor, activation: str = "none") -> Tensor:
-    """Eval-mode ``act(x @ weight.T + bias)``: x (M, K), weight (N, K), bias (N,) -> (M, N), with
-    activation "none", "relu" or "leaky_relu" (slope 0.01). On the CPU in fp32 without autograd,
-    from 4M multiply-accumulates up, it is one oneDNN matmul with the activation fused (torch's
-    mkldnn linear-pointwise op, which has no backward): at one thread it ran the 16-frame
-    streaming GEMMs 3-15 % faster than MKL's addmm and saves the activation's pass over the
-    output; below that size its ~6 us more per call lost. Elsewhere addmm, then the activation."""
-    if (_MKLDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.shape[0] * weight.numel() >= _ONEDNN_MIN_MACS
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)))):
-        scalars = [0.01] if activation == "leaky_relu" else []
-        if ops.cpu_gemm_dtype(x) == torch.bfloat16:
-            # Inference at --precision bf16: bf16 operands, float32 accumulation, float32 out
-            # (offline dnd_7_10 18.3k -> 23.9k frames/s on this project's CPU, measured).
-            weight_bf16, bias_bf16 = _bf16_operands(weight, bias)
-            return _MKLDNN_LINEAR(x.to(torch.bfloat16), weight_bf16, bias_bf16, activation, scalars, "").float()
-        return _MKLDNN_LINEAR(x, weight, bias, activation, scalars, "")
-    with torch.autocast("cpu", enabled=False):  # (small GEMMs stay in x's dtype under --precision bf16)
-        out = torch.addmm(bias, x, weight.t())
-    if activation == "relu":
-        return F.relu(out) if out.requires_grad else out.clamp_min_(0)
-    if activation == "leaky_relu":
-        return F.leaky_relu(out, 0.01) if out.requires_grad else F.leaky_relu_(out, 0.01)
-    return out
-
-
-_bf16_copies: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its version, bf16 weight, bf16 bias)
-
-
-def _version(t: Tensor) -> int:
-    """t's in-place version counter; -1 for an inference tensor (made under torch.inference_mode,
-    which keeps none: the folds computed there are never changed in place, only recomputed)."""
-    return -1 if t.is_inference() else t._version
-
-
-def _bf16_operands(weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """bf16 copies of a GEMM's weight and bias, made once per weight while it is unchanged (the
-    callers pass cached folded weights; converting a 256 x 256 weight per streaming step cost
-    more than the bf16 GEMM saved)."""
-    versions = (_version(weight), _version(bias))
-    hit = _bf16_copies.get(id(weight))
-    if hit is not None and hit[0]() is weight and hit[1] == versions and hit[4] is bias:
-        return hit[2], hit[3]
-    ref = weakref.ref(weight, lambda _, key=id(weight): _bf16_copies.pop(key, None))
-    copies = (ref, versions, weight.to(torch.bfloat16), bias.to(torch.bfloat16), bias)
-    _bf16_copies[id(weight)] = copies
-    return copies[2], copies[3]
-
-
-def one_channel_patches(x: Tensor, kernel: int) -> Tensor:
-    """x: (B, 1, T + K - 1, F) time-padded -> (B * T * F, K * K) patches of a K x K conv with
-    frequency zero-padded by K // 2, rows ordered (b, t, f), columns (i, j) as a (C, 1, K, K)
-    weight flattens."""
-    xp = F.pad(x[:, 0], (kernel // 2, kernel // 2)).contiguous()  # (B, T + K - 1, F + K - 1)
-    b, t_in, f_pad = xp.shape
-    t, f = t_in - kernel + 1, f_pad - kernel + 1
-    view = xp.as_strided((b, t, f, kernel, kernel), (t_in * f_pad, f_pad, 1, f_pad, 1))
-    return view.reshape(-1, kernel * kernel)
-
 
 @dataclass
 class ConvHistory:
@@ -202,6 +92,8 @@ class FrequencyBlock(nn.Module):
     for "same", K - 1 on the left for "causal").
     """
 
+    separable = False  # DWSBlock: depthwise-separable (the ops dispatch on it)
+
     def __init__(self, c_out: int, kernel: int, pool: int, dropout: float, right_pad: int):
         super().__init__()
         if not 0 <= right_pad <= kernel - 1:
@@ -230,7 +122,7 @@ class FrequencyBlock(nn.Module):
         window's last K - 1 frames. The native eval kernels do both without building the window."""
         if history is None:
             return ops.frequency_block(self, x)
-        if ops.eval_fast_path(self, x) and self.native_eval_applies(x):
+        if eval_fast_path(self, x) and self.native_eval_applies(x):
             return self.native_folded_valid_time(x, history, advance_history=True)
         window = torch.cat([history, x], dim=2)
         if self.context_frames:
@@ -257,7 +149,7 @@ class FrequencyBlock(nn.Module):
         before the pool (onnxruntime fuses it into the conv) and the affine is a depthwise 1x1
         Conv (one node instead of Mul and Add).
 
-        Where rtsed.native.eval_block's kernels apply, ``native_folded_valid_time`` runs instead
+        Where rtsed.backends.native.eval_block's kernels apply, ``native_folded_valid_time`` runs instead
         (the same arithmetic in three passes, the pointwise GEMM still oneDNN's)."""
         if self.native_eval_applies(x):
             return self.native_folded_valid_time(x)
@@ -280,7 +172,7 @@ class FrequencyBlock(nn.Module):
 
     def native_eval_applies(self, x: Tensor) -> bool:
         """Whether ``folded_valid_time`` runs on x through ``native_folded_valid_time``
-        (rtsed.native.eval_block's kernels). The base class has no native path."""
+        (rtsed.backends.native.eval_block's kernels). The base class has no native path."""
         return False
 
     def native_folded_valid_time(self, x: Tensor, history: Tensor | None = None,
@@ -340,13 +232,15 @@ class DWSBlock(FrequencyBlock):
     C_out). The inner LeakyReLU + BN is in the authors' code, not the paper's text (REFERENCE.md).
     """
 
+    separable = True
+
     def __init__(self, c_in: int, c_out: int, kernel: int, pool: int, dropout: float, right_pad: int):
         super().__init__(c_out, kernel, pool, dropout, right_pad)
         self.in_channels = c_in
         self.depthwise = nn.Conv2d(c_in, c_out, kernel, padding=(0, kernel // 2), groups=c_in)
         self.inner_bn = nn.BatchNorm2d(c_out)
         self.pointwise = nn.Conv2d(c_out, c_out, 1)
-        # The shapes rtsed.native.eval_block's kernels take (fixed at construction).
+        # The shapes rtsed.backends.native.eval_block's kernels take (fixed at construction).
         self._native_shapes_fit = kernel in eval_block.KERNELS and (c_in == 1 or c_in == c_out)
 
     def conv_valid_time(self, x: Tensor) -> Tensor:
@@ -379,13 +273,13 @@ class DWSBlock(FrequencyBlock):
 
     def native_eval_applies(self, x: Tensor) -> bool:
         """The native kernels take a depthwise (C -> C) or one-input-channel (1 -> C) K x K conv
-        with K in eval_block.KERNELS, where ``ops.native_eval`` allows native inference."""
+        with K in eval_block.KERNELS, where ``dispatch.native_eval`` allows native inference."""
         if not self._native_shapes_fit:
             return False
         # The parameters are listed only when autograd records (module attribute lookups cost
         # ~0.5 us each, and this runs once per block per streaming step).
         parameters = [self.depthwise.weight, self.pointwise.weight] if torch.is_grad_enabled() else []
-        return ops.native_eval(x, *parameters)
+        return native_eval(x, *parameters)
 
     def native_folded_valid_time(self, x: Tensor, history: Tensor | None = None,
                                  advance_history: bool = False) -> Tensor:
@@ -539,7 +433,7 @@ class DilatedTemporal(nn.Module):
         max_step = capacity - self.context_frames
         outputs = []
         k, s, w, d = self.kernel, self.stride, self.width, self.dilation
-        if ops.native_eval(frames, classifier.weight, self.conv.weight):
+        if native_eval(frames, classifier.weight, self.conv.weight):
             # Conv, ReLU and classifier in one native pass over the window (patches never copied,
             # the conv's output never written): 0.48 ms against 0.64 ms for the two GEMMs below
             # per 16-frame step at one thread on this project's CPU.
@@ -567,7 +461,7 @@ class DilatedTemporal(nn.Module):
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def native_head_weights(self, classifier: nn.Linear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Eval mode: the operands of ``rtsed.native.head.head_logits`` (conv taps-major, the
+        """Eval mode: the operands of ``rtsed.backends.native.head.head_logits`` (conv taps-major, the
         BN-folded classifier as (W, C_out, n_classes), zero-padded to its vector widths), cached
         while the parameters and BN statistics are unchanged."""
         sources = [self.conv.weight, self.conv.bias, classifier.weight, classifier.bias, *bn_sources(self.bn)]

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rtsed import native, ops
-from rtsed.layers import ConvHistory, DilatedTemporal, FrameRing, GRUHidden, GRUTemporal
-from rtsed.model import SEDModel
-from rtsed.precision import autocast, check_precision
+from rtsed import ops
+from rtsed.backends import native
+from rtsed.models.layers import ConvHistory, DilatedTemporal, FrameRing, GRUHidden, GRUTemporal
+from rtsed.models.model import SEDModel
+from rtsed.backends.precision import autocast, check_precision
 
 NO_END = 2**62  # ``ends`` value of a stream that has not been ended
 
@@ -56,7 +57,7 @@ class ModelStream:
     statistics, dropout off): a model in training mode is rejected.
 
     ``max_step_frames`` sizes f_dil's ring buffer; longer steps are split internally.
-    ``precision`` "bf16" runs the step's GEMMs in bf16 (``rtsed.precision``; CPU only).
+    ``precision`` "bf16" runs the step's GEMMs in bf16 (``rtsed.backends.precision``; CPU only).
     """
 
     def __init__(self, model: SEDModel, batch_size: int = 1, max_step_frames: int = 64, precision: str = "fp32"):

@@ -1,4 +1,4 @@
-"""Wrappers of block.cpp: the fused passes of a training-mode DWS block (rtsed.fast_block).
+"""Wrappers of block.cpp: the fused passes of a training-mode DWS block (rtsed.backends.cpu_block).
 
 Activations are (rows, C) views of channels-last tensors (a row is one (b, t, f) position) or
 (outer, F, C) when the pass needs the frequency axis (the pool), float32 or float64; per-channel
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rtsed.native import call, channel_sums, check, declare
+from rtsed.backends.native import call, channel_sums, check, declare
 
 declare("act_stats", ["p", "i64", "i64", "T", "int", "p", "p", "int"])
 declare("relu_stats_pool", ["p", "i64", "i64", "i64", "i64", "p", "p", "p", "p", "p", "int"])

@@ -1,4 +1,4 @@
-"""Wrappers of head.cpp: the backward passes of dnd's fused head (rtsed.fast_head), and its
+"""Wrappers of head.cpp: the backward passes of dnd's fused head (rtsed.backends.cpu_head), and its
 eval-mode forward straight to logits (``head_logits``: streaming steps and offline inference).
 
 A time chunk of n output frames has B n W patch rows ordered (b, t, w): r (its ReLU output) and
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rtsed.native import call, channel_sums, check, declare
+from rtsed.backends.native import call, channel_sums, check, declare
 
 declare("head_relu_grad", ["p", "p", "p", "p", "p", "p", "int", "i64", "i64", "i64", "i64", "p", "int"])
 declare("class_products", ["p", "p", "i64", "i64", "i64", "p", "int"])
@@ -72,7 +72,7 @@ def class_products_(out: Tensor, g: Tensor, r: Tensor) -> Tensor:
 
 def patch_scatter_(dx: Tensor, d_patches: Tensor, t0: int, t1: int, kernel: int, dilation: int, stride: int,
                    width: int) -> None:
-    """In place: dx (B, Tp, C) += the transpose of ``rtsed.fast_head.dilated_patches`` for output
+    """In place: dx (B, Tp, C) += the transpose of ``rtsed.backends.cpu_head.dilated_patches`` for output
     frames [t0, t1): d_patches (B (t1 - t0) W, K K), rows (b, t, w), columns (i, j) add into
     dx[b, t + i dilation, w stride + j]. Deterministic whatever the thread count."""
     check("patch_scatter", dx.dtype, dx=dx, d_patches=d_patches)
@@ -173,7 +173,7 @@ def padded_conv_weight(conv_weight: Tensor) -> Tensor:
 def head_conv_backward(x: Tensor, t0: int, t1: int, r: Tensor, g: Tensor, folded: Tensor, alpha: Tensor | None,
                        beta: Tensor | None, conv_weight_padded: Tensor, kernel: int, dilation: int, stride: int,
                        d_patches: Tensor, d_weight: Tensor) -> Tensor:
-    """The conv part of fast_head's backward for output frames [t0, t1) (a time chunk of n frames),
+    """The conv part of cpu_head's backward for output frames [t0, t1) (a time chunk of n frames),
     in one pass: dL/dz of the chunk as ``head_relu_grad`` defines it (never written to memory),
     the patch gradients d_patches (B n W, K K) = dL/dz @ W_conv (written; ``patch_scatter_`` adds
     them into dx), and d_weight (C_out, K K) += dL/dz^T @ patches (patches read from x in place).

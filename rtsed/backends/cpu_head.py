@@ -17,7 +17,7 @@ written more than once:
 
 The backward is written by hand (BatchNorm's batch statistics included) and needs one pass
 over r for the per-channel sums and one more for the gradients of the convolution and the input.
-Its non-GEMM parts run as the native kernels of ``rtsed.native.head`` where available (G^T r;
+Its non-GEMM parts run as the native kernels of ``rtsed.backends.native.head`` where available (G^T r;
 dL/dz in one pass; the patch-gradient col2im), else as the torch compositions beside them, which
 give the same results (tests run both): the head's backward at batch 16 x 1024 on this 2-core
 CPU went from 1.2-2.0 s to 0.9-1.2 s (medians, A/B in one process; the range is the machine's
@@ -31,9 +31,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rtsed import native, ops
-from rtsed.batchnorm import bn_arguments, update_running_stats
-from rtsed.native import head as native_head
+from rtsed.backends import native
+from rtsed.backends.batchnorm import bn_arguments, update_running_stats
+from rtsed.backends.dispatch import cpu_gemm_dtype, native_eval
+from rtsed.backends.native import head as native_head
 
 # Patch rows (b, t, w) per chunk: ~6k rows keep a chunk's z (rows x 256) near 6 MB, inside this
 # CPU's caches; measured 1.9 s for the head's forward + backward at batch 16 x 1024 against 2.3 s
@@ -71,7 +72,7 @@ def _scatter_patch_grads(dx: Tensor, d_patches: Tensor, t0: int, t1: int, kernel
 
 
 def _use_native(dtype: torch.dtype) -> bool:
-    """Whether the backward runs rtsed.native.head's kernels (RTSED_NATIVE on, a compiler found);
+    """Whether the backward runs rtsed.backends.native.head's kernels (RTSED_NATIVE on, a compiler found);
     otherwise the torch compositions beside them run: slower, same results."""
     return dtype in native.DTYPES and native.available()
 
@@ -187,7 +188,7 @@ class DilatedHeadFunction(torch.autograd.Function):
         count = b * t_out * width
         g = grad_logits.contiguous()
 
-        # rtsed.native.head's kernels where available, else the torch compositions beside them.
+        # rtsed.backends.native.head's kernels where available, else the torch compositions beside them.
         fused = _use_native(x.dtype)
         g_chunks = [g[:, t0:t1].reshape(-1, n_classes).contiguous() for t0, t1 in chunks]  # (B n, k) each
 
@@ -285,7 +286,7 @@ def dilated_head(temporal, classifier, h: Tensor) -> Tensor:
     x = h[..., 0].transpose(1, 2)  # (B, T, C)
     x = torch.nn.functional.pad(x, (0, 0, temporal.context_frames - temporal.right_pad, temporal.right_pad))
     x = x.contiguous()
-    if not temporal.training and ops.native_eval(x, classifier.weight, temporal.conv.weight, bn.weight):
+    if not temporal.training and native_eval(x, classifier.weight, temporal.conv.weight, bn.weight):
         # Inference: conv, ReLU and the BN-folded classifier in one native pass per frame tile, so
         # nothing of f_dil's output is written at all.
         return native_head.head_logits(x, h.shape[2], temporal.native_head_weights(classifier),
@@ -296,4 +297,4 @@ def dilated_head(temporal, classifier, h: Tensor) -> Tensor:
     return DilatedHeadFunction.apply(
         x, temporal.conv.weight, temporal.conv.bias, bn.weight, bn.bias, classifier.weight, classifier.bias,
         args["bn_running_mean"], args["bn_running_var"], geometry, args["training"], args["momentum"], bn.eps,
-        ops.cpu_gemm_dtype(x))
+        cpu_gemm_dtype(x))

@@ -1,6 +1,6 @@
 """Running rtsed ONNX files with onnxruntime: offline graphs and streaming step graphs.
 
-``OnnxStream`` mirrors ``rtsed.streaming.ModelStream`` (step / push / flush / end / reset over B
+``OnnxStream`` mirrors ``rtsed.stream.model_stream.ModelStream`` (step / push / flush / end / reset over B
 streams), holding the state tensors as numpy arrays between calls. Providers: CPU by default,
 CUDA where onnxruntime-gpu and a GPU exist (``device="cuda"``; asking for it elsewhere is an error).
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rtsed.config import DetectorConfig
-from rtsed.export import (DIL_NEW, DIL_READ, DIL_TAPS, DIL_WRITE, ONNX_FORMAT, ONNX_FORMAT_VERSION,
+from rtsed.stream.onnx_export import (DIL_NEW, DIL_READ, DIL_TAPS, DIL_WRITE, ONNX_FORMAT, ONNX_FORMAT_VERSION,
                           steady_step_model, window_name)
 
 
@@ -113,7 +113,7 @@ class OnnxOffline:
 
 
 class OnnxStepOutput:
-    """As rtsed.streaming.StepOutput, numpy: logits (B, n, C), frame_index (B, n), valid (B, n).
+    """As rtsed.stream.model_stream.StepOutput, numpy: logits (B, n, C), frame_index (B, n), valid (B, n).
 
     A steady-state step (every stream past its lookahead, none ended) leaves frame_index and valid
     to be computed on first use, from the positions before the step: every row is then valid and

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from rtsed.config import ConfigError, DetectorConfig
-from rtsed.model import SEDModel
+from rtsed.models.model import SEDModel
 
 FORMAT = "rtsed-checkpoint"
 FORMAT_VERSION = 1

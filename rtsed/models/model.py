@@ -5,7 +5,7 @@
     -> temporal part (GRU: (B, T, 256) | f_dil: (B, T, 256 * W))
     -> Linear per frame -> logits (B, T, C). No sigmoid inside the model.
 
-Streaming uses the same modules through ``rtsed.streaming.ModelStream``.
+Streaming uses the same modules through ``rtsed.stream.model_stream.ModelStream``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from rtsed import ops
+from rtsed.backends.cpu import channels_last_convs
+from rtsed.backends.dispatch import cpu_fast_path, forced_backend
 from rtsed.config import ModelConfig
-from rtsed.layers import (ConvBlock, DilatedTemporal, DWSBlock, FrequencyBlock, GRUTemporal,
-                          channels_last_convs)
+from rtsed.models.layers import ConvBlock, DilatedTemporal, DWSBlock, FrequencyBlock, GRUTemporal
 
 
 class SEDModel(nn.Module):
@@ -60,7 +61,7 @@ class SEDModel(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         h = x.unsqueeze(1)
-        fast = ops.cpu_fast_path(h)
+        fast = cpu_fast_path(h)
         # channels-last through the CNN on CPU: 2-3x faster oneDNN convolutions, pooling and BN,
         # and 1x1 convs as one GEMM (layout only: the arithmetic is the same).
         with channels_last_convs() if fast else contextlib.nullcontext():
@@ -156,7 +157,7 @@ def macs_per_frame(model: SEDModel, n_frames: int = 64) -> int:
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad(), ops.forced_backend("ref"):  # the reference modules, which hooks see
+        with torch.no_grad(), forced_backend("ref"):  # the reference modules, which hooks see
             model(torch.zeros(1, n_frames, model.config.n_mels))
     finally:
         for h in handles:

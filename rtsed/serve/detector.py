@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from rtsed.config import DetectorConfig, NormalizationStats
-from rtsed.frontend import LogMel, LogMelStream
-from rtsed.model import SEDModel
-from rtsed.streaming import ModelStream
+from rtsed.audio.frontend import LogMel, LogMelStream
+from rtsed.models.model import SEDModel
+from rtsed.stream.model_stream import ModelStream
 
 
 class Detector(nn.Module):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BUNDLED_DIR = Path(__file__).resolve().parent / "models"
+BUNDLED_DIR = Path(__file__).resolve().parent  # the weights and model cards sit beside this module
 
 
 class ModelNotFoundError(FileNotFoundError):

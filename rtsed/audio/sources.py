@@ -35,7 +35,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from rtsed.audio_io import AudioFileError
+from rtsed.audio.files import AudioFileError
 
 # |x| at or above this after conversion to float counts as clipped: int16 full scale is
 # 32767/32768 = 1 - 2**-15, so a clipped 16-bit input reaches it; wider formats clip at the same level.
