@@ -9,7 +9,7 @@ Precision: fp32 with torch's default TF32 settings, recorded in every case's ext
 ``torch.backends.cudnn.allow_tf32 = True`` (cuDNN convolutions and the cuDNN GRU may use TF32; the
 Triton kernels follow the same flag and run their dots in TF32), ``torch.backends.cuda.matmul.allow_tf32
 = False`` (the classifier's Linear and Adam run in fp32), ``cudnn.benchmark = False``. The parity
-checks below run with TF32 off (DESIGN.md's parity rule).
+checks below run with TF32 off (the parity rule of docs/streaming.md).
 
 Figures (the ``record`` names; the session summary tabulates them in its GPU section):
 
@@ -84,7 +84,7 @@ STREAM_COUNTS = [256, 1024, 4096, 10_000]
 MANY_FRAMES = 16
 MANY_CASES = [(n_streams, kernels) for n_streams in STREAM_COUNTS for kernels in ("ref", "triton")]
 
-PARITY_ATOL, PARITY_RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule on logits, fp32 with TF32 off
+PARITY_ATOL, PARITY_RTOL = 1e-5, 1e-4  # the parity rule of docs/streaming.md on logits, fp32 with TF32 off
 
 
 # ----------------------------------------------------------------------------------------------

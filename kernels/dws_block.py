@@ -1,6 +1,6 @@
 """Fused depthwise-separable (DWS) block of f_dws: one op from the time-padded input to the pooled output.
 
-Op (REFERENCE.md "Depthwise-separable blocks"; ``dws_block_ref`` is the twin in stock torch)::
+Op (docs/reference.md "Depthwise-separable blocks"; ``dws_block_ref`` is the twin in stock torch)::
 
     d = depthwise(x)            Conv2d(C_in -> C, K x K, groups=C_in, freq padding K // 2, no time padding)
     u = BN1(leaky_relu(d, 0.01))

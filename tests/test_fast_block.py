@@ -3,7 +3,7 @@ kernels it runs (rtsed.backends.native, rtsed.backends.native.block), against st
 
 - The block against its reference composition ``block.post(block.conv_valid_time(x))``: output,
   every parameter gradient, the input gradient, running statistics and num_batches_tracked, in
-  float64 to ~1e-12 (the arithmetic is the reference's, reordered) and float32 under DESIGN.md's
+  float64 to ~1e-12 (the arithmetic is the reference's, reordered) and float32 under docs/streaming.md's
   parity rule; block-1 shapes (one input channel) and true depthwise ones, K = 3/5/7, pools that
   drop frequencies, BN scales of both signs and zero (the pool's pick changes with the sign).
 - Each native function against a plain torch formula, including ties in the pool and the
@@ -29,7 +29,7 @@ from rtsed.backends.native import block as native_block
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler to build rtsed.backends.native")
 
-ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule (fp32)
+ATOL, RTOL = 1e-5, 1e-4  # the parity rule of docs/streaming.md (fp32)
 
 
 def _block_pair(c_in, channels, kernel, pool, dtype, dropout=0.0, gamma_zero=False):

@@ -3,7 +3,7 @@
 - rtsed.backends.cpu_head (f_dil + BN folded into the classifier, chunked, hand-written backward):
   logits, every gradient and the BN running statistics against ``classifier(temporal(h))``,
   train and eval mode, both paddings, chunk boundaries with remainders; fp64 to 1e-10 (the
-  arithmetic is the same, only reordered), fp32 under the parity rule of DESIGN.md.
+  arithmetic is the same, only reordered), fp32 under the parity rule of docs/streaming.md.
 - The model's CPU path (RTSED_KERNELS=auto: channels-last CNN + fast head) against
   RTSED_KERNELS=ref: logits, one optimizer step, and that the CNN really runs channels-last.
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from rtsed.backends import cpu_head, dispatch
 from rtsed.models.model import build_model
 
-ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule (fp32)
+ATOL, RTOL = 1e-5, 1e-4  # the parity rule of docs/streaming.md (fp32)
 
 
 def assert_parity(actual, expected, what, atol=ATOL, rtol=RTOL):

@@ -302,7 +302,7 @@ def test_ctrl_c_closes_open_event_and_writes_every_file(detector, tmp_path):
     these are exactly rtsed.detect's events on the prefix of the file that was processed.
 
     The prefix: the closed event ends at the end of the last frame decoded, F = offset / hop
-    frames, which rtsed.detect gets from (F - 1) * hop + window samples (DESIGN.md's frame times).
+    frames, which rtsed.detect gets from (F - 1) * hop + window samples (docs/conventions.md's frame times).
     Tolerances: 1 ms against rtsed.detect; 0.35 s between the closed offset and the stream time
     estimated at the interrupt (realtime pacing, the ~0.2 s between an onset and its notice, and
     the 50 ms polling here)."""

@@ -20,7 +20,7 @@ from rtsed.models.layers import ConvHistory, DWSBlock
 from rtsed.models.model import build_model
 from rtsed.backends.native import eval_block
 
-ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule (fp32)
+ATOL, RTOL = 1e-5, 1e-4  # the parity rule of docs/streaming.md (fp32)
 
 
 def _tol(dtype):

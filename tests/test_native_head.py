@@ -23,7 +23,7 @@ from rtsed.backends import cpu_head
 from rtsed.models.layers import DilatedTemporal
 from rtsed.backends.native import head as native_head
 
-ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule (fp32)
+ATOL, RTOL = 1e-5, 1e-4  # the parity rule of docs/streaming.md (fp32)
 KERNELS = ("head_conv_relu_stats", "head_relu_grad", "head_conv_backward", "class_products_", "patch_scatter_")
 # What cpu_head's float32/64 forward + backward run (head_relu_grad serves its bf16-GEMM variant).
 NATIVE_PATH = {"head_conv_relu_stats", "head_conv_backward", "class_products_", "patch_scatter_"}

@@ -1,4 +1,4 @@
-"""ONNX export and the onnxruntime backend: parity with torch (DESIGN.md's rule on logits),
+"""ONNX export and the onnxruntime backend: parity with torch (docs/streaming.md's parity rule on logits),
 offline and streamed over many chunks of varying size, and clear errors for bad files/states."""
 
 import json

@@ -1,4 +1,4 @@
-"""Streaming == offline (DESIGN.md's streaming contract and parity rule), tested, not hoped for.
+"""Streaming == offline (the streaming contract and parity rule of docs/streaming.md), tested, not hoped for.
 
 Every model family (base, dws, dil_K_d, dnd_K_d) in both paddings, small and large dilations,
 is streamed through ``rtsed.stream.model_stream.ModelStream`` in random chunkings (1-frame chunks, odd sizes,
@@ -32,7 +32,7 @@ from rtsed.models.layers import DilatedTemporal, FrameRing
 from rtsed.models.model import SEDModel, build_model
 from rtsed.stream.model_stream import ModelStream
 
-ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule, fp32 logits
+ATOL, RTOL = 1e-5, 1e-4  # the parity rule of docs/streaming.md, fp32 logits
 SMALL = {"channels": 32}  # narrow models for broad sweeps (dil_kernel <= channels holds for K <= 7)
 N_MELS = 40
 

@@ -10,7 +10,7 @@ evaluation reuses training's features), the checkpoint's normalisation, one mode
 full sequence, sigmoid. The checkpoint's labels define the columns; a reference event whose label
 is not among them is an error naming the file and the label.
 
-Scores (REFERENCE.md "Metrics"; every one is reported with its parameters):
+Scores (docs/reference.md "Metrics"; every one is reported with its parameters):
 
 * frame-wise F1 and ER of the paper (micro over every frame of every file, ``p >= threshold``);
 * segment-based F1/ER on 1 s segments and event-based F1/ER with a 200 ms onset-only collar
@@ -258,7 +258,7 @@ def _score_point(outputs: list[FileOutput], labels: Sequence[str], hop_s: float,
         "decode": decode_note,
         "n_estimated_events": len(estimated),
         "frame": {**_clean(frame.to_dict()), "params": _clean(
-            {**frame.params, "definition": "REFERENCE.md Metrics (Cakir et al. 2017): micro F1 over "
+            {**frame.params, "definition": "docs/reference.md Metrics (Cakir et al. 2017): micro F1 over "
              "frame x class cells; ER = (S + D + I) / N per frame"})},
         "segment": {**_clean(seg), "params": _clean({**seg.params, "decode": decode_note})},
         "event": {**_clean(ev), "params": _clean({**ev.params, "decode": decode_note})},

@@ -1,6 +1,6 @@
 """``python -m train.fit``: train any model of the paper's grid; writes a checkpoint.
 
-Defaults are the paper's recipe (REFERENCE.md): BCE with logits, Adam lr 1e-3 (default betas,
+Defaults are the paper's recipe (docs/reference.md): BCE with logits, Adam lr 1e-3 (default betas,
 no weight decay, no schedule), batch 16 sequences of 1024 frames, at most 300 epochs, keep the
 weights of the lowest validation loss, stop after 30 epochs without improvement.
 
@@ -150,7 +150,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
 
 @torch.no_grad()
 def validate(model: SEDModel, data: SequenceDataset, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Mean validation loss and frame-wise F1/ER (REFERENCE.md's definitions, threshold 0.5)."""
+    """Mean validation loss and frame-wise F1/ER (docs/reference.md's definitions, threshold 0.5)."""
     model.eval()
     loss_sum, weight = 0.0, 0.0
     probs, targets = [], []

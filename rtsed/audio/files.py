@@ -1,6 +1,6 @@
 """Reading audio files into the model's sample rate: decode, downmix, resample.
 
-Every source ends up as mono float32 at the front end's rate (DESIGN.md: sources are resampled
+Every source ends up as mono float32 at the front end's rate (docs/conventions.md: sources are resampled
 to the model's rate, never the other way round). Files are read with soundfile (WAV, FLAC, OGG,
 any PCM width) and resampled with soxr (VHQ).
 """

@@ -1,6 +1,6 @@
 """Audio sources: a microphone, a file or an array, yielding mono float32 blocks at the model's rate.
 
-Every source runs the same consumer-side chain (DESIGN.md, data flow)::
+Every source runs the same consumer-side chain (docs/architecture.md)::
 
     raw (n, channels) float32 at the device/file rate
       -> Sanitizer (NaN/Inf -> 0, counted; clipped samples counted)
@@ -215,7 +215,7 @@ class StreamingResampler:
     Delay: the output for an input sample comes out ``delay`` later. soxr holds back between
     ``group_delay_s`` (the filter's lookahead) and ``delay_s`` (that plus soxr's internal block,
     worst case) of output; both are measured at construction with blocks of ``block_frames`` input
-    samples. Add ``delay_s`` to the algorithmic latency (DESIGN.md: + the resampler's delay).
+    samples. Add ``delay_s`` to the algorithmic latency (docs/streaming.md: + the resampler's delay).
     E.g. 44.1 kHz -> 16 kHz, 20 ms blocks: HQ 6.5 / 39 ms, VHQ 9.0 / 84 ms; 48 kHz: HQ 6.1 / 37,
     VHQ 8.8 / 76 ms.
     """

@@ -2,7 +2,7 @@
 
 Under glibc malloc every tensor above 32 MiB is a fresh mmap whose pages fault in on first
 touch (~1 us per 4 KiB on these VMs): a training step that allocates tens of GB spends most of
-its time there. Preloading tcmalloc or jemalloc made the same step 3x faster (PERFORMANCE.md).
+its time there. Preloading tcmalloc or jemalloc made the same step 3x faster (docs/fast-paths.md).
 The allocator must be loaded before the interpreter starts, so ``ensure_caching_allocator``
 re-executes the current command once with LD_PRELOAD set.
 

@@ -34,7 +34,7 @@ def channels_last_convs():
 def conv2d_like_input(x: Tensor, conv: nn.Conv2d, channels_last_weight: Tensor | None = None) -> Tensor:
     """``conv(x)`` with the weight in x's memory format. oneDNN picks its layout from input and
     weight together; a one-input-channel weight (256, 1, 5, 5) reads as NCHW unless restrided, and
-    then a channels-last input runs the whole conv in NCHW (PERFORMANCE.md). Same values either way.
+    then a channels-last input runs the whole conv in NCHW (docs/fast-paths.md). Same values either way.
     ``channels_last_weight``: conv.weight already restrided (cached by the caller), else restrided here."""
     channels_last = x.dim() == 4 and (
         (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())

@@ -1,7 +1,7 @@
 """A training-mode DWS block on the CPU: MKL/oneDNN for the GEMM and the convolution, native
 fused passes (rtsed.backends.native) for everything between them.
 
-The op is ``kernels/dws_block.py``'s (REFERENCE.md "Depthwise-separable blocks")::
+The op is ``kernels/dws_block.py``'s (docs/reference.md "Depthwise-separable blocks")::
 
     d = depthwise(x); a = leaky(d, 0.01); u = BN1(a); p = pointwise(u); r = relu(p)
     z = BN2(r); out = max_pool(z, (1, P))          (batch statistics: training mode)
@@ -49,7 +49,7 @@ from rtsed.backends.batchnorm import bn_arguments, mean_var_from_sums, update_ru
 from rtsed.backends.cpu import fused_linear
 from rtsed.backends.dispatch import cpu_gemm_dtype
 
-NEGATIVE_SLOPE = 0.01  # the inner LeakyReLU's (REFERENCE.md)
+NEGATIVE_SLOPE = 0.01  # the inner LeakyReLU's (docs/reference.md)
 
 
 def _channels_last_rows(t: Tensor) -> Tensor:
@@ -88,7 +88,7 @@ class DWSBlockTrainFunction(torch.autograd.Function):
         rows = b * frames * freq
 
         # 1. depthwise conv, channels-last (the weight restrided: with one input channel its
-        # format cannot be read off its strides, PERFORMANCE.md), then leaky + BN1's sums.
+        # format cannot be read off its strides, docs/fast-paths.md), then leaky + BN1's sums.
         dw_weight_cl = dw_weight.detach().to(memory_format=torch.channels_last)
         if c_in == 1 and kernel in native_block.DEPTHWISE_KERNELS:  # block 1: one native pass
             x_padded = F.pad(x[:, 0], (kernel // 2, kernel // 2)).contiguous()  # (B, Tp, F + K - 1)

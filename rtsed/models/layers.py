@@ -2,7 +2,7 @@
 
 Tensor layout follows the paper's code: (B, C, T, F) with time on axis 2 and frequency on axis 3.
 
-Streaming (DESIGN.md's streaming contract): every layer that looks across time keeps the past
+Streaming (the streaming contract, docs/streaming.md): every layer that looks across time keeps the past
 input frames it still needs in a small state object allocated once by ``init_state`` and updated in
 place by ``step``. A "same"-padded time convolution is run as a causal one; its output is the
 offline output delayed by the right padding, and the caller (``rtsed.stream.model_stream.ModelStream``)
@@ -229,7 +229,7 @@ class DWSBlock(FrequencyBlock):
     -> pointwise Conv2d(C_out -> C_out, 1 x 1) -> ReLU -> BN -> pool -> Dropout2d.
 
     With C_in = 1 (block 1) the "depthwise" conv is a plain 1 -> C_out conv (depth multiplier
-    C_out). The inner LeakyReLU + BN is in the authors' code, not the paper's text (REFERENCE.md).
+    C_out). The inner LeakyReLU + BN is in the authors' code, not the paper's text (docs/reference.md).
     """
 
     separable = True

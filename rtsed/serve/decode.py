@@ -8,7 +8,7 @@ every decision depends only on frame indices and per-frame values, and the runni
 scores are accumulated in the same order whatever the chunking.
 
 Per class, in this order (all counted in frames of ``hop_s``; frame t's cell is
-[t*hop_s, (t+1)*hop_s), DESIGN.md):
+[t*hop_s, (t+1)*hop_s), docs/conventions.md):
 
 1. **Smoothing** (``smoothing_frames`` k > 1): a causal moving *median* over frames t-k+1..t.
    A median, not a mean: it deletes blips shorter than about k/2 frames and keeps clean edges
@@ -70,7 +70,7 @@ _IDLE, _ACTIVE, _GAP = 0, 1, 2
 
 @dataclass(frozen=True)
 class SoundEvent:
-    """A detected event: cells [onset_s, offset_s) of one class. Field order is fixed (DESIGN.md)."""
+    """A detected event: cells [onset_s, offset_s) of one class. Field order is fixed (docs/conventions.md)."""
 
     label: str
     onset_s: float
@@ -374,7 +374,7 @@ def write_audacity_labels(path_or_file: str | os.PathLike | IO[str], events: Ite
 
 
 def event_to_json(item: SoundEvent | OnsetNotice) -> dict[str, Any]:
-    """DESIGN.md's JSONL form: ``{"type": "onset", "label", "onset_s"}`` for a notice,
+    """The JSONL form: ``{"type": "onset", "label", "onset_s"}`` for a notice,
     ``{"type": "event", "label", "onset_s", "offset_s", "score"}`` for an ended event.
     Times and score are rounded to 6 decimals (frame times like 3 * 0.02 are inexact floats)."""
     if isinstance(item, SoundEvent):

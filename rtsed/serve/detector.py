@@ -4,7 +4,7 @@
     -> SEDModel -> logits (T, C)
 
 Both paths run the same modules; ``AudioStream`` is the streaming one (any chunk size in,
-the frames completed so far out) and equals the offline path within DESIGN.md's parity rule.
+the frames completed so far out) and equals the offline path within the parity rule of docs/streaming.md.
 """
 
 from __future__ import annotations

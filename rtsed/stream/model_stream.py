@@ -1,6 +1,6 @@
 """Streaming inference of an SEDModel over B independent streams, with explicit per-layer state.
 
-How "same" padding streams (DESIGN.md's streaming contract): each time convolution runs causally,
+How "same" padding streams (the streaming contract, docs/streaming.md): each time convolution runs causally,
 so its output for input position i is the offline output at time i - right_pad. Position i of
 the stream after layer k therefore holds time ``i - D_k``, with D_k the cumulative right padding
 up to layer k (2, 4, 6 for the paper's CNN blocks; 36 after f_dil for dnd_7_10). Offline, every

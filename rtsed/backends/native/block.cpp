@@ -266,7 +266,7 @@ void leaky_bn_backward(T* g, const T* a, const T* scale, const T* alpha, const T
 // ---------------------------------------------------------------------------------------------
 // Depthwise convolution backward (K x K taps, stride 1, frequency zero-padded by K / 2, no time
 // padding), channels-last. oneDNN's took 250 ms of a dnd_7_10 train step for block 2 alone (its
-// weight gradient is ~17x slower than its forward, PERFORMANCE.md); here each thread owns a block
+// weight gradient is ~17x slower than its forward, docs/fast-paths.md); here each thread owns a block
 // of 64 bytes of channels (16 floats / 8 doubles, one AVX-512 register) and sweeps every position
 // with the K x K accumulators (weight grad) or weights (input grad) held in registers: no
 // reductions across threads, deterministic.
