@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-HOP_S = 0.02  # the paper's 20 ms hop (DESIGN.md): one output frame per 20 ms of audio
+HOP_S = 0.02  # the paper's 20 ms hop (docs/conventions.md): one output frame per 20 ms of audio
 REPORT_PATH = Path(__file__).with_name("latest.md")
 
 # Reference models compared side by side; ratio = base / dnd_7_10.
@@ -62,7 +62,7 @@ _ALLOCATORS = (("tcmalloc", "libtcmalloc"), ("jemalloc", "libjemalloc"), ("mimal
 
 def detect_allocator() -> str:
     """The malloc this process runs with: a caching allocator found in LD_PRELOAD or mapped into
-    the process (/proc/self/maps), else glibc malloc. PERFORMANCE.md: it changes big-tensor
+    the process (/proc/self/maps), else glibc malloc. docs/fast-paths.md: it changes big-tensor
     timings by up to 3x, so every report names it."""
     mapped = ""
     try:

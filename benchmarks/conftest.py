@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from benchmarks import _report
-from rtsed.allocator import ensure_caching_allocator
+from rtsed.backends.allocator import ensure_caching_allocator
 
 
 
 def pytest_configure(config) -> None:
     """Big-tensor figures (train steps, batch-16 inference) depend on the allocator more than on
-    the model code (PERFORMANCE.md): run them as a user of train.fit would, under tcmalloc/jemalloc
+    the model code (docs/fast-paths.md): run them as a user of train.fit would, under tcmalloc/jemalloc
     when installed (the process re-executes itself once with LD_PRELOAD; RTSED_ALLOCATOR=system
     opts out). pytest has already redirected stdout/stderr into its capture files by now, so they
     are restored first, or the re-executed run would print into a file nobody reads."""

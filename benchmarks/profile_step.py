@@ -9,7 +9,7 @@ It measures this machine's ceilings first (fp32 GEMM, 2048^3, and copy bandwidth
 torch's thread count), then profiles one step with torch.profiler and attributes every operator's
 own time to a piece of the model: each CNN block's pointwise (1x1) conv, its depthwise (5x5) conv,
 its elementwise work (activations, BatchNorm, max-pool, layout copies), the dilated head (f_dil +
-BN + classifier, forward and backward, rtsed.fast_head), the optimizer and the rest. A piece's
+BN + classifier, forward and backward, rtsed.backends.cpu_head), the optimizer and the rest. A piece's
 compute floor is its multiply-accumulates (x3 for forward + both backward products, x1 offline)
 at the GEMM ceiling; for elementwise pieces the table gives the time of one read+write pass over
 the block's full-resolution tensor instead, so the measured time reads as a number of passes.
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rtsed.allocator import ensure_caching_allocator, loaded_allocator
-from rtsed.model import build_model
+from rtsed.backends.allocator import ensure_caching_allocator, loaded_allocator
+from rtsed.models.model import build_model
 
 BATCH, FRAMES = 16, 1024
 
@@ -99,7 +99,7 @@ def _kind(event, shapes: list[list[int]], channels: int) -> str:
     two_d = [s for s in shapes if len(s) == 2]
     if any(len(s) == 4 and s[0] == channels and s[2:] == [1, 1] for s in shapes) or (
             gemm and any(s == [channels, channels] for s in shapes)) or (
-            # rtsed.fast_block's weight gradient dp^T a: (C, rows) @ (rows, C)
+            # rtsed.backends.cpu_block's weight gradient dp^T a: (C, rows) @ (rows, C)
             gemm and len(two_d) == 2 and two_d[0][0] == channels and two_d[1][1] == channels
             and two_d[0][1] == two_d[1][0]):
         return "pointwise 1x1 conv"
@@ -112,7 +112,7 @@ def _kind(event, shapes: list[list[int]], channels: int) -> str:
 
 
 def _fast_block_backward(event, freqs: list[int]) -> int | None:
-    """The CNN block whose rtsed.fast_block backward an op runs in, from that backward's
+    """The CNN block whose rtsed.backends.cpu_block backward an op runs in, from that backward's
     gradient input (B, C, T, F_out): block i pools freqs[i] to freqs[i + 1] (the last to 1)."""
     pooled = freqs[1:] + [1]
     for ancestor in _ancestors(event):
@@ -153,7 +153,7 @@ def isolated_times(model, x: Tensor, offline: bool, repeats: int = 3) -> list[tu
     (forward, plus backward of a ones gradient in training), median of ``repeats``: a direct
     measurement beside the profiler's attribution, which inflates big elementwise operators."""
     from rtsed import ops
-    from rtsed.layers import channels_last_convs
+    from rtsed.backends.cpu import channels_last_convs
 
     with torch.no_grad(), channels_last_convs():
         inputs = [x.unsqueeze(1)]

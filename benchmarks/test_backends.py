@@ -18,11 +18,11 @@ import torch
 
 from benchmarks._report import DND, HOP_S, measure, record
 from rtsed.config import DetectorConfig, FrontendConfig
-from rtsed.export import export_onnx
-from rtsed.frontend import LogMelStream
-from rtsed.model import build_model
-from rtsed.onnx_backend import OnnxStream
-from rtsed.streaming import ModelStream
+from rtsed.stream.onnx_export import export_onnx
+from rtsed.audio.frontend import LogMelStream
+from rtsed.models.model import build_model
+from rtsed.stream.onnx_runtime import OnnxStream
+from rtsed.stream.model_stream import ModelStream
 
 MODELS = [DND, f"{DND}_causal", "base"]
 

@@ -3,13 +3,13 @@ CUDA graphs) and many streams stepped together.
 
 Run with ``pytest benchmarks/test_gpu_models.py --benchmark-only`` on a CUDA machine; it skips
 without CUDA or triton, or if TRITON_INTERPRET is set (that would time the interpreter).
-``RTSED_KERNELS`` is set per case (monkeypatch); ops.py reads it at call time.
+``RTSED_KERNELS`` is set per case (monkeypatch); rtsed.backends.dispatch reads it at call time.
 
 Precision: fp32 with torch's default TF32 settings, recorded in every case's extra_info:
 ``torch.backends.cudnn.allow_tf32 = True`` (cuDNN convolutions and the cuDNN GRU may use TF32; the
 Triton kernels follow the same flag and run their dots in TF32), ``torch.backends.cuda.matmul.allow_tf32
 = False`` (the classifier's Linear and Adam run in fp32), ``cudnn.benchmark = False``. The parity
-checks below run with TF32 off (DESIGN.md's parity rule).
+checks below run with TF32 off (the parity rule of docs/streaming.md).
 
 Figures (the ``record`` names; the session summary tabulates them in its GPU section):
 
@@ -66,9 +66,9 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no"):
     pytest.skip("TRITON_INTERPRET is set: this would time the interpreter", allow_module_level=True)
 
-from rtsed.layers import FrameRing  # noqa: E402
-from rtsed.model import SEDModel, build_model  # noqa: E402
-from rtsed.streaming import ModelStream  # noqa: E402
+from rtsed.models.layers import FrameRing  # noqa: E402
+from rtsed.models.model import SEDModel, build_model  # noqa: E402
+from rtsed.stream.model_stream import ModelStream  # noqa: E402
 
 BATCH, FRAMES = 16, 1024
 # (model, RTSED_KERNELS, channels_last); dnd_7_10 triton last: its ratios read the others.
@@ -84,7 +84,7 @@ STREAM_COUNTS = [256, 1024, 4096, 10_000]
 MANY_FRAMES = 16
 MANY_CASES = [(n_streams, kernels) for n_streams in STREAM_COUNTS for kernels in ("ref", "triton")]
 
-PARITY_ATOL, PARITY_RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule on logits, fp32 with TF32 off
+PARITY_ATOL, PARITY_RTOL = 1e-5, 1e-4  # the parity rule of docs/streaming.md on logits, fp32 with TF32 off
 
 
 # ----------------------------------------------------------------------------------------------

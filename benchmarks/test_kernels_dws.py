@@ -11,7 +11,7 @@ Shapes, the paper's batch of 16 x 1024 frames, C = 256 channels, 5 x 5 kernels:
 Implementations: ``triton`` (``dws_block``, NCHW input), ``cudnn_nchw`` and ``cudnn_channels_last``
 (``dws_block_ref``: conv2d -> leaky_relu -> batch_norm -> conv2d -> relu -> batch_norm ->
 max_pool2d; input and weights in that memory format, converted with ``.to(memory_format=...)``
-as PERFORMANCE.md advises). Dropout is left out of all three (it is the same torch op either way).
+as docs/fast-paths.md advises). Dropout is left out of all three (it is the same torch op either way).
 Modes: ``inference`` (eval-mode BatchNorm, torch.inference_mode) and ``fwd_bwd`` (train-mode
 BatchNorm with running-stat updates, forward then backward of a fixed random cotangent; every
 parameter needs its gradient, the input needs one for block 2 only, as in the model). Dtypes:

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._report import BASE, DND, HOP_S, measure, record
-from rtsed.model import build_model, count_parameters, macs_per_frame
-from rtsed.streaming import ModelStream
+from rtsed.models.model import build_model, count_parameters, macs_per_frame
+from rtsed.stream.model_stream import ModelStream
 
 BATCH, FRAMES = 16, 1024
 PAIR = [BASE, DND]
@@ -80,9 +80,9 @@ def test_offline_inference(benchmark, torch_threads, name):
 
 @pytest.mark.benchmark(group=f"offline inference, batch {BATCH} x {FRAMES} frames, --precision bf16")
 def test_offline_inference_bf16(benchmark, torch_threads):
-    """dnd_7_10 under ``--precision bf16`` (rtsed.precision: the CNN's pointwise GEMMs in bf16,
+    """dnd_7_10 under ``--precision bf16`` (rtsed.backends.precision: the CNN's pointwise GEMMs in bf16,
     float32 accumulation, the rest float32)."""
-    from rtsed.precision import autocast
+    from rtsed.backends.precision import autocast
 
     threads = torch_threads(None)
     model = build_model(DND).eval()

@@ -1,6 +1,6 @@
 """f_dil's dilated temporal convolution fused with its ReLU and BatchNorm, forward and backward.
 
-Op (REFERENCE.md "Dilated part"; ``dilated_temporal_ref`` is the twin in stock torch)::
+Op (docs/reference.md "Dilated part"; ``dilated_temporal_ref`` is the twin in stock torch)::
 
     p = conv2d(x, weight, bias, stride=(1, S), dilation=(d, 1))   1 -> C_out, K x K, no padding
     y = BN(relu(p))                                              batch statistics in training
@@ -60,7 +60,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from rtsed.batchnorm import bn_arguments, update_running_stats
+from rtsed.backends.batchnorm import bn_arguments, update_running_stats
 
 # The @triton.jit decorators read TRITON_INTERPRET when this module is imported; remember what they
 # saw, since the environment may change afterwards (the tests restore it).

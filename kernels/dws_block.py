@@ -1,6 +1,6 @@
 """Fused depthwise-separable (DWS) block of f_dws: one op from the time-padded input to the pooled output.
 
-Op (REFERENCE.md "Depthwise-separable blocks"; ``dws_block_ref`` is the twin in stock torch)::
+Op (docs/reference.md "Depthwise-separable blocks"; ``dws_block_ref`` is the twin in stock torch)::
 
     d = depthwise(x)            Conv2d(C_in -> C, K x K, groups=C_in, freq padding K // 2, no time padding)
     u = BN1(leaky_relu(d, 0.01))
@@ -66,7 +66,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from rtsed.batchnorm import bn_arguments, update_running_stats
+from rtsed.backends.batchnorm import bn_arguments, update_running_stats
 
 NEGATIVE_SLOPE = 0.01
 # The decorators below read TRITON_INTERPRET when this module is imported; remember what they saw,
@@ -798,7 +798,7 @@ def dws_block_ref(x, dw_weight, dw_bias, bn1_weight, bn1_bias, bn1_running_mean,
 
 def dws_block_layer(block, x):
     """What ``block.post(block.conv_valid_time(x))`` returns, through the fused kernels
-    (rtsed.ops dispatches here). block: rtsed.layers.DWSBlock; x: (B, C_in, T + K - 1, F)."""
+    (rtsed.ops dispatches here). block: rtsed.models.layers.DWSBlock; x: (B, C_in, T + K - 1, F)."""
     dw, pw, bn1, bn2, mp = block.depthwise, block.pointwise, block.inner_bn, block.bn, block.pool
     K = dw.kernel_size[0]
     if (dw.kernel_size != (K, K) or tuple(dw.stride) != (1, 1) or tuple(dw.dilation) != (1, 1)

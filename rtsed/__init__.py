@@ -9,7 +9,7 @@ The public API:
     ModelStream              stateful streaming over one or many streams (frames in, logits out)
 """
 
-from rtsed.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from rtsed.models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from rtsed.config import (
     TUT_SED_2016_LABELS,
     ConfigError,
@@ -19,9 +19,9 @@ from rtsed.config import (
     ModelConfig,
     NormalizationStats,
 )
-from rtsed.detector import AudioStream, Detector
-from rtsed.model import SEDModel, build_model, count_parameters, macs_per_frame
-from rtsed.streaming import ModelStream, StepOutput
+from rtsed.serve.detector import AudioStream, Detector
+from rtsed.models.model import SEDModel, build_model, count_parameters, macs_per_frame
+from rtsed.stream.model_stream import ModelStream, StepOutput
 
 __version__ = "0.1.0"
 

@@ -4,7 +4,7 @@ Every config is a frozen dataclass with ``to_dict()`` / ``from_dict()`` so that 
 a ``weights_only=True`` checkpoint and through ONNX metadata (JSON). Names carry their units
 (``hop_samples``, ``sample_rate_hz``, ``min_event_s``).
 
-Model names follow the paper's Table 1 (see ../shared/REFERENCE.md):
+Model names follow the paper's Table 1 (see docs/reference.md):
 
 ====================  =========================================  ============================
 name                  front end (f_cnn or f_dws)                  temporal part
@@ -52,7 +52,7 @@ CNN_KINDS = ("conv", "dws")
 TEMPORAL_KINDS = ("gru", "dilated")
 
 # f_dil's stride over the CNN-channel axis. The paper's parameter counts for K = 3 and 5 are
-# reproduced only with S = 2, for K = 7 with S = 3 (REFERENCE.md); other K default to 2.
+# reproduced only with S = 2, for K = 7 with S = 3 (docs/reference.md); other K default to 2.
 _DEFAULT_DIL_STRIDE = {3: 2, 5: 2, 7: 3}
 
 _MODEL_NAME = re.compile(

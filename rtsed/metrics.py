@@ -10,7 +10,7 @@ The paper (Drossos et al. 2020, after Cakir et al. 2017) scores frame decisions:
   I_t = max(0, FP_t - FN_t), and N = number of active reference labels.
 
 That ER is sed_eval's segment-based ER with one frame per segment, provided the frame targets
-follow the frame-time convention (DESIGN.md: an event [onset_s, offset_s) activates every cell
+follow the frame-time convention (docs/conventions.md: an event [onset_s, offset_s) activates every cell
 [t*hop, (t+1)*hop) it overlaps); tests/test_metrics.py checks that equality.
 
 DCASE practice reports more, computed here with the reference libraries, imported lazily so that
@@ -69,7 +69,7 @@ _INSTALL_HINT = (
 
 @dataclass(frozen=True)
 class FrameScores:
-    """Frame-wise micro scores over all frames and classes (REFERENCE.md "Metrics").
+    """Frame-wise micro scores over all frames and classes (docs/reference.md "Metrics").
 
     Counts are label-cells (frame x class). ``error_rate`` is nan when ``n_ref`` is 0 (undefined);
     ``precision`` / ``recall`` are nan when their denominator is 0 (as in sed_eval); ``f1`` is 0
@@ -232,7 +232,7 @@ def per_class_f1(probs: Any, targets: Any, threshold: Any = 0.5) -> np.ndarray:
 def frame_probs_to_events(
     probs: Any, hop_s: float, labels: Sequence[str], threshold: Any = 0.5
 ) -> list[tuple[float, float, str]]:
-    """Frame decisions -> events, with DESIGN.md's frame-time convention.
+    """Frame decisions -> events, with the frame-time convention of docs/conventions.md.
 
     probs: (T, C) probabilities of one file; hop_s: frame step in seconds; labels: C names;
     threshold: scalar or (C,). A run of active cells [a, b) becomes (a * hop_s, b * hop_s, label).
@@ -407,7 +407,7 @@ def segment_scores(
     (it sets sed_eval's evaluated length; F1/ER do not depend on trailing empty segments).
 
     sed_eval maps an event to segments floor(onset / seg) .. ceil(offset / seg) - 1, the same
-    overlap rule as DESIGN.md, but in floating point 7 * 0.02 / 0.02 is 7.000000000000001 and
+    overlap rule as docs/conventions.md, but in floating point 7 * 0.02 / 0.02 is 7.000000000000001 and
     an offset exactly on a boundary would claim one segment more. Boundaries are therefore moved
     inwards by ``boundary_tolerance_s`` = 1e-6 * segment_s (20 ns at one frame of 20 ms) before
     scoring: an event that ends exactly where a segment begins does not touch that segment.
@@ -573,7 +573,7 @@ def psds(
     ``sed_scores_eval.intersection_based.psds``.
 
     scores_per_file: {filename: (probs (T, C), hop_s, labels)}; frame t scores the cell
-        [t * hop_s, (t + 1) * hop_s) (DESIGN.md frame time). All files must share the labels.
+        [t * hop_s, (t + 1) * hop_s) (docs/conventions.md frame time). All files must share the labels.
     ground_truth: events (see module docstring) or {filename: [(onset_s, offset_s, label), ...]};
         every scored file counts, with or without events. Overlapping or touching events of one
         class in one file are merged first (sed_scores_eval rejects them); ``n_gt_merged`` counts them.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rtsed import native
+from rtsed.backends import native
 
 
 @pytest.fixture

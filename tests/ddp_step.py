@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from rtsed.model import build_model
+from rtsed.models.model import build_model
 from train.fit import train_step
 
 BATCH, FRAMES, CLASSES = 4, 64, 3

@@ -1,4 +1,4 @@
-"""Writing procedurally made DCASE-format splits for tests (no ../shared data needed)."""
+"""Writing procedurally made DCASE-format splits for tests (no shared data set needed)."""
 
 from pathlib import Path
 from typing import Callable

@@ -1,7 +1,7 @@
 """A private PulseAudio server with a null sink, for testing the real capture path without hardware.
 
-DESIGN.md's recipe, isolated so that it neither needs nor disturbs a user's or another test run's
-server: the daemon runs in the foreground as our child (so we hold its pid and end exactly it),
+The recipe of docs/conventions.md ("Testing the audio stack"), isolated so that it neither needs
+nor disturbs a user's or another test run's server: the daemon runs in the foreground as our child (so we hold its pid and end exactly it),
 its runtime/state paths and socket live in a temporary directory, and this process reaches it
 through PULSE_SERVER. The null sink's monitor becomes the default source, so PortAudio's ALSA
 "default" input (ALSA's pulse plugin, from libasound2-plugins, a dependency of pulseaudio)

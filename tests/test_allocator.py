@@ -1,4 +1,4 @@
-"""rtsed.allocator: the re-exec that preloads a caching allocator, and what it sets."""
+"""rtsed.backends.allocator: the re-exec that preloads a caching allocator, and what it sets."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from rtsed import allocator
+from rtsed.backends import allocator
 
 
 @pytest.mark.parametrize("name, variable, value", [

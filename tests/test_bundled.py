@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rtsed.bundled import BUNDLED_DIR, bundled_models, resolve_model
-from rtsed.checkpoint import load_checkpoint
+from rtsed.models.bundled import BUNDLED_DIR, bundled_models, resolve_model
+from rtsed.models.checkpoint import load_checkpoint
 
 SHARED = Path(os.environ.get("RTSED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rtsed
-from rtsed.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from rtsed.models.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from rtsed.config import DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
 
 LABELS = tuple(f"class_{i}" for i in range(5))

@@ -1,4 +1,4 @@
-"""Tests for rtsed.decode: chunking invariance (notices included), an independent per-frame
+"""Tests for rtsed.serve.decode: chunking invariance (notices included), an independent per-frame
 reference decoder, hysteresis, minimum event/gap durations, smoothing and its delay compensation,
 the frame-time convention, flush, threshold overrides, bad input, and the writers' exact text."""
 
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtsed.config import ConfigError, DecoderConfig
-from rtsed.decode import (
+from rtsed.serve.decode import (
     EventDecoder,
     OnsetNotice,
     SoundEvent,
@@ -486,7 +486,7 @@ def test_per_class_config_round_trips_through_a_dict():
 
 def test_smoother_delay_counts_in_the_engine_latency():
     from rtsed.config import DetectorConfig, ModelConfig
-    from rtsed.engine import DetectionEngine
+    from rtsed.serve.engine import DetectionEngine
 
     class Stepper:  # the engine only asks a stepper for its lookahead before the first push
         lookahead_frames = 0

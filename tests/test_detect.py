@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from rtsed.bundled import ModelNotFoundError, resolve_model
-from rtsed.detect import detect_file, main
-from rtsed.engine import make_stepper
+from rtsed.models.bundled import ModelNotFoundError, resolve_model
+from rtsed.cli.detect import detect_file, main
+from rtsed.serve.engine import make_stepper
 
 # tests/ is not a package: pytest puts this folder on sys.path, so the engine tests' fixture is shared.
 from test_engine import RATE, checkpoint, offline_events, scene  # noqa: F401  (fixture)
@@ -81,7 +81,7 @@ def test_errors_are_one_line_messages(checkpoint, tmp_path, capsys):
 
 def test_resolve_model_prefers_paths_then_bundled(checkpoint, tmp_path, monkeypatch):
     assert resolve_model(checkpoint) == checkpoint
-    monkeypatch.setattr("rtsed.bundled.BUNDLED_DIR", tmp_path)
+    monkeypatch.setattr("rtsed.models.bundled.BUNDLED_DIR", tmp_path)
     (tmp_path / "tiny.pt").write_bytes(checkpoint.read_bytes())
     monkeypatch.chdir(tmp_path.parent)
     assert resolve_model("tiny") == tmp_path / "tiny.pt"

@@ -7,8 +7,8 @@ import torch
 
 import rtsed
 from rtsed.config import DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
-from rtsed.decode import OnsetNotice, SoundEvent, decode_offline
-from rtsed.engine import DetectionEngine, MultiStreamEngine, make_stepper
+from rtsed.serve.decode import OnsetNotice, SoundEvent, decode_offline
+from rtsed.serve.engine import DetectionEngine, MultiStreamEngine, make_stepper
 
 RATE = 16000
 LABELS = ("tone", "noise", "click")

@@ -1,7 +1,7 @@
 """train.evaluate on a tiny procedurally made DCASE data set: an oracle model (logits +/-10 from the
 true frame targets) must score perfectly, an oracle that never outputs one class must score exactly
 what hand counting predicts, and the CLI writes JSON with parameters and fails cleanly (exit 2) on
-bad input. No ../shared data is needed."""
+bad input. No shared data set is needed."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from rtsed.checkpoint import save_checkpoint
+from rtsed.models.checkpoint import save_checkpoint
 from rtsed.config import DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig
-from rtsed.model import SEDModel
+from rtsed.models.model import SEDModel
 from train.annotations import Event, events_to_frame_targets, write_dcase_tsv
 from train.datasets import DcaseDataset
 

@@ -11,9 +11,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from rtsed.checkpoint import load_checkpoint, save_checkpoint
+from rtsed.models.checkpoint import load_checkpoint, save_checkpoint
 from rtsed.config import DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig
-from rtsed.model import SEDModel
+from rtsed.models.model import SEDModel
 from train import false_alarms as fa
 
 RATE = 16000

@@ -1,9 +1,9 @@
-"""rtsed.fast_block (training-mode DWS block: native fused passes + MKL/oneDNN) and the native
-kernels it runs (rtsed.native, rtsed.native.block), against stock torch.
+"""rtsed.backends.cpu_block (training-mode DWS block: native fused passes + MKL/oneDNN) and the native
+kernels it runs (rtsed.backends.native, rtsed.backends.native.block), against stock torch.
 
 - The block against its reference composition ``block.post(block.conv_valid_time(x))``: output,
   every parameter gradient, the input gradient, running statistics and num_batches_tracked, in
-  float64 to ~1e-12 (the arithmetic is the reference's, reordered) and float32 under DESIGN.md's
+  float64 to ~1e-12 (the arithmetic is the reference's, reordered) and float32 under docs/streaming.md's
   parity rule; block-1 shapes (one input channel) and true depthwise ones, K = 3/5/7, pools that
   drop frequencies, BN scales of both signs and zero (the pool's pick changes with the sign).
 - Each native function against a plain torch formula, including ties in the pool and the
@@ -21,13 +21,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rtsed import fast_block, native, ops
-from rtsed.layers import DWSBlock, channels_last_convs
-from rtsed.native import block as native_block
+from rtsed import ops
+from rtsed.backends import cpu_block, dispatch, native
+from rtsed.backends.cpu import channels_last_convs
+from rtsed.models.layers import DWSBlock
+from rtsed.backends.native import block as native_block
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler to build rtsed.native")
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler to build rtsed.backends.native")
 
-ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule (fp32)
+ATOL, RTOL = 1e-5, 1e-4  # the parity rule of docs/streaming.md (fp32)
 
 
 def _block_pair(c_in, channels, kernel, pool, dtype, dropout=0.0, gamma_zero=False):
@@ -48,7 +50,7 @@ def _run(block, x, backend):
     """Forward + backward with a fixed output gradient; returns (out, x.grad, {name: grad})."""
     x = x.detach().clone().requires_grad_(x.shape[1] > 1)
     if backend == "ref":
-        with ops.forced_backend("ref"):
+        with dispatch.forced_backend("ref"):
             out = ops.frequency_block(block, x)
     else:
         with channels_last_convs():
@@ -73,7 +75,7 @@ GEOMETRIES = [  # (C_in, C, K, P, F): block 1 of dnd, true depthwise, K 3/7, poo
 def test_block_matches_reference_fp64(c_in, channels, kernel, pool, freq, gamma_zero):
     fast, ref = _block_pair(c_in, channels, kernel, pool, torch.float64, gamma_zero=gamma_zero)
     x = torch.randn(3, c_in, 11 + kernel - 1, freq, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    assert fast_block.applies(fast, x)
+    assert cpu_block.applies(fast, x)
     out, dx, grads = _run(fast, x, "auto")
     out_ref, dx_ref, grads_ref = _run(ref, x, "ref")
     torch.testing.assert_close(out, out_ref, rtol=1e-11, atol=1e-12)
@@ -110,7 +112,7 @@ def test_block_dropout_draws_match_reference():
     with channels_last_convs():
         out = ops.frequency_block(fast, x)
     torch.manual_seed(7)
-    with ops.forced_backend("ref"):
+    with dispatch.forced_backend("ref"):
         out_ref = ops.frequency_block(ref, x)
     assert (out == 0).any()
     torch.testing.assert_close(out, out_ref, rtol=1e-11, atol=1e-12)
@@ -120,14 +122,14 @@ def test_block_is_used_for_training_only_and_falls_back_when_disabled(monkeypatc
     block, _ = _block_pair(8, 8, 5, 2, torch.float32)
     x = torch.randn(1, 8, 12, 4).contiguous(memory_format=torch.channels_last)
     calls = []
-    monkeypatch.setattr(fast_block, "dws_block_train", lambda b, t: calls.append(1) or b.post(b.conv_valid_time(t)))
+    monkeypatch.setattr(cpu_block, "dws_block_train", lambda b, t: calls.append(1) or b.post(b.conv_valid_time(t)))
     ops.frequency_block(block, x)
     assert calls == [1]
     block.eval()
     ops.frequency_block(block, x)  # the folded eval path
     block.train()
     monkeypatch.setenv("RTSED_NATIVE", "0")
-    assert not fast_block.applies(block, x)
+    assert not cpu_block.applies(block, x)
     ops.frequency_block(block, x)
     assert calls == [1]
 
@@ -287,12 +289,12 @@ def test_missing_compiler_warns_once_and_training_falls_back(tmp_path, monkeypat
     x = torch.randn(1, 8, 12, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert not fast_block.applies(block, x)
+        assert not cpu_block.applies(block, x)
         assert not native.available()
         out = ops.frequency_block(block, x)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "apt-get install g++" in messages[0] and "no-such-compiler" in messages[0]
-    with ops.forced_backend("ref"):
+    with dispatch.forced_backend("ref"):
         torch.testing.assert_close(out, ops.frequency_block(ref, x))
 
 
@@ -302,19 +304,19 @@ def test_missing_compiler_warns_once_and_training_falls_back(tmp_path, monkeypat
 
 
 def test_bf16_autocast_training_step_is_as_close_to_fp32_as_stock_autocast():
-    """Under torch.autocast("cpu", bfloat16) the model's fast paths (this block and fast_head)
+    """Under torch.autocast("cpu", bfloat16) the model's fast paths (this block and rtsed.backends.cpu_head)
     keep float32 interfaces (the native kernels never see bf16: that crashed before) and run
     their big GEMMs in bf16. The step's logits and gradients then differ from the float32 step
     by bf16 rounding, amplified through train-mode BN (10-20 % on this random-init network),
     and by no more than stock torch's autocast of the reference composition differs; not by
     zero (the bf16 GEMMs really ran)."""
-    from rtsed.model import build_model
+    from rtsed.models.model import build_model
 
     torch.manual_seed(0)
     model = build_model("dnd_7_10", n_classes=4, channels=32, dropout=0.0).train()
     stock, fast = copy.deepcopy(model), copy.deepcopy(model)
     x = torch.randn(2, 80, 40)
-    with ops.forced_backend("ref"):
+    with dispatch.forced_backend("ref"):
         logits32 = model(x)
         logits32.square().mean().backward()
         with torch.autocast("cpu", dtype=torch.bfloat16):

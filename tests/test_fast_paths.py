@@ -1,9 +1,9 @@
 """CPU fast paths against the plain reference model (issue #8: every fast path keeps a test).
 
-- rtsed.fast_head (f_dil + BN folded into the classifier, chunked, hand-written backward):
+- rtsed.backends.cpu_head (f_dil + BN folded into the classifier, chunked, hand-written backward):
   logits, every gradient and the BN running statistics against ``classifier(temporal(h))``,
   train and eval mode, both paddings, chunk boundaries with remainders; fp64 to 1e-10 (the
-  arithmetic is the same, only reordered), fp32 under the parity rule of DESIGN.md.
+  arithmetic is the same, only reordered), fp32 under the parity rule of docs/streaming.md.
 - The model's CPU path (RTSED_KERNELS=auto: channels-last CNN + fast head) against
   RTSED_KERNELS=ref: logits, one optimizer step, and that the CNN really runs channels-last.
 """
@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rtsed import fast_head, ops
-from rtsed.model import build_model
+from rtsed.backends import cpu_head, dispatch
+from rtsed.models.model import build_model
 
-ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule (fp32)
+ATOL, RTOL = 1e-5, 1e-4  # the parity rule of docs/streaming.md (fp32)
 
 
 def assert_parity(actual, expected, what, atol=ATOL, rtol=RTOL):
@@ -53,12 +53,12 @@ def _head_pair(name, dtype, training, **overrides):
 @pytest.mark.parametrize("chunk_rows", [1, 700, 6144], ids=["rows1", "rows700", "default"])
 def test_head_matches_reference_fp64(monkeypatch, name, training, chunk_rows):
     """Values, all gradients and running statistics; frames (37) not a multiple of any chunk."""
-    monkeypatch.setattr(fast_head, "CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(cpu_head, "CHUNK_ROWS", chunk_rows)
     ref_model, fast_model = _head_pair(name, torch.float64, training, n_classes=5)
     h = torch.randn(3, 256, 37, 1, dtype=torch.float64)
     h_ref, h_fast = h.clone().requires_grad_(), h.clone().requires_grad_()
     expected = ref_model.classifier(ref_model.temporal(h_ref))
-    actual = fast_head.dilated_head(fast_model.temporal, fast_model.classifier, h_fast)
+    actual = cpu_head.dilated_head(fast_model.temporal, fast_model.classifier, h_fast)
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
     grad = torch.randn_like(expected)
     expected.backward(grad)
@@ -78,7 +78,7 @@ def test_head_fp32_parity(training):
     ref_model, fast_model = _head_pair("dnd_7_10", torch.float32, training)
     h = torch.randn(2, 256, 70, 1)
     expected = ref_model.classifier(ref_model.temporal(h))
-    actual = fast_head.dilated_head(fast_model.temporal, fast_model.classifier, h)
+    actual = cpu_head.dilated_head(fast_model.temporal, fast_model.classifier, h)
     assert_parity(actual, expected, "fp32 logits")
 
 
@@ -86,7 +86,7 @@ def test_head_without_input_grad_keeps_nothing():
     """Inference (no input needs a gradient): no r chunks are kept for a backward."""
     _, model = _head_pair("dnd_7_10", torch.float32, False)
     with torch.inference_mode():
-        out = fast_head.dilated_head(model.temporal, model.classifier, torch.randn(1, 256, 20, 1))
+        out = cpu_head.dilated_head(model.temporal, model.classifier, torch.randn(1, 256, 20, 1))
     assert out.shape == (1, 20, 16) and out.grad_fn is None
 
 
@@ -154,14 +154,14 @@ def test_cnn_runs_channels_last_on_cpu(monkeypatch):
     hook.remove()
     assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
     assert seen[1].is_contiguous()
-    assert ops.cpu_fast_path(x) is False  # ref asked for: no fast path
+    assert dispatch.cpu_fast_path(x) is False  # ref asked for: no fast path
 
 
 @pytest.mark.parametrize("name", ["dnd_7_10", "dnd_7_10_causal", "base", "dws"])
 def test_folded_streaming_matches_reference_offline(monkeypatch, name):
     """The streaming fast path (folded BNs, pool-then-affine, f_dil + classifier as two GEMMs over
     ring patches) against the plain reference model run offline, in uneven chunks with a flush."""
-    from rtsed.streaming import stream_logits
+    from rtsed.stream.model_stream import stream_logits
 
     torch.manual_seed(2)
     model = build_model(name, n_classes=7).eval()
@@ -178,7 +178,7 @@ def test_folded_streaming_matches_reference_offline(monkeypatch, name):
 def test_folded_weights_follow_parameter_updates():
     """The folded-weight cache is keyed on the parameters' versions: loading new weights (or an
     optimizer step) must change the streamed output, never serve stale folds."""
-    from rtsed.streaming import stream_logits
+    from rtsed.stream.model_stream import stream_logits
 
     torch.manual_seed(3)
     model = build_model("dnd_7_10_causal", n_classes=4).eval()
@@ -189,7 +189,7 @@ def test_folded_weights_follow_parameter_updates():
         model.temporal.bn.weight.mul_(-1.0)
         model.classifier.bias.add_(1.0)
     after = stream_logits(model, frames)
-    with torch.no_grad(), ops.forced_backend("ref"):
+    with torch.no_grad(), dispatch.forced_backend("ref"):
         expected = model(frames[None])[0]
     assert not torch.allclose(before, after)
     assert_parity(after, expected, "after the update")
@@ -201,7 +201,7 @@ def test_chunked_offline_inference_matches_reference(monkeypatch, name, chunk):
     """Offline inference on CPU runs the CNN in time chunks with a halo (zeroing frames outside
     the file after every block, as per-block zero padding does): equal to the reference model,
     chunk sizes that do and do not divide the length, halos that reach past both ends."""
-    from rtsed.model import SEDModel
+    from rtsed.models.model import SEDModel
 
     torch.manual_seed(4)
     model = build_model(name, n_classes=5).eval()
@@ -232,7 +232,7 @@ def test_eval_mode_with_autograd_matches_ref(name):
     grads = {}
     for backend in ("ref", "auto"):
         x_in = x.clone().requires_grad_(True)
-        with ops.forced_backend(backend):
+        with dispatch.forced_backend(backend):
             model(x_in).square().sum().backward()
         grads[backend] = x_in.grad
     assert_parity(grads["auto"], grads["ref"], "input gradient", atol=1e-10, rtol=1e-10)

@@ -24,9 +24,9 @@ import torch
 
 import train.fit as fit
 from rtsed import load_checkpoint
-from rtsed.allocator import find_allocator
+from rtsed.backends.allocator import find_allocator
 from rtsed.config import FrontendConfig, NormalizationStats
-from rtsed.frontend import LogMel
+from rtsed.audio.frontend import LogMel
 from train.features import SEQUENCE_FRAMES, FeatureCache, FileFeatures, SequenceDataset, normalization_stats
 from procedural import write_dcase_split  # tests/ is on sys.path (not a package)
 
@@ -369,7 +369,7 @@ def test_ddp_step_on_two_shards_equals_one_process_on_the_batch(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     res = torch.load(out, weights_only=True)
     assert res["world"] == 2
-    from rtsed.model import build_model
+    from rtsed.models.model import build_model
 
     sys.path.insert(0, str(REPO / "tests"))
     try:

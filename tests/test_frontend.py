@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtsed.config import FrontendConfig
-from rtsed.frontend import LogMel, LogMelStream, mel_filterbank
+from rtsed.audio.frontend import LogMel, LogMelStream, mel_filterbank
 
 try:  # a test dependency (pyproject's `test` extra); only the comparisons with it skip without it
     import librosa

@@ -44,10 +44,10 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _previous
 
-from rtsed import ops  # noqa: E402
-from rtsed.layers import DilatedTemporal  # noqa: E402
-from rtsed.model import build_model  # noqa: E402
-from rtsed.streaming import ModelStream  # noqa: E402
+from rtsed.backends import dispatch  # noqa: E402
+from rtsed.models.layers import DilatedTemporal  # noqa: E402
+from rtsed.models.model import build_model  # noqa: E402
+from rtsed.stream.model_stream import ModelStream  # noqa: E402
 
 ATOL, RTOL = 1e-5, 1e-4
 FP16_OUT, FP16_GRAD = 5e-3, 1e-2
@@ -349,7 +349,7 @@ def test_dispatch_in_a_model_eval_and_one_training_step(monkeypatch):
     results = {}
     for backend in ("ref", "triton"):
         monkeypatch.setenv("RTSED_KERNELS", backend)
-        assert ops.backend_for("dilated_temporal", x) == backend
+        assert dispatch.backend_for("dilated_temporal", x) == backend
         model = copy.deepcopy(base)
         with torch.no_grad():
             logits_eval = model.eval()(x)

@@ -35,7 +35,7 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _previous
 
-from rtsed.model import build_model  # noqa: E402
+from rtsed.models.model import build_model  # noqa: E402
 
 PARAMS = ("dw_weight", "dw_bias", "bn1_weight", "bn1_bias", "bn1_running_mean", "bn1_running_var",
           "pw_weight", "pw_bias", "bn2_weight", "bn2_bias", "bn2_running_mean", "bn2_running_var")

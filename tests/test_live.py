@@ -39,11 +39,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from rtsed import live
-from rtsed.checkpoint import load_checkpoint, save_checkpoint
+from rtsed.cli import live
+from rtsed.models.checkpoint import load_checkpoint, save_checkpoint
 from rtsed.config import DecoderConfig
-from rtsed.decode import DCASE_TSV_HEADER
-from rtsed.sources import CLIP_LEVEL
+from rtsed.serve.decode import DCASE_TSV_HEADER
+from rtsed.audio.sources import CLIP_LEVEL
 from procedural import write_dcase_split  # tests/ is on sys.path (not a package)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,7 +168,7 @@ def scene(tmp_path_factory) -> Path:
 
 def detect_rows(model: Path, audio: Path, tmp_path: Path) -> list[dict]:
     """``rtsed.detect AUDIO --model M --output TSV`` (in-process), parsed."""
-    from rtsed.detect import main as detect_main
+    from rtsed.cli.detect import main as detect_main
 
     out = tmp_path / f"{audio.stem}.detect.tsv"
     with contextlib.redirect_stderr(io.StringIO()):
@@ -302,7 +302,7 @@ def test_ctrl_c_closes_open_event_and_writes_every_file(detector, tmp_path):
     these are exactly rtsed.detect's events on the prefix of the file that was processed.
 
     The prefix: the closed event ends at the end of the last frame decoded, F = offset / hop
-    frames, which rtsed.detect gets from (F - 1) * hop + window samples (DESIGN.md's frame times).
+    frames, which rtsed.detect gets from (F - 1) * hop + window samples (docs/conventions.md's frame times).
     Tolerances: 1 ms against rtsed.detect; 0.35 s between the closed offset and the stream time
     estimated at the interrupt (realtime pacing, the ~0.2 s between an onset and its notice, and
     the 50 ms polling here)."""

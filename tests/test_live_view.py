@@ -35,12 +35,12 @@ import soundfile as sf
 import torch
 from rich.console import Console
 
-from rtsed import live
+from rtsed.cli import live
 from rtsed.config import DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig
-from rtsed.decode import OnsetNotice, SoundEvent
-from rtsed.engine import DetectionEngine
-from rtsed.frontend import mel_filterbank
-from rtsed.sources import ArraySource
+from rtsed.serve.decode import OnsetNotice, SoundEvent
+from rtsed.serve.engine import DetectionEngine
+from rtsed.audio.frontend import mel_filterbank
+from rtsed.audio.sources import ArraySource
 from test_engine import checkpoint, scene  # noqa: F401  (fixture; tests/ is on sys.path)
 
 RATE = 16000  # the model's
@@ -57,7 +57,7 @@ CLIPPED_SAMPLES = 3
 
 
 class BandModel:
-    """A stand-in model behind the stepper interface (rtsed.engine): class c's probability at
+    """A stand-in model behind the stepper interface (rtsed.serve.engine): class c's probability at
     frame t is sigmoid(logmel[t, band_c] - BIAS), band_c the mel band whose filter peaks at
     BAND_HZ[c]; output frame t comes out once frame t + LOOKAHEAD is in, as from a model with
     that lookahead, and frames from ``end()`` on are padding (never valid)."""

@@ -1,5 +1,5 @@
 """Tests for rtsed.metrics: hand-computed frame counts, the frame-ER == sed_eval one-frame-segment-ER
-cross-check that REFERENCE.md promises, small known cases for sed_eval's segment/event metrics,
+cross-check that docs/reference.md promises, small known cases for sed_eval's segment/event metrics,
 and PSDS scenario 1 on perfect and random scores."""
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def test_frame_probs_to_events_frame_time_convention():
 
 
 def rasterise(events, n_frames, hop_s, labels):
-    """Frame targets (T, C) with DESIGN.md's rule: cell [t*hop, (t+1)*hop) is active if the event
+    """Frame targets (T, C) with docs/conventions.md's rule: cell [t*hop, (t+1)*hop) is active if the event
     [onset, offset) overlaps it, i.e. t in [floor(onset/hop), ceil(offset/hop)). Times within 1e-6
     of a cell boundary are snapped onto it first, so that 7 * 0.02 counts as the boundary 7."""
     def cell(x):

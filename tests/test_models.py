@@ -1,4 +1,4 @@
-"""The paper's model grid: names, parameter counts (REFERENCE.md's table, to the unit), cost,
+"""The paper's model grid: names, parameter counts (docs/reference.md's table, to the unit), cost,
 layer order, lookahead and shapes."""
 
 import pytest
@@ -7,10 +7,10 @@ from torch import nn
 
 import rtsed
 from rtsed.config import ConfigError, ModelConfig
-from rtsed.layers import ConvBlock, DilatedTemporal, DWSBlock, GRUTemporal
-from rtsed.model import build_model, count_parameters, macs_per_frame
+from rtsed.models.layers import ConvBlock, DilatedTemporal, DWSBlock, GRUTemporal
+from rtsed.models.model import build_model, count_parameters, macs_per_frame
 
-# REFERENCE.md "Parameter counts": every row, to the unit. Dilation changes no count, and the
+# docs/reference.md "Parameter counts": every row, to the unit. Dilation changes no count, and the
 # causal variants have the same parameters as the paper's same-padded ones.
 PARAMETER_COUNTS = {
     "base": 3_684_368,
@@ -43,7 +43,7 @@ def test_parameter_count_matches_reference_table(name, padding):
 
 
 def test_parameter_count_pieces_match_reference():
-    """REFERENCE.md's pieces: f_cnn 3,285,504; f_dws 220,416; GRU 394,752; base classifier 4,112."""
+    """docs/reference.md's pieces: f_cnn 3,285,504; f_dws 220,416; GRU 394,752; base classifier 4,112."""
     base, dnd = build_model("base"), build_model("dnd_7_10")
     assert count_parameters(base.blocks) == 3_285_504
     assert count_parameters(dnd.blocks) == 220_416

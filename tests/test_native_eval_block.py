@@ -1,4 +1,4 @@
-"""rtsed.native.eval_block (the eval-mode CNN block kernels) against plain torch.
+"""rtsed.backends.native.eval_block (the eval-mode CNN block kernels) against plain torch.
 
 - Each wrapper against its torch formula: float64 to ~1e-12, float32 at the parity rule; sizes
   that leave partial register tiles (frequency tiles of 8 / 4 / 2 / 1 positions, channels past
@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rtsed.layers import ConvHistory, DWSBlock
-from rtsed.model import build_model
-from rtsed.native import eval_block
+from rtsed.models.layers import ConvHistory, DWSBlock
+from rtsed.models.model import build_model
+from rtsed.backends.native import eval_block
 
-ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule (fp32)
+ATOL, RTOL = 1e-5, 1e-4  # the parity rule of docs/streaming.md (fp32)
 
 
 def _tol(dtype):
@@ -229,7 +229,7 @@ def block_padded(block: DWSBlock, x: torch.Tensor) -> torch.Tensor:
 def test_model_offline_and_streaming_agree_with_the_torch_path(native_on, monkeypatch):
     """float32 dnd through the native kernels (offline in 256-frame chunks, and 16-frame
     streaming steps) against the same model with RTSED_NATIVE=0."""
-    from rtsed.streaming import stream_logits
+    from rtsed.stream.model_stream import stream_logits
 
     torch.manual_seed(0)
     model = build_model("dnd_7_10").eval()

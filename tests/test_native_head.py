@@ -1,11 +1,11 @@
-"""rtsed.native.head (the native kernels of rtsed.fast_head: its backward passes and its
+"""rtsed.backends.native.head (the native kernels of rtsed.backends.cpu_head: its backward passes and its
 eval-mode forward to logits) against plain torch.
 
 - Each wrapper against its torch formula: float64 to ~1e-12, float32 at the parity rule; sizes
   that leave partial register tiles (channels, classes, columns, frames per thread); results that
   must not depend on the thread count (patch_scatter, class_products, dL/dz itself) compared
   bit for bit at 1 and 2 threads.
-- fast_head.dilated_head with the kernels (RTSED_NATIVE on) and with the torch compositions
+- cpu_head.dilated_head with the kernels (RTSED_NATIVE on) and with the torch compositions
   (RTSED_NATIVE=0) against the reference composition ``classifier(temporal(h))`` and against each
   other: logits, every gradient (input, conv, BN, classifier) and BN's running statistics, train
   and eval, kernel 3/5/7, dilation 1 and > 1, stride 2/3, time chunks that split frames unevenly
@@ -19,13 +19,13 @@ import copy
 import pytest
 import torch
 
-from rtsed import fast_head
-from rtsed.layers import DilatedTemporal
-from rtsed.native import head as native_head
+from rtsed.backends import cpu_head
+from rtsed.models.layers import DilatedTemporal
+from rtsed.backends.native import head as native_head
 
-ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule (fp32)
+ATOL, RTOL = 1e-5, 1e-4  # the parity rule of docs/streaming.md (fp32)
 KERNELS = ("head_conv_relu_stats", "head_relu_grad", "head_conv_backward", "class_products_", "patch_scatter_")
-# What fast_head's float32/64 forward + backward run (head_relu_grad serves its bf16-GEMM variant).
+# What cpu_head's float32/64 forward + backward run (head_relu_grad serves its bf16-GEMM variant).
 NATIVE_PATH = {"head_conv_relu_stats", "head_conv_backward", "class_products_", "patch_scatter_"}
 
 
@@ -48,7 +48,7 @@ def test_head_relu_grad_matches_torch(native_on, dtype, batch, channels, n_class
     torch.manual_seed(0)
     r = torch.randn(frames * width, channels, dtype=dtype).clamp_min(0)  # ReLU output: many exact zeros
     g = torch.randn(frames, n_classes, dtype=dtype)
-    folded = torch.randn(n_classes, width * channels, dtype=dtype)  # (k, W C), as fast_head folds it
+    folded = torch.randn(n_classes, width * channels, dtype=dtype)  # (k, W C), as cpu_head folds it
     alpha, beta = (torch.randn(channels, dtype=dtype), torch.randn(channels, dtype=dtype)) if batch else (None, None)
     expected = (g @ folded).view(-1, channels)
     if batch:
@@ -93,14 +93,14 @@ GEOMETRIES = [  # kernel, dilation, stride, channels (width W = (channels - kern
 @pytest.mark.parametrize("kernel,dilation,stride,channels", GEOMETRIES)
 @pytest.mark.parametrize("batch,t0,t1", [(3, 0, 4), (1, 2, 9), (2, 5, 6)])
 def test_patch_scatter_matches_torch(native_on, dtype, kernel, dilation, stride, channels, batch, t0, t1):
-    """Against fast_head's torch col2im, which is checked against the reference composition."""
+    """Against cpu_head's torch col2im, which is checked against the reference composition."""
     torch.manual_seed(2)
     width = (channels - kernel) // stride + 1
     frames = 10
     dx = torch.randn(batch, frames + (kernel - 1) * dilation, channels, dtype=dtype)
     d_patches = torch.randn(batch * (t1 - t0) * width, kernel * kernel, dtype=dtype)
     expected = dx.clone()
-    fast_head._scatter_patch_grads(expected, d_patches, t0, t1, kernel, dilation, stride, width)
+    cpu_head._scatter_patch_grads(expected, d_patches, t0, t1, kernel, dilation, stride, width)
     native_head.patch_scatter_(dx, d_patches, t0, t1, kernel, dilation, stride, width)
     torch.testing.assert_close(dx, expected, **_tol(dtype))
 
@@ -114,7 +114,7 @@ def test_patch_scatter_is_the_transpose_of_dilated_patches(native_on):
     p = torch.randn(2 * (t1 - t0) * width, kernel * kernel, dtype=torch.float64)
     dx = torch.zeros_like(x)
     native_head.patch_scatter_(dx, p, t0, t1, kernel, dilation, stride, width)
-    lhs = (fast_head.dilated_patches(x, t0, t1, kernel, dilation, stride, width) * p).sum()
+    lhs = (cpu_head.dilated_patches(x, t0, t1, kernel, dilation, stride, width) * p).sum()
     torch.testing.assert_close((x * dx).sum(), lhs, rtol=1e-12, atol=1e-12)
 
 
@@ -135,7 +135,7 @@ def _conv_backward_case(batch, frames, channels_in, c_out, n_classes, kernel, di
     if train:
         dz = dz + alpha + beta * r
     dz = torch.where(r > 0, dz, torch.zeros_like(dz))
-    patches = fast_head.dilated_patches(x, t0, t1, kernel, dilation, stride, width)
+    patches = cpu_head.dilated_patches(x, t0, t1, kernel, dilation, stride, width)
     expected = (dz @ conv_weight.reshape(c_out, -1), dz.t() @ patches, dz.sum(0).double())
     args = (x, t0, t1, r, grad, folded_w, alpha, beta, native_head.padded_conv_weight(conv_weight), kernel, dilation,
             stride)
@@ -181,7 +181,7 @@ def test_head_conv_relu_stats_matches_torch(native_on, dtype, batch, frames, cha
     x = torch.randn(batch, t1 + (kernel - 1) * dilation + 1, channels_in, generator=g, dtype=dtype)
     weight = torch.randn(c_out, 1, kernel, kernel, generator=g, dtype=dtype)
     bias = torch.randn(c_out, generator=g, dtype=dtype)
-    patches = fast_head.dilated_patches(x, t0, t1, kernel, dilation, stride, width)
+    patches = cpu_head.dilated_patches(x, t0, t1, kernel, dilation, stride, width)
     expected = (patches @ weight.reshape(c_out, -1).t() + bias).clamp_min(0)
     out = torch.full((batch * frames * width, c_out), float("nan"), dtype=dtype)
     total, squares = native_head.head_conv_relu_stats(x, t0, t1, native_head.taps_major_conv(weight, bias), kernel,
@@ -282,7 +282,7 @@ def _run(model, h, grad, path, monkeypatch):
         logits = model["classifier"](model["temporal"](h))
     else:
         monkeypatch.setenv("RTSED_NATIVE", "1" if path == "native" else "0")
-        logits = fast_head.dilated_head(model["temporal"], model["classifier"], h)
+        logits = cpu_head.dilated_head(model["temporal"], model["classifier"], h)
     logits.backward(grad)
     assert set(calls) == (NATIVE_PATH if path == "native" else set()), f"{path} path called {set(calls)}"
     grads = {name: p.grad for name, p in model.named_parameters()}
@@ -308,7 +308,7 @@ def test_head_native_and_torch_match_reference_fp64(native_on, monkeypatch, kern
                                                     training, chunk_rows):
     """Frames (37) split unevenly into chunks; chunk_rows 1 leaves fewer frames per chunk than
     the kernels' register blocks, 400 several blocks and a remainder per thread."""
-    monkeypatch.setattr(fast_head, "CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(cpu_head, "CHUNK_ROWS", chunk_rows)
     model = _head(kernel, dilation, stride, channels, 5, torch.float64, training, causal=kernel == 5)
     h = torch.randn(3, channels, 37, 1, dtype=torch.float64)
     grad = torch.randn(3, 37, 5, dtype=torch.float64)
@@ -324,7 +324,7 @@ def test_head_native_and_torch_match_reference_fp64(native_on, monkeypatch, kern
 def test_head_native_dnd_geometry_fp64(native_on, monkeypatch, training):
     """dnd_7_10's f_dil (256 channels, K 7, d 10, S 3: W 84) and 16 classes: the kernels' full
     register tiles, against the reference."""
-    monkeypatch.setattr(fast_head, "CHUNK_ROWS", 1500)  # 5 frames of 2 x 84 rows: 45 splits 9 ways
+    monkeypatch.setattr(cpu_head, "CHUNK_ROWS", 1500)  # 5 frames of 2 x 84 rows: 45 splits 9 ways
     model = _head(7, 10, 3, 256, 16, torch.float64, training, causal=False)
     h = torch.randn(2, 256, 45, 1, dtype=torch.float64)
     grad = torch.randn(2, 45, 16, dtype=torch.float64)
@@ -429,12 +429,12 @@ def test_eval_inference_runs_head_logits(native_on, monkeypatch, kernel, dilatio
     monkeypatch.setattr(native_head, "head_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         expected = model["classifier"](model["temporal"](h))
-        got = fast_head.dilated_head(model["temporal"], model["classifier"], h)
+        got = cpu_head.dilated_head(model["temporal"], model["classifier"], h)
         assert len(calls) == 1
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
         monkeypatch.setenv("RTSED_NATIVE", "0")
-        torch.testing.assert_close(fast_head.dilated_head(model["temporal"], model["classifier"], h), expected,
+        torch.testing.assert_close(cpu_head.dilated_head(model["temporal"], model["classifier"], h), expected,
                                    rtol=1e-12, atol=1e-12)
     monkeypatch.setenv("RTSED_NATIVE", "1")
-    fast_head.dilated_head(model["temporal"], model["classifier"], h.requires_grad_()).sum().backward()
+    cpu_head.dilated_head(model["temporal"], model["classifier"], h.requires_grad_()).sum().backward()
     assert len(calls) == 1 and h.grad is not None

@@ -1,4 +1,4 @@
-"""ONNX export and the onnxruntime backend: parity with torch (DESIGN.md's rule on logits),
+"""ONNX export and the onnxruntime backend: parity with torch (docs/streaming.md's parity rule on logits),
 offline and streamed over many chunks of varying size, and clear errors for bad files/states."""
 
 import json
@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import rtsed
-from rtsed import ops
+from rtsed.backends import dispatch
 from rtsed.config import DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
-from rtsed.export import ExportError, StepGraph, export_onnx, main as export_main, steady_step_model
-from rtsed.layers import DilatedTemporal
-from rtsed.onnx_backend import OnnxModelError, OnnxOffline, OnnxStream
+from rtsed.cli.export import main as export_main
+from rtsed.stream.onnx_export import ExportError, StepGraph, export_onnx, steady_step_model
+from rtsed.models.layers import DilatedTemporal
+from rtsed.stream.onnx_runtime import OnnxModelError, OnnxOffline, OnnxStream
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -341,7 +342,7 @@ def test_step_graph_either_sign_of_bn_scale(tmp_path, signs):
                 block.bn.weight[::3] *= -1
     step = export_onnx(model, config, tmp_path / "step.onnx", streaming=True)
     logmel = raw_logmel(config, 120, seed=5)
-    with ops.forced_backend("ref"):
+    with dispatch.forced_backend("ref"):
         ref = torch_logits(model, config, logmel)[0]
     stream = OnnxStream(step)
     parts = [stream.push(logmel[0, i:i + 16]) for i in range(0, 120, 16)]

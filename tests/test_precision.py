@@ -1,4 +1,4 @@
-"""--precision bf16 at inference (rtsed.precision): the GEMMs in bf16 under CPU autocast, the rest
+"""--precision bf16 at inference (rtsed.backends.precision): the GEMMs in bf16 under CPU autocast, the rest
 float32. Checked against fp32 at bf16's accuracy (not the fp32 parity rule: bf16 keeps 8 bits of
 mantissa), for the offline model, the streaming step and the tools' stepper; and that bf16 is
 refused where it has not been built or measured (onnxruntime, CUDA) with a message naming the fix.
@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import rtsed.layers as layers
-from rtsed import precision
-from rtsed.engine import make_stepper
-from rtsed.model import build_model
-from rtsed.streaming import ModelStream
+import rtsed.backends.cpu as cpu
+from rtsed.backends import precision
+from rtsed.serve.engine import make_stepper
+from rtsed.models.model import build_model
+from rtsed.stream.model_stream import ModelStream
 
 # tests/ is not a package: pytest puts this folder on sys.path, so the engine tests' fixture is shared.
 from test_engine import checkpoint  # noqa: F401  (fixture)
@@ -34,19 +34,19 @@ def _model(seed=0):
 def bf16_calls(monkeypatch):
     """Counts the GEMMs that ran with bf16 operands."""
     calls = []
-    real = layers._bf16_operands
-    monkeypatch.setattr(layers, "_bf16_operands", lambda w, b: calls.append(tuple(w.shape)) or real(w, b))
+    real = cpu._bf16_operands
+    monkeypatch.setattr(cpu, "_bf16_operands", lambda w, b: calls.append(tuple(w.shape)) or real(w, b))
     return calls
 
 
 def test_fused_linear_in_bf16_under_autocast(bf16_calls):
     x, w, b = torch.randn(640, 256), torch.randn(256, 256) / 16, torch.randn(256)
     exact = torch.relu(x.double() @ w.double().t() + b.double())
-    fp32 = layers.fused_linear(x, w, b, "relu")
+    fp32 = cpu.fused_linear(x, w, b, "relu")
     with precision.autocast("bf16"):
-        bf16 = layers.fused_linear(x, w, b, "relu")
+        bf16 = cpu.fused_linear(x, w, b, "relu")
     assert bf16.dtype == torch.float32 and bf16_calls == [(256, 256)]
-    if layers._MKLDNN_LINEAR is None:
+    if cpu._MKLDNN_LINEAR is None:
         pytest.skip("this torch has no oneDNN linear: fp32 runs either way")
     bf16_error = (bf16.double() - exact).abs().max().item()
     assert (fp32.double() - exact).abs().max().item() < 1e-4 < bf16_error < 5e-2  # bf16's rounding, no worse
@@ -54,11 +54,11 @@ def test_fused_linear_in_bf16_under_autocast(bf16_calls):
 
 def test_bf16_weights_are_converted_once_and_refreshed_after_a_change():
     w, b = torch.randn(64, 32), torch.randn(64)
-    first = layers._bf16_operands(w, b)
-    assert layers._bf16_operands(w, b)[0] is first[0]
+    first = cpu._bf16_operands(w, b)
+    assert cpu._bf16_operands(w, b)[0] is first[0]
     with torch.no_grad():
         w.mul_(2)  # an optimizer step or a checkpoint load changes the weight in place
-    refreshed = layers._bf16_operands(w, b)
+    refreshed = cpu._bf16_operands(w, b)
     assert refreshed[0] is not first[0]
     torch.testing.assert_close(refreshed[0].float(), (w).to(torch.bfloat16).float())
 

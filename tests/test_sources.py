@@ -25,9 +25,9 @@ import pytest
 import soundfile as sf
 import soxr
 
-from rtsed import sources
-from rtsed.audio_io import AudioFileError, read_audio
-from rtsed.sources import (
+from rtsed.audio import sources
+from rtsed.audio.files import AudioFileError, read_audio
+from rtsed.audio.sources import (
     CLIP_LEVEL,
     ArraySource,
     AudioDeviceError,

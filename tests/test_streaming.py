@@ -1,7 +1,7 @@
-"""Streaming == offline (DESIGN.md's streaming contract and parity rule), tested, not hoped for.
+"""Streaming == offline (the streaming contract and parity rule of docs/streaming.md), tested, not hoped for.
 
 Every model family (base, dws, dil_K_d, dnd_K_d) in both paddings, small and large dilations,
-is streamed through ``rtsed.streaming.ModelStream`` in random chunkings (1-frame chunks, odd sizes,
+is streamed through ``rtsed.stream.model_stream.ModelStream`` in random chunkings (1-frame chunks, odd sizes,
 one whole chunk, chunks longer than ``max_step_frames``) and compared with the offline forward
 ``model(x[None])[0]`` under the parity rule |a - b| <= 1e-5 + 1e-4 |b| on logits.
 
@@ -26,12 +26,13 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from rtsed.config import DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
-from rtsed import ops
-from rtsed.layers import DilatedTemporal, FrameRing, fused_linear
-from rtsed.model import SEDModel, build_model
-from rtsed.streaming import ModelStream
+from rtsed.backends import dispatch
+from rtsed.backends.cpu import fused_linear
+from rtsed.models.layers import DilatedTemporal, FrameRing
+from rtsed.models.model import SEDModel, build_model
+from rtsed.stream.model_stream import ModelStream
 
-ATOL, RTOL = 1e-5, 1e-4  # DESIGN.md's parity rule, fp32 logits
+ATOL, RTOL = 1e-5, 1e-4  # the parity rule of docs/streaming.md, fp32 logits
 SMALL = {"channels": 32}  # narrow models for broad sweeps (dil_kernel <= channels holds for K <= 7)
 N_MELS = 40
 
@@ -330,7 +331,7 @@ def test_batched_independent_streams(name, data):
 def test_lookahead_and_latency_paper_model():
     config = DetectorConfig(model=ModelConfig.from_name("dnd_7_10"))  # FrontendConfig defaults
     assert config.frontend.sample_rate_hz == 44100 and config.frontend.hop_samples == 882
-    from rtsed.detector import Detector
+    from rtsed.serve.detector import Detector
 
     det = Detector(config)
     assert det.model.lookahead_frames == 36 == config.model.lookahead_frames
@@ -480,7 +481,7 @@ def test_fast_step_matches_reference(monkeypatch, name, signs, native_kernels):
     in the benchmarked 1- and 16-frame steps and an odd mix, flushed. "nonnegative": every BN
     scale a >= 0, so each block pools before its ReLU and affine; "mixed": the sign trick. The
     d = 100 model's ring window wraps round the ring's end (and reads it in place otherwise).
-    Both with rtsed.native's forward kernels (f_dil + classifier in one pass) and without them
+    Both with rtsed.backends.native's forward kernels (f_dil + classifier in one pass) and without them
     (RTSED_NATIVE=0: the torch GEMMs)."""
     monkeypatch.setenv("RTSED_NATIVE", native_kernels)
     model = build_model(name, n_classes=8)
@@ -492,7 +493,7 @@ def test_fast_step_matches_reference(monkeypatch, name, signs, native_kernels):
                     m.weight.abs_()
     model.eval()
     x = signal(170, seed=3)
-    with ops.forced_backend("ref"):
+    with dispatch.forced_backend("ref"):
         expected = offline(model, x)
     assert_varies(expected, name)
     for chunks, max_step in (([1] * 50, 64), ([16] * 12, 16), ([7, 1, 16, 33, 2, 40], 16)):
@@ -584,7 +585,7 @@ def test_rejects_wrong_shapes():
 
 
 def _small_detector(name: str):
-    from rtsed.detector import Detector
+    from rtsed.serve.detector import Detector
 
     g = torch.Generator().manual_seed(5)
     norm = NormalizationStats(mean=tuple((torch.randn(N_MELS, generator=g) * 2 - 8).tolist()),

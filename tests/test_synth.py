@@ -1,4 +1,4 @@
-"""Scene synthesis from procedurally made clip pools (one test also uses ../shared/data when present)."""
+"""Scene synthesis from procedurally made clip pools (one test also uses the shared ESC-10 data, RTSED_SHARED_DATA, when present)."""
 
 from __future__ import annotations
 
@@ -216,7 +216,7 @@ def test_cli_runs_and_output_loads(pools, tmp_path, capsys):
     assert exit_info.value.code == 2 and "no clips" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (SHARED / "esc10" / "meta.csv").is_file(), reason="../shared/data/esc10 not present")
+@pytest.mark.skipif(not (SHARED / "esc10" / "meta.csv").is_file(), reason="the shared esc10 data set (RTSED_SHARED_DATA) is not present")
 def test_real_clips_permitted_licences_only(tmp_path):
     distractors = SHARED / "esc50-fold4"
     cfg = SynthConfig(pool=str(SHARED / "esc10"), distractors=str(distractors) if distractors.is_dir() else None,

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtsed.config import DecoderConfig
-from rtsed.decode import decode_offline
+from rtsed.serve.decode import decode_offline
 from train.annotations import Event
 from train.tune import (
     COLLAR_S,

@@ -10,7 +10,7 @@ sample, in the file named ``filename``. Two on-disk formats:
 - **TUT-SED 2016** annotation files: one event per line, ``onset_s offset_s label`` separated by
   whitespace; the file name is implied by the annotation file.
 
-Frame targets follow DESIGN.md's frame-time convention: frame t's label cell is
+Frame targets follow the frame-time convention of docs/conventions.md: frame t's label cell is
 ``[t*hop_s, (t+1)*hop_s)`` and an event activates every cell it overlaps.
 
 Every reader validates and raises :class:`AnnotationError` naming the file and line.

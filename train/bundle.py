@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtsed.bundled import BUNDLED_DIR
-from rtsed.checkpoint import load_checkpoint, save_checkpoint
+from rtsed.models.bundled import BUNDLED_DIR
+from rtsed.models.checkpoint import load_checkpoint, save_checkpoint
 
 
 def measure_compute(checkpoint_path: Path, backend: str, seconds: float = 20.0, frames_per_step: int = 4) -> float:
     """Milliseconds of compute per 20 ms hop, one stream, one thread, on a noise signal."""
-    from rtsed.engine import DetectionEngine, make_stepper
+    from rtsed.serve.engine import DetectionEngine, make_stepper
 
     stepper, config, _ = make_stepper(checkpoint_path, backend, threads=1)
     engine = DetectionEngine(stepper, config, frames_per_step=frames_per_step)

@@ -10,13 +10,13 @@ evaluation reuses training's features), the checkpoint's normalisation, one mode
 full sequence, sigmoid. The checkpoint's labels define the columns; a reference event whose label
 is not among them is an error naming the file and the label.
 
-Scores (REFERENCE.md "Metrics"; every one is reported with its parameters):
+Scores (docs/reference.md "Metrics"; every one is reported with its parameters):
 
 * frame-wise F1 and ER of the paper (micro over every frame of every file, ``p >= threshold``);
 * segment-based F1/ER on 1 s segments and event-based F1/ER with a 200 ms onset-only collar
   (sed_eval), from events decoded by a plain threshold (runs of active frames; no hysteresis,
   minimum duration or smoothing) and, as a last operating point, from the live decoder
-  (rtsed.decode with the checkpoint's thresholds, minimum durations and smoothing: the events a
+  (rtsed.serve.decode with the checkpoint's thresholds, minimum durations and smoothing: the events a
   user of rtsed.live or rtsed.detect gets);
 * PSDS scenarios 1 and 2 (sed_scores_eval; threshold-independent);
 * a per-class table of all of them.
@@ -44,12 +44,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from rtsed.allocator import ensure_caching_allocator
-from rtsed.audio_io import AudioFileError
-from rtsed.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from rtsed.backends.allocator import ensure_caching_allocator
+from rtsed.audio.files import AudioFileError
+from rtsed.models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from rtsed.config import ConfigError, DecoderConfig
-from rtsed.decode import decode_offline
-from rtsed.detector import Detector
+from rtsed.serve.decode import decode_offline
+from rtsed.serve.detector import Detector
 from rtsed.metrics import (
     event_scores,
     frame_probs_to_events,
@@ -58,7 +58,7 @@ from rtsed.metrics import (
     psds,
     segment_scores,
 )
-from rtsed.model import count_parameters
+from rtsed.models.model import count_parameters
 from train.annotations import AnnotationError, Event, events_to_frame_targets
 from train.datasets import DatasetError, audio_info
 from train.false_alarms import FalseAlarmError
@@ -192,7 +192,7 @@ def _clean(value: Any) -> Any:
 
 def _decoded_activity(outputs: list[FileOutput], labels: Sequence[str], hop_s: float,
                       decoder: DecoderConfig) -> tuple[list[np.ndarray], list[tuple]]:
-    """The live decoder on whole files (``rtsed.decode.decode_offline``: hysteresis, minimum
+    """The live decoder on whole files (``rtsed.serve.decode.decode_offline``: hysteresis, minimum
     event and gap durations, smoothing, as the checkpoint configures them): per-file frame
     activity (T, C) in {0, 1} and the (file, onset, offset, label) events."""
     activity, estimated = [], []
@@ -223,7 +223,7 @@ def _score_point(outputs: list[FileOutput], labels: Sequence[str], hop_s: float,
     else:
         probs, estimated = _decoded_activity(outputs, labels, hop_s, decoder)
         threshold = 0.5  # on the decoder's 0/1 activity
-        decode_note = (f"the live decoder (rtsed.decode): on {list(decoder.on_thresholds) or 0.5}, "
+        decode_note = (f"the live decoder (rtsed.serve.decode): on {list(decoder.on_thresholds) or 0.5}, "
                        f"off {list(decoder.off_thresholds) or 'on'}, min event {_per_class_text(decoder.min_event_s)} s, "
                        f"min gap {_per_class_text(decoder.min_gap_s)} s, "
                        f"median smoothing {_per_class_text(decoder.smoothing_frames)} frames")
@@ -243,7 +243,7 @@ def _score_point(outputs: list[FileOutput], labels: Sequence[str], hop_s: float,
         "decode": decode_note,
         "n_estimated_events": len(estimated),
         "frame": {**_clean(frame.to_dict()), "params": _clean(
-            {**frame.params, "definition": "REFERENCE.md Metrics (Cakir et al. 2017): micro F1 over "
+            {**frame.params, "definition": "docs/reference.md Metrics (Cakir et al. 2017): micro F1 over "
              "frame x class cells; ER = (S + D + I) / N per frame"})},
         "segment": {**_clean(seg), "params": _clean({**seg.params, "decode": decode_note})},
         "event": {**_clean(ev), "params": _clean({**ev.params, "decode": decode_note})},
@@ -523,7 +523,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0, or 2 for bad input with a one-line reason)."""
     args = build_parser().parse_args(argv)
-    if argv is None:  # as a command: whole-file forwards allocate big tensors (see rtsed.allocator)
+    if argv is None:  # as a command: whole-file forwards allocate big tensors (see rtsed.backends.allocator)
         ensure_caching_allocator()
     try:
         run(args)

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from rtsed.checkpoint import Checkpoint
-from rtsed.decode import decode_offline
-from rtsed.detector import Detector
+from rtsed.models.checkpoint import Checkpoint
+from rtsed.serve.decode import decode_offline
+from rtsed.serve.detector import Detector
 from train.inference import InMemoryFeatures, file_logits
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".aifc", ".au", ".mp3", ".opus"}

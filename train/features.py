@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rtsed.audio_io import read_audio
+from rtsed.audio.files import read_audio
 from rtsed.config import FrontendConfig, NormalizationStats
-from rtsed.frontend import LogMel
+from rtsed.audio.frontend import LogMel
 from train.annotations import Event, events_to_frame_targets
 
 SEQUENCE_FRAMES = 1024  # the paper's T

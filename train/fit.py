@@ -1,6 +1,6 @@
 """``python -m train.fit``: train any model of the paper's grid; writes a checkpoint.
 
-Defaults are the paper's recipe (REFERENCE.md): BCE with logits, Adam lr 1e-3 (default betas,
+Defaults are the paper's recipe (docs/reference.md): BCE with logits, Adam lr 1e-3 (default betas,
 no weight decay, no schedule), batch 16 sequences of 1024 frames, at most 300 epochs, keep the
 weights of the lowest validation loss, stop after 30 epochs without improvement.
 
@@ -33,13 +33,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from rtsed.allocator import ensure_caching_allocator, loaded_allocator
-from rtsed.audio_io import AudioFileError
-from rtsed.checkpoint import atomic_torch_save, save_checkpoint
+from rtsed.backends.allocator import ensure_caching_allocator, loaded_allocator
+from rtsed.audio.files import AudioFileError
+from rtsed.models.checkpoint import atomic_torch_save, save_checkpoint
 from rtsed.config import ConfigError, DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig
 from rtsed.metrics import frame_scores
-from rtsed.model import SEDModel, count_parameters
-from rtsed.precision import PRECISIONS, cpu_has_bf16_gemm
+from rtsed.models.model import SEDModel, count_parameters
+from rtsed.backends.precision import PRECISIONS, cpu_has_bf16_gemm
 from train.annotations import AnnotationError
 from train.data_sources import open_dataset
 from train.datasets import DatasetError
@@ -121,8 +121,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     Returns the batch's mean loss (over the whole global batch under DDP).
 
     precision "bf16" runs the forward under ``torch.autocast(device, bfloat16)``: on the CPU the
-    fast paths then run their big GEMMs in bf16 with float32 accumulation (rtsed.fast_block,
-    rtsed.fast_head) and keep everything else (BN statistics, activations, gradients, weights,
+    fast paths then run their big GEMMs in bf16 with float32 accumulation (rtsed.backends.cpu_block,
+    rtsed.backends.cpu_head) and keep everything else (BN statistics, activations, gradients, weights,
     Adam) in float32; the loss is computed in float32.
 
     Under DDP the backward averages gradients over the W processes, so each process scales its
@@ -150,7 +150,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
 
 @torch.no_grad()
 def validate(model: SEDModel, data: SequenceDataset, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Mean validation loss and frame-wise F1/ER (REFERENCE.md's definitions, threshold 0.5)."""
+    """Mean validation loss and frame-wise F1/ER (docs/reference.md's definitions, threshold 0.5)."""
     model.eval()
     loss_sum, weight = 0.0, 0.0
     probs, targets = [], []

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtsed.audio_io import read_audio
+from rtsed.audio.files import read_audio
 from rtsed.config import FrontendConfig
-from rtsed.detector import Detector
-from rtsed.frontend import LogMel
+from rtsed.serve.detector import Detector
+from rtsed.audio.frontend import LogMel
 
 
 class InMemoryFeatures:

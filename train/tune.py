@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rtsed.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from rtsed.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from rtsed.config import DecoderConfig
-from rtsed.decode import decode_offline
+from rtsed.serve.decode import decode_offline
 
 ON_GRID = tuple(round(x, 2) for x in np.arange(0.10, 0.91, 0.05))
 OFF_DROPS = (0.0, 0.1, 0.2, 0.3)  # off = on - drop (hysteresis width)

@@ -1,0 +1,2 @@
+"""Audio in: sources (microphone, file, array; ring buffer, resampling to the model's rate), file
+reading, and the log-mel front end (offline and streaming)."""

@@ -1,0 +1,34 @@
+"""``python -m rtsed.export --model X.pt --out X.onnx [--streaming]``: export a checkpoint to ONNX
+(the offline graph, or the streaming step graph) and check it against torch with onnxruntime."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rtsed.models.checkpoint import CheckpointError, load_checkpoint
+from rtsed.stream.onnx_export import OPSET, ExportError, export_onnx
+from rtsed.stream.onnx_runtime import check_against_torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rtsed.export", description="Export a checkpoint to ONNX.")
+    p.add_argument("--model", required=True, help="checkpoint path (.pt)")
+    p.add_argument("--out", required=True, help="output .onnx path")
+    p.add_argument("--streaming", action="store_true", help="export the streaming step graph")
+    p.add_argument("--opset", type=int, default=OPSET)
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch check after export")
+    args = p.parse_args(argv)
+    try:
+        ckpt = load_checkpoint(args.model)
+        out = export_onnx(ckpt.model, ckpt.config, args.out, streaming=args.streaming, opset=args.opset)
+    except (CheckpointError, ExportError) as exc:
+        print(f"rtsed.export: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {'step' if args.streaming else 'offline'} graph, "
+          f"{ckpt.config.model.name}, {len(ckpt.config.labels)} classes)")
+    if not args.no_check:
+        worst = check_against_torch(out, ckpt.model)
+        print(f"onnxruntime vs torch on random input: max |diff| of logits {worst:.2e}")
+    return 0
+

@@ -1,0 +1,586 @@
+"""The paper's layers, each with one offline forward and one streaming step that share their arithmetic.
+
+Tensor layout follows the paper's code: (B, C, T, F) with time on axis 2 and frequency on axis 3.
+
+Streaming (the streaming contract, docs/streaming.md): every layer that looks across time keeps the past
+input frames it still needs in a small state object allocated once by ``init_state`` and updated in
+place by ``step``. A "same"-padded time convolution is run as a causal one; its output is the
+offline output delayed by the right padding, and the caller (``rtsed.stream.model_stream.ModelStream``)
+handles that delay by masking frames that fall outside the stream. The layers here know nothing of
+stream positions: they only turn new input frames into the same number of new output frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rtsed import ops
+from rtsed.backends.cpu import _relu_owned, conv2d_like_input, fused_linear, one_channel_patches
+from rtsed.backends.dispatch import eval_fast_path, native_eval
+from rtsed.backends.native import eval_block
+from rtsed.backends.native import head as native_head
+
+
+# ----------------------------------------------------------------------------------------------
+# Frequency blocks: f_cnn and f_dws
+# ----------------------------------------------------------------------------------------------
+
+
+def folded_cache(module: nn.Module, name: str, sources: list[Tensor], compute):
+    """``compute()`` (folded weights), cached on the module while its sources are unchanged.
+
+    A streaming step at one frame is short enough that re-folding BN into the weights each
+    call (a 256 x 256 product per block) was a fifth of its time. The key is each source's
+    storage and in-place version counter, so loading a checkpoint or an optimizer step
+    invalidates it. Not cached while autograd records through the sources: gradients must
+    then flow through the folding."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+        return compute()
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    cache = module.__dict__.setdefault("_folded_cache", {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    # Folded in full precision whatever autocast is on (--precision bf16 inference would fold
+    # products such as W @ shift in bf16, and the cache would keep them for fp32 calls too).
+    with torch.autocast("cpu", enabled=False):
+        value = compute()
+    cache[name] = (key, value)
+    return value
+
+
+def bn_sources(bn: nn.BatchNorm2d) -> list[Tensor]:
+    return [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+
+
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm as a per-channel affine y = scale * x + shift (running statistics)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+
+@dataclass
+class ConvHistory:
+    """The last ``K - 1`` input frames of a K-tap time convolution: (B, C_in, K - 1, F).
+
+    Zeros at the start of a stream are exactly the left zero padding of the offline convolution.
+    Kept by concatenation rather than a ring: K - 1 = 4 frames is a constant, and the
+    concatenated window feeds one stock conv2d call.
+    """
+
+    frames: Tensor
+
+    def reset(self, streams: Tensor | None = None) -> None:
+        if streams is None:
+            self.frames.zero_()
+        else:
+            self.frames[streams] = 0
+
+
+class FrequencyBlock(nn.Module):
+    """One CNN block: time-frequency conv (K x K) -> ReLU -> BatchNorm -> max-pool over frequency
+    (1, P) -> Dropout2d. Subclasses define the conv part (``conv_valid_time``); ``valid_time``
+    runs the whole block on time-padded input, and is what a fused kernel replaces.
+
+    x: (B, C_in, T, F) -> (B, C_out, T, F // P). Frequency is zero-padded by K // 2 on each side;
+    time by ``K - 1 - right_pad`` on the left and ``right_pad`` on the right (K // 2 on each side
+    for "same", K - 1 on the left for "causal").
+    """
+
+    separable = False  # DWSBlock: depthwise-separable (the ops dispatch on it)
+
+    def __init__(self, c_out: int, kernel: int, pool: int, dropout: float, right_pad: int):
+        super().__init__()
+        if not 0 <= right_pad <= kernel - 1:
+            raise ValueError(f"right_pad {right_pad} outside [0, {kernel - 1}]")
+        self.kernel = kernel
+        self.context_frames = kernel - 1
+        self.right_pad = right_pad
+        self.bn = nn.BatchNorm2d(c_out)
+        self.pool = nn.MaxPool2d(kernel_size=(1, pool), stride=(1, pool))
+        self.dropout = nn.Dropout2d(dropout)
+
+    def conv_valid_time(self, x: Tensor) -> Tensor:
+        """(B, C_in, T + K - 1, F) -> (B, C_out, T, F): the convolution part, no time padding."""
+        raise NotImplementedError
+
+    def post(self, y: Tensor) -> Tensor:
+        """ReLU -> BN -> pool -> dropout, per frame (the paper's order: ReLU before BN)."""
+        return self.dropout(self.pool(self.bn(F.relu(y))))
+
+    def valid_time(self, x: Tensor, history: Tensor | None = None) -> Tensor:
+        """(B, C_in, T + K - 1, F) time-padded input -> (B, C_out, T, F // P): the whole block,
+        through rtsed.ops (reference, folded eval path on CPU, or a fused kernel).
+
+        history: None, or a streaming block's state (B, C_in, K - 1, F), the input frames that
+        precede x: the block then runs on cat(history, x) and advances history in place to that
+        window's last K - 1 frames. The native eval kernels do both without building the window."""
+        if history is None:
+            return ops.frequency_block(self, x)
+        if eval_fast_path(self, x) and self.native_eval_applies(x):
+            return self.native_folded_valid_time(x, history, advance_history=True)
+        window = torch.cat([history, x], dim=2)
+        if self.context_frames:
+            history.copy_(window[:, :, window.shape[2] - self.context_frames:])
+        return ops.frequency_block(self, window)
+
+    def conv_folded(self, x: Tensor) -> Tensor:
+        """Eval mode: the conv part with every BN before the output ReLU folded in. Works in x's
+        memory format: channels-last on the CPU, offline and streaming alike (the streaming
+        histories are kept channels-last there: 5 % faster per 16-frame dnd_7_10 step than NCHW
+        histories, the same for base)."""
+        raise NotImplementedError
+
+    def folded_valid_time(self, x: Tensor) -> Tensor:
+        """Eval-mode fast path, equal to ``post(conv_valid_time(x))`` up to rounding: BNs
+        folded, and the output BN (after ReLU, a per-channel affine y = a r + b) applied after
+        the max-pool, on 1/P of the values: max_p(a r_p + b) = |a| max_p(sign(a) r_p) + b holds
+        for either sign of a. Dropout is off in eval.
+
+        With a >= 0 in every channel (trained models here: the sign path is for the others) the
+        ReLU moves after the pool too, max_p(a relu(y_p) + b) = a relu(max_p y_p) + b, leaving
+        one full-resolution pass (the pool) instead of three. On a channels-last y the pool is a
+        max over groups of P rows of its (B, T, F, C) view. Traced for ONNX, the ReLU stays
+        before the pool (onnxruntime fuses it into the conv) and the affine is a depthwise 1x1
+        Conv (one node instead of Mul and Add).
+
+        Where rtsed.backends.native.eval_block's kernels apply, ``native_folded_valid_time`` runs instead
+        (the same arithmetic in three passes, the pointwise GEMM still oneDNN's)."""
+        if self.native_eval_applies(x):
+            return self.native_folded_valid_time(x)
+        sign, magnitude, shift, nonnegative = folded_cache(self, "post", bn_sources(self.bn), self._pool_affine)
+        y = self.conv_folded(x)
+        if not nonnegative:
+            pooled = F.max_pool2d(F.relu(y) * sign, self.pool.kernel_size, self.pool.stride)
+            return torch.addcmul(shift, pooled, magnitude)
+        if torch.jit.is_tracing():
+            pooled = F.max_pool2d(F.relu(y), self.pool.kernel_size, self.pool.stride)
+            return F.conv2d(pooled, magnitude[:, :, :, None], shift.view(-1), groups=magnitude.shape[0])
+        rows = y.permute(0, 2, 3, 1)  # (B, T, F, C)
+        if not rows.is_contiguous():
+            pooled = _relu_owned(F.max_pool2d(y, self.pool.kernel_size, self.pool.stride))
+            return torch.addcmul(shift, pooled, magnitude)
+        p = self.pool.kernel_size[1]
+        f = rows.shape[2] // p * p  # floor: the last F mod P frequencies are dropped
+        pooled = _relu_owned(rows[:, :, :f].unflatten(2, (-1, p)).amax(3))  # (B, T, F // P, C)
+        return torch.addcmul(shift.view(-1), pooled, magnitude.view(-1)).permute(0, 3, 1, 2)
+
+    def native_eval_applies(self, x: Tensor) -> bool:
+        """Whether ``folded_valid_time`` runs on x through ``native_folded_valid_time``
+        (rtsed.backends.native.eval_block's kernels). The base class has no native path."""
+        return False
+
+    def native_folded_valid_time(self, x: Tensor, history: Tensor | None = None,
+                                 advance_history: bool = False) -> Tensor:
+        """``folded_valid_time`` through native kernels: (B, C_in, T + K - 1, F) -> (B, C_out, T, F // P),
+        or, given ``history`` (B, C_in, H, F), the same on cat(history, x) without building it, and
+        with ``advance_history`` history advanced in place to the window's last H frames. Only
+        where ``native_eval_applies``."""
+        raise NotImplementedError
+
+    def _pool_affine(self) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """(sign(a), |a|, b) of the output BN, each (C, 1, 1) to broadcast over (T, F), and
+        whether a >= 0 in every channel."""
+        scale, shift = bn_affine(self.bn)
+        nonnegative = bool((scale >= 0).all())
+        return torch.sign(scale)[:, None, None], scale.abs()[:, None, None], shift[:, None, None], nonnegative
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.pad(x, (0, 0, self.context_frames - self.right_pad, self.right_pad))
+        return self.valid_time(x)
+
+    def init_state(self, batch_size: int, n_freq: int, device, dtype) -> ConvHistory:
+        c_in = self.in_channels
+        frames = torch.zeros(batch_size, c_in, self.context_frames, n_freq, device=device, dtype=dtype)
+        if frames.device.type == "cpu":
+            # The CPU path runs the CNN channels-last (each block's output is a (B, T, F, C) view):
+            # a history in the same layout keeps the window's concatenation a plain block copy.
+            frames = frames.contiguous(memory_format=torch.channels_last)
+        return ConvHistory(frames)
+
+    def step(self, x: Tensor, state: ConvHistory) -> Tensor:
+        """x: (B, C_in, n, F) new frames -> (B, C_out, n, F // P), the causal outputs for them
+        (offline frame t - right_pad for input frame t)."""
+        return self.valid_time(x, state.frames)
+
+
+class ConvBlock(FrequencyBlock):
+    """f_cnn block: Conv2d(C_in -> C_out, K x K, bias) -> ReLU -> BN -> pool -> Dropout2d."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, pool: int, dropout: float, right_pad: int):
+        super().__init__(c_out, kernel, pool, dropout, right_pad)
+        self.in_channels = c_in
+        self.conv = nn.Conv2d(c_in, c_out, kernel, padding=(0, kernel // 2))
+
+    def conv_valid_time(self, x: Tensor) -> Tensor:
+        return conv2d_like_input(x, self.conv)
+
+    def conv_folded(self, x: Tensor) -> Tensor:
+        return conv2d_like_input(x, self.conv)
+
+
+class DWSBlock(FrequencyBlock):
+    """f_dws block: depthwise Conv2d(C_in -> C_out, K x K, groups=C_in) -> LeakyReLU(0.01) -> BN
+    -> pointwise Conv2d(C_out -> C_out, 1 x 1) -> ReLU -> BN -> pool -> Dropout2d.
+
+    With C_in = 1 (block 1) the "depthwise" conv is a plain 1 -> C_out conv (depth multiplier
+    C_out). The inner LeakyReLU + BN is in the authors' code, not the paper's text (docs/reference.md).
+    """
+
+    separable = True
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, pool: int, dropout: float, right_pad: int):
+        super().__init__(c_out, kernel, pool, dropout, right_pad)
+        self.in_channels = c_in
+        self.depthwise = nn.Conv2d(c_in, c_out, kernel, padding=(0, kernel // 2), groups=c_in)
+        self.inner_bn = nn.BatchNorm2d(c_out)
+        self.pointwise = nn.Conv2d(c_out, c_out, 1)
+        # The shapes rtsed.backends.native.eval_block's kernels take (fixed at construction).
+        self._native_shapes_fit = kernel in eval_block.KERNELS and (c_in == 1 or c_in == c_out)
+
+    def conv_valid_time(self, x: Tensor) -> Tensor:
+        depthwise = conv2d_like_input(x, self.depthwise)
+        return conv2d_like_input(self.inner_bn(F.leaky_relu(depthwise, 0.01)), self.pointwise)
+
+    def conv_folded(self, x: Tensor) -> Tensor:
+        dw = self.depthwise
+        sources = [self.pointwise.weight, self.pointwise.bias, *bn_sources(self.inner_bn), dw.weight]
+        weight, bias, dw_weight_cl = folded_cache(self, "pointwise", sources, self._folded_pointwise)
+        if torch.jit.is_tracing():
+            # ONNX: onnxruntime runs a 1x1 Conv on NCHW directly; the rows GEMM would cost two
+            # Transposes (measured 10 % slower per step there).
+            a = F.leaky_relu(self.depthwise(x), 0.01)
+            return F.conv2d(a, weight[:, :, None, None], bias)
+        b, _, t_in, f = x.shape
+        k = self.kernel
+        if self.in_channels == 1:
+            # Block 1 (1 -> C) as a patches GEMM straight into channels-last rows: oneDNN's
+            # one-channel conv cost 190 us of a 16-frame streaming step, the GEMM ~60 us.
+            a = fused_linear(one_channel_patches(x, k), self.depthwise.weight.view(-1, k * k),
+                             self.depthwise.bias, "leaky_relu")
+        else:
+            d = conv2d_like_input(x, dw, dw_weight_cl)  # the weight restrided once, not per call
+            d = F.leaky_relu_(d, 0.01) if not d.requires_grad else F.leaky_relu(d, 0.01)
+            # The pointwise conv as one GEMM over channels-last rows (a view when d is channels-last).
+            a = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])
+        out = fused_linear(a, weight, bias)
+        return out.view(b, t_in - k + 1, f, -1).permute(0, 3, 1, 2)
+
+    def native_eval_applies(self, x: Tensor) -> bool:
+        """The native kernels take a depthwise (C -> C) or one-input-channel (1 -> C) K x K conv
+        with K in eval_block.KERNELS, where ``dispatch.native_eval`` allows native inference."""
+        if not self._native_shapes_fit:
+            return False
+        # The parameters are listed only when autograd records (module attribute lookups cost
+        # ~0.5 us each, and this runs once per block per streaming step).
+        parameters = [self.depthwise.weight, self.pointwise.weight] if torch.is_grad_enabled() else []
+        return native_eval(x, *parameters)
+
+    def native_folded_valid_time(self, x: Tensor, history: Tensor | None = None,
+                                 advance_history: bool = False) -> Tensor:
+        """The folded block as three passes over channels-last rows: the native K x K conv +
+        LeakyReLU (reading history and x in place, then advancing history when asked), the
+        pointwise GEMM with the inner BN folded in (oneDNN, ``fused_linear``), and the native
+        ReLU + output-BN affine + max-pool. Same arithmetic as ``folded_valid_time``'s torch path
+        (either sign of the BN scales)."""
+        dw = self.depthwise
+        sources = [self.pointwise.weight, self.pointwise.bias, *bn_sources(self.inner_bn), dw.weight]
+        weight, bias, _ = folded_cache(self, "pointwise", sources, self._folded_pointwise)
+        taps = folded_cache(self, "depthwise_taps", [dw.weight],
+                            lambda: dw.weight.reshape(dw.out_channels, -1).t().contiguous())  # (K K, C)
+        sign, magnitude, shift, _ = folded_cache(self, "post", bn_sources(self.bn), self._pool_affine)
+        # (B, C, T, F) -> (B, T, F, C): a view for channels-last (and one-channel) tensors
+        frames = x.permute(0, 2, 3, 1).contiguous()
+        past = None if history is None else history.permute(0, 2, 3, 1)  # a view of a channels-last state
+        if past is not None and not past.is_contiguous():  # (a state the kernel cannot advance in place)
+            a = eval_block.depthwise_conv_leaky(frames, taps, dw.bias, self.kernel, 0.01, past.contiguous())
+            if advance_history:
+                history.copy_(torch.cat([history, x], dim=2)[:, :, x.shape[2]:])
+        else:
+            a = eval_block.depthwise_conv_leaky(frames, taps, dw.bias, self.kernel, 0.01, past,
+                                                advance_history)  # (B, T, F, C)
+        b, t, f, c = a.shape
+        y = fused_linear(a.view(-1, c), weight, bias)
+        pooled = eval_block.pool_relu_affine(y.view(b * t, f, c), self.pool.kernel_size[1], sign, magnitude, shift)
+        return pooled.view(b, t, -1, c).permute(0, 3, 1, 2)
+
+    def _folded_pointwise(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The pointwise conv with the inner BN folded in, weight (C, C) and bias (C,), and the
+        depthwise weight restrided channels-last (for ``conv_folded``'s channels-last input)."""
+        # The inner BN precedes the pointwise conv: W (s x + t) + b = (W s) x + (W t + b).
+        scale, shift = bn_affine(self.inner_bn)
+        weight = self.pointwise.weight[:, :, 0, 0]
+        return (weight * scale, self.pointwise.bias + weight @ shift,  # (no addmv: ONNX lacks it)
+                self.depthwise.weight.to(memory_format=torch.channels_last))
+
+
+# ----------------------------------------------------------------------------------------------
+# Temporal parts: f_dil and the GRU
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FrameRing:
+    """Past input frames of f_dil in a ring buffer: (B, capacity, C) plus a write position.
+
+    capacity = (K - 1) * d + max_step_frames, so writing a step's new frames never overwrites a
+    frame that one of them still reads. The write position is shared by all streams of a batch
+    (they advance together); a stream is reset by zeroing its rows, which is exactly the zero left
+    padding of the offline convolution. Frames are written in place, never shifted: a step costs
+    O(new frames), whatever the dilation (d = 100 keeps 600 frames).
+    """
+
+    frames: Tensor
+    write_pos: int = 0
+
+    def reset(self, streams: Tensor | None = None) -> None:
+        if streams is None:
+            self.frames.zero_()
+        else:
+            self.frames[streams] = 0
+
+
+class DilatedTemporal(nn.Module):
+    """f_dil: the CNN output (B, C, T, 1) is read as a one-channel image (B, 1, T, C) whose width
+    is the C CNN channels; Conv2d(1 -> C_out, (K, K), stride (1, S), dilation (d, 1)) -> ReLU -> BN;
+    then (B, C_out, T, W) is permuted to (B, T, C_out, W) and flattened channel-major to
+    (B, T, C_out * W) for the per-frame classifier. W = floor((C - K) / S) + 1; no padding over C.
+    Time padding: d (K - 1) / 2 each side ("same") or d (K - 1) on the left ("causal").
+    """
+
+    def __init__(self, channels: int, kernel: int, dilation: int, stride: int, right_pad: int):
+        super().__init__()
+        self.kernel, self.dilation, self.stride = kernel, dilation, stride
+        self.context_frames = (kernel - 1) * dilation
+        if not 0 <= right_pad <= self.context_frames:
+            raise ValueError(f"right_pad {right_pad} outside [0, {self.context_frames}]")
+        self.right_pad = right_pad
+        self.channels = channels
+        self.width = (channels - kernel) // stride + 1
+        self.conv = nn.Conv2d(1, channels, (kernel, kernel), stride=(1, stride), dilation=(dilation, 1))
+        self.bn = nn.BatchNorm2d(channels)
+
+    @property
+    def out_features(self) -> int:
+        return self.conv.out_channels * self.width
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h: (B, C, T, 1) -> (B, T, C_out * W)."""
+        x = h.permute(0, 3, 2, 1)  # (B, 1, T, C): CNN channels become the width axis
+        x = F.pad(x, (0, 0, self.context_frames - self.right_pad, self.right_pad))
+        return self._flatten(ops.dilated_temporal(self, x))
+
+    def conv_relu_bn(self, x: Tensor) -> Tensor:
+        """Reference: (B, 1, T + (K - 1) d, C) time-padded -> (B, C_out, T, W), conv -> ReLU -> BN."""
+        y = F.conv2d(x, self.conv.weight, self.conv.bias, stride=(1, self.stride), dilation=(self.dilation, 1))
+        return self.bn(F.relu(y))
+
+    @staticmethod
+    def _flatten(y: Tensor) -> Tensor:
+        """(B, C_out, T, W) -> (B, T, C_out * W), channel-major (index c * W + w) as in the paper."""
+        b, c, t, w = y.shape
+        return y.permute(0, 2, 1, 3).reshape(b, t, c * w)
+
+    def init_state(self, batch_size: int, max_step_frames: int, device, dtype) -> FrameRing:
+        capacity = self.context_frames + max_step_frames
+        return FrameRing(torch.zeros(batch_size, capacity, self.channels, device=device, dtype=dtype))
+
+    def step(self, h: Tensor, state: FrameRing) -> Tensor:
+        """h: (B, C, n, 1) new CNN frames -> (B, n, C_out * W), the causal outputs for them.
+        n may exceed the ring's step capacity; the step is then done in slices."""
+        frames = h[..., 0].transpose(1, 2)  # (B, n, C)
+        capacity = state.frames.shape[1]
+        max_step = capacity - self.context_frames
+        outputs = [ops.dilated_step(self, frames[:, i:i + max_step], state)
+                   for i in range(0, frames.shape[1], max_step)]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def folded_classifier(self, classifier: nn.Linear) -> tuple[Tensor, Tensor]:
+        """Eval mode: the classifier with this layer's BN folded in (BN is a per-channel affine
+        y = a r + b of r = ReLU(conv), and the classifier is linear in y):
+        weight (n_classes, C_out * W) = L * a (channel-major), bias = l + L b."""
+        sources = [classifier.weight, classifier.bias, *bn_sources(self.bn)]
+
+        def compute():
+            scale, shift = bn_affine(self.bn)
+            lin = classifier.weight.view(classifier.out_features, self.conv.out_channels, self.width)
+            weight = (lin * scale[:, None]).reshape(classifier.out_features, -1)
+            return weight, classifier.bias + torch.einsum("kcw,c->k", lin, shift)
+
+        return folded_cache(self, "classifier", sources, compute)
+
+    def classifier_conv(self, y: Tensor, classifier: nn.Linear) -> Tensor:
+        """Eval mode: conv output y (B, C_out, n, W) -> logits as (B, n_classes, n, 1), through
+        ReLU, BN and the classifier, with BN folded into the classifier. The classifier runs as a
+        (1, W) convolution over the (C_out, n, W) map: in an exported step graph that is one Conv
+        node, where flattening to (B, n, C_out W) first cost a Transpose and a Reshape whose
+        dynamic shape took six more nodes. (The step graph takes the result to (B, n, n_classes)
+        in whichever form exports to the fewest nodes.)"""
+        weight, bias = self.folded_classifier(classifier)
+        kernel = weight.view(weight.shape[0], self.conv.out_channels, 1, self.width)
+        return F.conv2d(F.relu(y), kernel, bias)
+
+    def step_logits_folded(self, h: Tensor, state: FrameRing, classifier: nn.Linear) -> Tensor:
+        """Eval-mode streaming step of f_dil and the classifier together:
+        h (B, C, n, 1) new CNN frames -> logits (B, n, n_classes), BN folded."""
+        frames = h[..., 0].transpose(1, 2)
+        capacity = state.frames.shape[1]
+        max_step = capacity - self.context_frames
+        outputs = []
+        k, s, w, d = self.kernel, self.stride, self.width, self.dilation
+        if native_eval(frames, classifier.weight, self.conv.weight):
+            # Conv, ReLU and classifier in one native pass over the window (patches never copied,
+            # the conv's output never written): 0.48 ms against 0.64 ms for the two GEMMs below
+            # per 16-frame step at one thread on this project's CPU.
+            native_weights = self.native_head_weights(classifier)
+            for i in range(0, frames.shape[1], max_step):
+                window = self._ring_window(frames[:, i:i + max_step], state)  # (B, (K - 1) d + n, C)
+                outputs.append(native_head.head_logits(window, window.shape[1] - self.context_frames,
+                                                       native_weights, classifier.out_features, k, d, s))
+            return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        weight, bias, lin_weight, lin_bias = folded_cache(
+            self, "patch_gemms", [self.conv.weight, self.conv.bias, classifier.weight, classifier.bias,
+                                  *bn_sources(self.bn)], lambda: self._patch_gemm_weights(classifier))
+        for i in range(0, frames.shape[1], max_step):
+            window = self._ring_window(frames[:, i:i + max_step], state)  # (B, (K - 1) d + n, C)
+            b, t_in, c = window.shape
+            n = t_in - self.context_frames
+            # The conv as one GEMM over patches (B n W, K K) read straight off the window, rows
+            # (b, t, w), columns (i, j) for tap window[b, t + i d, w S + j] (oneDNN's 1-channel
+            # conv and the ReLU over its output layout took 3x longer at one thread).
+            sb, st, sc = window.stride()
+            patches = window.as_strided((b, n, w, k, k), (sb, st, s * sc, d * st, sc)).reshape(-1, k * k)
+            r = fused_linear(patches, weight, bias, "relu")  # (B n W, C_out)
+            logits = fused_linear(r.view(b * n, -1), lin_weight, lin_bias)  # (w, c) order on both sides
+            outputs.append(logits.view(b, n, classifier.out_features))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def native_head_weights(self, classifier: nn.Linear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Eval mode: the operands of ``rtsed.backends.native.head.head_logits`` (conv taps-major, the
+        BN-folded classifier as (W, C_out, n_classes), zero-padded to its vector widths), cached
+        while the parameters and BN statistics are unchanged."""
+        sources = [self.conv.weight, self.conv.bias, classifier.weight, classifier.bias, *bn_sources(self.bn)]
+
+        def compute():
+            folded, folded_bias = self.folded_classifier(classifier)
+            return native_head.head_logits_weights(self.conv.weight, self.conv.bias, folded, folded_bias, self.width)
+
+        return folded_cache(self, "native_head", sources, compute)
+
+    def _patch_gemm_weights(self, classifier: nn.Linear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Weights of ``step_logits_folded``'s two GEMMs, (out, in) as nn.Linear keeps them: conv
+        (C_out, K K), its bias, and the BN-folded classifier reordered to (w, c) columns,
+        (n_classes, W C_out), and its bias."""
+        weight, lin_bias = self.folded_classifier(classifier)
+        lin_wc = weight.view(-1, self.conv.out_channels, self.width).transpose(1, 2)
+        return (self.conv.weight.reshape(self.conv.out_channels, -1).contiguous(), self.conv.bias,
+                lin_wc.reshape(weight.shape[0], -1).contiguous(), lin_bias)
+
+    def _ring_window(self, frames: Tensor, state: FrameRing) -> Tensor:
+        """Write frames (B, n, C) into the ring and return the (K - 1) d past frames and the n new
+        ones in time order, (B, (K - 1) d + n, C): a view of the ring where that span does not
+        wrap round its end, else a copy of its two pieces. Advances the write position."""
+        n = frames.shape[1]
+        capacity = state.frames.shape[1]
+        first = min(n, capacity - state.write_pos)
+        state.frames[:, state.write_pos:state.write_pos + first] = frames[:, :first]
+        if first < n:
+            state.frames[:, :n - first] = frames[:, first:]
+        start = state.write_pos - self.context_frames
+        state.write_pos = (state.write_pos + n) % capacity
+        stop = start + self.context_frames + n
+        if start >= 0 and stop <= capacity:
+            return state.frames[:, start:stop]
+        return torch.cat([state.frames[:, start % capacity:], state.frames[:, :stop % capacity]], dim=1)
+
+    def _ring_taps(self, frames: Tensor, state: FrameRing) -> Tensor:
+        """Write frames (B, n, C) into the ring and gather each new frame's K taps, already spaced
+        by d: (B * n, 1, K, C). Advances the write position."""
+        b, n, c = frames.shape
+        capacity = state.frames.shape[1]
+        device = frames.device
+        new_slots = (state.write_pos + torch.arange(n, device=device)) % capacity
+        state.frames[:, new_slots] = frames
+        # Tap k of output j reads the frame (K - 1 - k) * d steps before input frame j.
+        offsets = (torch.arange(self.kernel, device=device) - (self.kernel - 1)) * self.dilation
+        tap_slots = (state.write_pos + torch.arange(n, device=device)[:, None] + offsets[None, :]) % capacity
+        state.write_pos = (state.write_pos + n) % capacity
+        return state.frames[:, tap_slots.reshape(-1)].reshape(b * n, 1, self.kernel, c)
+
+    def step_slice_ref(self, frames: Tensor, state: FrameRing) -> Tensor:
+        """Reference ring step: frames (B, n, C) with n <= capacity - (K - 1) d -> (B, n, C_out * W)."""
+        b, n, c = frames.shape
+        taps = self._ring_taps(frames, state)
+        # The gathered taps are already spaced by d, so the conv runs undilated over them.
+        y = F.conv2d(taps, self.conv.weight, self.conv.bias, stride=(1, self.stride))  # (B*n, C_out, 1, W)
+        y = self.bn(F.relu(y))
+        return y.reshape(b, n, -1)  # (B*n, C_out, 1, W) is already channel-major per frame
+
+
+@dataclass
+class GRUHidden:
+    """The GRU's hidden state h: (1, B, H). Zero at the start of a stream (the paper's h0 = 0)."""
+
+    h: Tensor
+
+    def reset(self, streams: Tensor | None = None) -> None:
+        if streams is None:
+            self.h.zero_()
+        else:
+            self.h[:, streams] = 0
+
+
+class GRUTemporal(nn.Module):
+    """Unidirectional one-layer GRU over frames: (B, C, T, 1) -> (B, T, H). Causal by nature."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.gru = nn.GRU(channels, hidden, batch_first=True)
+        self.right_pad = 0
+        self.context_frames = 0
+
+    @property
+    def out_features(self) -> int:
+        return self.gru.hidden_size
+
+    def forward(self, h: Tensor) -> Tensor:
+        out, _ = self.gru(h[..., 0].transpose(1, 2))
+        return out
+
+    def init_state(self, batch_size: int, max_step_frames: int, device, dtype) -> GRUHidden:
+        return GRUHidden(torch.zeros(1, batch_size, self.gru.hidden_size, device=device, dtype=dtype))
+
+    def step(self, h: Tensor, state: GRUHidden, skip: Tensor | None = None) -> Tensor:
+        """h: (B, C, n, 1) -> (B, n, H). skip: (B,) int64, leading frames of each stream that lie
+        before its first real frame (the CNN's warm-up under "same" padding); they leave the
+        hidden state untouched and their outputs are meaningless. None: skip nothing."""
+        out, new_h = self.step_tensors(h[..., 0].transpose(1, 2), state.h, skip)
+        state.h.copy_(new_h)
+        return out
+
+    def step_tensors(self, x: Tensor, h: Tensor, skip: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Functional step: x (B, n, C), h (1, B, H), skip (B,) -> (out (B, n, H), new h).
+
+        Skipped frames are always a stream's leading frames, and a stream in warm-up still has
+        h = 0. So instead of a per-frame loop with masked updates, each stream's sequence is
+        shifted left by its skip count (one gather), run through one GRU call, and shifted back;
+        the new h is the output at the stream's last real frame. Only tensor ops: the same code
+        exports to ONNX with dynamic frames per step."""
+        if skip is None:
+            return self.gru(x, h)
+        n, hidden = x.shape[1], self.gru.hidden_size
+        t = torch.arange(n, device=x.device)
+        skip = skip.to(x.device)
+        src = torch.clamp(t[None, :] + skip[:, None], max=n - 1)  # (B, n)
+        shifted = torch.gather(x, 1, src[..., None].expand(-1, -1, x.shape[2]))
+        out_shifted, _ = self.gru(shifted, h)
+        back = torch.clamp(t[None, :] - skip[:, None], min=0)
+        out = torch.gather(out_shifted, 1, back[..., None].expand(-1, -1, hidden))
+        last = torch.clamp(n - 1 - skip, min=0).view(-1, 1, 1).expand(-1, 1, hidden)
+        h_last = torch.gather(out_shifted, 1, last).transpose(0, 1)  # (1, B, H)
+        return out, torch.where((skip >= n).view(1, -1, 1), h, h_last)

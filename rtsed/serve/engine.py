@@ -1,0 +1,344 @@
+"""The streaming engine: samples in, sound events out, on one backend (torch or onnxruntime).
+
+    mono float32 samples at the model's rate -> LogMelStream -> pending frames
+    -> every ``frames_per_step`` frames: one model step (state kept by the backend)
+    -> probabilities of the completed output frames -> EventDecoder -> onset notices, SoundEvents
+
+One engine serves one stream (the live tool, file detection); ``MultiStreamEngine`` steps many
+independent streams in one batched model call (serving many microphones from one machine).
+Both backends expose the same stepper interface, so neither engine knows which one runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rtsed.config import DetectorConfig, NormalizationStats
+from rtsed.serve.decode import EventDecoder, OnsetNotice, SoundEvent
+from rtsed.audio.frontend import LogMelStream
+
+
+# ------------------------------------------------------------------------------------ steppers
+
+
+class _Stepper:
+    """What both backends share: stream control delegated to the wrapped ModelStream/OnnxStream
+    (same API), and how many padding frames an ended stream still needs."""
+
+    stream: object
+
+    def reset(self, streams=None) -> None:
+        self.stream.reset(streams)
+
+    def end(self, streams=None) -> None:
+        self.stream.end(streams)
+
+    def pending_after_end(self, stream: int = 0) -> int:
+        s = self.stream
+        return max(0, int(s.ends[stream] + s.lookahead_frames - s.positions[stream]))
+
+
+class TorchStepper(_Stepper):
+    """ModelStream behind the stepper interface: raw log-mel (B, n, F) numpy -> numpy outputs."""
+
+    def __init__(self, model, config: DetectorConfig, batch_size: int = 1, device: str = "cpu",
+                 max_step_frames: int = 64, precision: str = "fp32"):
+        from rtsed.stream.model_stream import ModelStream
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        norm = config.normalization or NormalizationStats.identity(config.model.n_mels)
+        self.mean = torch.tensor(norm.mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(norm.std, dtype=torch.float32, device=self.device)
+        self.stream = ModelStream(self.model, batch_size=batch_size, max_step_frames=max_step_frames,
+                                  precision=precision)
+        self.lookahead_frames = self.stream.lookahead_frames
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def step(self, logmel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = (torch.from_numpy(logmel).to(self.device) - self.mean) / self.std
+        out = self.stream.step(x)
+        return torch.sigmoid(out.logits).cpu().numpy(), out.frame_index.numpy(), out.valid.numpy()
+
+
+class OnnxStepper(_Stepper):
+    """OnnxStream behind the stepper interface (the graph normalises inside)."""
+
+    def __init__(self, onnx_path: str | Path, batch_size: int = 1, device: str = "cpu", threads: int | None = 1):
+        from rtsed.stream.onnx_runtime import OnnxStream
+
+        self.stream = OnnxStream(onnx_path, batch_size=batch_size, device=device, threads=threads)
+        self.lookahead_frames = self.stream.lookahead_frames
+        self.batch_size = batch_size
+
+    def step(self, logmel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = self.stream.step(logmel)
+        return 1.0 / (1.0 + np.exp(-out.logits)), out.frame_index, out.valid
+
+
+def make_stepper(model_path: str | Path, backend: str = "torch", device: str = "cpu", batch_size: int = 1,
+                 threads: int | None = None, precision: str = "fp32"):
+    """(stepper, config, model or None) for a checkpoint (.pt) or an exported step graph (.onnx).
+    The onnx backend on a checkpoint exports its step graph once to a cache folder. ``precision``
+    "bf16": the torch backend's GEMMs in bf16 on the CPU (rtsed.backends.precision)."""
+    from rtsed.models.checkpoint import load_checkpoint
+    from rtsed.backends.precision import check_precision
+
+    path = Path(model_path)
+    if backend not in ("torch", "onnx"):
+        raise ValueError(f"--backend {backend!r}: use torch or onnx")
+    check_precision(precision, device, backend)
+    if path.suffix == ".onnx":
+        if backend != "onnx":
+            raise ValueError(f"{path} is an ONNX file: use --backend onnx (or pass the .pt checkpoint)")
+        stepper = OnnxStepper(path, batch_size, device, threads)
+        return stepper, stepper.stream.config, None
+    ckpt = load_checkpoint(path)
+    if backend == "torch":
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return (TorchStepper(ckpt.model, ckpt.config, batch_size, device, precision=precision), ckpt.config,
+                ckpt.model)
+    onnx_path = exported_step_graph(path, ckpt)
+    return OnnxStepper(onnx_path, batch_size, device, threads), ckpt.config, ckpt.model
+
+
+def exported_step_graph(checkpoint_path: Path, ckpt) -> Path:
+    """The checkpoint's step graph, exported once per checkpoint content and graph revision into
+    ~/.cache/rtsed/onnx."""
+    import hashlib
+    import os
+
+    from rtsed.stream.onnx_export import STEP_GRAPH_REVISION, export_onnx
+
+    digest = hashlib.sha1(checkpoint_path.read_bytes()).hexdigest()[:16]
+    folder = Path(os.environ.get("RTSED_ONNX_CACHE", Path.home() / ".cache/rtsed/onnx"))
+    target = folder / f"{checkpoint_path.stem}-{digest}-step-r{STEP_GRAPH_REVISION}.onnx"
+    if not target.exists():
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        export_onnx(ckpt.model, ckpt.config, tmp, streaming=True)
+        os.replace(tmp, target)
+    return target
+
+
+# -------------------------------------------------------------------------------- one stream
+
+
+@dataclass
+class EngineStats:
+    """Counters for the terminal view and the report (compute measured around model steps)."""
+
+    frames: int = 0  # output frames produced
+    steps: int = 0
+    compute_s: float = 0.0  # front end + model + decoder
+
+    def compute_ms_per_hop(self) -> float:
+        return 1000.0 * self.compute_s / self.frames if self.frames else float("nan")
+
+
+class DetectionEngine:
+    """One stream: push samples (any block size), get onset notices and finished SoundEvents.
+
+    ``frames_per_step`` trades latency for throughput: the model runs once that many new frames
+    are pending (each step has a fixed overhead that several frames share).
+    """
+
+    def __init__(self, stepper, config: DetectorConfig, frames_per_step: int = 4,
+                 decoder_overrides: dict | None = None, extra_latency_s: float = 0.0,
+                 keep_probabilities: bool = False):
+        if frames_per_step < 1:
+            raise ValueError("frames_per_step must be >= 1")
+        self.stepper = stepper
+        self.config = config
+        self.labels = config.labels
+        self.hop_s = config.frontend.hop_s
+        self.frames_per_step = frames_per_step
+        self.logmel = LogMelStream(config.frontend)
+        self.decoder = EventDecoder(config.labels, self.hop_s, config.decoder, decoder_overrides)
+        self.pending: list[np.ndarray] = []
+        self.pending_frames = 0
+        # Audio held back until it completes the step's frames: the front end then runs once per
+        # model step, not once per audio block (a 20 ms block per call cost ~25 us of torch call
+        # overhead each; the frames come out at the same sample either way).
+        self.pending_audio: list[np.ndarray] = []
+        self.pending_samples = 0
+        self.latest_probs = np.zeros(len(config.labels), np.float32)
+        self.stats = EngineStats()
+        self.extra_latency_s = extra_latency_s
+        self.finished = False
+        # Offline detection keeps every frame's probabilities (for plots and JSON); live does not.
+        self.keep_probabilities = keep_probabilities
+        self.kept: list[np.ndarray] = []
+        self.kept_logmel: list[np.ndarray] = []
+
+    @property
+    def lookahead_frames(self) -> int:
+        return self.stepper.lookahead_frames
+
+    @property
+    def algorithmic_latency_s(self) -> float:
+        """Window + lookahead + buffering of frames_per_step - 1 hops + the decoder's median
+        smoother delay (its worst class) + resampler delay: when the last sample a decision about
+        a sound needs has arrived. Minimum event durations add to when an onset is *reported*
+        (``decoder.decision_delay_frames``), not to when it can first be known."""
+        fe = self.config.frontend
+        smoother = max(self.decoder.delay_frames)
+        return (fe.window_s + (self.lookahead_frames + smoother + self.frames_per_step - 1) * self.hop_s
+                + self.extra_latency_s)
+
+    def push_audio(self, samples: np.ndarray) -> list[OnsetNotice | SoundEvent]:
+        if self.finished:
+            raise RuntimeError("this stream was flushed: call reset() before pushing more audio")
+        started = time.perf_counter()
+        samples = np.asarray(samples)
+        if samples.ndim != 1 or samples.dtype.kind != "f" or not np.isfinite(samples).all():
+            # Refused now, whole, with the front end's message (it raises before changing any
+            # state), not later with the audio held back before it.
+            self.logmel.push(samples)
+        self.pending_audio.append(samples)
+        self.pending_samples += samples.shape[0]
+        if self.pending_frames + self.logmel.frames_after(self.pending_samples) < self.frames_per_step:
+            self.stats.compute_s += time.perf_counter() - started
+            return []
+        out = self._push_pending_audio()
+        self.stats.compute_s += time.perf_counter() - started
+        return out
+
+    def _push_pending_audio(self) -> list[OnsetNotice | SoundEvent]:
+        """The held-back audio through the front end; the model runs once frames_per_step frames
+        are pending."""
+        audio = self.pending_audio[0] if len(self.pending_audio) == 1 else np.concatenate(self.pending_audio)
+        self.pending_audio, self.pending_samples = [], 0
+        frames = self.logmel.push(audio).numpy()
+        out: list[OnsetNotice | SoundEvent] = []
+        if self.keep_probabilities and frames.shape[0]:
+            self.kept_logmel.append(frames)
+        if frames.shape[0]:
+            self.pending.append(frames)
+            self.pending_frames += frames.shape[0]
+            if self.pending_frames >= self.frames_per_step:
+                out = self._run(np.concatenate(self.pending)[None])
+                self.pending, self.pending_frames = [], 0
+        return out
+
+    def flush(self) -> list[OnsetNotice | SoundEvent]:
+        """End of stream: run pending frames, then the lookahead padding; close open events."""
+        started = time.perf_counter()
+        out: list[OnsetNotice | SoundEvent] = []
+        if self.pending_samples:
+            out += self._push_pending_audio()
+        if self.pending_frames:
+            out += self._run(np.concatenate(self.pending)[None])
+            self.pending, self.pending_frames = [], 0
+        self.stepper.end()
+        remaining = self.stepper.pending_after_end()
+        if remaining:
+            out += self._run(np.zeros((1, remaining, self.config.model.n_mels), np.float32))
+        out += self.decoder.flush()
+        self.finished = True
+        self.stats.compute_s += time.perf_counter() - started
+        return out
+
+    def reset(self) -> None:
+        self.logmel.reset()
+        self.stepper.reset()
+        self.decoder.reset()
+        self.pending, self.pending_frames = [], 0
+        self.pending_audio, self.pending_samples = [], 0
+        self.finished = False
+        self.kept, self.kept_logmel = [], []
+
+    def probabilities(self) -> np.ndarray:
+        """(T, C) probabilities of every output frame so far (keep_probabilities=True)."""
+        return np.concatenate(self.kept) if self.kept else np.zeros((0, len(self.labels)), np.float32)
+
+    def logmel_frames(self) -> np.ndarray:
+        """(T, F) raw log-mel frames so far (keep_probabilities=True), for plots."""
+        return np.concatenate(self.kept_logmel) if self.kept_logmel else np.zeros((0, self.config.model.n_mels), np.float32)
+
+    def _run(self, logmel: np.ndarray) -> list[OnsetNotice | SoundEvent]:
+        probs, _, valid = self.stepper.step(logmel)
+        rows = probs[0][valid[0]]
+        self.stats.steps += 1
+        if rows.shape[0] == 0:
+            return []
+        self.stats.frames += rows.shape[0]
+        self.latest_probs = rows[-1]
+        if self.keep_probabilities:
+            self.kept.append(rows)
+        return self.decoder.push(rows)
+
+
+# ------------------------------------------------------------------------------- many streams
+
+
+class MultiStreamEngine:
+    """N independent streams stepped in one batched model call (frames in, probabilities out).
+
+    Each slot has its own front end and decoder; ``start``/``stop``/``reset`` act on one slot.
+    ``push_audio(slot, samples)`` queues frames; ``step()`` runs the model once for every slot
+    when each active slot has ``frames_per_step`` frames queued, and returns per-slot events.
+    Idle slots ride along with zero frames; their outputs are ignored and a slot starts fresh.
+    """
+
+    def __init__(self, stepper, config: DetectorConfig, frames_per_step: int = 16):
+        self.stepper, self.config = stepper, config
+        self.n = stepper.batch_size
+        self.frames_per_step = frames_per_step
+        self.active = np.zeros(self.n, bool)
+        self.logmel = [LogMelStream(config.frontend) for _ in range(self.n)]
+        self.decoders = [EventDecoder(config.labels, config.frontend.hop_s, config.decoder) for _ in range(self.n)]
+        self.queues: list[list[np.ndarray]] = [[] for _ in range(self.n)]
+        self.queued = np.zeros(self.n, np.int64)
+
+    def start(self, slot: int) -> None:
+        self.reset(slot)
+        self.active[slot] = True
+
+    def stop(self, slot: int) -> list[SoundEvent]:
+        """Deactivate a slot, closing its open events (its lookahead frames are dropped)."""
+        self.active[slot] = False
+        return [e for e in self.decoders[slot].flush() if isinstance(e, SoundEvent)]
+
+    def reset(self, slot: int) -> None:
+        self.stepper.reset([slot])
+        self.logmel[slot].reset()
+        self.decoders[slot].reset()
+        self.queues[slot], self.queued[slot] = [], 0
+
+    def push_audio(self, slot: int, samples: np.ndarray) -> None:
+        if not self.active[slot]:
+            raise RuntimeError(f"slot {slot} is not started")
+        frames = self.logmel[slot].push(samples).numpy()
+        if frames.shape[0]:
+            self.queues[slot].append(frames)
+            self.queued[slot] += frames.shape[0]
+
+    def ready(self) -> bool:
+        return bool(self.active.any()) and bool((self.queued[self.active] >= self.frames_per_step).all())
+
+    def step(self) -> dict[int, list[OnsetNotice | SoundEvent]]:
+        """One batched model call over frames_per_step frames of every slot."""
+        n, f = self.frames_per_step, self.config.model.n_mels
+        batch = np.zeros((self.n, n, f), np.float32)
+        for slot in np.flatnonzero(self.active):
+            queue = np.concatenate(self.queues[slot])
+            batch[slot] = queue[:n]
+            rest = queue[n:]
+            self.queues[slot] = [rest] if rest.shape[0] else []
+            self.queued[slot] = rest.shape[0]
+        probs, _, valid = self.stepper.step(batch)
+        out = {}
+        for slot in np.flatnonzero(self.active):
+            rows = probs[slot][valid[slot]]
+            if rows.shape[0]:
+                out[int(slot)] = self.decoders[slot].push(rows)
+        return out

@@ -1,0 +1,231 @@
+"""Streaming inference of an SEDModel over B independent streams, with explicit per-layer state.
+
+How "same" padding streams (the streaming contract, docs/streaming.md): each time convolution runs causally,
+so its output for input position i is the offline output at time i - right_pad. Position i of
+the stream after layer k therefore holds time ``i - D_k``, with D_k the cumulative right padding
+up to layer k (2, 4, 6 for the paper's CNN blocks; 36 after f_dil for dnd_7_10). Offline, every
+convolution sees zeros outside [0, T); streaming reproduces that by zeroing, after each layer,
+every position whose time lies before the stream's start or, once the stream is ended, at or after
+its last frame. ``flush`` then pushes ``lookahead`` placeholder frames through the pipeline: they
+are masked to zero at the input and at every layer, exactly the zeros offline padding would feed.
+Causal models have D_k = 0 and nothing to mask after the start.
+
+Per step the work is O(new frames): CNN blocks keep 4 past input frames, f_dil a ring buffer of
+(K - 1) d frames read by index, the GRU its hidden state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rtsed import ops
+from rtsed.backends import native
+from rtsed.models.layers import ConvHistory, DilatedTemporal, FrameRing, GRUHidden, GRUTemporal
+from rtsed.models.model import SEDModel
+from rtsed.backends.precision import autocast, check_precision
+
+NO_END = 2**62  # ``ends`` value of a stream that has not been ended
+
+
+@dataclass
+class StepOutput:
+    """One batched step. logits: (B, n, C); frame_index: (B, n) int64, the offline frame each
+    row belongs to (may be negative or past the end); valid: (B, n) bool, rows that are real
+    output frames of their stream."""
+
+    logits: Tensor
+    frame_index: Tensor
+    valid: Tensor
+
+
+def _require_eval(model: SEDModel) -> None:
+    if model.training:
+        raise RuntimeError(
+            "streaming runs in eval mode only (BatchNorm running statistics, no dropout): "
+            "call model.eval() first"
+        )
+
+
+class ModelStream:
+    """Steps ``batch_size`` independent streams of one model in batched calls.
+
+    Streams share one call but not their state: each has its own position, can be ended
+    (``end``/``flush``) and ``reset`` on its own. Runs in eval mode only (BatchNorm with running
+    statistics, dropout off): a model in training mode is rejected.
+
+    ``max_step_frames`` sizes f_dil's ring buffer; longer steps are split internally.
+    ``precision`` "bf16" runs the step's GEMMs in bf16 (``rtsed.backends.precision``; CPU only).
+    """
+
+    def __init__(self, model: SEDModel, batch_size: int = 1, max_step_frames: int = 64, precision: str = "fp32"):
+        _require_eval(model)
+        if batch_size < 1 or max_step_frames < 1:
+            raise ValueError("batch_size and max_step_frames must be >= 1")
+        self.precision = precision
+        self.model = model
+        self.batch_size = batch_size
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+        self.n_mels = model.config.n_mels
+        freq = model.config.n_mels
+        self.block_states: list[ConvHistory] = []
+        for block in model.blocks:
+            self.block_states.append(block.init_state(batch_size, freq, device, dtype))
+            freq //= block.pool.kernel_size[1]
+        self.temporal_state: FrameRing | GRUHidden = model.temporal.init_state(
+            batch_size, max_step_frames, device, dtype)
+        # Cumulative right padding (frames of delay) after each block and after the temporal part.
+        delays, total = [], 0
+        for block in model.blocks:
+            total += block.right_pad
+            delays.append(total)
+        self.block_delays = delays
+        self.lookahead_frames = total + model.temporal.right_pad
+        # Positions and ends are bookkeeping on the CPU, whatever the compute device.
+        self.positions = torch.zeros(batch_size, dtype=torch.int64)
+        self.ends = torch.full((batch_size,), NO_END, dtype=torch.int64)
+        # True once every stream is past its lookahead and none has ended (positions only grow;
+        # reset and end clear it): steps then skip the masking and its bookkeeping, ~20 tensor
+        # ops that cost 10 % of a 16-frame dnd_7_10 step at one thread.
+        self._steady = False
+        self.device = device
+        check_precision(precision, device.type, what="ModelStream precision")
+        if device.type == "cpu":
+            # Build (or load) the native kernels now: a first build takes seconds, which must not
+            # land inside a live stream's first step.
+            native.available()
+
+    # -- stream control ------------------------------------------------------------------------
+
+    def reset(self, streams: Tensor | list[int] | None = None) -> None:
+        """Start the given streams (default: all) afresh at frame 0; the others are untouched."""
+        idx = None if streams is None else torch.as_tensor(streams, dtype=torch.long)
+        self._steady = False
+        for state in self.block_states:
+            state.reset(None if idx is None else idx.to(self.device))
+        self.temporal_state.reset(None if idx is None else idx.to(self.device))
+        if idx is None:
+            self.positions.zero_()
+            self.ends.fill_(NO_END)
+        else:
+            self.positions[idx] = 0
+            self.ends[idx] = NO_END
+
+    def end(self, streams: Tensor | list[int] | None = None) -> None:
+        """Mark the given streams (default: all) as ended at their current position: from now on
+        their input frames are ignored and treated as the offline zero padding. Their last
+        ``lookahead_frames`` outputs come out over the next steps (or at once with ``flush``)."""
+        idx = slice(None) if streams is None else torch.as_tensor(streams, dtype=torch.long)
+        self._steady = False
+        self.ends[idx] = torch.minimum(self.ends[idx], self.positions[idx])
+
+    # -- stepping ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, x: Tensor) -> StepOutput:
+        """x: (B, n, F) new normalised log-mel frames, one row per stream -> StepOutput with n rows
+        per stream (the first ``lookahead_frames`` of a stream are not yet valid)."""
+        first = self.positions.clone()
+        logits = self._step_logits(x)
+        frame_index = first[:, None] + torch.arange(x.shape[1]) - self.lookahead_frames  # (B, n), CPU
+        valid = (frame_index >= 0) & (frame_index < self.ends[:, None])
+        return StepOutput(logits, frame_index, valid)
+
+    def _step_logits(self, x: Tensor) -> Tensor:
+        """The model part of ``step``: x (B, n, F) -> logits (B, n, C); advances the positions."""
+        # Checked per step too: a model put back in training mode would use batch statistics
+        # (and overwrite its BatchNorm running statistics) without any error.
+        _require_eval(self.model)
+        if x.dim() != 3 or x.shape[0] != self.batch_size or x.shape[2] != self.n_mels:
+            raise ValueError(
+                f"step expects (batch={self.batch_size}, frames, {self.n_mels}) frames; got {tuple(x.shape)}"
+            )
+        n = x.shape[1]
+        # Masking is needed only while some stream is inside its first frames or has ended.
+        masking = not self._steady and (
+            bool(self.positions.min() < self.lookahead_frames) or bool(self.ends.min() < NO_END))
+        self._steady = not masking
+        with autocast(self.precision):
+            logits = self._model_step(x, n, masking)
+        self.positions += n
+        return logits.to(x.dtype) if logits.dtype != x.dtype and x.is_floating_point() else logits
+
+    def _model_step(self, x: Tensor, n: int, masking: bool) -> Tensor:
+        """The model's arithmetic of a step (``_step_logits`` minus its checks and bookkeeping)."""
+        h = x.to(self.device).unsqueeze(1)  # (B, 1, n, F)
+        if masking:
+            positions = self.positions[:, None] + torch.arange(n)  # (B, n), CPU
+            ends = self.ends[:, None]
+
+            def keep(delay: int) -> Tensor:
+                t = positions - delay
+                return ((t >= 0) & (t < ends)).to(self.device, h.dtype)[:, None, :, None]
+
+            h = h * keep(0)
+        for block, state, delay in zip(self.model.blocks, self.block_states, self.block_delays):
+            h = block.step(h, state)
+            if masking and delay:
+                h = h * keep(delay)
+        temporal = self.model.temporal
+        cnn_delay = self.block_delays[-1] if self.block_delays else 0
+        if isinstance(temporal, GRUTemporal):
+            skip = torch.clamp(cnn_delay - self.positions, 0, n) if masking else None
+            logits = self.model.classifier(temporal.step(h, self.temporal_state, skip))  # type: ignore[arg-type]
+        else:
+            assert isinstance(temporal, DilatedTemporal)
+            logits = ops.dilated_step_logits(temporal, self.model.classifier, h,
+                                             self.temporal_state)  # type: ignore[arg-type]
+        return logits
+
+    # -- one-stream convenience ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def push(self, frames: Tensor) -> Tensor:
+        """One stream (batch_size 1): frames (n, F) -> logits (m, C) of the output frames
+        completed by them, in order (m = n once the lookahead has filled)."""
+        self._require_single()
+        if frames.dim() == 2:
+            frames = frames.unsqueeze(0)
+        n = frames.shape[1]
+        if n == 0:
+            return frames.new_zeros(0, self.model.config.n_classes)
+        if self._steady:  # every row valid
+            return self._step_logits(frames)[0]
+        position, end = int(self.positions[0]), int(self.ends[0])
+        logits = self._step_logits(frames)
+        # Row j is offline frame position + j - lookahead: valid from frame 0 up to the end.
+        lo = min(n, max(0, self.lookahead_frames - position))
+        hi = max(lo, min(n, end + self.lookahead_frames - position))
+        return logits[0, lo:hi]
+
+    def flush(self) -> Tensor:
+        """One stream: end it and return its last ``lookahead_frames`` logits (m, C), computed
+        exactly as offline zero padding would. The stream must be ``reset`` before reuse."""
+        self._require_single()
+        self.end()
+        pending = int(self.ends[0] + self.lookahead_frames - self.positions[0])
+        if pending <= 0:
+            return torch.zeros(0, self.model.config.n_classes, device=self.device)
+        return self.push(torch.zeros(pending, self.n_mels, device=self.device))
+
+    def _require_single(self) -> None:
+        if self.batch_size != 1:
+            raise RuntimeError("push/flush serve one stream; with several use step/end/reset")
+
+
+def stream_logits(model: SEDModel, frames: Tensor, chunk_sizes: list[int] | None = None) -> Tensor:
+    """Run one stream of frames (T, F) through ModelStream in the given chunks (default: one
+    chunk) and flush: (T, C) logits, to be compared with ``model(frames[None])[0]``."""
+    stream = ModelStream(model)
+    chunks = chunk_sizes or [frames.shape[0]]
+    outs, start = [], 0
+    for size in chunks:
+        outs.append(stream.push(frames[start:start + size]))
+        start += size
+    if start < frames.shape[0]:
+        outs.append(stream.push(frames[start:]))
+    outs.append(stream.flush())
+    return torch.cat(outs, dim=0)
