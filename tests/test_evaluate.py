@@ -132,7 +132,10 @@ def test_oracle_scores_perfectly(dataset_dir, checkpoint, oracle, tmp_path):
     assert res["data"]["n_files"] == 3 and res["data"]["duration_s"] == pytest.approx(27.0)
     # Every score carries its parameters.
     assert point["segment"]["params"]["segment_s"] == 1.0
-    assert point["event"]["params"]["collar_s"] == 0.2 and point["event"]["params"]["evaluate_offset"] is False
+    # Event F1 as DCASE scores it (onset 200 ms, offset max(200 ms, 20 %)); onset-only beside it.
+    assert point["event"]["params"]["collar_s"] == 0.2 and point["event"]["params"]["evaluate_offset"] is True
+    assert point["event"]["params"]["offset_fraction"] == 0.2
+    assert point["event_onset"]["params"]["evaluate_offset"] is False and point["event_onset"]["f1"] == 1.0
     assert "plain threshold" in point["event"]["params"]["decode"]
     assert res["psds1"]["params"]["dtc_threshold"] == 0.7 and res["psds1"]["params"]["alpha_st"] == 1.0
     # Features went through the training feature cache (one .npy per file), keyed by front end.

@@ -13,10 +13,11 @@ from rtsed.serve.decode import decode_offline
 from train.annotations import Event
 from train.tune import (
     COLLAR_S,
+    OFFSET_FRACTION,
     decode_smoothed,
     decoded_cells,
+    event_matches,
     median_smooth,
-    onset_matches,
     tune_decoder,
 )
 
@@ -117,22 +118,28 @@ def test_fast_decoding_equals_the_real_decoder(case):
     assert got == want
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.floats(0, 20, allow_nan=False), max_size=8),
-       st.lists(st.floats(0, 20, allow_nan=False), max_size=8))
-def test_onset_matching_equals_sed_eval(ref_onsets, est_onsets):
+@st.composite
+def _event_lists(draw):
+    """Non-overlapping events of one class (as a reference or a decoder has them), (n, 2) seconds."""
+    def events():
+        cuts = sorted(set(round(v, 2) for v in draw(st.lists(st.floats(0, 20, allow_nan=False), max_size=12))))
+        pairs = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if b > a]
+        return np.array(pairs, float).reshape(-1, 2)
+    return events(), events(), draw(st.booleans())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_event_lists())
+def test_event_matching_equals_sed_eval(case):
     sed_eval = pytest.importorskip("sed_eval")
-    # One class; events of one class never overlap in a reference or in decoded output.
-    ref = [{"filename": "f", "event_label": "a", "onset": float(o), "offset": float(o) + 0.01}
-           for o in sorted(set(round(v, 2) for v in ref_onsets))]
-    est = [{"filename": "f", "event_label": "a", "onset": float(o), "offset": float(o) + 0.01}
-           for o in sorted(set(round(v, 2) for v in est_onsets))]
-    metric = sed_eval.sound_event.EventBasedMetrics(["a"], evaluate_onset=True, evaluate_offset=False,
-                                                    t_collar=COLLAR_S, event_matching_type="optimal")
-    metric.evaluate(ref, est)
-    tp = metric.class_wise["a"]["Ntp"]
-    got = onset_matches(np.array([e["onset"] for e in ref]), np.array([e["onset"] for e in est]), COLLAR_S)
-    assert got == tp
+    ref, est, with_offset = case
+    metric = sed_eval.sound_event.EventBasedMetrics(
+        ["a"], evaluate_onset=True, evaluate_offset=with_offset, t_collar=COLLAR_S,
+        percentage_of_length=OFFSET_FRACTION, event_matching_type="optimal")
+    as_dicts = lambda ev: [{"filename": "f", "event_label": "a", "onset": a, "offset": b} for a, b in ev]  # noqa: E731
+    metric.evaluate(as_dicts(ref), as_dicts(est))
+    got = event_matches(ref, est, COLLAR_S, OFFSET_FRACTION if with_offset else None)
+    assert got == metric.class_wise["a"]["Ntp"]
 
 
 def test_fixed_durations_are_kept_for_every_class():

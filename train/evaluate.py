@@ -13,8 +13,8 @@ is not among them is an error naming the file and the label.
 Scores (docs/reference.md "Metrics"; every one is reported with its parameters):
 
 * frame-wise F1 and ER of the paper (micro over every frame of every file, ``p >= threshold``);
-* segment-based F1/ER on 1 s segments and event-based F1/ER with a 200 ms onset-only collar
-  (sed_eval), from events decoded by a plain threshold (runs of active frames; no hysteresis,
+* segment-based F1/ER on 1 s segments and event-based F1/ER as DCASE scores it (onset within
+  200 ms, offset within max(200 ms, 20 % of the event's length); also onset-only) (sed_eval), from events decoded by a plain threshold (runs of active frames; no hysteresis,
   minimum duration or smoothing) and, as a last operating point, from the live decoder
   (rtsed.serve.decode with the checkpoint's thresholds, minimum durations and smoothing: the events a
   user of rtsed.live or rtsed.detect gets);
@@ -65,7 +65,8 @@ from train.false_alarms import FalseAlarmError
 from train.inference import InMemoryFeatures, file_logits
 
 SEGMENT_S = 1.0  # DCASE segment-based metrics
-COLLAR_S = 0.2  # DCASE event-based metrics: onset collar
+COLLAR_S = 0.2  # DCASE event-based metrics: onset collar, and the offset collar's floor
+OFFSET_FRACTION = 0.2  # offset collar: max(COLLAR_S, 20 % of the reference event's length)
 DEFAULT_THRESHOLD = 0.5  # the paper's
 DECODE_NOTE = ("plain threshold: p >= threshold per frame, each run of active frames [a, b) -> event "
                "[a*hop, b*hop); no hysteresis, minimum duration or smoothing")
@@ -230,12 +231,14 @@ def _score_point(outputs: list[FileOutput], labels: Sequence[str], hop_s: float,
     frame = frame_scores(probs, targets, threshold)
     frame_cls = per_class_scores(probs, targets, threshold, labels)
     seg = segment_scores(reference, estimated, labels, segment_s=SEGMENT_S, durations=durations)
-    ev = event_scores(reference, estimated, labels, collar_s=COLLAR_S)
+    ev = event_scores(reference, estimated, labels, collar_s=COLLAR_S, evaluate_offset=True,
+                      offset_fraction=OFFSET_FRACTION)
+    ev_onset = event_scores(reference, estimated, labels, collar_s=COLLAR_S)
     per_class = {}
     for c in frame_cls:
-        s, e = seg.per_class[c.label], ev.per_class[c.label]
+        s, e, eo = seg.per_class[c.label], ev.per_class[c.label], ev_onset.per_class[c.label]
         per_class[c.label] = {
-            "frame": _clean(c), "segment": _clean(s), "event": _clean(e),
+            "frame": _clean(c), "segment": _clean(s), "event": _clean(e), "event_onset": _clean(eo),
         }
     return {
         "name": name,
@@ -247,6 +250,7 @@ def _score_point(outputs: list[FileOutput], labels: Sequence[str], hop_s: float,
              "frame x class cells; ER = (S + D + I) / N per frame"})},
         "segment": {**_clean(seg), "params": _clean({**seg.params, "decode": decode_note})},
         "event": {**_clean(ev), "params": _clean({**ev.params, "decode": decode_note})},
+        "event_onset": {**_clean(ev_onset), "params": _clean({**ev_onset.params, "decode": decode_note})},
         "per_class": per_class,
     }
 
@@ -426,9 +430,15 @@ def format_report(results: dict[str, Any]) -> str:
             f"macro F1 {_f(sg['macro_f1'])}",
             f"  {'event-based (sed_eval)':<28} {_f(ev['f1']):>6} {_f(ev['error_rate']):>6} "
             f"{_f(ev['precision']):>6} {_f(ev['recall']):>6}  collar {ev['collar_s']:g} s, "
-            f"{'onset and offset' if ev['evaluate_offset'] else 'onset only'}, {ev['matching']} matching, "
+            f"{'offset max(' + format(ev['collar_s'], 'g') + ' s, ' + format(100 * ev['offset_fraction'], 'g') + ' %)' if ev['evaluate_offset'] else 'onset only'}, {ev['matching']} matching, "
             f"micro; macro F1 {_f(ev['macro_f1'])}",
         ]
+        eo = point.get("event_onset")
+        if eo is not None:
+            lines.append(
+                f"  {'event-based, onset only':<28} {_f(eo['f1']):>6} {_f(eo['error_rate']):>6} "
+                f"{_f(eo['precision']):>6} {_f(eo['recall']):>6}  collar {eo['collar_s']:g} s, onset only, "
+                f"{eo['matching']} matching, micro; macro F1 {_f(eo['macro_f1'])}")
         lines += ["", f"Per class at {_point_title(point)} (ref frames and ref events: reference counts)",
                   f"  {'label':<20} {'ref frames':>10} {'frame F1':>8} {'frame ER':>8} {'seg F1':>7} "
                   f"{'seg ER':>7} {'ref events':>10} {'event F1':>8} {'PSDS1':>6} {'PSDS2':>6}"]

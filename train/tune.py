@@ -5,9 +5,10 @@
 For each class it chooses what the field's post-processing is made of: the median smoothing window
 (frames), the hysteresis thresholds (on, off), the minimum event duration and the minimum gap that
 merges two detections into one event. The objective is what a user of ``rtsed.live`` and
-``rtsed.detect`` sees: event-based F1 with a 200 ms onset collar (``--objective event_f1``, the
-default; sed_eval's rule, computed here with an exact matcher so that thousands of candidate decoders
-can be scored) or frame F1 (``--objective frame_f1``). The chosen settings go into a copy of the
+``rtsed.detect`` sees: event-based F1 as DCASE scores it (``--objective event_f1``, the default:
+onset within 200 ms, offset within max(200 ms, 20 % of the event's length); ``onset_f1`` drops the
+offset condition; sed_eval's rule and optimal matching, computed here directly so that thousands of
+candidate decoders can be scored) or frame F1 (``--objective frame_f1``). The chosen settings go into a copy of the
 checkpoint (``config.decoder``), which every engine then uses. Tuned on validation, never on test.
 
 The search is coordinate descent per class: for every smoothing window, the (on, off) grid at the
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import maximum_bipartite_matching
 
 from rtsed.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from rtsed.config import DecoderConfig
@@ -40,8 +43,9 @@ OFF_DROPS = (0.0, 0.1, 0.2, 0.3)  # off = on - drop (hysteresis width)
 SMOOTHING_GRID = (1, 3, 5, 7, 9, 11, 15, 21, 27, 31)  # median window, frames (odd: exact delay)
 MIN_EVENT_GRID_S = (0.0, 0.06, 0.1, 0.2, 0.3, 0.5, 1.0)
 MIN_GAP_GRID_S = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0)
-COLLAR_S = 0.2  # DCASE event-based metrics: onset collar
-OBJECTIVES = ("event_f1", "frame_f1")
+COLLAR_S = 0.2  # DCASE event-based metrics: onset collar (and the offset collar's floor)
+OFFSET_FRACTION = 0.2  # offset collar: max(COLLAR_S, 20 % of the reference event's length)
+OBJECTIVES = ("event_f1", "onset_f1", "frame_f1")
 
 
 # ------------------------------------------------------------------------------ decoding one class
@@ -98,43 +102,50 @@ def _frames(seconds: float, hop_s: float) -> int:
 # ------------------------------------------------------------------------------------- scoring
 
 
-def onset_matches(ref_onsets: np.ndarray, est_onsets: np.ndarray, collar: float) -> int:
-    """Most pairs (reference, estimate) of one class whose onsets lie within ``collar`` of each
-    other, each event used once: the size of sed_eval's optimal onset-only matching. The
-    compatibility graph of two sorted onset lists under |r - e| <= collar is convex, so taking, for
-    each reference in order, the earliest unused compatible estimate is optimal."""
-    matched, j = 0, 0
-    est = np.sort(est_onsets)
-    for r in np.sort(ref_onsets):
-        while j < est.size and est[j] < r - collar - 1e-9:
-            j += 1
-        if j < est.size and est[j] <= r + collar + 1e-9:
-            matched += 1
-            j += 1
-    return matched
+def event_matches(ref: np.ndarray, est: np.ndarray, collar_s: float = COLLAR_S,
+                  offset_fraction: float | None = OFFSET_FRACTION) -> int:
+    """Most (reference, estimate) pairs of one class that sed_eval's event-based metric counts as
+    hits, each event used once (its optimal matching): onsets within ``collar_s`` and, unless
+    ``offset_fraction`` is None (onset only), offsets within max(collar_s, offset_fraction x the
+    reference's length). ref, est: (n, 2) onset and offset times in seconds."""
+    ref = np.asarray(ref, float).reshape(-1, 2)
+    est = np.asarray(est, float).reshape(-1, 2)
+    if ref.size == 0 or est.size == 0:
+        return 0
+    eps = 1e-9
+    ok = np.abs(ref[:, None, 0] - est[None, :, 0]) <= collar_s + eps
+    if offset_fraction is not None:
+        tolerance = np.maximum(collar_s, offset_fraction * (ref[:, 1] - ref[:, 0]))
+        ok &= np.abs(ref[:, None, 1] - est[None, :, 1]) <= tolerance[:, None] + eps
+    if not ok.any():
+        return 0
+    match = maximum_bipartite_matching(csr_matrix(ok), perm_type="column")
+    return int(np.sum(match >= 0))
 
 
 @dataclass
 class ClassTarget:
-    """One class's validation reference: per file, reference onsets (s) and frame activity."""
+    """One class's validation reference: per file, reference events as (n, 2) onset/offset
+    seconds and (T,) frame activity."""
 
-    onsets: list[np.ndarray]
+    events: list[np.ndarray]
     frames: list[np.ndarray]
 
     @property
     def n_events(self) -> int:
-        return int(sum(o.size for o in self.onsets))
+        return int(sum(e.shape[0] for e in self.events))
 
 
 def score(cells_per_file: Sequence[list[tuple[int, int]]], target: ClassTarget, hop_s: float,
           objective: str) -> float:
     """F1 of one class's decoded events over every validation file."""
-    if objective == "event_f1":
+    if objective in ("event_f1", "onset_f1"):
+        offset_fraction = OFFSET_FRACTION if objective == "event_f1" else None
         tp = n_est = 0
-        for cells, ref in zip(cells_per_file, target.onsets):
-            est = np.array([a * hop_s for a, _ in cells])
-            n_est += est.size
-            tp += onset_matches(ref, est, COLLAR_S)
+        for cells, ref in zip(cells_per_file, target.events):
+            est = np.array(cells, float).reshape(-1, 2) * hop_s
+            n_est += est.shape[0]
+            tp += event_matches(ref, est, COLLAR_S, offset_fraction)
         denom = n_est + target.n_events
         return 2.0 * tp / denom if denom else 0.0
     tp = fp = fn = 0
@@ -209,9 +220,10 @@ def tune_class(probs: Sequence[np.ndarray], target: ClassTarget, hop_s: float, o
 def class_target(outputs, c: int, label: str) -> ClassTarget:
     """Reference onsets and frame activity of class ``c`` per evaluated file (train.evaluate's
     FileOutput: events, targets)."""
-    onsets = [np.array([e.onset_s for e in o.events if e.event_label == label], float) for o in outputs]
+    events = [np.array([(e.onset_s, e.offset_s) for e in o.events if e.event_label == label], float).reshape(-1, 2)
+              for o in outputs]
     frames = [o.targets[:, c] > 0.5 for o in outputs]
-    return ClassTarget(onsets, frames)
+    return ClassTarget(events, frames)
 
 
 def tune_decoder(outputs, hop_s: float, labels: Sequence[str], objective: str = "event_f1",
