@@ -264,7 +264,8 @@ def run(args: argparse.Namespace) -> Path | None:
         torch.cuda.set_device(device)
     recipe = Recipe(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                     seed=args.seed, save_every_s=args.save_every_s, precision=args.precision, select=args.select,
-                    steps_per_epoch=args.steps_per_epoch, workers=args.workers)
+                    steps_per_epoch=args.steps_per_epoch, workers=args.workers,
+                    sequence_frames=args.sequence_frames)
     if recipe.precision == "bf16" and device.type != "cpu":
         raise SystemExit("--precision bf16 is the CPU training path's (its GEMMs in bf16, tested to converge); "
                          f"on {device.type} it has not been measured yet: train with --precision fp32")
@@ -500,6 +501,10 @@ def resume_from(path: Path, model: SEDModel, optimizer: torch.optim.Optimizer, c
         raise SystemExit(f"--resume: {path} cannot be read ({exc}); delete it to start afresh") from None
     if state.get("format") != "rtsed-train-state" or state.get("format_version") != LAST_STATE_VERSION:
         raise SystemExit(f"--resume: {path} is not a training state of this rtsed version")
+    saved = Recipe(**state["recipe"])
+    if state.get("onthefly") != onthefly or (onthefly and saved.steps_per_epoch != recipe.steps_per_epoch):
+        raise SystemExit(f"--resume: {path} was written with other on-the-fly scenes (pools, --mix, --set mix.*, "
+                         "--steps-per-epoch); resume with the same arguments")
     if state["config"] != config.to_dict():
         raise SystemExit(f"--resume: {path} was written with another config (model, front end, labels or "
                          "training-split statistics differ); resume with the same arguments and data")
@@ -507,9 +512,6 @@ def resume_from(path: Path, model: SEDModel, optimizer: torch.optim.Optimizer, c
     if (saved.seed, saved.batch_size, saved.sequence_frames) != (recipe.seed, recipe.batch_size, recipe.sequence_frames):
         raise SystemExit(f"--resume: {path} used seed/batch/sequence {saved.seed}/{saved.batch_size}/"
                          f"{saved.sequence_frames}; pass the same values")
-    if state.get("onthefly") != onthefly or (onthefly and saved.steps_per_epoch != recipe.steps_per_epoch):
-        raise SystemExit(f"--resume: {path} was written with other on-the-fly scenes (pools, --mix, --set mix.*, "
-                         "--steps-per-epoch); resume with the same arguments")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
@@ -624,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=r.patience, help="epochs without improvement of --select")
     p.add_argument("--batch-size", type=int, default=r.batch_size, help="global batch (split across DDP processes)")
     p.add_argument("--lr", type=float, default=r.lr)
+    p.add_argument("--sequence-frames", type=int, default=r.sequence_frames,
+                   help="frames per training sequence (on the fly: per scene)")
     p.add_argument("--seed", type=int, default=r.seed)
     p.add_argument("--save-every-s", type=float, default=r.save_every_s, help="mid-epoch last.pt interval")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
