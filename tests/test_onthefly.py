@@ -219,3 +219,19 @@ def test_fit_on_the_fly_end_to_end_and_resume_is_exact(pools, val_scenes, tmp_pa
     other = _run(_fit_args(pools, val_scenes, part, "--epochs", "3", "--set", "mix.ebr_db=[5,10]",
                            "--sequence-frames", str(FRAMES), "--resume"))
     assert other.returncode != 0 and "other on-the-fly scenes" in other.stderr
+
+
+def test_batch_vs_step_benchmark_reports_both_side_by_side():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rtsed_batch_vs_step", REPO / "benchmarks" / "batch_vs_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    before = torch.get_num_threads()
+    try:
+        rows = module.main(["--procedural", "--batch", "2", "--frames", "64", "--batches", "2", "--workers", "0"])
+    finally:
+        torch.set_num_threads(before)
+    values = {name.split(" (")[0]: value for name, value, _ in rows}
+    assert values["make a batch"] > 0 and values["train step"] > 0
+    assert any(name.startswith("train.fit loop, 0 worker(s)") for name, _, _ in rows)

@@ -298,6 +298,14 @@ def run(args: argparse.Namespace) -> Path | None:
         args.labels = ",".join(labels)
         dataset = open_dataset(args)
         log(mixer.summary())
+        manifest = Path(args.data) / "manifest.json" if args.data else None
+        if manifest is not None and manifest.is_file():
+            held = json.loads(manifest.read_text(encoding="utf-8")).get("world_groups", {})
+            shared = set(mixer.world_groups) & set(held.get("validate", []) + held.get("test", []))
+            if shared:
+                raise SystemExit(f"world groups {sorted(shared)[:5]} feed both the on-the-fly training scenes and "
+                                 f"{manifest.parent}'s validation/test scenes: pass train.synth and train.fit the "
+                                 "same --world pools")
     else:
         dataset = open_dataset(args)
         labels = dataset.labels

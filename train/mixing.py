@@ -198,6 +198,8 @@ class MixConfig:
 class Store(Protocol):
     def get(self, clip: Clip) -> tuple[np.ndarray, list[tuple[int, int]]]: ...
 
+    def piece(self, clip: Clip, rng: np.random.Generator, max_len: int) -> np.ndarray: ...
+
 
 @dataclass
 class ScenePools:
@@ -261,11 +263,10 @@ def _at_level(x: np.ndarray, level_db: float, rms: float, max_peak_db: float = n
     return x * min(gain, 10 ** (max_peak_db / 20) / peak) if peak > 0 else x
 
 
-def _excerpt(rng: np.random.Generator, x: np.ndarray, max_len: int) -> np.ndarray:
-    if len(x) <= max_len:
-        return x
-    start = int(rng.integers(0, len(x) - max_len + 1))
-    return x[start:start + max_len]
+def excerpt_start(rng: np.random.Generator, n: int, max_len: int) -> int:
+    """Where a piece of at most max_len samples of an n-sample clip starts (0 when it fits: no draw).
+    Both stores (train.pools) cut world clips with it, so files and on-the-fly scenes agree."""
+    return int(rng.integers(0, n - max_len + 1)) if n > max_len else 0
 
 
 def _loop(rng: np.random.Generator, choices: list[Clip], n: int, store: Store, used: list, role: str,
@@ -274,8 +275,7 @@ def _loop(rng: np.random.Generator, choices: list[Clip], n: int, store: Store, u
     bed, pos, fade = np.zeros(n), 0, round(0.05 * getattr(store, "rate", 16000))
     while pos < n:
         clip = choices[int(rng.integers(len(choices)))]
-        x = store.get(clip)[0]
-        x = (_excerpt(rng, x, excerpt) if excerpt else x).copy()
+        x = store.piece(clip, rng, excerpt) if excerpt else store.get(clip)[0].copy()
         k = min(fade, len(x) // 2)
         ramp = np.linspace(0.0, 1.0, k, endpoint=False)
         x[:k] *= ramp
@@ -313,11 +313,12 @@ def mix_scene(rng: np.random.Generator, cfg: MixConfig, store: Store, pools: Sce
         levels["background_db"] = background
 
     def prepared(clip: Clip, excerpt_s: float | None = None) -> tuple[np.ndarray, list[tuple[int, int]]]:
-        x, segments = store.get(clip)
-        if excerpt_s is None and augmenter is None:
-            return x, segments
-        if excerpt_s is not None:
-            x = _excerpt(rng, x, round(excerpt_s * rate))
+        if excerpt_s is None:
+            x, segments = store.get(clip)
+            if augmenter is None:
+                return x, segments
+        else:
+            x = store.piece(clip, rng, round(excerpt_s * rate))
         if augmenter is not None:
             x = augmenter.event(x, rng)
         return x, audible_segments(x, rate, cfg.label_db, cfg.min_gap_s)
@@ -410,7 +411,7 @@ def mix_scene(rng: np.random.Generator, cfg: MixConfig, store: Store, pools: Sce
     if "ambience" in world:
         for _ in range(int(rng.poisson(cfg.ambience_per_minute * cfg.scene_s / 60))):
             clip = world["ambience"][int(rng.integers(len(world["ambience"])))]
-            x = _excerpt(rng, store.get(clip)[0], round(cfg.world_excerpt_s * rate))
+            x = store.piece(clip, rng, round(cfg.world_excerpt_s * rate))
             segments = audible_segments(x, rate, cfg.label_db, cfg.min_gap_s)
             if segments:
                 place("ambience", x, segments, background + rng.uniform(*cfg.ambience_ebr_db), False)

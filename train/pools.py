@@ -30,7 +30,7 @@ import soundfile as sf
 import soxr
 
 from train.datasets import AUDIO_EXTENSIONS
-from train.mixing import Clip, MixError, audible_segments
+from train.mixing import Clip, MixError, audible_segments, excerpt_start
 
 _FREESOUND_ID = re.compile(r"/sounds/(\d+)")
 _ESC_NAME = re.compile(r"^(\d+)-(\d+)-[A-Za-z]+$")
@@ -175,6 +175,12 @@ class ClipCache:
             self._cache[clip.path] = (x, segments)
         return self._cache[clip.path]
 
+    def piece(self, clip: Clip, rng: np.random.Generator, max_len: int) -> np.ndarray:
+        """A random piece of at most max_len samples (a copy)."""
+        x = self.get(clip)[0]
+        start = excerpt_start(rng, len(x), max_len)
+        return x[start:start + max_len].copy()
+
 
 class MemoryStore:
     """Every clip decoded once, up front, as int16 at the scene rate (half of float32's memory; the
@@ -216,3 +222,12 @@ class MemoryStore:
         except KeyError:
             raise MixError(f"{clip.path}: not in the store (silent or not loaded)") from None
         return x.astype(np.float64) / 32768.0, self._segments[clip.path]
+
+    def piece(self, clip: Clip, rng: np.random.Generator, max_len: int) -> np.ndarray:
+        """A random piece of at most max_len samples (float64; only the piece is converted)."""
+        try:
+            x = self._audio[clip.path]
+        except KeyError:
+            raise MixError(f"{clip.path}: not in the store (silent or not loaded)") from None
+        start = excerpt_start(rng, len(x), max_len)
+        return x[start:start + max_len].astype(np.float64) / 32768.0
