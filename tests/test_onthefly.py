@@ -235,3 +235,29 @@ def test_batch_vs_step_benchmark_reports_both_side_by_side():
     values = {name.split(" (")[0]: value for name, value, _ in rows}
     assert values["make a batch"] > 0 and values["train step"] > 0
     assert any(name.startswith("train.fit loop, 0 worker(s)") for name, _, _ in rows)
+
+
+def test_validation_scores_what_users_see():
+    """validate_events decodes with the checkpoint's decoder and scores event F1 (DESIGN.md's
+    collars) and PSDS1; selection_score ranks epochs by them (or by minus the loss)."""
+    import train.fit as fit
+    from rtsed.config import DecoderConfig
+
+    hop = 0.02
+    labels = ("beep", "hiss")
+
+    class Oracle(torch.nn.Module):  # logits +8 inside [1 s, 2 s) for beep, -8 elsewhere
+        def forward(self, x):
+            t = torch.arange(x.shape[1])[None, :, None] * hop
+            beep = ((t >= 1.0) & (t < 2.0)).float()
+            return torch.cat([beep, torch.zeros_like(beep)], dim=2) * 16 - 8
+
+    files = [("a.wav", np.zeros((200, 40), np.float32))]
+    right = [("a.wav", 1.0, 2.0, "beep")]
+    scores = fit.validate_events(Oracle(), files, right, labels, hop, DecoderConfig(), torch.device("cpu"), psds=True)
+    assert scores["val_event_f1"] == pytest.approx(1.0) and scores["val_psds1"] > 0.5
+    wrong = [("a.wav", 3.0, 3.5, "beep")]
+    scores = fit.validate_events(Oracle(), files, wrong, labels, hop, DecoderConfig(), torch.device("cpu"))
+    assert scores["val_event_f1"] == 0.0 and "val_psds1" not in scores
+    assert fit.selection_score("loss", {"val_loss": 0.3}) == -0.3
+    assert fit.selection_score("event_f1", {"val_event_f1": 0.4, "val_loss": 9.0}) == 0.4

@@ -127,7 +127,7 @@ class MixConfig:
     max_peak_db: float = -6.0
     max_attempts: int = 50
     # The world around the targets (used when world pools are given).
-    background_db: tuple[float, float] = (-60.0, -35.0)  # B: the everyday-sound bed's level
+    background_db: tuple[float, float] = (-60.0, -40.0)  # B: the everyday-sound bed's level
     ambience_bed_p: float = 0.7
     ambience_per_minute: float = 6.0
     ambience_ebr_db: tuple[float, float] = (-5.0, 15.0)
@@ -139,7 +139,7 @@ class MixConfig:
     music_cover: tuple[float, float] = (0.3, 1.0)
     world_excerpt_s: float = 10.0  # longest piece of one world file in a bed loop
     # Level changes of the whole scene.
-    scene_gain_db: tuple[float, float] = (-15.0, 15.0)
+    scene_gain_db: tuple[float, float] = (-10.0, 10.0)
     ramp_p: float = 0.2
     ramp_db: tuple[float, float] = (-20.0, 20.0)
     silence_p: float = 0.1
