@@ -24,3 +24,70 @@ def write_dcase_split(folder: Path, n_files: int, seconds: float, rng: np.random
     tsv = folder / "annotations.tsv"
     tsv.write_text("\n".join(rows) + "\n")
     return audio, tsv
+
+
+# ------------------------------------------------------------------------------ clip pools
+def tone(rate: int, seconds: float, freq: float, amp: float = 0.5, lead_s: float = 0.0, tail_s: float = 0.0) -> np.ndarray:
+    """Silence, a tone with 5 ms fades, silence: only the tone is audible."""
+    t = np.arange(round(seconds * rate)) / rate
+    x = amp * np.sin(2 * np.pi * freq * t) * np.minimum(1.0, np.minimum(t, t[::-1]) / 0.005)
+    return np.concatenate([np.zeros(round(lead_s * rate)), x, np.zeros(round(tail_s * rate))])
+
+
+def write_event_pool(root: Path, rate: int = 16000, classes: tuple[str, ...] = ("beep", "hiss"),
+                     per_fold: int = 2, folds: tuple[int, ...] = (1, 2, 3, 4), seed: int = 0) -> Path:
+    """An ESC-like pool (meta.csv: filename, class, fold, source_clip_id, clip_license): "beep" is
+    a 0.4-0.8 s tone between silences, "hiss" a 0.3-0.6 s noise burst, "knock" a few clicks."""
+    rng = np.random.default_rng(seed)
+    rows, sound_id = ["filename,class,fold,source_clip_id,clip_license"], 100
+    for label in classes:
+        for fold in folds:
+            for _ in range(per_fold):
+                sound_id += 1
+                if label == "beep":
+                    x = tone(rate, rng.uniform(0.4, 0.8), rng.uniform(500, 1500), lead_s=0.2, tail_s=0.3)
+                elif label == "hiss":
+                    x = np.concatenate([np.zeros(rate // 10), 0.2 * rng.standard_normal(round(rng.uniform(0.3, 0.6) * rate)),
+                                        np.zeros(rate // 5)])
+                else:
+                    x = np.zeros(rate)
+                    x[:: rate // 5] = 0.8
+                    x = np.convolve(x, np.hanning(64))[:rate]
+                name = f"audio/{label}/{fold}-{sound_id}-A.wav"
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                sf.write(root / name, x.astype(np.float32), rate, subtype="FLOAT")
+                rows.append(f"{name},{label},{fold},{fold}-{sound_id}-A,CC0")
+    (root / "meta.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def write_world_pool(root: Path, rate: int = 16000, seed: int = 0,
+                     groups: dict[str, tuple[str, ...]] | None = None, files_per_group: int = 3) -> Path:
+    """A world pool in ../shared/tools/negatives' layout (meta.csv: filename, category, split,
+    source, group, duration_s, license, attribution). "Speech": syllables of a harmonic tone with
+    pauses; "music": sustained chords; "ambience": band-limited noise."""
+    groups = groups or {"speech": ("spk_a", "spk_b", "spk_c"), "music": ("album_a", "album_b"),
+                        "ambience": ("street", "kitchen")}
+    rng = np.random.default_rng(seed)
+    rows = ["filename,category,split,source,group,duration_s,license,attribution"]
+    for category, names in groups.items():
+        for group in names:
+            for k in range(files_per_group):
+                if category == "speech":
+                    f0 = rng.uniform(100, 250)
+                    parts = []
+                    for _ in range(int(rng.integers(2, 5))):
+                        seconds = rng.uniform(0.15, 0.3)
+                        syl = sum(tone(rate, seconds, f0 * h, 0.3 / h) for h in (1, 2, 3))
+                        parts += [syl, np.zeros(round(rng.uniform(0.05, 0.2) * rate))]
+                    x = np.concatenate([np.zeros(rate // 10)] + parts)
+                elif category == "music":
+                    x = sum(tone(rate, 4.0, f, 0.15) for f in rng.choice([262.0, 330.0, 392.0, 440.0, 523.0], 3))
+                else:
+                    x = np.convolve(rng.standard_normal(3 * rate), np.hanning(16) / 8, "same") * 0.1
+                name = f"{category}/train/src_{group}/{group}__{k}.flac"
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                sf.write(root / name, np.clip(x, -1, 1).astype(np.float32), rate, subtype="PCM_16", format="FLAC")
+                rows.append(f"{name},{category},train,src_{group},{group},{len(x) / rate:.3f},CC0,test audio")
+    (root / "meta.csv").write_text("\n".join(rows) + "\n")
+    return root

@@ -248,7 +248,12 @@ def test_fit_end_to_end_default_allocator(tmp_path, one_thread):
     assert ckpt.model(torch.zeros(1, 50, 40)).shape == (1, 50, 2)
     meta = ckpt.metadata
     assert meta["epoch"] in (1, 2) and len(meta["history"]) == meta["epoch"]
-    assert meta["val_loss"] == pytest.approx(min(r["val_loss"] for r in rows), abs=1e-4)
+    # best.pt is the epoch of the best validation event F1 (ties: the lower validation loss).
+    assert meta["select"] == "event_f1"
+    last_history = torch.load(out / "last.pt", weights_only=True)["progress"]["history"]
+    best = max(last_history, key=lambda r: (r["val_event_f1"], -r["val_loss"]))
+    assert meta["epoch"] == best["epoch"] and meta["val_event_f1"] == pytest.approx(best["val_event_f1"])
+    assert meta["val_loss"] == pytest.approx(best["val_loss"], abs=1e-6)
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))  # atomic writes leave nothing behind
 
     last = torch.load(out / "last.pt", weights_only=True)
@@ -281,7 +286,7 @@ def test_bad_set_overrides_give_clear_errors(tmp_path, one_thread):
     cases = {
         "model.no_such_field=3": "no_such_field",
         "dropout=0.1": "write section.field=value",
-        "optimizer.lr=0.1": "section must be 'frontend' or 'model'",
+        "optimizer.lr=0.1": "section must be 'frontend', 'model', 'mix' or 'augment'",
         "frontend.window=boxcar": "window must be 'hamming' or 'hann'",
         "frontend.n_mels=80": "freq_pools",  # (5, 4, 2) no longer reduces the bands to 1
     }
