@@ -1,6 +1,7 @@
 """The detectors shipped in rtsed/models/: they load by name, carry tuned thresholds and a model
 card, and still detect on fresh scenes synthesised from ESC-10 fold-4 clips (the test fold)."""
 
+import json
 import os
 from pathlib import Path
 
@@ -82,3 +83,59 @@ def test_bundle_reads_epochs_run_from_the_last_state_file(tmp_path):
     torch.save({"format": "something-else"}, other)
     with pytest.raises(SystemExit, match="other.pt is not a train.fit last-state file"):
         run_progress(str(other))
+
+
+def test_bundle_writes_card_attribution_and_checkpoint(tmp_path, monkeypatch):
+    """train.bundle end to end on procedural pools and an untrained tiny model: every figure the
+    card promises (both test conditions, false alarms, decoder per class, latency with the
+    smoother's delay) is there, the credits list the world sources, and the bundled checkpoint loads."""
+    pytest.importorskip("sed_eval")
+    pytest.importorskip("sed_scores_eval")
+    import sys
+
+    import torch
+
+    from procedural import write_event_pool, write_world_pool
+    from rtsed.config import DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig
+    from rtsed.models.checkpoint import save_checkpoint
+    from rtsed.models.model import SEDModel
+    from train import bundle
+    from train.synth import main as synth
+
+    events = write_event_pool(tmp_path / "events")
+    world = write_world_pool(tmp_path / "world")
+    unheard = write_world_pool(tmp_path / "unheard", seed=1, groups={"speech": ("spk_x",), "music": ("album_x",)})
+    common = ["--pool", str(events), "--scene-s", "6", "--scenes", "0", "1", "2", "--seed", "3", "--noise", "pink"]
+    synth([*common, "--out", str(tmp_path / "plain")])
+    synth([*common, "--out", str(tmp_path / "over_world"), "--world", str(world), "--test-world", str(unheard),
+           "--mix", "default", "--set", "augment={}"])
+    labels = ("beep", "hiss", "speech", "music")
+    model_cfg = ModelConfig.from_name("dnd_3_1_causal", n_classes=len(labels), channels=8)
+    decoder = DecoderConfig(smoothing_frames=(1, 5, 3, 1), min_event_s=(0.0, 0.1, 0.0, 0.2))
+    config = DetectorConfig(frontend=FrontendConfig.for_rate(16000), model=model_cfg, labels=labels, decoder=decoder)
+    torch.manual_seed(0)
+    onthefly = {"sources": {"pool": str(events), "world": [str(world)], "folds": [[1, 2], [3], [4]],
+                            "licenses": ["CC0"], "distractors": None}}
+    model_path = save_checkpoint(tmp_path / "tuned.pt", SEDModel(model_cfg).eval(), config,
+                                 metadata={"epoch": 3, "select": "event_f1", "val_event_f1": 0.25,
+                                           "onthefly": onthefly, "history": [{"epoch": 3, "seconds": 12.0}]})
+    monkeypatch.setattr(bundle, "BUNDLED_DIR", tmp_path / "bundled")
+    monkeypatch.setattr(bundle, "measure_compute", lambda path, backend: 0.5)  # timing is not under test
+    monkeypatch.setattr(sys, "argv", ["train.bundle"])
+    assert bundle.main(["--model", str(model_path), "--name", "tiny", "--test", str(tmp_path / "plain"),
+                        "--test-world", str(tmp_path / "over_world"), "--false-alarms", str(unheard),
+                        "--command", "python -m train.fit --model dnd_3_1_causal ...",
+                        "--json", str(tmp_path / "scores.json")]) == 0
+    card = (tmp_path / "bundled" / "tiny.md").read_text()
+    for needle in ("## Test scores: fold-4 scenes (2 scenes", "over real speech and music", "PSDS2",
+                   "event F1, onset only", "false alarms per minute", "| hiss | 5 |",
+                   "2 frames of median-smoother delay", "python -m train.fit --model dnd_3_1_causal",
+                   "| src_spk_a | CC0 |", "epoch 3 (validation event F1 0.250)"):
+        assert needle in card, needle
+    credits = (tmp_path / "bundled" / "ATTRIBUTION.md").read_text()
+    assert "src_album_a" in credits and "test audio" in credits
+    shipped = load_checkpoint(tmp_path / "bundled" / "tiny.pt")
+    assert shipped.config.decoder == decoder and "history" not in shipped.metadata
+    assert shipped.metadata["false_alarms_per_minute"] >= 0
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert set(scores) == {"test", "test_world", "false_alarms"}

@@ -1,23 +1,30 @@
 """``python -m train.bundle``: ship a trained detector inside the package, with its model card.
 
-    python -m train.bundle --model runs/dnd_7_10/tuned.pt --name dnd_7_10 --data scenes/ \\
-        --train-command "python -m train.fit ..."
+    python -m train.bundle --model runs/dnd_7_10/tuned.pt --name dnd_7_10 \\
+        --test scenes/ --test-world scenes-world/ --false-alarms ../shared/data/negatives-test \\
+        --last runs/dnd_7_10/last.pt --command "python -m train.synth ..." --command "python -m train.fit ..."
 
-Evaluates the checkpoint on the test split (frame F1/ER, segment F1/ER, event F1, PSDS1, at 0.5
-and at the tuned thresholds), measures streaming compute per hop on this machine, and writes
-``rtsed/models/<name>.pt`` plus ``rtsed/models/<name>.md`` (classes, data and licence attribution,
-the training command, scores, latency). Every clip the scenes were mixed from is credited in
-``rtsed/models/ATTRIBUTION.md`` (from the synthesis manifest).
+Scores the checkpoint as the field does (``train.evaluate``: frame F1/ER, segment F1/ER, event F1
+with onset and offset collars and onset-only, PSDS1, PSDS2, per class), on the test split of
+``--test`` (the fold-4 test scenes) and of ``--test-world`` (fold-4 scenes over held-out real speech
+and music), and counts false alarms per minute on ``--false-alarms`` (audio in which no target
+class sounds). It measures the streaming compute per hop on this machine, and writes
+``rtsed/models/<name>.pt`` plus ``rtsed/models/<name>.md`` (classes, data sources and licences, the
+command lines of the recipe, training progress, the decoder, every score, latency). The audio the
+weights derive from is credited in ``rtsed/models/ATTRIBUTION.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,14 +49,8 @@ def measure_compute(checkpoint_path: Path, backend: str, seconds: float = 20.0, 
     return engine.stats.compute_ms_per_hop()
 
 
-def _num(value) -> str:
+def _num(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
-
-
-def _row(point: dict, psds: float | None) -> str:
-    f, s, e = point["frame"], point["segment"], point["event"]
-    return (f"| {point['name']} | {f['f1']:.3f} | {f['error_rate']:.3f} | {s['f1']:.3f} | {s['error_rate']:.3f} "
-            f"| {e['f1']:.3f} | {psds:.3f} |")
 
 
 def run_progress(path: str | None) -> dict:
@@ -63,107 +64,239 @@ def run_progress(path: str | None) -> dict:
     return {**state["progress"], "budget": state["recipe"].get("epochs")}
 
 
-def model_card(name: str, ckpt, results: dict, manifest: dict, train_command: str, latency: dict,
-               progress: dict | None = None) -> str:
+# ------------------------------------------------------------------------------------ score tables
+
+
+def _point(results: dict, name: str) -> dict | None:
+    for p in results["operating_points"]:
+        if p["name"] == name:
+            return p
+    return None
+
+
+def _score_rows(results: dict) -> list[str]:
+    ps1, ps2 = results["psds1"]["psds"], results.get("psds2", {}).get("psds")
+    rows = ["| decoding | frame F1 | frame ER | segment F1 | segment ER | event F1 | event F1, onset only | PSDS1 | PSDS2 |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for p in results["operating_points"]:
+        f, s, e = p["frame"], p["segment"], p["event"]
+        eo = p.get("event_onset", {})
+        title = "**events a user gets** (the decoder below)" if p["threshold"] == "decoder" else (
+            f"threshold {p['threshold']}" if not isinstance(p["threshold"], list) else "on-thresholds, no smoothing")
+        rows.append(f"| {title} | {_num(f['f1'])} | {_num(f['error_rate'])} | {_num(s['f1'])} | {_num(s['error_rate'])} "
+                    f"| {_num(e['f1'])} | {_num(eo.get('f1'))} | {_num(ps1)} | {_num(ps2)} |")
+    return rows
+
+
+def _class_rows(results: dict) -> list[str]:
+    point = _point(results, "live decoder") or results["operating_points"][-1]
+    rows = ["| class | ref events | frame F1 | frame ER | segment F1 | event F1 | event F1, onset only | PSDS1 | PSDS2 |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for label, pc in point["per_class"].items():
+        rows.append(f"| {label} | {pc['event'].get('n_ref', '-')} | {_num(pc['frame'].get('f1'))} "
+                    f"| {_num(pc['frame'].get('error_rate'))} | {_num(pc['segment'].get('f1'))} "
+                    f"| {_num(pc['event'].get('f1'))} | {_num(pc.get('event_onset', {}).get('f1'))} "
+                    f"| {_num(pc.get('psds1'))} | {_num(pc.get('psds2'))} |")
+    return rows
+
+
+def _decoder_rows(cfg) -> list[str]:
+    n = len(cfg.labels)
+    dec = cfg.decoder
+    on, off = dec.thresholds(n)
+    k = dec.per_class("smoothing_frames", n)
+    ev, gap = dec.per_class("min_event_s", n), dec.per_class("min_gap_s", n)
+    rows = ["| class | median window (frames) | on | off | min event (s) | min gap (s) |", "|---|---|---|---|---|---|"]
+    rows += [f"| {c} | {k[i]} | {on[i]:.2f} | {off[i]:.2f} | {ev[i]:g} | {gap[i]:g} |" for i, c in enumerate(cfg.labels)]
+    return rows
+
+
+def _false_alarm_rows(fa: dict) -> list[str]:
+    rows = [f"{fa['false_alarms']} target-class events in {fa['minutes']:.1f} minutes of {fa['files']} files: "
+            f"**{fa['per_minute']:.2f} false alarms per minute** ({fa['rule']}).", "",
+            "| category | files | minutes | false alarms | per minute |", "|---|---|---|---|---|"]
+    rows += [f"| {c} | {r['files']} | {r['minutes']:.1f} | {r['false_alarms']} | {r['per_minute']:.2f} |"
+             for c, r in fa["per_category"].items()]
+    reported = [(label, r) for label, r in fa["per_label"].items() if r["false_alarms"]]
+    if reported:
+        rows += ["", "False alarms by reported label: " + ", ".join(
+            f"{label} {r['false_alarms']} ({r['per_minute']:.2f}/min)" for label, r in reported) + "."]
+    return rows
+
+
+# ---------------------------------------------------------------------------------- attribution
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def world_sources(roots: list[str]) -> list[tuple[str, str, str, float]]:
+    """(source, licence, attribution, minutes) of every world pool (meta.csv with source, license,
+    attribution, duration_s columns), one row per source and licence."""
+    minutes: Counter[tuple[str, str, str]] = Counter()
+    for root in roots:
+        meta = Path(root) / "meta.csv"
+        if not meta.is_file():
+            continue
+        for row in _read_csv(meta):
+            key = (row.get("source", ""), row.get("license", ""), row.get("attribution", ""))
+            minutes[key] += float(row.get("duration_s") or 0) / 60
+    # One attribution text per (source, licence): the pool's rows repeat it per voice or track.
+    merged: dict[tuple[str, str], tuple[set[str], float]] = {}
+    for (source, lic, attr), m in minutes.items():
+        texts, total = merged.get((source, lic), (set(), 0.0))
+        texts.add(attr)
+        merged[(source, lic)] = (texts, total + m)
+    return sorted((s, lic, "; ".join(sorted(t))[:400], m) for (s, lic), (t, m) in merged.items())
+
+
+def event_clips(onthefly: dict | None, manifests: list[dict]) -> list[tuple[str, str, str, str]]:
+    """(data set, author, URL, licence) of every event and distractor clip the weights derive from:
+    the on-the-fly training pools' training folds and the scenes' manifests (validation and test)."""
+    rows: set[tuple[str, str, str, str]] = set()
+    for manifest in manifests:
+        for a in manifest.get("attribution", []):
+            rows.add((a.get("source_dataset", ""), a.get("author", ""), a.get("url", ""), a.get("license", "")))
+    if onthefly:
+        from train.pools import filter_licenses, load_pool
+
+        sources = onthefly.get("sources", {})
+        licenses = tuple(sources.get("licenses") or ()) or None
+        folds = set((sources.get("folds") or [[1, 2]])[0])
+        for key in ("pool", "distractors"):
+            root = sources.get(key)
+            if root and Path(root).is_dir():
+                for clip in filter_licenses(load_pool(root), licenses):
+                    if key == "distractors" or clip.fold in folds:
+                        rows.add((clip.source_dataset, clip.author, clip.url, clip.license))
+    return sorted(rows)
+
+
+def attribution(clips: list[tuple[str, str, str, str]], world: list[tuple[str, str, str, float]]) -> str:
+    lines = ["# Attribution", "",
+             "The bundled detectors' weights derive from the audio below. Thank you to its authors.", "",
+             "## Sound events: ESC-10 / ESC-50 (Freesound recordings)", "",
+             "K. J. Piczak, *ESC: Dataset for Environmental Sound Classification*, ACM Multimedia 2015. "
+             "Only clips whose own Freesound licence is CC0 or CC-BY were used.", "",
+             "| data set | author | recording | licence |", "|---|---|---|---|"]
+    lines += [f"| {d} | {a} | {u} | {lic} |" for d, a, u, lic in clips]
+    if world:
+        lines += ["", "## Speech, music and everyday sound (the training pool, Debian packages; FSDD)", "",
+                  "| source | licence | minutes | attribution |", "|---|---|---|---|"]
+        lines += [f"| {s} | {lic} | {m:.1f} | {attr} |" for s, lic, attr, m in world]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ model card
+
+
+def model_card(name: str, ckpt, test: dict, test_world: dict | None, false_alarms: dict | None,
+               commands: list[str], latency: dict, progress: dict, world: list[tuple[str, str, str, float]]) -> str:
     cfg = ckpt.config
     fe = cfg.frontend
     meta = ckpt.metadata
-    psds = results["psds1"]["psds"]
-    on = cfg.decoder.on_thresholds or (0.5,) * len(cfg.labels)
-    off = cfg.decoder.off_thresholds or on
-    split_info = manifest.get("splits", {})
+    history = progress.get("history") or meta.get("history", [])
+    seconds = [h["seconds"] for h in history if "seconds" in h]
     lines = [
         f"# {name}: model card",
         "",
         f"A `{cfg.model.name}` sound event detector (Drossos et al. 2020, depthwise-separable + dilated "
-        f"convolutions), {cfg.model.padding} time padding, {results['model']['parameters']:,} parameters, "
-        f"trained with rtsed on scenes synthesised from ESC-10. Use: `python -m rtsed.live --model {name}.pt`.",
+        f"convolutions), {cfg.model.padding} time padding, {test['model']['parameters']:,} parameters, "
+        f"{len(cfg.labels)} classes. Use: `python -m rtsed.live --model {name}.pt`.",
         "",
         "## Classes",
         "",
         ", ".join(f"`{c}`" for c in cfg.labels),
         "",
+        "`speech` is labelled by its audible extent, `music` over the whole span it plays (a bed).",
+        "",
         "## Data and licences",
         "",
-        "The weights derive from audio clips of **ESC-10 and ESC-50** (K. J. Piczak, *ESC: Dataset for "
-        "Environmental Sound Classification*, ACM Multimedia 2015, doi:10.1145/2733373.2806390), which are "
-        "excerpts of recordings by **Freesound** authors. Only clips whose own Freesound licence is CC0 "
-        "or CC-BY were used; every clip and its author, URL and licence is listed in `ATTRIBUTION.md` "
-        "beside this card. ESC-10 is distributed under CC BY 3.0, ESC-50 under CC BY-NC 3.0: check that "
-        "your use fits them.",
+        "- **Sound events**: ESC-10 (CC BY 3.0) and, as unlabelled distractors, ESC-50 fold 4 (CC BY-NC 3.0) "
+        "(K. J. Piczak, ACM Multimedia 2015, doi:10.1145/2733373.2806390); excerpts of Freesound recordings, "
+        "only clips whose own licence is CC0 or CC-BY. ESC-10 folds 1-2 train, fold 3 validates, fold 4 tests; "
+        "the ESC-50 categories are split in two halves, one for training, one for validation and test.",
+        "- **Speech, music and everyday sound**: the training pool built from Debian packages "
+        "(`../shared/tools/negatives/`) and the Free Spoken Digit Dataset's training speakers; validation "
+        "scenes use groups (speakers, albums, packages) held out from training. Per source:",
         "",
-        f"Scenes: `python -m train.synth` (seed {manifest['config'].get('seed')}, "
-        f"{manifest['config'].get('scene_s')} s scenes at {manifest['config'].get('sample_rate_hz')} Hz, "
-        f"polyphony up to {manifest['config'].get('max_polyphony')}, pink-noise bed, ESC-50 fold-4 "
-        "distractors with categories split between training and validation/test). ESC-10 folds 1-2 "
-        "train, fold 3 validation, fold 4 test: no recording appears in two splits.",
-        "",
-        "| split | ESC-10 folds | scenes | labelled events | clips (events + distractors) |",
-        "|---|---|---|---|---|",
-    ]
-    for split, info in split_info.items():
-        scenes = info.get("scenes", [])
-        clips = info.get("clips", [])
-        uses = sum(c.get("uses", 1) for c in clips) if isinstance(clips, list) else "-"
-        lines.append(f"| {split} | {', '.join(map(str, info.get('folds', [])))} | {len(scenes)} | "
-                     f"{sum(sc.get('events', 0) for sc in scenes)} | "
-                     f"{len(clips) if isinstance(clips, list) else clips} clips, {uses} uses |")
-    lines += [
-        "",
-        "## Training",
-        "",
-        "```",
-        train_command,
-        "```",
-        "",
-        f"Paper recipe (Adam 1e-3, batch 16 x 1024 frames, BCE), best validation loss at epoch "
-        f"{meta.get('epoch')} (val loss {meta.get('val_loss', float('nan')):.4f}); epochs run: "
-        f"{(progress or {}).get('epoch', len(meta.get('history', [])))}"
-        f"{' of a ' + str(progress['budget']) + '-epoch budget' if progress and progress.get('budget') else ''}"
-        f". Front end: {fe.sample_rate_hz} Hz, {fe.window_samples}-sample "
-        f"Hamming window, {fe.hop_samples}-sample hop, {fe.n_mels} log-mel bands; per-band normalisation "
-        "from the training split (in the checkpoint).",
-        "",
-        "Decoder thresholds tuned per class on the validation split (`python -m train.tune`), on / off:",
-        "",
-        "| class | on | off |",
+        "| source | licence | minutes |",
         "|---|---|---|",
     ]
-    lines += [f"| {c} | {a:.2f} | {b:.2f} |" for c, a, b in zip(cfg.labels, on, off)]
+    lines += [f"| {s} | {lic} | {m:.1f} |" for s, lic, _, m in world]
     lines += [
         "",
-        f"## Test-fold scores ({results['data']['n_files']} scenes, {results['data']['hours']:.2f} h)",
+        "- **Test only, never trained on or tuned on**: `negatives-test` (real speech, music and city sound "
+        "from speakers, albums and packages disjoint from the pool; CC-BY-SA-3.0, GPL-2+, CC-BY-SA-4.0).",
         "",
-        "Frame-wise F1/ER as the paper (20 ms frames), segment-based on 1 s segments and event-based "
-        "F1 with a 200 ms onset collar (sed_eval), PSDS1 (sed_scores_eval; threshold-free), all from "
-        "`python -m train.evaluate`. The threshold rows decode events by a plain threshold (runs of "
-        "active frames); the `live decoder` row scores the events `rtsed.live` and `rtsed.detect` "
-        "report (hysteresis, minimum event and gap durations; its frame scores count the frames "
-        "inside those events).",
+        "Every clip and source, with authors and licences, is listed in `ATTRIBUTION.md` beside this card: "
+        "check that your use fits those licences (ESC-50's is non-commercial).",
         "",
-        "| thresholds | frame F1 | frame ER | segment F1 | segment ER | event F1 | PSDS1 |",
-        "|---|---|---|---|---|---|---|",
+        "## Recipe",
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+        f"Training scenes are mixed afresh every epoch (`train.onthefly`, reproducible from seed, epoch and "
+        f"index); validation and test scenes are fixed files. The kept weights are those of the best "
+        f"validation event F1 ({meta.get('select', 'event_f1')}): epoch {meta.get('epoch')}"
+        + (f" (validation event F1 {meta['val_event_f1']:.3f})" if meta.get("val_event_f1") is not None else "")
+        + f"; epochs run: {progress.get('epoch', len(history))}"
+        + (f" of a {progress['budget']}-epoch budget" if progress.get("budget") else "")
+        + (f", {np.median(seconds):.0f} s per epoch (median; 2-core CPU)" if seconds else "")
+        + f". Front end: {fe.sample_rate_hz} Hz, {fe.window_samples}-sample Hamming window, "
+        f"{fe.hop_samples}-sample hop, {fe.n_mels} log-mel bands; per-band normalisation from the training "
+        "scenes (in the checkpoint).",
+        "",
+        "## Decoder",
+        "",
+        "Chosen per class on the validation scenes to maximise event F1 (`python -m train.tune`): a median "
+        "over the window (its delay is compensated in the reported times and counted in the latency), "
+        "hysteresis thresholds, then minimum event and gap durations. `rtsed.live`, `rtsed.detect` and the "
+        "engines use it as is; `--threshold LABEL=ON[:OFF]` overrides a class.",
+        "",
+        *_decoder_rows(cfg),
+        "",
+        f"## Test scores: fold-4 scenes ({test['data']['n_files']} scenes, {test['data']['hours']:.2f} h, "
+        f"{test['data']['n_events']} events)",
+        "",
+        "`python -m train.evaluate`: frame F1/ER as the paper (20 ms frames), segment F1/ER on 1 s segments, "
+        "event F1 as DCASE scores it (onset within 200 ms, offset within max(200 ms, 20 %); sed_eval) and "
+        "onset-only, PSDS1 and PSDS2 (sed_scores_eval; threshold-free). The first row scores what a user "
+        "gets: the events of the decoder above.",
+        "",
+        *_score_rows(test),
+        "",
+        "Per class, the events a user gets:",
+        "",
+        *_class_rows(test),
     ]
-    lines += [_row(p, psds) for p in results["operating_points"]]
-    lines += [
-        "",
-        "Per class (frame F1 at the tuned thresholds):",
-        "",
-        "| class | frame F1 | segment F1 | event F1 | PSDS1 |",
-        "|---|---|---|---|---|",
-    ]
-    tuned = [p for p in results["operating_points"] if p["name"] == "decoder on_thresholds"]
-    point = tuned[0] if tuned else results["operating_points"][0]
-    for label in cfg.labels:
-        pc = point["per_class"][label]
-        lines.append(f"| {label} | {_num(pc['frame'].get('f1'))} | {_num(pc['segment'].get('f1'))} "
-                     f"| {_num(pc['event'].get('f1'))} | {_num(pc.get('psds1'))} |")
+    if test_world is not None:
+        lines += [
+            "",
+            f"## Test scores: fold-4 scenes over real speech and music ({test_world['data']['n_files']} scenes, "
+            f"{test_world['data']['hours']:.2f} h, {test_world['data']['n_events']} events)",
+            "",
+            "Fold-4 events over backgrounds of `negatives-test` speech and music (never trained or tuned on).",
+            "",
+            *_score_rows(test_world),
+            "",
+            *_class_rows(test_world),
+        ]
+    if false_alarms is not None:
+        lines += ["", "## False alarms on sound it never heard", "", *_false_alarm_rows(false_alarms)]
     lines += [
         "",
         "## Latency",
         "",
-        f"- algorithmic: {latency['algorithmic_ms']:.0f} ms (40 ms window + {cfg.model.lookahead_frames} "
-        f"frames of lookahead x 20 ms), plus the live tool's buffering of frames per step and the resampler's delay;",
+        f"- algorithmic: {latency['algorithmic_ms']:.0f} ms: the {fe.window_s * 1000:.0f} ms window, "
+        f"{cfg.model.lookahead_frames} frames of model lookahead and {latency['smoother_frames']} frames of "
+        f"median-smoother delay (worst class) at {fe.hop_s * 1000:.0f} ms; the live tool adds its buffering of "
+        "frames per step and the resampler's delay, and an onset is reported once it has lasted its class's "
+        "minimum event duration;",
         f"- compute per 20 ms hop, one stream, one thread, 4 frames per step: torch {latency['torch_ms']:.2f} ms, "
         f"onnxruntime {latency['onnx_ms']:.2f} ms ({latency['machine']}).",
         "",
@@ -172,56 +305,74 @@ def model_card(name: str, ckpt, results: dict, manifest: dict, train_command: st
     return "\n".join(lines) + "\n"
 
 
-def attribution(manifest: dict) -> str:
-    rows = sorted({(a.get("source_dataset", ""), a.get("author", ""), a.get("url", ""), a.get("license", ""))
-                   for a in manifest.get("attribution", [])})
-    lines = ["# Attribution", "",
-             "The bundled detectors' weights derive from these Freesound recordings, as excerpted in "
-             "ESC-10 / ESC-50 (K. J. Piczak, ACM Multimedia 2015). Thank you to their authors.", "",
-             "| data set | author | recording | licence |", "|---|---|---|---|"]
-    lines += [f"| {d} | {a} | {u} | {lic} |" for d, a, u, lic in rows]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     from train.data_sources import open_dataset
     from train.evaluate import evaluate
+    from train.false_alarms import false_alarms as count_false_alarms
 
     p = argparse.ArgumentParser(prog="python -m train.bundle", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="tuned checkpoint")
     p.add_argument("--name", required=True, help="bundled name, e.g. dnd_7_10")
-    p.add_argument("--data", required=True, help="the train.synth folder it was trained on")
-    p.add_argument("--train-command", required=True)
+    p.add_argument("--test", required=True, help="train.synth folder whose test split is the fold-4 test scenes")
+    p.add_argument("--test-world", help="train.synth folder whose test split lies over held-out speech and music")
+    p.add_argument("--false-alarms", metavar="DIR", help="audio in which no target class sounds (e.g. negatives-test)")
+    p.add_argument("--command", action="append", default=[], help="a command line of the recipe (repeat, in order)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--last", help="the run's last-state file (train.fit's last.pt): epochs run for the card")
-    p.add_argument("--json", help="also write the test evaluation as JSON here")
+    p.add_argument("--json", help="also write every evaluation as JSON here")
     args = p.parse_args(argv)
     ckpt = load_checkpoint(args.model)
-    args.train_data = args.val_data = args.test_data = None
-    args.labels = None
-    dataset = open_dataset(args)
-    results = evaluate(ckpt, dataset.split("test"), cache_dir=args.cache_dir, data=args.data, split="test")
-    manifest = json.loads((Path(args.data) / "manifest.json").read_text())
+
+    def test_split(root: str) -> tuple[list, dict]:
+        ns = argparse.Namespace(data=root, train_data=None, val_data=None, test_data=None, labels=None)
+        manifest_path = Path(root) / "manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        return open_dataset(ns).split("test"), manifest
+
+    items, manifest = test_split(args.test)
+    results = {"test": evaluate(ckpt, items, cache_dir=args.cache_dir, data=args.test, split="test")}
+    manifests = [manifest]
+    if args.test_world:
+        items, manifest_world = test_split(args.test_world)
+        manifests.append(manifest_world)
+        results["test_world"] = evaluate(ckpt, items, cache_dir=args.cache_dir, data=args.test_world, split="test")
+    if args.false_alarms:
+        results["false_alarms"] = count_false_alarms(ckpt, args.false_alarms)
+    cfg = ckpt.config
+    n = len(cfg.labels)
+    smoother = cfg.decoder.smoothing_delay_frames(n)
     latency = {
-        "algorithmic_ms": 1000 * (ckpt.config.frontend.window_s + ckpt.config.model.lookahead_frames * ckpt.config.frontend.hop_s),
+        "algorithmic_ms": 1000 * (cfg.frontend.window_s + (cfg.model.lookahead_frames + smoother) * cfg.frontend.hop_s),
+        "smoother_frames": smoother,
         "torch_ms": measure_compute(Path(args.model), "torch"),
         "onnx_ms": measure_compute(Path(args.model), "onnx"),
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, measured by train.bundle",
     }
+    onthefly = ckpt.metadata.get("onthefly")
+    world_roots = list((onthefly or {}).get("sources", {}).get("world", []) or [])
+    world = world_sources(world_roots)
     BUNDLED_DIR.mkdir(parents=True, exist_ok=True)
     target = BUNDLED_DIR / f"{args.name}.pt"
     # Keep the shipped file small and self-describing: the per-epoch history stays in the run folder.
     metadata = {k: v for k, v in ckpt.metadata.items() if k != "history"}
-    metadata["epochs_run"] = len(ckpt.metadata.get("history", []))
-    metadata["test_summary"] = results["summary"]
-    save_checkpoint(target, ckpt.model, ckpt.config, metadata)
-    (BUNDLED_DIR / f"{args.name}.md").write_text(model_card(args.name, ckpt, results, manifest, args.train_command, latency,
-                                                                  run_progress(args.last)))
-    (BUNDLED_DIR / "ATTRIBUTION.md").write_text(attribution(manifest))
+    progress = run_progress(args.last)
+    metadata["epochs_run"] = progress.get("epoch", len(ckpt.metadata.get("history", [])))
+    metadata["test_summary"] = results["test"]["summary"]
+    if "test_world" in results:
+        metadata["test_world_summary"] = results["test_world"]["summary"]
+    if "false_alarms" in results:
+        metadata["false_alarms_per_minute"] = results["false_alarms"]["per_minute"]
+    save_checkpoint(target, ckpt.model, cfg, metadata)
+    card = model_card(args.name, ckpt, results["test"], results.get("test_world"), results.get("false_alarms"),
+                      args.command, latency, progress, world)
+    (BUNDLED_DIR / f"{args.name}.md").write_text(card)
+    (BUNDLED_DIR / "ATTRIBUTION.md").write_text(attribution(event_clips(onthefly, manifests), world))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB) and its model card; test summary: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in results["summary"].items() if isinstance(v, float)))
+    summary = results["test"]["summary"]
+    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB) and its model card; test: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float))
+          + (f"; false alarms {results['false_alarms']['per_minute']:.2f}/min" if "false_alarms" in results else ""))
     return 0
 
 
