@@ -261,3 +261,22 @@ def test_validation_scores_what_users_see():
     assert scores["val_event_f1"] == 0.0 and "val_psds1" not in scores
     assert fit.selection_score("loss", {"val_loss": 0.3}) == -0.3
     assert fit.selection_score("event_f1", {"val_event_f1": 0.4, "val_loss": 9.0}) == 0.4
+
+
+def test_synth_cli_writes_world_scenes_like_training(pools, tmp_path, capsys):
+    from train.synth import main
+
+    out = tmp_path / "scenes"
+    assert main(["--pool", str(pools[0]), "--world", str(pools[1]), "--out", str(out), "--scene-s", "5",
+                 "--scenes", "1", "1", "0", "--mix", "default", "--set", "augment={\"rooms\": 2}",
+                 "--set", "silence_p=1.0"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    cfg = manifest["config"]
+    assert cfg["augment"]["rooms"] == 2 and cfg["silence_p"] == 1.0 and cfg["ebr_db"] == [0.0, 20.0]
+    assert cfg["scene_s"] == 5.0  # the flag, not MixConfig's default
+    assert all("silence_s" in s["levels"] for split in manifest["splits"].values() for s in split["scenes"])
+    assert set(manifest["world_groups"]["validate"]) and not (
+        set(manifest["world_groups"]["validate"]) & set(manifest["world_groups"]["train"]))
+    with pytest.raises(SystemExit):
+        main(["--pool", str(pools[0]), "--out", str(tmp_path / "bad"), "--set", "no_such_field=1"])
+    assert "unknown config field" in capsys.readouterr().err
