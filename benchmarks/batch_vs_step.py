@@ -105,6 +105,10 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, str]]:
         rows.append((f"train.fit loop, {workers} worker(s): whole loop", total, "s per batch"))
         rows.append((f"train.fit loop, {workers} worker(s): step waits for data", timing["wait_s"] / args.batches,
                      "s per batch"))
+        rows.append((f"train.fit loop, {workers} worker(s): train step", timing["step_s"] / args.batches,
+                     "s per batch"))
+        rows.append((f"train.fit loop, {workers} worker(s): making (worker time)", timing["make_s"] / args.batches,
+                     "s per batch"))
     if tmp is not None:
         tmp.cleanup()
     return rows

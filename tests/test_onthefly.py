@@ -47,7 +47,8 @@ def _world_scene(pools, seed: int, **kw):
     train, _ = split_world(clips)
     cfg = _mix(**kw)
     by_cat = {c: [x for x in train if x.label == c] for c in ("speech", "music", "ambience")}
-    event_pool = {label: [c for c in load_pool(events) if c.label == label and c.fold in (1, 2)] for label in ("beep", "hiss")}
+    event_pool = {label: [c for c in load_pool(events) if c.label == label and c.fold in (1, 2)]
+                  for label in ("beep", "hiss")}
     scene_pools = ScenePools(event_pool, world=by_cat, labelled=("speech", "music"))
     return cfg, mix_scene(np.random.default_rng(seed), cfg, ClipCache(RATE, 30.0, 1.0), scene_pools)
 
@@ -64,7 +65,8 @@ def test_split_world_holds_out_whole_groups(pools):
 
 
 def test_music_is_a_labelled_bed_and_speech_is_labelled_by_its_extent(pools):
-    cfg, scene = _world_scene(pools, 0, events_per_minute=0.0, distractors_per_minute=0.0, music_p=1.0,
+    cfg, scene = _world_scene(pools, 0, events_per_minute=0.0, events_per_minute_range=None,
+                              distractors_per_minute=0.0, music_p=1.0,
                               music_cover=(0.5, 0.5), speech_per_minute=30.0, ambience_per_minute=0.0,
                               ambience_bed_p=0.0, ebr_db=(10.0, 10.0))
     music = [(a, b) for label, a, b in scene.labelled if label == "music"]
@@ -85,7 +87,8 @@ def test_music_is_a_labelled_bed_and_speech_is_labelled_by_its_extent(pools):
 
 
 def test_ambience_is_never_labelled_and_levels_follow_the_background(pools):
-    cfg, scene = _world_scene(pools, 1, events_per_minute=0.0, speech_per_minute=0.0, music_p=0.0,
+    cfg, scene = _world_scene(pools, 1, events_per_minute=0.0, events_per_minute_range=None,
+                              speech_per_minute=0.0, music_p=0.0,
                               ambience_bed_p=1.0, ambience_per_minute=20.0, background_db=(-40.0, -40.0))
     assert scene.labelled == [] and {r for _, r in scene.used} == {"ambience bed", "ambience"}
     assert scene.levels["background_db"] == -40.0
@@ -261,3 +264,32 @@ def test_validation_scores_what_users_see():
     assert scores["val_event_f1"] == 0.0 and "val_psds1" not in scores
     assert fit.selection_score("loss", {"val_loss": 0.3}) == -0.3
     assert fit.selection_score("event_f1", {"val_event_f1": 0.4, "val_loss": 9.0}) == 0.4
+
+
+def test_synth_cli_writes_world_scenes_like_training(pools, tmp_path, capsys):
+    from train.synth import main
+
+    out = tmp_path / "scenes"
+    assert main(["--pool", str(pools[0]), "--world", str(pools[1]), "--out", str(out), "--scene-s", "5",
+                 "--scenes", "1", "1", "0", "--mix", "default", "--set", "augment={\"rooms\": 2}",
+                 "--set", "silence_p=1.0"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    cfg = manifest["config"]
+    assert cfg["augment"]["rooms"] == 2 and cfg["silence_p"] == 1.0 and cfg["ebr_db"] == [0.0, 20.0]
+    assert cfg["scene_s"] == 5.0  # the flag, not MixConfig's default
+    assert all("silence_s" in s["levels"] for split in manifest["splits"].values() for s in split["scenes"])
+    assert set(manifest["world_groups"]["validate"]) and not (
+        set(manifest["world_groups"]["validate"]) & set(manifest["world_groups"]["train"]))
+    with pytest.raises(SystemExit):
+        main(["--pool", str(pools[0]), "--out", str(tmp_path / "bad"), "--set", "no_such_field=1"])
+    assert "unknown config field" in capsys.readouterr().err
+
+
+def test_event_density_varies_per_scene_when_a_range_is_given(pools):
+    counts = {_world_scene(pools, seed, events_per_minute_range=(0.0, 60.0), music_p=0.0, speech_per_minute=0.0,
+                           ambience_per_minute=0.0, ambience_bed_p=0.0)[1].levels["events_per_minute"]
+              for seed in range(6)}
+    assert len(counts) == 6 and min(counts) >= 0 and max(counts) <= 60
+    fixed = _world_scene(pools, 0, events_per_minute_range=None, events_per_minute=30.0, music_p=0.0,
+                         speech_per_minute=0.0, ambience_per_minute=0.0, ambience_bed_p=0.0)[1]
+    assert "events_per_minute" not in fixed.levels and len(fixed.used) == 3  # 30/min x 6 s

@@ -654,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "then give the validation files only)")
     g.add_argument("--events", metavar="POOL", help="event clips (e.g. ../shared/data/esc10): train on scenes "
                    "mixed on the fly from its training folds (1, 2)")
-    g.add_argument("--distractors", metavar="POOL", help="unlabelled distractor clips (the first half of its categories)")
+    g.add_argument("--distractors", metavar="POOL",
+                   help="unlabelled distractor clips (the first half of its categories)")
     g.add_argument("--world", action="append", default=[], metavar="POOL",
                    help="speech/music/ambience pool (meta.csv with category and group), repeatable: speech and "
                         "music become classes; the groups train.synth holds out for validation are never used")

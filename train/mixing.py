@@ -10,7 +10,8 @@ index) fixes it. In order:
 2. music (world): with probability ``music_p`` a run of music tracks over a random span of the
    scene (``music_cover`` of its length) at B + ``music_ebr_db``; labelled ``music`` over the whole
    placed span when music is a class (a bed, as a listener would annotate it);
-3. target events from the event pool (``events_per_minute``), each at ``event_db`` dBFS or, when
+3. target events from the event pool (``events_per_minute``, or per scene a rate drawn from
+   ``events_per_minute_range``: sparse scenes and busy ones), each at ``event_db`` dBFS or, when
    ``ebr_db`` is set, at B + an event-to-background ratio drawn from ``ebr_db``; at most
    ``max_polyphony`` labelled events at once, never two of one class;
 4. speech (world): ``speech_per_minute`` utterances (Poisson) at B + ``speech_ebr_db``, placed
@@ -114,6 +115,7 @@ class MixConfig:
     sample_rate_hz: int = 16000
     max_polyphony: int = 5
     events_per_minute: float = 24.0
+    events_per_minute_range: tuple[float, float] | None = (6.0, 36.0)  # per-scene density; None: fixed
     event_db: tuple[float, float] = (-35.0, -20.0)  # absolute event levels when ebr_db is None
     ebr_db: tuple[float, float] | None = (0.0, 20.0)  # event-to-background ratio
     label_db: float = 30.0
@@ -149,9 +151,9 @@ class MixConfig:
     def __post_init__(self) -> None:
         from train.augment import AugmentConfig
 
-        for name in ("event_db", "ebr_db", "distractor_db", "distractor_ebr_db", "background_db",
-                     "ambience_ebr_db", "speech_ebr_db", "music_ebr_db", "music_cover", "scene_gain_db",
-                     "ramp_db", "silence_s"):
+        for name in ("events_per_minute_range", "event_db", "ebr_db", "distractor_db", "distractor_ebr_db",
+                     "background_db", "ambience_ebr_db", "speech_ebr_db", "music_ebr_db", "music_cover",
+                     "scene_gain_db", "ramp_db", "silence_s"):
             object.__setattr__(self, name, _pair(getattr(self, name)))
         if isinstance(self.augment, dict):
             object.__setattr__(self, "augment", AugmentConfig.from_dict(self.augment))
@@ -164,6 +166,8 @@ class MixConfig:
             (all(r[0] <= r[1] for r in ranges), "level and length ranges must be (low, high)"),
             (self.label_db > 0 and self.min_gap_s >= 0, "label_db must be > 0 and min_gap_s >= 0"),
             (self.noise in ("none", "white", "pink", "brown"), "noise must be none, white, pink or brown"),
+            (self.events_per_minute_range is None or self.events_per_minute_range[0] >= 0,
+             "events_per_minute_range must be >= 0"),
             (min(self.events_per_minute, self.distractors_per_minute, self.ambience_per_minute,
                  self.speech_per_minute) >= 0, "rates must be >= 0"),
             (all(0 <= p <= 1 for p in (self.ambience_bed_p, self.music_p, self.ramp_p, self.silence_p)),
@@ -365,7 +369,11 @@ def mix_scene(rng: np.random.Generator, cfg: MixConfig, store: Store, pools: Sce
         return True
 
     classes, dropped = sorted(pools.events), 0
-    for _ in range(round(cfg.events_per_minute * cfg.scene_s / 60)):
+    rate_per_minute = cfg.events_per_minute
+    if cfg.events_per_minute_range is not None:
+        rate_per_minute = float(rng.uniform(*cfg.events_per_minute_range))
+        levels["events_per_minute"] = rate_per_minute
+    for _ in range(round(rate_per_minute * cfg.scene_s / 60)):
         label = classes[int(rng.integers(len(classes)))]
         clip = pools.events[label][int(rng.integers(len(pools.events[label])))]
         x, segments = prepared(clip)

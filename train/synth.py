@@ -85,6 +85,7 @@ class SynthConfig(MixConfig):
     world_classes: tuple[str, ...] = LABELLED_WORLD  # world categories that become classes
     # MixConfig fields with the defaults of the files written before on-the-fly mixing:
     scene_s: float = 60.0
+    events_per_minute_range: tuple[float, float] | None = None
     noise: str = "none"
     noise_db: float = -65.0
     ebr_db: tuple[float, float] | None = None
