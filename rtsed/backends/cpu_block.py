@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rtsed.backends import native
 from rtsed.backends.native import block as native_block
 from rtsed.backends.batchnorm import bn_arguments, mean_var_from_sums, update_running_stats
 from rtsed.backends.cpu import fused_linear
@@ -204,27 +203,8 @@ class DWSBlockTrainFunction(torch.autograd.Function):
                 d_bn2_weight, d_bn2_bias, None, None, None, None)
 
 
-def applies(block, x: Tensor) -> bool:
-    """Whether ``dws_block_train`` takes this block and input: a DWS block in training mode with
-    both BNs training, the structure this op assumes, float32/float64 CPU input, native kernels
-    built (or buildable)."""
-    dw, pw, mp = block.depthwise, block.pointwise, block.pool
-    k = dw.kernel_size[0]
-    pool_k = mp.kernel_size if isinstance(mp.kernel_size, tuple) else (mp.kernel_size, mp.kernel_size)
-    pool_s = mp.stride if isinstance(mp.stride, tuple) else (mp.stride, mp.stride)
-    return (block.training and block.inner_bn.training and block.bn.training
-            and x.device.type == "cpu" and x.dtype in native.DTYPES and x.dim() == 4
-            and dw.kernel_size == (k, k) and k % 2 == 1 and tuple(dw.stride) == (1, 1)
-            and tuple(dw.dilation) == (1, 1) and tuple(dw.padding) == (0, k // 2) and dw.groups == dw.in_channels
-            and dw.padding_mode == "zeros" and dw.bias is not None and pw.bias is not None
-            and pw.kernel_size == (1, 1) and block.inner_bn.affine and block.bn.affine
-            and pool_k[0] == 1 and tuple(pool_s) == tuple(pool_k) and 1 <= pool_k[1] <= min(x.shape[3], 127)
-            and mp.padding in (0, (0, 0)) and mp.dilation in (1, (1, 1)) and not mp.ceil_mode
-            and x.shape[2] >= k and native.available())
-
-
 def dws_block_train(block, x: Tensor) -> Tensor:
-    """``block.post(block.conv_valid_time(x))`` for a DWSBlock in training mode (``applies``):
+    """``block.post(block.conv_valid_time(x))`` for a DWSBlock in training mode (rtsed.backends.dispatch.cpu_block_applies):
     x (B, C_in, T + K - 1, F) -> (B, C, T, F // P), channels-last; dropout included."""
     args = []
     for bn in (block.inner_bn, block.bn):

@@ -31,9 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rtsed.backends import native
 from rtsed.backends.batchnorm import bn_arguments, update_running_stats
-from rtsed.backends.dispatch import cpu_gemm_dtype, native_eval
+from rtsed.backends.dispatch import cpu_gemm_dtype, native_kernels
 from rtsed.backends.native import head as native_head
 
 # Patch rows (b, t, w) per chunk: ~6k rows keep a chunk's z (rows x 256) near 6 MB, inside this
@@ -69,12 +68,6 @@ def _scatter_patch_grads(dx: Tensor, d_patches: Tensor, t0: int, t1: int, kernel
             target = dx.as_strided((b, t1 - t0, width), (tp * c, c, stride),
                                    dx.storage_offset() + (t0 + i * dilation) * c + j)
             target.add_(grads[:, :, :, i, j])
-
-
-def _use_native(dtype: torch.dtype) -> bool:
-    """Whether the backward runs rtsed.backends.native.head's kernels (RTSED_NATIVE on, a compiler found);
-    otherwise the torch compositions beside them run: slower, same results."""
-    return dtype in native.DTYPES and native.available()
 
 
 def _pooled_stats(parts: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -124,7 +117,7 @@ class DilatedHeadFunction(torch.autograd.Function):
         # float32/64 GEMMs with the kernels: conv, ReLU and BN's sums in one native pass per chunk
         # (head_conv_relu_stats), replacing a patches copy, the GEMM, a ReLU pass and a statistics
         # pass over r.
-        native_conv = gemm_dtype is None and _use_native(x.dtype)
+        native_conv = gemm_dtype is None and native_kernels(x.dtype)
         conv_taps = native_head.taps_major_conv(conv_weight, conv_bias) if native_conv else None
         sums = []
 
@@ -189,7 +182,7 @@ class DilatedHeadFunction(torch.autograd.Function):
         g = grad_logits.contiguous()
 
         # rtsed.backends.native.head's kernels where available, else the torch compositions beside them.
-        fused = _use_native(x.dtype)
+        fused = native_kernels(x.dtype)
         g_chunks = [g[:, t0:t1].reshape(-1, n_classes).contiguous() for t0, t1 in chunks]  # (B n, k) each
 
         # Pass 1: G^T r over all frames, the only full pass the classifier and BN gradients need.
@@ -279,19 +272,28 @@ class DilatedHeadFunction(torch.autograd.Function):
                 d_lin_weight, d_lin_bias, None, None, None, None, None, None, None)
 
 
-def dilated_head(temporal, classifier, h: Tensor) -> Tensor:
-    """h: (B, C, T, 1) CNN output -> logits (B, T, n_classes), equal to
-    ``classifier(temporal(h))`` of a DilatedTemporal ``temporal`` and Linear ``classifier``."""
-    bn = temporal.bn
+def _padded_frames(temporal, h: Tensor) -> Tensor:
+    """h: (B, C, T, 1) -> f_dil's time-padded input frames (B, T + (K - 1) d, C), contiguous."""
     x = h[..., 0].transpose(1, 2)  # (B, T, C)
     x = torch.nn.functional.pad(x, (0, 0, temporal.context_frames - temporal.right_pad, temporal.right_pad))
-    x = x.contiguous()
-    if not temporal.training and native_eval(x, classifier.weight, temporal.conv.weight, bn.weight):
-        # Inference: conv, ReLU and the BN-folded classifier in one native pass per frame tile, so
-        # nothing of f_dil's output is written at all.
-        return native_head.head_logits(x, h.shape[2], temporal.native_head_weights(classifier),
-                                       classifier.out_features, temporal.kernel, temporal.dilation,
-                                       temporal.stride)
+    return x.contiguous()
+
+
+def dilated_head_logits(temporal, classifier, h: Tensor) -> Tensor:
+    """Inference (eval mode, no autograd; rtsed.backends.dispatch's native): ``dilated_head``
+    with conv, ReLU and the BN-folded classifier in one native pass per frame tile, so nothing of
+    f_dil's output is written at all. h: (B, C, T, 1) -> logits (B, T, n_classes)."""
+    x = _padded_frames(temporal, h)
+    return native_head.head_logits(x, h.shape[2], temporal.native_head_weights(classifier),
+                                   classifier.out_features, temporal.kernel, temporal.dilation, temporal.stride)
+
+
+def dilated_head(temporal, classifier, h: Tensor) -> Tensor:
+    """h: (B, C, T, 1) CNN output -> logits (B, T, n_classes), equal to
+    ``classifier(temporal(h))`` of a DilatedTemporal ``temporal`` and Linear ``classifier``,
+    through ``DilatedHeadFunction`` (training, or eval with autograd)."""
+    bn = temporal.bn
+    x = _padded_frames(temporal, h)
     args = bn_arguments(bn)  # torch's bookkeeping: num_batches_tracked, momentum None
     geometry = (temporal.kernel, temporal.dilation, temporal.stride, temporal.width)
     return DilatedHeadFunction.apply(

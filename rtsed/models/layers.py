@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from rtsed import ops
 from rtsed.backends.cpu import _relu_owned, conv2d_like_input, fused_linear, one_channel_patches
-from rtsed.backends.dispatch import eval_fast_path, native_eval
 from rtsed.backends.native import eval_block
 from rtsed.backends.native import head as native_head
 
@@ -99,6 +98,7 @@ class FrequencyBlock(nn.Module):
         if not 0 <= right_pad <= kernel - 1:
             raise ValueError(f"right_pad {right_pad} outside [0, {kernel - 1}]")
         self.kernel = kernel
+        self.out_channels = c_out
         self.context_frames = kernel - 1
         self.right_pad = right_pad
         self.bn = nn.BatchNorm2d(c_out)
@@ -119,24 +119,19 @@ class FrequencyBlock(nn.Module):
 
         history: None, or a streaming block's state (B, C_in, K - 1, F), the input frames that
         precede x: the block then runs on cat(history, x) and advances history in place to that
-        window's last K - 1 frames. The native eval kernels do both without building the window."""
+        window's last K - 1 frames."""
         if history is None:
             return ops.frequency_block(self, x)
-        if eval_fast_path(self, x) and self.native_eval_applies(x):
-            return self.native_folded_valid_time(x, history, advance_history=True)
-        window = torch.cat([history, x], dim=2)
-        if self.context_frames:
-            history.copy_(window[:, :, window.shape[2] - self.context_frames:])
-        return ops.frequency_block(self, window)
+        return ops.frequency_block_step(self, x, history)
 
-    def conv_folded(self, x: Tensor) -> Tensor:
+    def conv_folded(self, x: Tensor, export: bool = False) -> Tensor:
         """Eval mode: the conv part with every BN before the output ReLU folded in. Works in x's
         memory format: channels-last on the CPU, offline and streaming alike (the streaming
         histories are kept channels-last there: 5 % faster per 16-frame dnd_7_10 step than NCHW
         histories, the same for base)."""
         raise NotImplementedError
 
-    def folded_valid_time(self, x: Tensor) -> Tensor:
+    def folded_valid_time(self, x: Tensor, export: bool = False) -> Tensor:
         """Eval-mode fast path, equal to ``post(conv_valid_time(x))`` up to rounding: BNs
         folded, and the output BN (after ReLU, a per-channel affine y = a r + b) applied after
         the max-pool, on 1/P of the values: max_p(a r_p + b) = |a| max_p(sign(a) r_p) + b holds
@@ -147,18 +142,15 @@ class FrequencyBlock(nn.Module):
         one full-resolution pass (the pool) instead of three. On a channels-last y the pool is a
         max over groups of P rows of its (B, T, F, C) view. Traced for ONNX, the ReLU stays
         before the pool (onnxruntime fuses it into the conv) and the affine is a depthwise 1x1
-        Conv (one node instead of Mul and Add).
+        Conv (one node instead of Mul and Add): ``export``, rtsed.backends.dispatch's onnx-folded.
 
-        Where rtsed.backends.native.eval_block's kernels apply, ``native_folded_valid_time`` runs instead
-        (the same arithmetic in three passes, the pointwise GEMM still oneDNN's)."""
-        if self.native_eval_applies(x):
-            return self.native_folded_valid_time(x)
+        ``native_folded_valid_time`` is the same arithmetic through native kernels."""
         sign, magnitude, shift, nonnegative = folded_cache(self, "post", bn_sources(self.bn), self._pool_affine)
-        y = self.conv_folded(x)
+        y = self.conv_folded(x, export)
         if not nonnegative:
             pooled = F.max_pool2d(F.relu(y) * sign, self.pool.kernel_size, self.pool.stride)
             return torch.addcmul(shift, pooled, magnitude)
-        if torch.jit.is_tracing():
+        if export:
             pooled = F.max_pool2d(F.relu(y), self.pool.kernel_size, self.pool.stride)
             return F.conv2d(pooled, magnitude[:, :, :, None], shift.view(-1), groups=magnitude.shape[0])
         rows = y.permute(0, 2, 3, 1)  # (B, T, F, C)
@@ -170,17 +162,12 @@ class FrequencyBlock(nn.Module):
         pooled = _relu_owned(rows[:, :, :f].unflatten(2, (-1, p)).amax(3))  # (B, T, F // P, C)
         return torch.addcmul(shift.view(-1), pooled, magnitude.view(-1)).permute(0, 3, 1, 2)
 
-    def native_eval_applies(self, x: Tensor) -> bool:
-        """Whether ``folded_valid_time`` runs on x through ``native_folded_valid_time``
-        (rtsed.backends.native.eval_block's kernels). The base class has no native path."""
-        return False
-
     def native_folded_valid_time(self, x: Tensor, history: Tensor | None = None,
                                  advance_history: bool = False) -> Tensor:
         """``folded_valid_time`` through native kernels: (B, C_in, T + K - 1, F) -> (B, C_out, T, F // P),
         or, given ``history`` (B, C_in, H, F), the same on cat(history, x) without building it, and
         with ``advance_history`` history advanced in place to the window's last H frames. Only
-        where ``native_eval_applies``."""
+        where rtsed.backends.dispatch chooses native for this block."""
         raise NotImplementedError
 
     def _pool_affine(self) -> tuple[Tensor, Tensor, Tensor, bool]:
@@ -220,7 +207,7 @@ class ConvBlock(FrequencyBlock):
     def conv_valid_time(self, x: Tensor) -> Tensor:
         return conv2d_like_input(x, self.conv)
 
-    def conv_folded(self, x: Tensor) -> Tensor:
+    def conv_folded(self, x: Tensor, export: bool = False) -> Tensor:
         return conv2d_like_input(x, self.conv)
 
 
@@ -240,20 +227,18 @@ class DWSBlock(FrequencyBlock):
         self.depthwise = nn.Conv2d(c_in, c_out, kernel, padding=(0, kernel // 2), groups=c_in)
         self.inner_bn = nn.BatchNorm2d(c_out)
         self.pointwise = nn.Conv2d(c_out, c_out, 1)
-        # The shapes rtsed.backends.native.eval_block's kernels take (fixed at construction).
-        self._native_shapes_fit = kernel in eval_block.KERNELS and (c_in == 1 or c_in == c_out)
 
     def conv_valid_time(self, x: Tensor) -> Tensor:
         depthwise = conv2d_like_input(x, self.depthwise)
         return conv2d_like_input(self.inner_bn(F.leaky_relu(depthwise, 0.01)), self.pointwise)
 
-    def conv_folded(self, x: Tensor) -> Tensor:
+    def conv_folded(self, x: Tensor, export: bool = False) -> Tensor:
         dw = self.depthwise
         sources = [self.pointwise.weight, self.pointwise.bias, *bn_sources(self.inner_bn), dw.weight]
         weight, bias, dw_weight_cl = folded_cache(self, "pointwise", sources, self._folded_pointwise)
-        if torch.jit.is_tracing():
+        if export:
             # ONNX: onnxruntime runs a 1x1 Conv on NCHW directly; the rows GEMM would cost two
-            # Transposes (measured 10 % slower per step there).
+            # Transposes there.
             a = F.leaky_relu(self.depthwise(x), 0.01)
             return F.conv2d(a, weight[:, :, None, None], bias)
         b, _, t_in, f = x.shape
@@ -270,16 +255,6 @@ class DWSBlock(FrequencyBlock):
             a = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])
         out = fused_linear(a, weight, bias)
         return out.view(b, t_in - k + 1, f, -1).permute(0, 3, 1, 2)
-
-    def native_eval_applies(self, x: Tensor) -> bool:
-        """The native kernels take a depthwise (C -> C) or one-input-channel (1 -> C) K x K conv
-        with K in eval_block.KERNELS, where ``dispatch.native_eval`` allows native inference."""
-        if not self._native_shapes_fit:
-            return False
-        # The parameters are listed only when autograd records (module attribute lookups cost
-        # ~0.5 us each, and this runs once per block per streaming step).
-        parameters = [self.depthwise.weight, self.pointwise.weight] if torch.is_grad_enabled() else []
-        return native_eval(x, *parameters)
 
     def native_folded_valid_time(self, x: Tensor, history: Tensor | None = None,
                                  advance_history: bool = False) -> Tensor:
@@ -425,6 +400,19 @@ class DilatedTemporal(nn.Module):
         kernel = weight.view(weight.shape[0], self.conv.out_channels, 1, self.width)
         return F.conv2d(F.relu(y), kernel, bias)
 
+    def step_logits_native(self, h: Tensor, state: FrameRing, classifier: nn.Linear) -> Tensor:
+        """``step_logits_folded`` through one native pass over the window: conv, ReLU and the
+        BN-folded classifier, the patches never copied and the conv's output never written."""
+        frames = h[..., 0].transpose(1, 2)
+        max_step = state.frames.shape[1] - self.context_frames
+        native_weights = self.native_head_weights(classifier)
+        outputs = []
+        for i in range(0, frames.shape[1], max_step):
+            window = self._ring_window(frames[:, i:i + max_step], state)  # (B, (K - 1) d + n, C)
+            outputs.append(native_head.head_logits(window, window.shape[1] - self.context_frames, native_weights,
+                                                   classifier.out_features, self.kernel, self.dilation, self.stride))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
     def step_logits_folded(self, h: Tensor, state: FrameRing, classifier: nn.Linear) -> Tensor:
         """Eval-mode streaming step of f_dil and the classifier together:
         h (B, C, n, 1) new CNN frames -> logits (B, n, n_classes), BN folded."""
@@ -433,16 +421,6 @@ class DilatedTemporal(nn.Module):
         max_step = capacity - self.context_frames
         outputs = []
         k, s, w, d = self.kernel, self.stride, self.width, self.dilation
-        if native_eval(frames, classifier.weight, self.conv.weight):
-            # Conv, ReLU and classifier in one native pass over the window (patches never copied,
-            # the conv's output never written): 0.48 ms against 0.64 ms for the two GEMMs below
-            # per 16-frame step at one thread on this project's CPU.
-            native_weights = self.native_head_weights(classifier)
-            for i in range(0, frames.shape[1], max_step):
-                window = self._ring_window(frames[:, i:i + max_step], state)  # (B, (K - 1) d + n, C)
-                outputs.append(native_head.head_logits(window, window.shape[1] - self.context_frames,
-                                                       native_weights, classifier.out_features, k, d, s))
-            return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         weight, bias, lin_weight, lin_bias = folded_cache(
             self, "patch_gemms", [self.conv.weight, self.conv.bias, classifier.weight, classifier.bias,
                                   *bn_sources(self.bn)], lambda: self._patch_gemm_weights(classifier))

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from rtsed import ops
-from rtsed.backends.cpu import channels_last_convs
-from rtsed.backends.dispatch import cpu_fast_path, forced_backend
+from rtsed.backends.dispatch import channels_last_convs, cpu_fast_path, forced_backend
 from rtsed.config import ModelConfig
 from rtsed.models.layers import ConvBlock, DilatedTemporal, DWSBlock, FrequencyBlock, GRUTemporal
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from rtsed import ops
-from rtsed.backends import native
+from rtsed.backends import dispatch
 from rtsed.models.layers import ConvHistory, DilatedTemporal, FrameRing, GRUHidden, GRUTemporal
 from rtsed.models.model import SEDModel
 from rtsed.backends.precision import autocast, check_precision
@@ -93,10 +93,7 @@ class ModelStream:
         self._steady = False
         self.device = device
         check_precision(precision, device.type, what="ModelStream precision")
-        if device.type == "cpu":
-            # Build (or load) the native kernels now: a first build takes seconds, which must not
-            # land inside a live stream's first step.
-            native.available()
+        dispatch.prepare(device)
 
     # -- stream control ------------------------------------------------------------------------
 

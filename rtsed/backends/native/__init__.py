@@ -155,6 +155,16 @@ def available() -> bool:
     return library() is not None
 
 
+def status() -> str:
+    """One line for ``python -m rtsed.doctor``: whether the kernels run here, or why not."""
+    if not enabled():
+        return "off (RTSED_NATIVE=0)"
+    lib = library()
+    if lib is None:
+        return f"unavailable: {_failure}"
+    return f"built with {_compiler()} ({lib._name})"
+
+
 def function(name: str, dtype: torch.dtype):
     """The ctypes function ``<name>_f32`` or ``<name>_f64`` for tensors of ``dtype``, its
     argument types set from ``declare``. Raises NativeBuildError when the library is unavailable."""
