@@ -47,7 +47,7 @@ from rtsed.backends.dispatch import eval_fast_path
 from rtsed.config import DetectorConfig, NormalizationStats
 from rtsed.models.layers import DilatedTemporal, GRUTemporal
 from rtsed.models.model import SEDModel
-from rtsed.stream.model_stream import NO_END
+from rtsed.stream.plan import NO_END, StreamPlan
 
 ONNX_FORMAT = "rtsed-onnx"
 ONNX_FORMAT_VERSION = 1
@@ -97,12 +97,8 @@ class StepGraph(nn.Module):
         self.model, self.normalize = model, _Normalize(config)
         # one_frame: the steady step specialised for n == 1 (f_dil models only; see forward).
         self.steady, self.one_frame = steady or one_frame, one_frame
-        self.block_delays, total = [], 0
-        for block in model.blocks:
-            total += block.right_pad
-            self.block_delays.append(total)
-        self.cnn_delay = total
-        self.lookahead = total + model.temporal.right_pad
+        self.plan = StreamPlan.of(model)
+        self.block_delays, self.cnn_delay, self.lookahead = self.plan.block_delays, self.plan.cnn_delay, self.plan.lookahead
 
     def state_specs(self) -> list[tuple[str, tuple[int | str, ...]]]:
         """[(name, shape)] of every state tensor, "batch" standing for the batch size.
@@ -142,8 +138,7 @@ class StepGraph(nn.Module):
         pos = position[:, None] + torch.arange(n, dtype=position.dtype)[None, :]  # (B, n)
 
         def keep(delay: int) -> Tensor:
-            t = pos - delay
-            return ((t >= 0) & (t < end[:, None])).to(frames.dtype)[:, None, :, None]
+            return self.plan.keep(pos, end[:, None], delay).to(frames.dtype)[:, None, :, None]
 
         h = self.normalize(frames).unsqueeze(1)
         if not self.steady:
@@ -192,10 +187,7 @@ class StepGraph(nn.Module):
             else:
                 logits = self.model.classifier(t._flatten(t.bn(F.relu(y))))
         frame_index = pos - self.lookahead
-        if self.steady:  # frame_index >= 0 for every row
-            valid = frame_index < end[:, None]
-        else:
-            valid = (frame_index >= 0) & (frame_index < end[:, None])
+        valid = self.plan.valid(frame_index, end, steady=self.steady)  # steady: frame_index >= 0 for every row
         return (torch.sigmoid(logits), logits, frame_index, valid, position + n, *new_states)
 
     def _dil_window(self, new: Tensor, position: Tensor, ring: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rtsed.config import DetectorConfig
+from rtsed.stream.plan import NO_END, StreamPlan
 from rtsed.stream.onnx_export import (DIL_NEW, DIL_READ, DIL_TAPS, DIL_WRITE, ONNX_FORMAT, ONNX_FORMAT_VERSION,
                           steady_step_model, window_name)
 
@@ -119,17 +120,17 @@ class OnnxStepOutput:
     to be computed on first use, from the positions before the step: every row is then valid and
     row j of stream b is frame positions[b] + j - lookahead. ``push`` reads neither."""
 
-    __slots__ = ("logits", "_frame_index", "_valid", "_first", "_lookahead")
+    __slots__ = ("logits", "_frame_index", "_valid", "_first", "_plan")
 
     def __init__(self, logits: np.ndarray, frame_index: np.ndarray | None = None,
-                 valid: np.ndarray | None = None, first: np.ndarray | None = None, lookahead: int = 0):
+                 valid: np.ndarray | None = None, first: np.ndarray | None = None, plan: StreamPlan | None = None):
         self.logits, self._frame_index, self._valid = logits, frame_index, valid
-        self._first, self._lookahead = first, lookahead
+        self._first, self._plan = first, plan
 
     @property
     def frame_index(self) -> np.ndarray:
         if self._frame_index is None:
-            self._frame_index = self._first[:, None] + (np.arange(self.logits.shape[1]) - self._lookahead)
+            self._frame_index = self._plan.frame_index(self._first, np.arange(self.logits.shape[1]))
         return self._frame_index
 
     @property
@@ -176,6 +177,9 @@ class OnnxStream:
         self.batch_size = batch_size
         self.lookahead_frames = self.file.lookahead_frames
         self.no_end = int(self.file.meta["rtsed_no_end"])
+        if self.no_end != NO_END:
+            raise OnnxModelError(f"{path}: exported with end marker {self.no_end}, this rtsed uses {NO_END}: export it again")
+        self.plan = StreamPlan((), self.lookahead_frames)  # (the CNN's delays are inside the graph)
         self.state_specs = [(s["name"], tuple(batch_size if d == "batch" else d for d in s["shape"]))
                             for s in json.loads(self.file.meta["rtsed_state"])]
         self._state_names = [name for name, _ in self.state_specs]
@@ -275,8 +279,7 @@ class OnnxStream:
 
     def _is_steady(self) -> bool:
         """Whether the steady session may run this step: every stream past its lookahead, none ended."""
-        self._steady = bool(self._steady_session is not None and self.positions.min() >= self.lookahead_frames
-                            and self.ends.min() >= self.no_end)
+        self._steady = self._steady_session is not None and self.plan.steady(self.positions, self.ends)
         return self._steady
 
     def step(self, frames: np.ndarray) -> OnnxStepOutput:
@@ -295,7 +298,7 @@ class OnnxStream:
                 self.positions = first + 1
             else:
                 logits, first = self._steady_step(x)
-            return OnnxStepOutput(logits, first=first, lookahead=self.lookahead_frames)
+            return OnnxStepOutput(logits, first=first, plan=self.plan)
         feeds = {"frames": x, "position": self.positions, "end": self.ends, **self.states}
         logits, frame_index, valid, self.positions, *new_states = self._run(self._outputs, feeds)
         # The graph's outputs are fresh arrays: they become the states, no copy.
@@ -393,17 +396,13 @@ class OnnxStream:
             self.states = dict(zip(self._state_names, new_states))
             self._advance += n
             return logits[0]
-        position, end = int(self.positions[0]), int(self.ends[0])
-        logits = self.step(x[None]).logits
-        # Row j is offline frame position + j - lookahead: valid from frame 0 up to the end.
-        lo = min(n, max(0, self.lookahead_frames - position))
-        hi = max(lo, min(n, end + self.lookahead_frames - position))
-        return logits[0, lo:hi]
+        lo, hi = self.plan.push_bounds(int(self.positions[0]), int(self.ends[0]), n)
+        return self.step(x[None]).logits[0, lo:hi]
 
     def flush(self) -> np.ndarray:
         """One stream: end it and return its last lookahead frames' logits."""
         self.end()
-        pending = int(self.ends[0] + self.lookahead_frames - self.positions[0])
+        pending = self.plan.pending_after_end(int(self.positions[0]), int(self.ends[0]))
         if pending <= 0:
             return np.zeros((0, len(self.config.labels)), np.float32)
         return self.push(np.zeros((pending, self.config.model.n_mels), np.float32))
