@@ -299,6 +299,58 @@ class DWSBlock(FrequencyBlock):
 # ----------------------------------------------------------------------------------------------
 
 
+class TemporalPart(nn.Module):
+    """The streaming-state protocol of a model's temporal part, all that ModelStream, the ONNX
+    step graph and the engines use: a new family implements it and streams, exports and serves
+    without edits elsewhere (tests/test_temporal_family.py defines one).
+
+    - ``right_pad``: future frames each output needs (its share of the model's lookahead);
+      ``out_features``: features per frame for the classifier;
+    - ``forward(h)``: offline, CNN output (B, C, T, 1) -> (B, T, out_features), as if zero-padded
+      in time outside [0, T);
+    - ``init_state(batch_size, max_step_frames, device, dtype)``: allocate the stream state, an
+      object with ``reset(streams)`` (zeros: the offline left padding);
+    - ``step(h, state, skip)``: h (B, C, n, 1) new frames -> (B, n, out_features), the state
+      advanced in place; output row j is offline frame ``position + j - right_pad``;
+    - ``state_specs()`` and ``export_step(x, states, skip)``: the same step as a pure function of
+      its state tensors, for the exported step graph: [(name, shape with "batch")], and x
+      (B, n, C), the state tensors in that order -> (out (B, n, out_features), new state tensors).
+
+    ``skip`` (B,) counts each stream's leading frames that lie before its first real CNN frame
+    (the CNN's warm-up under "same" padding): zero frames there ARE the offline padding for a
+    part whose state only holds past inputs, which may ignore it; a recurrent part must leave its
+    state untouched by them (``skips_warmup = True``, and then ``skip`` is given while some stream
+    is in its warm-up, None otherwise). ``logits`` / ``step_logits`` compose the part with the
+    classifier; a family may fuse them (f_dil does)."""
+
+    right_pad: int = 0
+    skips_warmup: bool = False
+
+    @property
+    def out_features(self) -> int:
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, max_step_frames: int, device, dtype):
+        raise NotImplementedError
+
+    def step(self, h: Tensor, state, skip: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def state_specs(self) -> list[tuple[str, tuple[int | str, ...]]]:
+        raise NotImplementedError
+
+    def export_step(self, x: Tensor, states: list[Tensor], skip: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        raise NotImplementedError
+
+    def logits(self, h: Tensor, classifier: nn.Linear) -> Tensor:
+        """Offline: CNN output (B, C, T, 1) -> logits (B, T, n_classes)."""
+        return classifier(self(h))
+
+    def step_logits(self, h: Tensor, state, classifier: nn.Linear, skip: Tensor | None = None) -> Tensor:
+        """A streaming step to logits: h (B, C, n, 1) -> (B, n, n_classes)."""
+        return classifier(self.step(h, state, skip))
+
+
 @dataclass
 class FrameRing:
     """Past input frames of f_dil in a ring buffer: (B, capacity, C) plus a write position.
@@ -320,7 +372,7 @@ class FrameRing:
             self.frames[streams] = 0
 
 
-class DilatedTemporal(nn.Module):
+class DilatedTemporal(TemporalPart):
     """f_dil: the CNN output (B, C, T, 1) is read as a one-channel image (B, 1, T, C) whose width
     is the C CNN channels; Conv2d(1 -> C_out, (K, K), stride (1, S), dilation (d, 1)) -> ReLU -> BN;
     then (B, C_out, T, W) is permuted to (B, T, C_out, W) and flattened channel-major to
@@ -365,7 +417,13 @@ class DilatedTemporal(nn.Module):
         capacity = self.context_frames + max_step_frames
         return FrameRing(torch.zeros(batch_size, capacity, self.channels, device=device, dtype=dtype))
 
-    def step(self, h: Tensor, state: FrameRing) -> Tensor:
+    def logits(self, h: Tensor, classifier: nn.Linear) -> Tensor:
+        return ops.dilated_head(self, classifier, h)
+
+    def step_logits(self, h: Tensor, state: FrameRing, classifier: nn.Linear, skip: Tensor | None = None) -> Tensor:
+        return ops.dilated_step_logits(self, classifier, h, state)
+
+    def step(self, h: Tensor, state: FrameRing, skip: Tensor | None = None) -> Tensor:
         """h: (B, C, n, 1) new CNN frames -> (B, n, C_out * W), the causal outputs for them.
         n may exceed the ring's step capacity; the step is then done in slices."""
         frames = h[..., 0].transpose(1, 2)  # (B, n, C)
@@ -513,7 +571,7 @@ class GRUHidden:
             self.h[:, streams] = 0
 
 
-class GRUTemporal(nn.Module):
+class GRUTemporal(TemporalPart):
     """Unidirectional one-layer GRU over frames: (B, C, T, 1) -> (B, T, H). Causal by nature."""
 
     def __init__(self, channels: int, hidden: int):
@@ -521,6 +579,7 @@ class GRUTemporal(nn.Module):
         self.gru = nn.GRU(channels, hidden, batch_first=True)
         self.right_pad = 0
         self.context_frames = 0
+        self.skips_warmup = True  # zero frames would move h: the warm-up must not reach it
 
     @property
     def out_features(self) -> int:
@@ -540,6 +599,13 @@ class GRUTemporal(nn.Module):
         out, new_h = self.step_tensors(h[..., 0].transpose(1, 2), state.h, skip)
         state.h.copy_(new_h)
         return out
+
+    def state_specs(self) -> list[tuple[str, tuple[int | str, ...]]]:
+        return [("gru_h", (1, "batch", self.gru.hidden_size))]
+
+    def export_step(self, x: Tensor, states: list[Tensor], skip: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        out, new_h = self.step_tensors(x, states[0], skip)
+        return out, [new_h]
 
     def step_tensors(self, x: Tensor, h: Tensor, skip: Tensor | None) -> tuple[Tensor, Tensor]:
         """Functional step: x (B, n, C), h (1, B, H), skip (B,) -> (out (B, n, H), new h).

@@ -15,16 +15,17 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from rtsed import ops
 from rtsed.backends.dispatch import channels_last_convs, cpu_fast_path, forced_backend
 from rtsed.config import ModelConfig
-from rtsed.models.layers import ConvBlock, DilatedTemporal, DWSBlock, FrequencyBlock, GRUTemporal
+from rtsed.models.layers import ConvBlock, DilatedTemporal, DWSBlock, FrequencyBlock, GRUTemporal, TemporalPart
 
 
 class SEDModel(nn.Module):
     """A sound event detector of the paper's grid, built from a ModelConfig."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, temporal: TemporalPart | None = None):
+        """``temporal``: a temporal part of another family (the ``TemporalPart`` protocol) instead of
+        the one ``config`` names; its classifier follows its ``out_features``."""
         super().__init__()
         self.config = config
         block_cls = DWSBlock if config.cnn == "dws" else ConvBlock
@@ -35,8 +36,10 @@ class SEDModel(nn.Module):
                                     right_pad=config.cnn_right_pad_frames))
             c_in = config.channels
         self.blocks = nn.ModuleList(blocks)
-        if config.temporal == "gru":
-            self.temporal: GRUTemporal | DilatedTemporal = GRUTemporal(config.channels, config.channels)
+        if temporal is not None:
+            self.temporal: TemporalPart = temporal
+        elif config.temporal == "gru":
+            self.temporal = GRUTemporal(config.channels, config.channels)
         else:
             assert config.dil_kernel and config.dil_dilation and config.dil_stride
             self.temporal = DilatedTemporal(config.channels, config.dil_kernel, config.dil_dilation,
@@ -102,10 +105,7 @@ class SEDModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, F) normalised log-mel -> logits (B, T, n_classes)."""
-        h = self.features(x)
-        if isinstance(self.temporal, DilatedTemporal):
-            return ops.dilated_head(self.temporal, self.classifier, h)
-        return self.classifier(self.temporal(h))
+        return self.temporal.logits(self.features(x), self.classifier)
 
 
 def build_model(name: str | ModelConfig, **overrides) -> SEDModel:

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rtsed import ops
 from rtsed.backends import dispatch
-from rtsed.models.layers import ConvHistory, DilatedTemporal, FrameRing, GRUHidden, GRUTemporal
+from rtsed.models.layers import ConvHistory
 from rtsed.models.model import SEDModel
 from rtsed.backends.precision import autocast, check_precision
 from rtsed.stream.plan import NO_END, StreamPlan
@@ -74,7 +73,7 @@ class ModelStream:
         for block in model.blocks:
             self.block_states.append(block.init_state(batch_size, freq, device, dtype))
             freq //= block.pool.kernel_size[1]
-        self.temporal_state: FrameRing | GRUHidden = model.temporal.init_state(
+        self.temporal_state = model.temporal.init_state(
             batch_size, max_step_frames, device, dtype)
         self.plan = StreamPlan.of(model)
         self.block_delays = self.plan.block_delays
@@ -154,19 +153,14 @@ class ModelStream:
                 return self.plan.keep(positions, ends, delay).to(self.device, h.dtype)[:, None, :, None]
 
             h = h * keep(0)
-        for block, state, delay in zip(self.model.blocks, self.block_states, self.block_delays):
+        for block, state, delay, masked in zip(self.model.blocks, self.block_states, self.block_delays,
+                                               self.plan.masked_blocks):
             h = block.step(h, state)
-            if masking and delay:
+            if masking and masked:
                 h = h * keep(delay)
         temporal = self.model.temporal
-        if isinstance(temporal, GRUTemporal):
-            skip = torch.clamp(self.plan.cnn_delay - self.positions, 0, n) if masking else None
-            logits = self.model.classifier(temporal.step(h, self.temporal_state, skip))  # type: ignore[arg-type]
-        else:
-            assert isinstance(temporal, DilatedTemporal)
-            logits = ops.dilated_step_logits(temporal, self.model.classifier, h,
-                                             self.temporal_state)  # type: ignore[arg-type]
-        return logits
+        skip = torch.clamp(self.plan.cnn_delay - self.positions, 0, n) if masking and temporal.skips_warmup else None
+        return temporal.step_logits(h, self.temporal_state, self.model.classifier, skip)
 
     # -- one-stream convenience ----------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from rtsed.backends.dispatch import eval_fast_path
 from rtsed.config import DetectorConfig, NormalizationStats
-from rtsed.models.layers import DilatedTemporal, GRUTemporal
+from rtsed.models.layers import DilatedTemporal
 from rtsed.models.model import SEDModel
 from rtsed.stream.plan import NO_END, StreamPlan
 
@@ -118,10 +118,10 @@ class StepGraph(nn.Module):
                 specs.append((f"block{i}_history", ("batch", block.context_frames, freq, block.in_channels)))
             freq //= block.pool.kernel_size[1]
         t = self.model.temporal
-        if isinstance(t, GRUTemporal):
-            specs.append(("gru_h", (1, "batch", t.gru.hidden_size)))
-        else:  # a ring: row q mod R holds the frame of stream position q (see forward)
+        if isinstance(t, DilatedTemporal):  # a ring: row q mod R holds the frame of stream position q (see forward)
             specs.append(("dil_history", ("batch", t.context_frames, t.channels)))
+        else:  # any other family: its own state tensors (the TemporalPart protocol)
+            specs.extend(t.state_specs())
         return specs
 
     def dil_taps(self) -> list[int]:
@@ -144,7 +144,7 @@ class StepGraph(nn.Module):
         if not self.steady:
             h = h * keep(0)
         new_states = []
-        for block, delay, hist in zip(self.model.blocks, self.block_delays, states):
+        for block, delay, masked, hist in zip(self.model.blocks, self.block_delays, self.plan.masked_blocks, states):
             if block.in_channels == 1:
                 window = torch.cat([hist, h], dim=2)
                 # A negative start: one constant Slice, no Shape/Gather/Sub to compute it.
@@ -154,20 +154,20 @@ class StepGraph(nn.Module):
                 new_states.append(window[:, -block.context_frames:])
                 window = window.permute(0, 3, 1, 2)
             h = block.valid_time(window)
-            if delay and not self.steady:
+            if masked and not self.steady:
                 h = h * keep(delay)
         t = self.model.temporal
-        temporal_state = states[len(self.model.blocks)]
-        if isinstance(t, GRUTemporal):
+        temporal_states = list(states[len(self.model.blocks):])
+        if not isinstance(t, DilatedTemporal):  # the TemporalPart protocol (f_dil's own step follows)
             skip = None
-            if not self.steady:  # steady: every stream is past the CNN delay, nothing to skip
+            if t.skips_warmup and not self.steady:  # steady: every stream is past the CNN delay
                 skip = torch.clamp(self.cnn_delay - position, min=0)
                 skip = torch.minimum(skip, torch.full_like(skip, n))
-            feats, new_h = t.step_tensors(h.permute(0, 2, 3, 1).squeeze(2), temporal_state, skip)
-            new_states.append(new_h)
+            feats, new = t.export_step(h.permute(0, 2, 3, 1).squeeze(2), temporal_states, skip)
+            new_states.extend(new)
             logits = self.model.classifier(feats)
         else:
-            assert isinstance(t, DilatedTemporal)
+            temporal_state = temporal_states[0]
             if self.one_frame:  # (B, C, 1, 1) is (B, 1, 1, C) in memory: a Reshape, no Transpose node
                 new = h.reshape(-1, 1, 1, t.channels)
             else:
@@ -493,12 +493,12 @@ def export_onnx(model: SEDModel, config: DetectorConfig, out: str | Path, stream
         # dil_history is a ring (StepGraph._dil_window): row q mod R holds the frame of stream
         # position q; "taps" are the offsets o of a one-frame step's rows (position + o) mod R.
         # time_axis: the axis of each history's frames (2 for a one-channel block's (B, 1, K - 1, F)).
+        blocks = {f"block{i}_history": block for i, block in enumerate(model.blocks)}
         meta["rtsed_state"] = json.dumps([
-            {"name": n, "shape": list(s)} if n == "gru_h" else
-            {"name": n, "shape": list(s), "time_axis": 2 if model.blocks[int(n[5:-8])].in_channels == 1 else 1}
-            if n != "dil_history" else
+            {"name": n, "shape": list(s), "time_axis": 2 if blocks[n].in_channels == 1 else 1} if n in blocks else
             {"name": n, "shape": list(s), "time_axis": 1, "layout": "ring: row q mod R holds stream position q's frame",
-             "taps": graph.dil_taps()} for n, s in specs])
+             "taps": graph.dil_taps()} if n == "dil_history" and isinstance(model.temporal, DilatedTemporal) else
+            {"name": n, "shape": list(s)} for n, s in specs])
         meta["rtsed_no_end"] = str(NO_END)
     else:
         graph = OfflineGraph(model, config).eval()

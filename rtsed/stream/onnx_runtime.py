@@ -182,6 +182,7 @@ class OnnxStream:
         self.plan = StreamPlan((), self.lookahead_frames)  # (the CNN's delays are inside the graph)
         self.state_specs = [(s["name"], tuple(batch_size if d == "batch" else d for d in s["shape"]))
                             for s in json.loads(self.file.meta["rtsed_state"])]
+        self._batch_axes = {s["name"]: s["shape"].index("batch") for s in json.loads(self.file.meta["rtsed_state"])}
         self._state_names = [name for name, _ in self.state_specs]
         self.states = {name: np.zeros(shape, np.float32) for name, shape in self.state_specs}
         self._positions = np.zeros(batch_size, np.int64)
@@ -265,8 +266,7 @@ class OnnxStream:
     def reset(self, streams=None) -> None:
         idx = slice(None) if streams is None else np.asarray(streams, dtype=np.int64)
         for name, _ in self.state_specs:
-            axis = 1 if name == "gru_h" else 0
-            view = np.moveaxis(self.states[name], axis, 0)
+            view = np.moveaxis(self.states[name], self._batch_axes[name], 0)
             view[idx] = 0.0
         self.positions[idx] = 0
         self.ends[idx] = self.no_end

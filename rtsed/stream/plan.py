@@ -35,6 +35,13 @@ class StreamPlan:
         return cls(tuple(delays), model.lookahead_frames)
 
     @property
+    def masked_blocks(self) -> tuple[bool, ...]:
+        """Whether each block's output needs the keep mask in a masking step: where it is delayed
+        (its warm-up frames lie before the stream's start), or where a later layer looks ahead
+        (it would read the block's outputs past the stream's end)."""
+        return tuple(delay > 0 or self.lookahead > delay for delay in self.block_delays)
+
+    @property
     def cnn_delay(self) -> int:
         """The delay of the CNN's output, the temporal part's input."""
         return self.block_delays[-1] if self.block_delays else 0
