@@ -54,9 +54,9 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor, activation: str = "non
     """Eval-mode ``act(x @ weight.T + bias)``: x (M, K), weight (N, K), bias (N,) -> (M, N), with
     activation "none", "relu" or "leaky_relu" (slope 0.01). On the CPU in fp32 without autograd,
     from 4M multiply-accumulates up, it is one oneDNN matmul with the activation fused (torch's
-    mkldnn linear-pointwise op, which has no backward): at one thread it ran the 16-frame
-    streaming GEMMs 3-15 % faster than MKL's addmm and saves the activation's pass over the
-    output; below that size its fixed cost per call loses. Elsewhere addmm, then the activation.
+    mkldnn linear-pointwise op, which has no backward): faster than MKL's addmm on the streaming
+    GEMMs, and it saves the activation's pass over the output; below that size its fixed cost per
+    call loses. Elsewhere addmm, then the activation.
     Which of the three runs is ``dispatch.gemm``'s choice."""
     how = dispatch.gemm(x, weight, bias, _MKLDNN_LINEAR is not None)
     if how != "addmm":

@@ -8,16 +8,16 @@ The op is ``kernels/dws_block.py``'s (docs/reference.md "Depthwise-separable blo
 
 The reference (``block.post(block.conv_valid_time(x))``) runs each elementwise step as its own
 torch kernel, forward and backward, over full-resolution tensors: for block 1 of dnd_7_10 at batch
-16 x 1024 that is 671 MB per pass and ~1.2 s of a ~4.8 s train step on the project's 2-core CPU,
-against ~0.04 s for one read+write pass. Here (channels-last; "rows" are the B T F positions):
+16 x 1024 each such pass moves hundreds of MB, and together they were a quarter of a train step
+on a 2-core CPU. Here each is fused into as few passes as possible (channels-last; "rows" are
+the B T F positions):
 
 forward
   1. d = depthwise(x) (oneDNN), then one native pass: a = leaky(d) in place, BN1's sums; for
      block 1 (one input channel) conv, leaky and sums are one native pass.
   2. BN1 folds into the pointwise GEMM: p = a (W s1)^T + (b + W t1); u never exists. This GEMM
-     and step 5's dp W run as oneDNN matmuls (``rtsed.backends.cpu.fused_linear``: 10-15 % faster than MKL's
-     addmm at (655360, 256) x (256, 256) here; the weight-gradient GEMM stays MKL's, which
-     oneDNN ran slower).
+     and step 5's dp W run as oneDNN matmuls (``rtsed.backends.cpu.fused_linear``, faster than
+     MKL's addmm at these shapes; the weight-gradient GEMM stays MKL's, which oneDNN ran slower).
   3. one native pass reads p: BN2's sums of relu(p), and the pool's pick of relu(p) per window
      (the max, or the min where BN2's scale is negative), writing only 1/P of full resolution;
      out = s2 picked + t2.
@@ -177,8 +177,8 @@ class DWSBlockTrainFunction(torch.autograd.Function):
                                              NEGATIVE_SLOPE).to(x.dtype)
         del a
 
-        # 7. the depthwise conv's weight and input grads: native for K in 3/5/7 (oneDNN's took
-        # 250 ms for block 2 of dnd_7_10), one-input-channel dx (never needed by the model:
+        # 7. the depthwise conv's weight and input grads: native for K in 3/5/7 (oneDNN's
+        # depthwise backward is slow on these CPUs), one-input-channel dx (never needed by the model:
         # block 1 reads the features) and other K through oneDNN.
         dd = gu.view(b, frames, freq, channels)  # (B, T, F, C)
         native_ok = kernel in native_block.DEPTHWISE_KERNELS
@@ -204,7 +204,8 @@ class DWSBlockTrainFunction(torch.autograd.Function):
 
 
 def dws_block_train(block, x: Tensor) -> Tensor:
-    """``block.post(block.conv_valid_time(x))`` for a DWSBlock in training mode (rtsed.backends.dispatch.cpu_block_applies):
+    """``block.post(block.conv_valid_time(x))`` for a DWSBlock in training mode
+    (rtsed.backends.dispatch.cpu_block_applies):
     x (B, C_in, T + K - 1, F) -> (B, C, T, F // P), channels-last; dropout included."""
     args = []
     for bn in (block.inner_bn, block.bn):

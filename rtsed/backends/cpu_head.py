@@ -35,9 +35,8 @@ from rtsed.backends.batchnorm import bn_arguments, update_running_stats
 from rtsed.backends.dispatch import cpu_gemm_dtype, native_kernels
 from rtsed.backends.native import head as native_head
 
-# Patch rows (b, t, w) per chunk: ~6k rows keep a chunk's z (rows x 256) near 6 MB, inside this
-# CPU's caches; measured 1.9 s for the head's forward + backward at batch 16 x 1024 against 2.3 s
-# at 22k rows and 3.7 s for the reference composition (2 threads).
+# Patch rows (b, t, w) per chunk: ~6k rows keep a chunk's z (rows x 256) near 6 MB, inside the
+# CPU's caches (larger chunks spill and were slower; benchmarks/README.md).
 CHUNK_ROWS = 6144
 
 
@@ -72,7 +71,7 @@ def _scatter_patch_grads(dx: Tensor, d_patches: Tensor, t0: int, t1: int, kernel
 
 def _pooled_stats(parts: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Per-column mean and biased variance over the rows of all parts (each (n_i, C)): aten's
-    BN-statistics kernel per part (one read; per-part sums of r and r * r were 6x slower), the
+    BN-statistics kernel per part (one read; per-part sums of r and r * r were much slower), the
     parts combined in float64 (Chan et al.): var = sum n_i (var_i + (mean_i - mean)^2) / N."""
     counts, means, variances = [], [], []
     for part in parts:
@@ -189,7 +188,7 @@ class DilatedHeadFunction(torch.autograd.Function):
         d_lin_bias = g.sum((0, 1))
         g_r = torch.zeros(n_classes, width * c_out, dtype=g.dtype)
         for g_chunk, r in zip(g_chunks, r_chunks):
-            if fused:  # dnd's (16 x 64) @ (64 x 21504) per chunk, r read from memory: MKL 0.85 ms, this 0.5
+            if fused:  # a short-and-wide product per chunk, r read from memory: the native pass beats MKL
                 native_head.class_products_(g_r, g_chunk, r.view(-1, width * c_out))
             else:
                 g_r.addmm_(g_chunk.t(), r.view(-1, width * c_out))

@@ -98,7 +98,7 @@ def backend_for(op: str, x: Tensor) -> str:
     if requested == "auto" and not x.is_cuda:
         # The interpreter (TRITON_INTERPRET=1 on CPU tensors) is for kernel tests, which ask for
         # it explicitly; auto never sends CPU work to it. Decided before looking for triton:
-        # that lookup (two find_spec calls, ~50 us) ran 4 times per streaming step.
+        # that lookup (two find_spec calls) is slow next to a streaming step.
         return "ref"
     usable, why = _triton_usable(op, x)
     if requested == "triton" and not usable:
@@ -139,8 +139,8 @@ def native_eval(x: Tensor, *params: Tensor) -> bool:
 def cpu_gemm_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype the CPU training fast paths (rtsed.backends.cpu_block, rtsed.backends.cpu_head) run their big
     GEMMs in: bfloat16 when x is on the CPU inside ``torch.autocast("cpu", dtype=torch.bfloat16)``
-    (float32 accumulation; 2x the fp32 rate on this AVX512_BF16 CPU at (655360, 256) x (256, 256):
-    0.21 s against 0.41), else None (x's dtype). Everything else stays float32 either way."""
+    (float32 accumulation; twice the fp32 rate on CPUs with AVX512_BF16), else None (x's dtype).
+    Everything else stays float32 either way."""
     if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and \
             torch.get_autocast_dtype("cpu") == torch.bfloat16:
         return torch.bfloat16
@@ -230,8 +230,8 @@ def native_block_applies(block, x: Tensor) -> bool:
     if not block.separable or block.kernel not in eval_block.KERNELS or \
             block.in_channels not in (1, block.out_channels):
         return False
-    # The parameters are looked up only when autograd records (module attribute lookups cost
-    # ~0.5 us each, and this runs once per block per streaming step).
+    # The parameters are looked up only when autograd records (module attribute lookups are slow,
+    # and this runs once per block per streaming step).
     parameters = (block.depthwise.weight, block.pointwise.weight) if torch.is_grad_enabled() else ()
     return native_eval(x, *parameters)
 

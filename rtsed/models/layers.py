@@ -33,7 +33,7 @@ def folded_cache(module: nn.Module, name: str, sources: list[Tensor], compute):
     """``compute()`` (folded weights), cached on the module while its sources are unchanged.
 
     A streaming step at one frame is short enough that re-folding BN into the weights each
-    call (a 256 x 256 product per block) was a fifth of its time. The key is each source's
+    call (a 256 x 256 product per block) would be a large share of it. The key is each source's
     storage and in-place version counter, so loading a checkpoint or an optimizer step
     invalidates it. Not cached while autograd records through the sources: gradients must
     then flow through the folding."""
@@ -127,8 +127,7 @@ class FrequencyBlock(nn.Module):
     def conv_folded(self, x: Tensor, export: bool = False) -> Tensor:
         """Eval mode: the conv part with every BN before the output ReLU folded in. Works in x's
         memory format: channels-last on the CPU, offline and streaming alike (the streaming
-        histories are kept channels-last there: 5 % faster per 16-frame dnd_7_10 step than NCHW
-        histories, the same for base)."""
+        histories are kept channels-last there too, so a step's window is a plain block copy)."""
         raise NotImplementedError
 
     def folded_valid_time(self, x: Tensor, export: bool = False) -> Tensor:
@@ -245,7 +244,7 @@ class DWSBlock(FrequencyBlock):
         k = self.kernel
         if self.in_channels == 1:
             # Block 1 (1 -> C) as a patches GEMM straight into channels-last rows: oneDNN's
-            # one-channel conv cost 190 us of a 16-frame streaming step, the GEMM ~60 us.
+            # one-channel conv is several times slower than this GEMM at streaming sizes.
             a = fused_linear(one_channel_patches(x, k), self.depthwise.weight.view(-1, k * k),
                              self.depthwise.bias, "leaky_relu")
         else:

@@ -75,9 +75,8 @@ class SEDModel(nn.Module):
             return h
 
     # Offline inference on CPU runs the CNN over time chunks of this many output frames, so block
-    # 1's (B, 256, n, 40) intermediates stay ~180 MB at batch 16 instead of 0.7 GB each (measured
-    # 4 % slower than unchunked under tcmalloc, which recycles the big blocks; without a caching
-    # allocator every big tensor is fresh page faults).
+    # 1's (B, 256, n, 40) intermediates stay small: without a caching allocator every big tensor
+    # is fresh page faults (docs/fast-paths.md); with one, chunking costs a little.
     INFERENCE_CHUNK_FRAMES = 256
 
     def _features_in_chunks(self, h: Tensor) -> Tensor:

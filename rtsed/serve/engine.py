@@ -63,8 +63,8 @@ class DetectionEngine:
         self.pending: list[np.ndarray] = []
         self.pending_frames = 0
         # Audio held back until it completes the step's frames: the front end then runs once per
-        # model step, not once per audio block (a 20 ms block per call cost ~25 us of torch call
-        # overhead each; the frames come out at the same sample either way).
+        # model step, not once per audio block (each front-end call carries torch's per-call
+        # overhead; the frames come out at the same sample either way).
         self.pending_audio: list[np.ndarray] = []
         self.pending_samples = 0
         self.latest_probs = np.zeros(len(config.labels), np.float32)

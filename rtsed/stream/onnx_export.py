@@ -54,7 +54,7 @@ ONNX_FORMAT_VERSION = 1
 OPSET = 17
 # Bumped whenever the exported step graph changes shape or speed, so that caches keyed on a
 # checkpoint (rtsed.serve.engine.exported_step_graph) export again instead of serving an old graph.
-STEP_GRAPH_REVISION = 4  # 4: dil_history as a position-indexed ring, one-frame steady variant
+STEP_GRAPH_REVISION = 4
 
 
 class ExportError(ValueError):
@@ -90,7 +90,7 @@ class StepGraph(nn.Module):
     ``steady=True`` is the same step for a batch whose streams are all past their lookahead and
     none ended: every start/end mask is then all ones, so it is left out (``export_onnx`` puts
     both variants in one file behind an If on position and end). The masks were ~35 of the 113
-    nodes onnxruntime ran per step, ~7 % of a one-frame step."""
+    nodes onnxruntime ran per step."""
 
     def __init__(self, model: SEDModel, config: DetectorConfig, steady: bool = False, one_frame: bool = False):
         super().__init__()
@@ -98,7 +98,8 @@ class StepGraph(nn.Module):
         # one_frame: the steady step specialised for n == 1 (f_dil models only; see forward).
         self.steady, self.one_frame = steady or one_frame, one_frame
         self.plan = StreamPlan.of(model)
-        self.block_delays, self.cnn_delay, self.lookahead = self.plan.block_delays, self.plan.cnn_delay, self.plan.lookahead
+        self.block_delays, self.cnn_delay = self.plan.block_delays, self.plan.cnn_delay
+        self.lookahead = self.plan.lookahead
 
     def state_specs(self) -> list[tuple[str, tuple[int | str, ...]]]:
         """[(name, shape)] of every state tensor, "batch" standing for the batch size.
@@ -108,7 +109,6 @@ class StepGraph(nn.Module):
         stream (Concat on axis 1) and the next history is one contiguous Slice, where NCHW
         histories (B, C_in, K - 1, F) took C_in strided pieces each; onnxruntime folds the two
         permutes into the reorders to and from its blocked conv layout that it runs anyway.
-        Measured 167.8 -> 162.6 us per one-frame dnd_7_10 step (1 thread), 16 frames unchanged.
         Block 0 (one channel, where both layouts are the same memory) keeps (B, 1, K - 1, F)."""
         specs, freq = [], self.model.config.n_mels
         for i, block in enumerate(self.model.blocks):
@@ -198,10 +198,8 @@ class StepGraph(nn.Module):
         Ring rows by stream position (row q mod R: frame q), so that the one-frame step can read
         its K - 1 taps in place (one Gather of K - 1 rows, ``dil_taps``) and write one row
         (ScatterElements, whose new row ``OnnxStream`` writes into its ring itself), where a
-        time-ordered history cost a Concat of R + 1 rows and a Slice of R per step (R = 60,
-        256 channels: 60 KB each) plus the 60 KB state output: 153.1 -> 148.8 us per one-frame
-        dnd_7_10 push (1 thread, prototype A/B in one process). The window is then the K taps,
-        dilation 1.
+        time-ordered history would cost a Concat of R + 1 rows and a Slice of R per step plus an
+        R-row state output. The window is then the K taps, dilation 1.
         n frames: the window is the R ring rows in time order then the new ones, (B, R + n, C),
         and the next ring is gathered from the same rows (two Gathers where the time-ordered
         history took a Concat and a Slice; per-stream positions, so one flat Gather each)."""
@@ -276,8 +274,7 @@ def _branch(proto, prefix: str, inputs: set[str]):
 # and of its new f_dil frame (B, 1, 1, C): OnnxStream feeds the first and writes the second into
 # its ring itself. DIL_READ / DIL_WRITE: the n-frame variants' Gather indices (B, R + n) and
 # (B, R) into the ring's rows and the new frames (StepGraph._dil_window), fed by OnnxStream to
-# its steady session: the ~20 index nodes computing them in the graph measured +17 us per
-# one-frame step through the n-frame session.
+# its steady session: computing them in the graph took some 20 index nodes per step.
 DIL_TAPS, DIL_NEW, DIL_READ, DIL_WRITE = "dil_taps", "dil_history_new", "dil_read", "dil_write"
 
 

@@ -58,9 +58,9 @@ _F32 = np.dtype(np.float32)
 def _runner(session, device: str):
     """``session.run`` as a callable (output_names, feeds) -> outputs. On the CPU, the binding
     under it (``session._sess.run``) when this onnxruntime has one: InferenceSession.run checks
-    its feeds against the graph's inputs in Python first, ~3.8 us of a ~160 us one-frame
-    dnd_7_10 step, and OnnxStream checks them itself. On CUDA the public run, whose EP-failure
-    fallback the binding lacks."""
+    its feeds against the graph's inputs in Python first, a visible share of a one-frame step,
+    and OnnxStream checks them itself. On CUDA the public run, whose EP-failure fallback the
+    binding lacks."""
     raw = getattr(session, "_sess", None)
     if device == "cpu" and callable(getattr(raw, "run", None)):
         return lambda names, feeds: raw.run(names, feeds, None)
@@ -144,29 +144,23 @@ class OnnxStream:
     """Streaming through a step graph, B independent streams (the ModelStream API).
 
     A step graph exported with a steady-state branch (``If`` on position and end, see
-    rtsed.export) also gets that branch as a session of its own, run directly whenever every
-    stream is past its lookahead and none has ended: the same arithmetic without the If node,
-    whose subgraph call cost ~7 us of a ~170 us one-frame step. That session computes only the
-    logits and the new states (``steady_step_model(..., outputs=...)``): positions, frame indices
-    and validity are then known without the graph (positions in numpy, frame_index/valid only
-    when read), which takes 11 nodes (Sigmoid, the index arithmetic) off it. Measured on
-    dnd_7_10, one thread, one frame per push: 179 -> 166 us for this and a leaner step() (the
-    old one spent ~11 us of Python around the run: two numpy reductions per step to choose the
-    session, a 9-entry feed dict, 8 outputs), then -3.8 us for the binding's run (``_runner``)
-    and ~-3 us for push's own steady path. Numpy states between calls, not IOBinding or
-    run_with_ort_values: both measured slower here (+23 us, +40 us per one-frame step).
+    rtsed.stream.onnx_export) also gets that branch as a session of its own, run directly
+    whenever every stream is past its lookahead and none has ended: the same arithmetic without
+    the If node's subgraph call. That session computes only the logits and the new states
+    (``steady_step_model(..., outputs=...)``): positions, frame indices and validity are then
+    known without the graph (positions in numpy, frame_index/valid only when read), which takes
+    the Sigmoid and the index arithmetic off it. At one frame per step the Python around the run
+    is a large share of the time, hence the lean ``step`` and ``push``. States stay numpy arrays
+    between calls: IOBinding and run_with_ort_values were both slower here.
 
     With f_dil (``steady-if-1`` files) a steady one-frame step runs a third session, the steady
     branch's one-frame variant: it reads f_dil's K - 1 past taps from the ``dil_history`` ring
     (their rows fed as ``dil_taps``, from a table by position mod R for one stream) and returns
-    only the new f_dil frame, which this class writes into ring row position mod R in place: no
-    60 KB history copied in or out of onnxruntime (prototype A/B, one process, dnd_7_10, 1
-    thread: 153.1 -> 148.8 us per one-frame push). It returns the CNN blocks' windows (history +
-    new frame) rather than their next histories, which are then views of the windows (one
-    stream), saving a Slice per block (prototype: 153.5 -> 148.0 us). With the lean push and
-    positions (see ``positions``): 155.5 -> 147.1 us per one-frame push, 16 frames per push
-    98.6 -> 99.0 us per frame (noise; A/B against the previous revision in one process).
-    The ring is written in place: an array taken from ``states`` changes with later steps."""
+    only the new f_dil frame, which this class writes into ring row position mod R in place: the
+    (K - 1) d-frame history is never copied in or out of onnxruntime. It returns the CNN blocks'
+    windows (history + new frame) rather than their next histories, which are then views of the
+    windows (one stream), saving a Slice per block. The ring is written in place: an array taken
+    from ``states`` changes with later steps. Measured effects: benchmarks/README.md."""
 
     def __init__(self, path: str | Path, batch_size: int = 1, device: str = "cpu", threads: int | None = None):
         self.file = OnnxFile.open(path, device, threads)
@@ -178,7 +172,8 @@ class OnnxStream:
         self.lookahead_frames = self.file.lookahead_frames
         self.no_end = int(self.file.meta["rtsed_no_end"])
         if self.no_end != NO_END:
-            raise OnnxModelError(f"{path}: exported with end marker {self.no_end}, this rtsed uses {NO_END}: export it again")
+            raise OnnxModelError(f"{path}: exported with end marker {self.no_end}, this rtsed uses {NO_END}: "
+                                 "export it again")
         self.plan = StreamPlan((), self.lookahead_frames)  # (the CNN's delays are inside the graph)
         self.state_specs = [(s["name"], tuple(batch_size if d == "batch" else d for d in s["shape"]))
                             for s in json.loads(self.file.meta["rtsed_state"])]
@@ -201,9 +196,8 @@ class OnnxStream:
             if variants == "steady-if-1":
                 # The one-frame session returns the CNN blocks' windows (history + new frame)
                 # instead of their next histories, which are then views of the windows' last
-                # K - 1 frames (contiguous for one stream), saving a Slice per block: 153.5 ->
-                # 148.0 us per one-frame push (dnd_7_10). Not the n-frame one: its windows are
-                # n + K - 1 frames long, and returning them measured slower at 16 frames.
+                # K - 1 frames (contiguous for one stream), saving a Slice per block. Not the
+                # n-frame one: its windows are n + K - 1 frames long, and returning them was slower.
                 self._next_history = {}  # state name -> index of its window's last K - 1 frames
                 for name in self._state_names:
                     if name != "dil_history":
@@ -225,7 +219,7 @@ class OnnxStream:
                 self._ring_rows, self._ring_taps = rows, taps
                 self._ring_base = (np.arange(batch_size, dtype=np.int64) * rows)[:, None]
                 # One stream: the tap rows of every position mod R, looked up instead of computed
-                # (numpy arithmetic per step costs ~1 us each op after onnxruntime's run).
+                # (each numpy op is slow right after onnxruntime's run).
                 self._tap_table = [(p + taps[None, None]) % rows for p in range(rows)]
                 self._ring_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._run = _runner(self.file.session, device)
@@ -238,9 +232,9 @@ class OnnxStream:
         """(B,) int64: frames each stream has consumed, its next frame's stream position.
 
         A steady one-stream ``push`` only counts its frames in a Python int, added here on the
-        first read: allocating ``positions + n`` after every run cost ~3 us of a ~155 us one-frame
-        dnd_7_10 push (numpy runs slowly right after onnxruntime's run, measured A/B). The sum is
-        a new array, so a step output's ``first`` (an earlier positions array) keeps its values."""
+        first read: a numpy allocation after every run is costly at one frame per push (numpy runs
+        slowly right after onnxruntime's run). The sum is a new array, so a step output's
+        ``first`` (an earlier positions array) keeps its values."""
         if self._advance:
             self._positions = self._positions + self._advance
             self._advance = 0
@@ -365,17 +359,16 @@ class OnnxStream:
         if self.batch_size != 1:
             raise RuntimeError("push/flush serve one stream; with several use step/end/reset")
         x = frames
-        # np.ascontiguousarray(frames, dtype=...) on every push cost ~1.5 us of a one-frame push.
+        # Checked before converting: np.ascontiguousarray on every push is not free at one frame.
         if type(x) is not np.ndarray or x.dtype is not _F32 or not x.flags.c_contiguous:
             x = np.ascontiguousarray(x, dtype=np.float32)
         n = x.shape[0]
         if n == 0:
             return np.zeros((0, len(self.config.labels)), np.float32)
         if x.ndim == 2 and x.shape[1] == self._n_mels and (self._steady or (self._steady is None and self._is_steady())):
-            # Every row is a new frame: no step output object, no bounds (~3 us of Python per
-            # one-frame push, measured, which runs slower right after onnxruntime's run), and
-            # the position counted in an int (see positions).
-            if n == 1 and self._one_frame_session is not None:  # _one_frame_step, inlined (~2 us)
+            # Every row is a new frame: no step output object, no bounds (Python that runs slowly
+            # right after onnxruntime's run), and the position counted in an int (see positions).
+            if n == 1 and self._one_frame_session is not None:  # _one_frame_step, inlined (the call costs)
                 slot = (int(self._positions[0]) + self._advance) % self._ring_rows
                 states = self.states
                 feeds = states.copy()

@@ -180,7 +180,7 @@ def function(name: str, dtype: torch.dtype):
 
 
 _called: dict[tuple[str, torch.dtype], tuple[ctypes.CDLL, object]] = {}  # (name, dtype) -> (library, function)
-# Whether a profiler runs: 0.07 us, where record_function costs ~7 us even unprofiled. A private
+# Whether a profiler runs: nearly free, where record_function costs even unprofiled. A private
 # torch function; without it (another torch), every call is labelled.
 _profiler_enabled = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", lambda: True)
 
@@ -189,7 +189,7 @@ def call(name: str, dtype: torch.dtype, *args) -> None:
     """Run ``<name>_f32/_f64``; while a profiler runs, under a label ``rtsed::native::<name>``
     (so profiles, e.g. benchmarks.profile_step, see native time as operators). The function is
     looked up once per library: a streaming step makes ~10 native calls, and the lookup and an
-    unconditional record_function cost ~9 us a call there. Callers check ``available()`` first
+    unconditional record_function would be a visible share of it. Callers check ``available()`` first
     (which honours RTSED_NATIVE); ``call`` does not re-read the environment."""
     cached = _called.get((name, dtype))
     if cached is None or cached[0] is not _library:
