@@ -271,20 +271,11 @@ class DilatedHeadFunction(torch.autograd.Function):
                 d_lin_weight, d_lin_bias, None, None, None, None, None, None, None)
 
 
-def _padded_frames(temporal, h: Tensor) -> Tensor:
+def padded_frames(temporal, h: Tensor) -> Tensor:
     """h: (B, C, T, 1) -> f_dil's time-padded input frames (B, T + (K - 1) d, C), contiguous."""
     x = h[..., 0].transpose(1, 2)  # (B, T, C)
     x = torch.nn.functional.pad(x, (0, 0, temporal.context_frames - temporal.right_pad, temporal.right_pad))
     return x.contiguous()
-
-
-def dilated_head_logits(temporal, classifier, h: Tensor) -> Tensor:
-    """Inference (eval mode, no autograd; rtsed.backends.dispatch's native): ``dilated_head``
-    with conv, ReLU and the BN-folded classifier in one native pass per frame tile, so nothing of
-    f_dil's output is written at all. h: (B, C, T, 1) -> logits (B, T, n_classes)."""
-    x = _padded_frames(temporal, h)
-    return native_head.head_logits(x, h.shape[2], temporal.native_head_weights(classifier),
-                                   classifier.out_features, temporal.kernel, temporal.dilation, temporal.stride)
 
 
 def dilated_head(temporal, classifier, h: Tensor) -> Tensor:
@@ -292,7 +283,7 @@ def dilated_head(temporal, classifier, h: Tensor) -> Tensor:
     ``classifier(temporal(h))`` of a DilatedTemporal ``temporal`` and Linear ``classifier``,
     through ``DilatedHeadFunction`` (training, or eval with autograd)."""
     bn = temporal.bn
-    x = _padded_frames(temporal, h)
+    x = padded_frames(temporal, h)
     args = bn_arguments(bn)  # torch's bookkeeping: num_batches_tracked, momentum None
     geometry = (temporal.kernel, temporal.dilation, temporal.stride, temporal.width)
     return DilatedHeadFunction.apply(

@@ -20,8 +20,6 @@ from torch import Tensor, nn
 
 from rtsed import ops
 from rtsed.backends.cpu import _relu_owned, conv2d_like_input, fused_linear, one_channel_patches
-from rtsed.backends.native import eval_block
-from rtsed.backends.native import head as native_head
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,7 +141,7 @@ class FrequencyBlock(nn.Module):
         before the pool (onnxruntime fuses it into the conv) and the affine is a depthwise 1x1
         Conv (one node instead of Mul and Add): ``export``, rtsed.backends.dispatch's onnx-folded.
 
-        ``native_folded_valid_time`` is the same arithmetic through native kernels."""
+        rtsed.backends.cpu_eval.dws_block is the same arithmetic through native kernels."""
         sign, magnitude, shift, nonnegative = folded_cache(self, "post", bn_sources(self.bn), self._pool_affine)
         y = self.conv_folded(x, export)
         if not nonnegative:
@@ -160,14 +158,6 @@ class FrequencyBlock(nn.Module):
         f = rows.shape[2] // p * p  # floor: the last F mod P frequencies are dropped
         pooled = _relu_owned(rows[:, :, :f].unflatten(2, (-1, p)).amax(3))  # (B, T, F // P, C)
         return torch.addcmul(shift.view(-1), pooled, magnitude.view(-1)).permute(0, 3, 1, 2)
-
-    def native_folded_valid_time(self, x: Tensor, history: Tensor | None = None,
-                                 advance_history: bool = False) -> Tensor:
-        """``folded_valid_time`` through native kernels: (B, C_in, T + K - 1, F) -> (B, C_out, T, F // P),
-        or, given ``history`` (B, C_in, H, F), the same on cat(history, x) without building it, and
-        with ``advance_history`` history advanced in place to the window's last H frames. Only
-        where rtsed.backends.dispatch chooses native for this block."""
-        raise NotImplementedError
 
     def _pool_affine(self) -> tuple[Tensor, Tensor, Tensor, bool]:
         """(sign(a), |a|, b) of the output BN, each (C, 1, 1) to broadcast over (T, F), and
@@ -255,33 +245,18 @@ class DWSBlock(FrequencyBlock):
         out = fused_linear(a, weight, bias)
         return out.view(b, t_in - k + 1, f, -1).permute(0, 3, 1, 2)
 
-    def native_folded_valid_time(self, x: Tensor, history: Tensor | None = None,
-                                 advance_history: bool = False) -> Tensor:
-        """The folded block as three passes over channels-last rows: the native K x K conv +
-        LeakyReLU (reading history and x in place, then advancing history when asked), the
-        pointwise GEMM with the inner BN folded in (oneDNN, ``fused_linear``), and the native
-        ReLU + output-BN affine + max-pool. Same arithmetic as ``folded_valid_time``'s torch path
-        (either sign of the BN scales)."""
+    def eval_operands(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Eval mode: the folded block's operands for rtsed.backends.cpu_eval.dws_block, cached
+        while the parameters and BN statistics are unchanged: the pointwise weight (C, C) and bias
+        (C,) with the inner BN folded in, the depthwise taps (K K, C) and bias (C,), and the
+        output BN as (sign, magnitude, shift), each (C, 1, 1)."""
         dw = self.depthwise
         sources = [self.pointwise.weight, self.pointwise.bias, *bn_sources(self.inner_bn), dw.weight]
         weight, bias, _ = folded_cache(self, "pointwise", sources, self._folded_pointwise)
         taps = folded_cache(self, "depthwise_taps", [dw.weight],
                             lambda: dw.weight.reshape(dw.out_channels, -1).t().contiguous())  # (K K, C)
         sign, magnitude, shift, _ = folded_cache(self, "post", bn_sources(self.bn), self._pool_affine)
-        # (B, C, T, F) -> (B, T, F, C): a view for channels-last (and one-channel) tensors
-        frames = x.permute(0, 2, 3, 1).contiguous()
-        past = None if history is None else history.permute(0, 2, 3, 1)  # a view of a channels-last state
-        if past is not None and not past.is_contiguous():  # (a state the kernel cannot advance in place)
-            a = eval_block.depthwise_conv_leaky(frames, taps, dw.bias, self.kernel, 0.01, past.contiguous())
-            if advance_history:
-                history.copy_(torch.cat([history, x], dim=2)[:, :, x.shape[2]:])
-        else:
-            a = eval_block.depthwise_conv_leaky(frames, taps, dw.bias, self.kernel, 0.01, past,
-                                                advance_history)  # (B, T, F, C)
-        b, t, f, c = a.shape
-        y = fused_linear(a.view(-1, c), weight, bias)
-        pooled = eval_block.pool_relu_affine(y.view(b * t, f, c), self.pool.kernel_size[1], sign, magnitude, shift)
-        return pooled.view(b, t, -1, c).permute(0, 3, 1, 2)
+        return weight, bias, taps, dw.bias, sign, magnitude, shift
 
     def _folded_pointwise(self) -> tuple[Tensor, Tensor, Tensor]:
         """The pointwise conv with the inner BN folded in, weight (C, C) and bias (C,), and the
@@ -457,19 +432,6 @@ class DilatedTemporal(TemporalPart):
         kernel = weight.view(weight.shape[0], self.conv.out_channels, 1, self.width)
         return F.conv2d(F.relu(y), kernel, bias)
 
-    def step_logits_native(self, h: Tensor, state: FrameRing, classifier: nn.Linear) -> Tensor:
-        """``step_logits_folded`` through one native pass over the window: conv, ReLU and the
-        BN-folded classifier, the patches never copied and the conv's output never written."""
-        frames = h[..., 0].transpose(1, 2)
-        max_step = state.frames.shape[1] - self.context_frames
-        native_weights = self.native_head_weights(classifier)
-        outputs = []
-        for i in range(0, frames.shape[1], max_step):
-            window = self._ring_window(frames[:, i:i + max_step], state)  # (B, (K - 1) d + n, C)
-            outputs.append(native_head.head_logits(window, window.shape[1] - self.context_frames, native_weights,
-                                                   classifier.out_features, self.kernel, self.dilation, self.stride))
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-
     def step_logits_folded(self, h: Tensor, state: FrameRing, classifier: nn.Linear) -> Tensor:
         """Eval-mode streaming step of f_dil and the classifier together:
         h (B, C, n, 1) new CNN frames -> logits (B, n, n_classes), BN folded."""
@@ -495,17 +457,18 @@ class DilatedTemporal(TemporalPart):
             outputs.append(logits.view(b, n, classifier.out_features))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    def native_head_weights(self, classifier: nn.Linear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Eval mode: the operands of ``rtsed.backends.native.head.head_logits`` (conv taps-major, the
-        BN-folded classifier as (W, C_out, n_classes), zero-padded to its vector widths), cached
-        while the parameters and BN statistics are unchanged."""
+    def packed_classifier(self, classifier: nn.Linear, name: str, pack):
+        """Eval mode: ``pack(conv weight, conv bias, folded classifier weight, its bias, W)``, the
+        conv and the BN-folded classifier in a backend's operand layout (e.g.
+        rtsed.backends.native.head.head_logits_weights), cached under ``name`` while the
+        parameters and BN statistics are unchanged."""
         sources = [self.conv.weight, self.conv.bias, classifier.weight, classifier.bias, *bn_sources(self.bn)]
 
         def compute():
             folded, folded_bias = self.folded_classifier(classifier)
-            return native_head.head_logits_weights(self.conv.weight, self.conv.bias, folded, folded_bias, self.width)
+            return pack(self.conv.weight, self.conv.bias, folded, folded_bias, self.width)
 
-        return folded_cache(self, "native_head", sources, compute)
+        return folded_cache(self, name, sources, compute)
 
     def _patch_gemm_weights(self, classifier: nn.Linear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Weights of ``step_logits_folded``'s two GEMMs, (out, in) as nn.Linear keeps them: conv
@@ -515,6 +478,10 @@ class DilatedTemporal(TemporalPart):
         lin_wc = weight.view(-1, self.conv.out_channels, self.width).transpose(1, 2)
         return (self.conv.weight.reshape(self.conv.out_channels, -1).contiguous(), self.conv.bias,
                 lin_wc.reshape(weight.shape[0], -1).contiguous(), lin_bias)
+
+    def ring_window(self, frames: Tensor, state: FrameRing) -> Tensor:
+        """``_ring_window``: the ring's window for frames (B, n, C), for ops that read it whole."""
+        return self._ring_window(frames, state)
 
     def _ring_window(self, frames: Tensor, state: FrameRing) -> Tensor:
         """Write frames (B, n, C) into the ring and return the (K - 1) d past frames and the n new

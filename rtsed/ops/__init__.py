@@ -14,7 +14,7 @@ import importlib
 import torch
 from torch import Tensor
 
-from rtsed.backends import cpu_block, cpu_head, dispatch
+from rtsed.backends import cpu_block, cpu_eval, cpu_head, dispatch
 from rtsed.backends.dispatch import CPU_TRAIN, FOLDED, FOLDED_EXPORT, NATIVE, TRITON
 
 
@@ -29,7 +29,7 @@ def frequency_block(block: "FrequencyBlock", x: Tensor) -> Tensor:
     x: (B, C_in, T + K - 1, F) -> (B, C_out, T, F // P)."""
     how = dispatch.frequency_block(block, x)
     if how == NATIVE:
-        return block.native_folded_valid_time(x)
+        return cpu_eval.dws_block(x, block.eval_operands(), block.kernel, block.pool.kernel_size[1])
     if how == FOLDED:
         return block.folded_valid_time(x)
     if how == FOLDED_EXPORT:
@@ -47,7 +47,8 @@ def frequency_block_step(block: "FrequencyBlock", x: Tensor, history: Tensor) ->
     K - 1 frames. The native kernels read history and x where they lie; the others run
     ``frequency_block`` on their concatenation."""
     if dispatch.frequency_block(block, x) == NATIVE:
-        return block.native_folded_valid_time(x, history, advance_history=True)
+        return cpu_eval.dws_block(x, block.eval_operands(), block.kernel, block.pool.kernel_size[1], history,
+                                  advance_history=True)
     window = torch.cat([history, x], dim=2)
     if block.context_frames:
         history.copy_(window[:, :, window.shape[2] - block.context_frames:])
@@ -75,7 +76,10 @@ def dilated_head(layer: "DilatedTemporal", classifier: "nn.Linear", h: Tensor) -
     (B, T, n_classes)."""
     how = dispatch.dilated_head(layer, classifier, h)
     if how == NATIVE:
-        return cpu_head.dilated_head_logits(layer, classifier, h)
+        x = cpu_head.padded_frames(layer, h)
+        weights = layer.packed_classifier(classifier, "native_head", cpu_eval.head_logits_weights)
+        return cpu_eval.dilated_head_logits(x, h.shape[2], weights, classifier.out_features, layer.kernel,
+                                            layer.dilation, layer.stride)
     if how == CPU_TRAIN:
         return cpu_head.dilated_head(layer, classifier, h)
     return classifier(layer(h))
@@ -87,7 +91,23 @@ def dilated_step_logits(layer: "DilatedTemporal", classifier: "nn.Linear", h: Te
     (B, n, n_classes)."""
     how = dispatch.dilated_step_logits(layer, classifier, h)
     if how == NATIVE:
-        return layer.step_logits_native(h, state, classifier)
+        return _dilated_step_logits_native(layer, classifier, h, state)
     if how == FOLDED:
         return layer.step_logits_folded(h, state, classifier)
     return classifier(layer.step(h, state))
+
+
+def _dilated_step_logits_native(layer, classifier, h: Tensor, state) -> Tensor:
+    """One native pass per ring window: conv, ReLU and the BN-folded classifier, the patches
+    never copied and the conv's output never written. Steps longer than the ring's capacity run
+    in slices, as ``DilatedTemporal.step`` does."""
+    frames = h[..., 0].transpose(1, 2)
+    max_step = state.frames.shape[1] - layer.context_frames
+    weights = layer.packed_classifier(classifier, "native_head", cpu_eval.head_logits_weights)
+    outputs = []
+    for i in range(0, frames.shape[1], max_step):
+        window = layer.ring_window(frames[:, i:i + max_step], state)  # (B, (K - 1) d + n, C)
+        outputs.append(cpu_eval.dilated_head_logits(window, window.shape[1] - layer.context_frames, weights,
+                                                    classifier.out_features, layer.kernel, layer.dilation,
+                                                    layer.stride))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
