@@ -27,7 +27,10 @@ def _kernel(op: str):
 def frequency_block(block: "FrequencyBlock", x: Tensor) -> Tensor:
     """A whole CNN block (f_cnn or f_dws) on time-padded input.
     x: (B, C_in, T + K - 1, F) -> (B, C_out, T, F // P)."""
-    how = dispatch.frequency_block(block, x)
+    return _frequency_block(block, x, dispatch.frequency_block(block, x))
+
+
+def _frequency_block(block: "FrequencyBlock", x: Tensor, how: str) -> Tensor:
     if how == NATIVE:
         return cpu_eval.dws_block(x, block.eval_operands(), block.kernel, block.pool.kernel_size[1])
     if how == FOLDED:
@@ -46,13 +49,14 @@ def frequency_block_step(block: "FrequencyBlock", x: Tensor, history: Tensor) ->
     the frames before them -> (B, C_out, n, F // P); history advances in place to the last
     K - 1 frames. The native kernels read history and x where they lie; the others run
     ``frequency_block`` on their concatenation."""
-    if dispatch.frequency_block(block, x) == NATIVE:
+    how = dispatch.frequency_block(block, x)  # (the window has x's device, dtype and autograd)
+    if how == NATIVE:
         return cpu_eval.dws_block(x, block.eval_operands(), block.kernel, block.pool.kernel_size[1], history,
                                   advance_history=True)
     window = torch.cat([history, x], dim=2)
     if block.context_frames:
         history.copy_(window[:, :, window.shape[2] - block.context_frames:])
-    return frequency_block(block, window)
+    return _frequency_block(block, window, how)
 
 
 def dilated_temporal(layer: "DilatedTemporal", x: Tensor) -> Tensor:
