@@ -153,7 +153,7 @@ def isolated_times(model, x: Tensor, offline: bool, repeats: int = 3) -> list[tu
     (forward, plus backward of a ones gradient in training), median of ``repeats``: a direct
     measurement beside the profiler's attribution, which inflates big elementwise operators."""
     from rtsed import ops
-    from rtsed.backends.cpu import channels_last_convs
+    from rtsed.backends.dispatch import channels_last_convs
 
     with torch.no_grad(), channels_last_convs():
         inputs = [x.unsqueeze(1)]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from rtsed import ops
 from rtsed.backends import cpu_block, dispatch, native
-from rtsed.backends.cpu import channels_last_convs
+from rtsed.backends.dispatch import channels_last_convs
 from rtsed.models.layers import DWSBlock
 from rtsed.backends.native import block as native_block
 
@@ -75,7 +75,7 @@ GEOMETRIES = [  # (C_in, C, K, P, F): block 1 of dnd, true depthwise, K 3/7, poo
 def test_block_matches_reference_fp64(c_in, channels, kernel, pool, freq, gamma_zero):
     fast, ref = _block_pair(c_in, channels, kernel, pool, torch.float64, gamma_zero=gamma_zero)
     x = torch.randn(3, c_in, 11 + kernel - 1, freq, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    assert cpu_block.applies(fast, x)
+    assert dispatch.cpu_block_applies(fast, x)
     out, dx, grads = _run(fast, x, "auto")
     out_ref, dx_ref, grads_ref = _run(ref, x, "ref")
     torch.testing.assert_close(out, out_ref, rtol=1e-11, atol=1e-12)
@@ -129,7 +129,7 @@ def test_block_is_used_for_training_only_and_falls_back_when_disabled(monkeypatc
     ops.frequency_block(block, x)  # the folded eval path
     block.train()
     monkeypatch.setenv("RTSED_NATIVE", "0")
-    assert not cpu_block.applies(block, x)
+    assert not dispatch.cpu_block_applies(block, x)
     ops.frequency_block(block, x)
     assert calls == [1]
 
@@ -289,7 +289,7 @@ def test_missing_compiler_warns_once_and_training_falls_back(tmp_path, monkeypat
     x = torch.randn(1, 8, 12, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert not cpu_block.applies(block, x)
+        assert not dispatch.cpu_block_applies(block, x)
         assert not native.available()
         out = ops.frequency_block(block, x)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]

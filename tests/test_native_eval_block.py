@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rtsed import ops
+from rtsed.backends import dispatch
 from rtsed.models.layers import ConvHistory, DWSBlock
 from rtsed.models.model import build_model
 from rtsed.backends.native import eval_block
@@ -158,13 +160,13 @@ def test_block_matches_reference_and_torch_path(native_on, monkeypatch, dtype, n
     real = eval_block.depthwise_conv_leaky
     monkeypatch.setattr(eval_block, "depthwise_conv_leaky", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
-        assert block.native_eval_applies(x)
-        out = block.folded_valid_time(x)
+        assert dispatch.native_block_applies(block, x)
+        out = ops.frequency_block(block, x)
         assert calls, "the native path did not run"
         reference = block.post(block.conv_valid_time(x))
         monkeypatch.setenv("RTSED_NATIVE", "0")
-        assert not block.native_eval_applies(x)
-        torch_path = block.folded_valid_time(x)
+        assert not dispatch.native_block_applies(block, x)
+        torch_path = ops.frequency_block(block, x)
     assert len(calls) == 1
     assert out.shape == reference.shape == (2, c_out, 9, freq // pool)
     torch.testing.assert_close(out, reference, **_tol(dtype))
@@ -200,15 +202,15 @@ def test_torch_path_runs_where_the_kernels_must_not(native_on, monkeypatch):
     block = _eval_block(8, 8, 2, torch.float32, negative_scales=False)
     x = _channels_last(torch.randn(1, 8, 9, 4))
     with torch.enable_grad():
-        assert not block.native_eval_applies(x)  # autograd records through the weights
-        out = block.folded_valid_time(x)
+        assert not dispatch.native_block_applies(block, x)  # autograd records through the weights
+        out = ops.frequency_block(block, x)
         out.sum().backward()
     assert block.depthwise.weight.grad is not None
     with torch.no_grad():
-        assert not block.native_eval_applies(x.half())
-        assert block.native_eval_applies(x)
+        assert not dispatch.native_block_applies(block, x.half())
+        assert dispatch.native_block_applies(block, x)
         monkeypatch.setenv("RTSED_NATIVE", "0")
-        assert not block.native_eval_applies(x)
+        assert not dispatch.native_block_applies(block, x)
     monkeypatch.setenv("RTSED_NATIVE", "1")
 
     def never(*args, **kwargs):

@@ -19,6 +19,7 @@ import copy
 import pytest
 import torch
 
+from rtsed import ops
 from rtsed.backends import cpu_head
 from rtsed.models.layers import DilatedTemporal
 from rtsed.backends.native import head as native_head
@@ -420,7 +421,7 @@ def test_head_logits_rejects_bad_arguments(native_on):
 
 @pytest.mark.parametrize("kernel,dilation,stride,channels", GEOMETRIES)
 def test_eval_inference_runs_head_logits(native_on, monkeypatch, kernel, dilation, stride, channels):
-    """Offline inference (eval mode, no autograd) takes head_logits, against the reference in
+    """Offline inference (eval mode, no autograd; the op rtsed.ops.dilated_head) takes head_logits, against the reference in
     float64; with RTSED_NATIVE=0, or with autograd recording (it has no backward), it does not."""
     model = _head(kernel, dilation, stride, channels, 5, torch.float64, training=False, causal=kernel == 5)
     h = torch.randn(2, channels, 53, 1, dtype=torch.float64)
@@ -429,12 +430,12 @@ def test_eval_inference_runs_head_logits(native_on, monkeypatch, kernel, dilatio
     monkeypatch.setattr(native_head, "head_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         expected = model["classifier"](model["temporal"](h))
-        got = cpu_head.dilated_head(model["temporal"], model["classifier"], h)
+        got = ops.dilated_head(model["temporal"], model["classifier"], h)
         assert len(calls) == 1
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
         monkeypatch.setenv("RTSED_NATIVE", "0")
-        torch.testing.assert_close(cpu_head.dilated_head(model["temporal"], model["classifier"], h), expected,
+        torch.testing.assert_close(ops.dilated_head(model["temporal"], model["classifier"], h), expected,
                                    rtol=1e-12, atol=1e-12)
     monkeypatch.setenv("RTSED_NATIVE", "1")
-    cpu_head.dilated_head(model["temporal"], model["classifier"], h.requires_grad_()).sum().backward()
+    ops.dilated_head(model["temporal"], model["classifier"], h.requires_grad_()).sum().backward()
     assert len(calls) == 1 and h.grad is not None

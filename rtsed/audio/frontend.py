@@ -206,9 +206,9 @@ class LogMelStream:
     on top of a nearly full window) is framed from one concatenation of pending + new samples instead;
     the usual audio block (<= one hop) never allocates a sample buffer.
 
-    A push is a handful of small torch ops (~0.1 ms per frame at 44.1 kHz on one thread). Stream on
-    one intra-op thread (``torch.set_num_threads(1)``, the engine's choice, not this class's): with
-    two threads on a busy 2-core machine a few-frame FFT was measured waiting ~8 ms for its helper.
+    A push is a handful of small torch ops. Stream on one intra-op thread
+    (``torch.set_num_threads(1)``, the engine's choice, not this class's): with two threads on a
+    busy machine a few-frame FFT can wait milliseconds for its helper thread.
     """
 
     def __init__(self, config: FrontendConfig, device: torch.device | str = "cpu"):

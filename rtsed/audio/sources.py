@@ -216,8 +216,6 @@ class StreamingResampler:
     ``group_delay_s`` (the filter's lookahead) and ``delay_s`` (that plus soxr's internal block,
     worst case) of output; both are measured at construction with blocks of ``block_frames`` input
     samples. Add ``delay_s`` to the algorithmic latency (docs/streaming.md: + the resampler's delay).
-    E.g. 44.1 kHz -> 16 kHz, 20 ms blocks: HQ 6.5 / 39 ms, VHQ 9.0 / 84 ms; 48 kHz: HQ 6.1 / 37,
-    VHQ 8.8 / 76 ms.
     """
 
     def __init__(self, in_rate_hz: float, out_rate_hz: float, quality: str = "VHQ",

@@ -1,8 +1,7 @@
 """A caching memory allocator for big-tensor work (training, offline batches).
 
 Under glibc malloc every tensor above 32 MiB is a fresh mmap whose pages fault in on first
-touch (~1 us per 4 KiB on these VMs): a training step that allocates tens of GB spends most of
-its time there. Preloading tcmalloc or jemalloc made the same step 3x faster (docs/fast-paths.md).
+touch: a training step that allocates tens of GB spends most of its time there (docs/fast-paths.md).
 The allocator must be loaded before the interpreter starts, so ``ensure_caching_allocator``
 re-executes the current command once with LD_PRELOAD set.
 
@@ -75,8 +74,7 @@ def ensure_caching_allocator() -> str:
         env.setdefault("MALLOC_CONF", _JEMALLOC_CONF)
     else:
         # tcmalloc hands freed spans back to the OS over time by default; a training step then
-        # page-faults ~1.3 GB of them in again now and then (330k faults, +0.8 s of a 5 s step,
-        # in 2 of 8 runs measured here). Rate 0 keeps them, as a cache should.
+        # page-faults them in again now and then. Rate 0 keeps them, as a cache should.
         env.setdefault("TCMALLOC_RELEASE_RATE", "0")
     sys.stdout.flush()
     sys.stderr.flush()

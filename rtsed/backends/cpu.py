@@ -5,30 +5,13 @@ patch matrix of a one-channel convolution. Same values as the plain torch calls 
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rtsed.backends.dispatch import cpu_gemm_dtype
-
-
-_channels_last_depth = 0  # > 0 inside ``channels_last_convs()``
-
-
-@contextlib.contextmanager
-def channels_last_convs():
-    """Within this block, convolutions run channels-last even on one-channel inputs, whose memory
-    format cannot be read off their strides (a (B, 1, T, F) tensor is NCHW and channels-last at
-    once). SEDModel turns it on around its CNN on the CPU fast path."""
-    global _channels_last_depth
-    _channels_last_depth += 1
-    try:
-        yield
-    finally:
-        _channels_last_depth -= 1
+from rtsed.backends import dispatch
 
 
 def conv2d_like_input(x: Tensor, conv: nn.Conv2d, channels_last_weight: Tensor | None = None) -> Tensor:
@@ -36,10 +19,7 @@ def conv2d_like_input(x: Tensor, conv: nn.Conv2d, channels_last_weight: Tensor |
     weight together; a one-input-channel weight (256, 1, 5, 5) reads as NCHW unless restrided, and
     then a channels-last input runs the whole conv in NCHW (docs/fast-paths.md). Same values either way.
     ``channels_last_weight``: conv.weight already restrided (cached by the caller), else restrided here."""
-    channels_last = x.dim() == 4 and (
-        (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-        or (_channels_last_depth > 0 and x.shape[1] == 1))
-    if not channels_last:
+    if not dispatch.channels_last(x):
         return conv(x)  # through the module, so forward hooks (e.g. macs_per_frame's) see it
     weight = channels_last_weight if channels_last_weight is not None else \
         conv.weight.to(memory_format=torch.channels_last)
@@ -63,23 +43,26 @@ def _mkldnn_linear():
 
 
 _MKLDNN_LINEAR = _mkldnn_linear()
-_ONEDNN_MIN_MACS = 4_000_000
+
+
+def has_onednn_linear() -> bool:
+    """Whether this torch has the oneDNN linear ``fused_linear`` uses."""
+    return _MKLDNN_LINEAR is not None
 
 
 def fused_linear(x: Tensor, weight: Tensor, bias: Tensor, activation: str = "none") -> Tensor:
     """Eval-mode ``act(x @ weight.T + bias)``: x (M, K), weight (N, K), bias (N,) -> (M, N), with
     activation "none", "relu" or "leaky_relu" (slope 0.01). On the CPU in fp32 without autograd,
     from 4M multiply-accumulates up, it is one oneDNN matmul with the activation fused (torch's
-    mkldnn linear-pointwise op, which has no backward): at one thread it ran the 16-frame
-    streaming GEMMs 3-15 % faster than MKL's addmm and saves the activation's pass over the
-    output; below that size its ~6 us more per call lost. Elsewhere addmm, then the activation."""
-    if (_MKLDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.shape[0] * weight.numel() >= _ONEDNN_MIN_MACS
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)))):
+    mkldnn linear-pointwise op, which has no backward): faster than MKL's addmm on the streaming
+    GEMMs, and it saves the activation's pass over the output; below that size its fixed cost per
+    call loses. Elsewhere addmm, then the activation.
+    Which of the three runs is ``dispatch.gemm``'s choice."""
+    how = dispatch.gemm(x, weight, bias, _MKLDNN_LINEAR is not None)
+    if how != "addmm":
         scalars = [0.01] if activation == "leaky_relu" else []
-        if cpu_gemm_dtype(x) == torch.bfloat16:
-            # Inference at --precision bf16: bf16 operands, float32 accumulation, float32 out
-            # (offline dnd_7_10 18.3k -> 23.9k frames/s on this project's CPU, measured).
+        if how == "onednn-bf16":
+            # Inference at --precision bf16: bf16 operands, float32 accumulation, float32 out.
             weight_bf16, bias_bf16 = _bf16_operands(weight, bias)
             return _MKLDNN_LINEAR(x.to(torch.bfloat16), weight_bf16, bias_bf16, activation, scalars, "").float()
         return _MKLDNN_LINEAR(x, weight, bias, activation, scalars, "")

@@ -8,16 +8,16 @@ The op is ``kernels/dws_block.py``'s (docs/reference.md "Depthwise-separable blo
 
 The reference (``block.post(block.conv_valid_time(x))``) runs each elementwise step as its own
 torch kernel, forward and backward, over full-resolution tensors: for block 1 of dnd_7_10 at batch
-16 x 1024 that is 671 MB per pass and ~1.2 s of a ~4.8 s train step on the project's 2-core CPU,
-against ~0.04 s for one read+write pass. Here (channels-last; "rows" are the B T F positions):
+16 x 1024 each such pass moves hundreds of MB, and together they were a quarter of a train step
+on a 2-core CPU. Here each is fused into as few passes as possible (channels-last; "rows" are
+the B T F positions):
 
 forward
   1. d = depthwise(x) (oneDNN), then one native pass: a = leaky(d) in place, BN1's sums; for
      block 1 (one input channel) conv, leaky and sums are one native pass.
   2. BN1 folds into the pointwise GEMM: p = a (W s1)^T + (b + W t1); u never exists. This GEMM
-     and step 5's dp W run as oneDNN matmuls (``rtsed.backends.cpu.fused_linear``: 10-15 % faster than MKL's
-     addmm at (655360, 256) x (256, 256) here; the weight-gradient GEMM stays MKL's, which
-     oneDNN ran slower).
+     and step 5's dp W run as oneDNN matmuls (``rtsed.backends.cpu.fused_linear``, faster than
+     MKL's addmm at these shapes; the weight-gradient GEMM stays MKL's, which oneDNN ran slower).
   3. one native pass reads p: BN2's sums of relu(p), and the pool's pick of relu(p) per window
      (the max, or the min where BN2's scale is negative), writing only 1/P of full resolution;
      out = s2 picked + t2.
@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rtsed.backends import native
 from rtsed.backends.native import block as native_block
 from rtsed.backends.batchnorm import bn_arguments, mean_var_from_sums, update_running_stats
 from rtsed.backends.cpu import fused_linear
@@ -178,8 +177,8 @@ class DWSBlockTrainFunction(torch.autograd.Function):
                                              NEGATIVE_SLOPE).to(x.dtype)
         del a
 
-        # 7. the depthwise conv's weight and input grads: native for K in 3/5/7 (oneDNN's took
-        # 250 ms for block 2 of dnd_7_10), one-input-channel dx (never needed by the model:
+        # 7. the depthwise conv's weight and input grads: native for K in 3/5/7 (oneDNN's
+        # depthwise backward is slow on these CPUs), one-input-channel dx (never needed by the model:
         # block 1 reads the features) and other K through oneDNN.
         dd = gu.view(b, frames, freq, channels)  # (B, T, F, C)
         native_ok = kernel in native_block.DEPTHWISE_KERNELS
@@ -204,27 +203,9 @@ class DWSBlockTrainFunction(torch.autograd.Function):
                 d_bn2_weight, d_bn2_bias, None, None, None, None)
 
 
-def applies(block, x: Tensor) -> bool:
-    """Whether ``dws_block_train`` takes this block and input: a DWS block in training mode with
-    both BNs training, the structure this op assumes, float32/float64 CPU input, native kernels
-    built (or buildable)."""
-    dw, pw, mp = block.depthwise, block.pointwise, block.pool
-    k = dw.kernel_size[0]
-    pool_k = mp.kernel_size if isinstance(mp.kernel_size, tuple) else (mp.kernel_size, mp.kernel_size)
-    pool_s = mp.stride if isinstance(mp.stride, tuple) else (mp.stride, mp.stride)
-    return (block.training and block.inner_bn.training and block.bn.training
-            and x.device.type == "cpu" and x.dtype in native.DTYPES and x.dim() == 4
-            and dw.kernel_size == (k, k) and k % 2 == 1 and tuple(dw.stride) == (1, 1)
-            and tuple(dw.dilation) == (1, 1) and tuple(dw.padding) == (0, k // 2) and dw.groups == dw.in_channels
-            and dw.padding_mode == "zeros" and dw.bias is not None and pw.bias is not None
-            and pw.kernel_size == (1, 1) and block.inner_bn.affine and block.bn.affine
-            and pool_k[0] == 1 and tuple(pool_s) == tuple(pool_k) and 1 <= pool_k[1] <= min(x.shape[3], 127)
-            and mp.padding in (0, (0, 0)) and mp.dilation in (1, (1, 1)) and not mp.ceil_mode
-            and x.shape[2] >= k and native.available())
-
-
 def dws_block_train(block, x: Tensor) -> Tensor:
-    """``block.post(block.conv_valid_time(x))`` for a DWSBlock in training mode (``applies``):
+    """``block.post(block.conv_valid_time(x))`` for a DWSBlock in training mode
+    (rtsed.backends.dispatch.cpu_block_applies):
     x (B, C_in, T + K - 1, F) -> (B, C, T, F // P), channels-last; dropout included."""
     args = []
     for bn in (block.inner_bn, block.bn):

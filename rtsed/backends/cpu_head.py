@@ -31,14 +31,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rtsed.backends import native
 from rtsed.backends.batchnorm import bn_arguments, update_running_stats
-from rtsed.backends.dispatch import cpu_gemm_dtype, native_eval
+from rtsed.backends.dispatch import cpu_gemm_dtype, native_kernels
 from rtsed.backends.native import head as native_head
 
-# Patch rows (b, t, w) per chunk: ~6k rows keep a chunk's z (rows x 256) near 6 MB, inside this
-# CPU's caches; measured 1.9 s for the head's forward + backward at batch 16 x 1024 against 2.3 s
-# at 22k rows and 3.7 s for the reference composition (2 threads).
+# Patch rows (b, t, w) per chunk: ~6k rows keep a chunk's z (rows x 256) near 6 MB, inside the
+# CPU's caches (larger chunks spill and were slower; benchmarks/README.md).
 CHUNK_ROWS = 6144
 
 
@@ -71,15 +69,9 @@ def _scatter_patch_grads(dx: Tensor, d_patches: Tensor, t0: int, t1: int, kernel
             target.add_(grads[:, :, :, i, j])
 
 
-def _use_native(dtype: torch.dtype) -> bool:
-    """Whether the backward runs rtsed.backends.native.head's kernels (RTSED_NATIVE on, a compiler found);
-    otherwise the torch compositions beside them run: slower, same results."""
-    return dtype in native.DTYPES and native.available()
-
-
 def _pooled_stats(parts: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Per-column mean and biased variance over the rows of all parts (each (n_i, C)): aten's
-    BN-statistics kernel per part (one read; per-part sums of r and r * r were 6x slower), the
+    BN-statistics kernel per part (one read; per-part sums of r and r * r were much slower), the
     parts combined in float64 (Chan et al.): var = sum n_i (var_i + (mean_i - mean)^2) / N."""
     counts, means, variances = [], [], []
     for part in parts:
@@ -124,7 +116,7 @@ class DilatedHeadFunction(torch.autograd.Function):
         # float32/64 GEMMs with the kernels: conv, ReLU and BN's sums in one native pass per chunk
         # (head_conv_relu_stats), replacing a patches copy, the GEMM, a ReLU pass and a statistics
         # pass over r.
-        native_conv = gemm_dtype is None and _use_native(x.dtype)
+        native_conv = gemm_dtype is None and native_kernels(x.dtype)
         conv_taps = native_head.taps_major_conv(conv_weight, conv_bias) if native_conv else None
         sums = []
 
@@ -189,14 +181,14 @@ class DilatedHeadFunction(torch.autograd.Function):
         g = grad_logits.contiguous()
 
         # rtsed.backends.native.head's kernels where available, else the torch compositions beside them.
-        fused = _use_native(x.dtype)
+        fused = native_kernels(x.dtype)
         g_chunks = [g[:, t0:t1].reshape(-1, n_classes).contiguous() for t0, t1 in chunks]  # (B n, k) each
 
         # Pass 1: G^T r over all frames, the only full pass the classifier and BN gradients need.
         d_lin_bias = g.sum((0, 1))
         g_r = torch.zeros(n_classes, width * c_out, dtype=g.dtype)
         for g_chunk, r in zip(g_chunks, r_chunks):
-            if fused:  # dnd's (16 x 64) @ (64 x 21504) per chunk, r read from memory: MKL 0.85 ms, this 0.5
+            if fused:  # a short-and-wide product per chunk, r read from memory: the native pass beats MKL
                 native_head.class_products_(g_r, g_chunk, r.view(-1, width * c_out))
             else:
                 g_r.addmm_(g_chunk.t(), r.view(-1, width * c_out))
@@ -279,19 +271,19 @@ class DilatedHeadFunction(torch.autograd.Function):
                 d_lin_weight, d_lin_bias, None, None, None, None, None, None, None)
 
 
-def dilated_head(temporal, classifier, h: Tensor) -> Tensor:
-    """h: (B, C, T, 1) CNN output -> logits (B, T, n_classes), equal to
-    ``classifier(temporal(h))`` of a DilatedTemporal ``temporal`` and Linear ``classifier``."""
-    bn = temporal.bn
+def padded_frames(temporal, h: Tensor) -> Tensor:
+    """h: (B, C, T, 1) -> f_dil's time-padded input frames (B, T + (K - 1) d, C), contiguous."""
     x = h[..., 0].transpose(1, 2)  # (B, T, C)
     x = torch.nn.functional.pad(x, (0, 0, temporal.context_frames - temporal.right_pad, temporal.right_pad))
-    x = x.contiguous()
-    if not temporal.training and native_eval(x, classifier.weight, temporal.conv.weight, bn.weight):
-        # Inference: conv, ReLU and the BN-folded classifier in one native pass per frame tile, so
-        # nothing of f_dil's output is written at all.
-        return native_head.head_logits(x, h.shape[2], temporal.native_head_weights(classifier),
-                                       classifier.out_features, temporal.kernel, temporal.dilation,
-                                       temporal.stride)
+    return x.contiguous()
+
+
+def dilated_head(temporal, classifier, h: Tensor) -> Tensor:
+    """h: (B, C, T, 1) CNN output -> logits (B, T, n_classes), equal to
+    ``classifier(temporal(h))`` of a DilatedTemporal ``temporal`` and Linear ``classifier``,
+    through ``DilatedHeadFunction`` (training, or eval with autograd)."""
+    bn = temporal.bn
+    x = padded_frames(temporal, h)
     args = bn_arguments(bn)  # torch's bookkeeping: num_batches_tracked, momentum None
     geometry = (temporal.kernel, temporal.dilation, temporal.stride, temporal.width)
     return DilatedHeadFunction.apply(

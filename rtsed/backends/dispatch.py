@@ -1,19 +1,32 @@
-"""Which implementation of an op runs: the reference torch compositions, the CPU fast paths
-(oneDNN/MKL arrangements and rtsed.backends.native's kernels), or the Triton kernels of kernels/.
+"""The one place that decides which implementation of an op runs.
 
-``RTSED_KERNELS`` chooses:
+Every op in rtsed.ops asks one function here, once per call, and runs what it answers; layers
+never ask. The answer depends on:
 
-- ``ref``: the pure-torch compositions (the reference every fast path is tested against);
-- ``triton``: the fused Triton kernels; asking for them where they cannot run (no triton, no CUDA,
-  a CPU tensor) is an error, never a silent fallback;
-- ``auto`` (default): triton for CUDA tensors when it is installed and the op has a kernel.
-  CPU tensors take the CPU fast paths, the same arithmetic arranged for oneDNN/MKL:
-  ``cpu_fast_path`` (channels-last CNN, the chunked f_dil + BN + classifier of
-  rtsed.backends.cpu_head; not while a graph is traced for ONNX export, whose chunk loops would
-  freeze at the traced length) and ``eval_fast_path`` (eval-mode BNs folded into neighbouring
-  weights; also in exported graphs). The Triton interpreter runs only when asked for by name.
+- ``RTSED_KERNELS``: ``ref`` (the pure-torch reference compositions, which every fast path is
+  tested against), ``triton`` (the Triton kernels of kernels/; an error where they cannot run,
+  never a silent fallback) or ``auto`` (default: Triton for CUDA tensors when it is installed and
+  the op has a kernel, the CPU fast paths for CPU tensors; the Triton interpreter runs only when
+  asked for by name);
+- ``RTSED_NATIVE`` (0/false/off turns rtsed.backends.native's C++ kernels off) and whether they
+  could be built (a C++ compiler with OpenMP);
+- the input's device and dtype, the module's training mode, whether autograd records (the
+  native inference kernels have no backward), whether a graph is being traced for ONNX export
+  (exported graphs must be plain ops, without native calls or time-chunk loops frozen at the
+  traced length), and CPU autocast to bfloat16 (``--precision bf16``: the big GEMMs in bf16).
 
-``RTSED_NATIVE`` (rtsed.backends.native) switches the native C++ kernels off with 0.
+The implementations, by the names the decisions return:
+
+- ``reference``: stock torch, the layer's own composition;
+- ``triton``: ``kernels/<op>.py``;
+- ``cpu-folded``: eval mode on the CPU, every BatchNorm folded into its neighbouring weights,
+  channels-last, oneDNN GEMMs;
+- ``onnx-folded``: the same folded arithmetic, arranged for an ONNX trace;
+- ``native``: eval mode on the CPU, rtsed.backends.native's kernels (the GEMMs stay oneDNN's);
+- ``cpu-train``: training on the CPU, rtsed.backends.cpu_block / cpu_head (autograd functions
+  with hand-written backwards; their elementwise passes native where the kernels are built).
+
+``python -m rtsed.doctor`` prints, for this machine, what each op runs and why.
 """
 
 from __future__ import annotations
@@ -27,10 +40,18 @@ import torch
 from torch import Tensor
 
 from rtsed.backends import native
+from rtsed.backends.native import eval_block
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
+# The implementations (see the module docstring).
+REFERENCE = "reference"
+TRITON = "triton"
+FOLDED = "cpu-folded"
+FOLDED_EXPORT = "onnx-folded"
+NATIVE = "native"
+CPU_TRAIN = "cpu-train"
 BACKENDS = ("auto", "ref", "triton")
 
 OPS = ("dws_block", "dilated_temporal", "dilated_step")
@@ -77,7 +98,7 @@ def backend_for(op: str, x: Tensor) -> str:
     if requested == "auto" and not x.is_cuda:
         # The interpreter (TRITON_INTERPRET=1 on CPU tensors) is for kernel tests, which ask for
         # it explicitly; auto never sends CPU work to it. Decided before looking for triton:
-        # that lookup (two find_spec calls, ~50 us) ran 4 times per streaming step.
+        # that lookup (two find_spec calls) is slow next to a streaming step.
         return "ref"
     usable, why = _triton_usable(op, x)
     if requested == "triton" and not usable:
@@ -86,13 +107,18 @@ def backend_for(op: str, x: Tensor) -> str:
     return "triton" if usable else "ref"
 
 
+def exporting() -> bool:
+    """Whether a graph is being traced (for ONNX export)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def cpu_fast_path(x: Tensor) -> bool:
     """Whether CPU fast paths apply to x: RTSED_KERNELS=auto, a CPU tensor of a fast dtype, and
     no ONNX export being traced. The model also uses it to run its CNN blocks channels-last
-    (oneDNN's fast layout on CPU: a 1x1 conv becomes one GEMM over (rows, C))."""
-    exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    (oneDNN's fast layout on CPU: a 1x1 conv becomes one GEMM over (rows, C)) and, in inference,
+    in time chunks."""
     return (requested_backend() == "auto" and not x.is_cuda and x.dtype in CPU_FAST_DTYPES
-            and not exporting)
+            and not exporting())
 
 
 def native_eval(x: Tensor, *params: Tensor) -> bool:
@@ -113,8 +139,8 @@ def native_eval(x: Tensor, *params: Tensor) -> bool:
 def cpu_gemm_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype the CPU training fast paths (rtsed.backends.cpu_block, rtsed.backends.cpu_head) run their big
     GEMMs in: bfloat16 when x is on the CPU inside ``torch.autocast("cpu", dtype=torch.bfloat16)``
-    (float32 accumulation; 2x the fp32 rate on this AVX512_BF16 CPU at (655360, 256) x (256, 256):
-    0.21 s against 0.41), else None (x's dtype). Everything else stays float32 either way."""
+    (float32 accumulation; twice the fp32 rate on CPUs with AVX512_BF16), else None (x's dtype).
+    Everything else stays float32 either way."""
     if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and \
             torch.get_autocast_dtype("cpu") == torch.bfloat16:
         return torch.bfloat16
@@ -136,3 +162,143 @@ def eval_fast_path(module: "nn.Module", x: Tensor) -> bool:
     the folded compositions have no loops, and the exported graphs should be the fast ones."""
     return (requested_backend() == "auto" and not x.is_cuda and x.dtype in CPU_FAST_DTYPES
             and not module.training)
+
+
+def prepare(device: torch.device) -> None:
+    """Build (or load) now what the choices on ``device`` will need: a first build of the native
+    kernels takes seconds, which must not land inside a live stream's first step."""
+    if device.type == "cpu":
+        native.available()
+
+
+def native_kernels(dtype: torch.dtype) -> bool:
+    """Whether rtsed.backends.native's kernels run for tensors of ``dtype`` (RTSED_NATIVE on, a
+    compiler found); where not, the CPU fast paths run the torch compositions beside them (same
+    results, slower)."""
+    return dtype in native.DTYPES and native.available()
+
+
+# ---------------------------------------------------------------------------------------- layout
+
+_channels_last_depth = 0  # > 0 inside ``channels_last_convs()``
+
+
+@contextlib.contextmanager
+def channels_last_convs():
+    """Within this block, convolutions run channels-last even on one-channel inputs, whose memory
+    format cannot be read off their strides (a (B, 1, T, F) tensor is NCHW and channels-last at
+    once). SEDModel turns it on around its CNN where ``cpu_fast_path`` holds."""
+    global _channels_last_depth
+    _channels_last_depth += 1
+    try:
+        yield
+    finally:
+        _channels_last_depth -= 1
+
+
+def channels_last(x: Tensor) -> bool:
+    """Whether a convolution on x runs channels-last: x is channels-last by its strides, or a
+    one-channel x inside ``channels_last_convs``."""
+    return x.dim() == 4 and (
+        (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        or (_channels_last_depth > 0 and x.shape[1] == 1))
+
+
+# ------------------------------------------------------------------------------ GEMMs on the CPU
+
+ONEDNN_MIN_MACS = 4_000_000  # below this, oneDNN's fixed cost per call loses to MKL's addmm
+
+
+def gemm(x: Tensor, weight: Tensor, bias: Tensor, onednn: bool) -> str:
+    """How rtsed.backends.cpu.fused_linear runs ``x @ weight.T + bias``: "onednn-bf16" (bf16
+    operands under CPU bf16 autocast, float32 accumulation), "onednn" (fp32, activation fused) or
+    "addmm" (MKL, the activation after it; also whenever autograd records: the oneDNN op has no
+    backward). ``onednn``: whether this torch has the oneDNN linear."""
+    if (onednn and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.shape[0] * weight.numel() >= ONEDNN_MIN_MACS
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)))):
+        return "onednn-bf16" if cpu_gemm_dtype(x) == torch.bfloat16 else "onednn"
+    return "addmm"
+
+
+# ------------------------------------------------------------------------------- per-op decisions
+
+
+def native_block_applies(block, x: Tensor) -> bool:
+    """A depthwise (C -> C) or one-input-channel (1 -> C) DWS block with a kernel size that
+    rtsed.backends.native.eval_block takes, where ``native_eval`` allows native inference."""
+    if not block.separable or block.kernel not in eval_block.KERNELS or \
+            block.in_channels not in (1, block.out_channels):
+        return False
+    # The parameters are looked up only when autograd records (module attribute lookups are slow,
+    # and this runs once per block per streaming step).
+    parameters = (block.depthwise.weight, block.pointwise.weight) if torch.is_grad_enabled() else ()
+    return native_eval(x, *parameters)
+
+
+def cpu_block_applies(block, x: Tensor) -> bool:
+    """Whether rtsed.backends.cpu_block takes this DWS block and input: training mode with both
+    BNs training, the structure that op assumes, float32/float64 CPU input, native kernels built
+    (or buildable)."""
+    dw, pw, mp = block.depthwise, block.pointwise, block.pool
+    k = dw.kernel_size[0]
+    pool_k = mp.kernel_size if isinstance(mp.kernel_size, tuple) else (mp.kernel_size, mp.kernel_size)
+    pool_s = mp.stride if isinstance(mp.stride, tuple) else (mp.stride, mp.stride)
+    return (block.training and block.inner_bn.training and block.bn.training
+            and x.device.type == "cpu" and x.dtype in native.DTYPES and x.dim() == 4
+            and dw.kernel_size == (k, k) and k % 2 == 1 and tuple(dw.stride) == (1, 1)
+            and tuple(dw.dilation) == (1, 1) and tuple(dw.padding) == (0, k // 2) and dw.groups == dw.in_channels
+            and dw.padding_mode == "zeros" and dw.bias is not None and pw.bias is not None
+            and pw.kernel_size == (1, 1) and block.inner_bn.affine and block.bn.affine
+            and pool_k[0] == 1 and tuple(pool_s) == tuple(pool_k) and 1 <= pool_k[1] <= min(x.shape[3], 127)
+            and mp.padding in (0, (0, 0)) and mp.dilation in (1, (1, 1)) and not mp.ceil_mode
+            and x.shape[2] >= k and native.available())
+
+
+def frequency_block(block, x: Tensor) -> str:
+    """A CNN block (f_cnn or f_dws) on time-padded input x (B, C_in, T + K - 1, F):
+    triton (DWS blocks), native or cpu-folded (eval mode; onnx-folded while traced), cpu-train
+    (DWS blocks in training), else reference."""
+    if block.separable and backend_for("dws_block", x) == "triton":
+        return TRITON
+    if eval_fast_path(block, x):
+        if native_block_applies(block, x):
+            return NATIVE
+        return FOLDED_EXPORT if torch.jit.is_tracing() else FOLDED
+    if block.separable and block.training and cpu_fast_path(x) and cpu_block_applies(block, x):
+        return CPU_TRAIN
+    return REFERENCE
+
+
+def dilated_temporal(x: Tensor) -> str:
+    """f_dil's conv -> ReLU -> BN on its own: triton or reference."""
+    return TRITON if backend_for("dilated_temporal", x) == "triton" else REFERENCE
+
+
+def dilated_step(frames: Tensor) -> str:
+    """One ring-buffer step of f_dil on its own: triton or reference."""
+    return TRITON if backend_for("dilated_step", frames) == "triton" else REFERENCE
+
+
+def dilated_head(layer, classifier, h: Tensor) -> str:
+    """f_dil -> ReLU -> BN -> classifier over a whole sequence h (B, C, T, 1): on the CPU native
+    (eval, no autograd: one pass from CNN frames to logits) or cpu-train (the chunked autograd
+    function; also eval with autograd); elsewhere reference (whose f_dil is ``dilated_temporal``'s
+    choice, Triton on CUDA)."""
+    if cpu_fast_path(h):
+        if not layer.training and native_eval(h, classifier.weight, layer.conv.weight, layer.bn.weight):
+            return NATIVE
+        return CPU_TRAIN
+    return REFERENCE
+
+
+def dilated_step_logits(layer, classifier, h: Tensor) -> str:
+    """A streaming step of f_dil and the classifier, h (B, C, n, 1) new CNN frames: triton
+    (``dilated_step``'s kernel, then the classifier), native (eval on the CPU, one pass from the
+    ring to logits), cpu-folded (BN folded into the classifier, two GEMMs; also in exported
+    graphs), else reference."""
+    if backend_for("dilated_step", h) == "triton":
+        return TRITON
+    if eval_fast_path(layer, h):
+        return NATIVE if native_eval(h, classifier.weight, layer.conv.weight) else FOLDED
+    return REFERENCE

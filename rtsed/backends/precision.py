@@ -2,8 +2,7 @@
 
 "bf16" runs the model under ``torch.autocast("cpu", dtype=torch.bfloat16)``: the big GEMMs
 (the CNN's pointwise convs; in training also f_dil's) take bf16 inputs with float32
-accumulation, 2x the fp32 rate on a CPU with AVX512_BF16 or AMX-BF16 (this project's Zen 4:
-(640, 256) x (256, 256) at one thread 108 -> 212 GFLOP/s, measured). Everything else (the native
+accumulation, twice the fp32 rate on a CPU with AVX512_BF16 or AMX-BF16. Everything else (the native
 depthwise convs, pools, BatchNorm, f_dil + classifier at inference, the loss, optimizer state)
 stays float32. ``rtsed.backends.dispatch.cpu_gemm_dtype`` is where the paths read it.
 

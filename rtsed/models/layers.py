@@ -20,9 +20,6 @@ from torch import Tensor, nn
 
 from rtsed import ops
 from rtsed.backends.cpu import _relu_owned, conv2d_like_input, fused_linear, one_channel_patches
-from rtsed.backends.dispatch import eval_fast_path, native_eval
-from rtsed.backends.native import eval_block
-from rtsed.backends.native import head as native_head
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,7 +31,7 @@ def folded_cache(module: nn.Module, name: str, sources: list[Tensor], compute):
     """``compute()`` (folded weights), cached on the module while its sources are unchanged.
 
     A streaming step at one frame is short enough that re-folding BN into the weights each
-    call (a 256 x 256 product per block) was a fifth of its time. The key is each source's
+    call (a 256 x 256 product per block) would be a large share of it. The key is each source's
     storage and in-place version counter, so loading a checkpoint or an optimizer step
     invalidates it. Not cached while autograd records through the sources: gradients must
     then flow through the folding."""
@@ -99,6 +96,7 @@ class FrequencyBlock(nn.Module):
         if not 0 <= right_pad <= kernel - 1:
             raise ValueError(f"right_pad {right_pad} outside [0, {kernel - 1}]")
         self.kernel = kernel
+        self.out_channels = c_out
         self.context_frames = kernel - 1
         self.right_pad = right_pad
         self.bn = nn.BatchNorm2d(c_out)
@@ -119,24 +117,18 @@ class FrequencyBlock(nn.Module):
 
         history: None, or a streaming block's state (B, C_in, K - 1, F), the input frames that
         precede x: the block then runs on cat(history, x) and advances history in place to that
-        window's last K - 1 frames. The native eval kernels do both without building the window."""
+        window's last K - 1 frames."""
         if history is None:
             return ops.frequency_block(self, x)
-        if eval_fast_path(self, x) and self.native_eval_applies(x):
-            return self.native_folded_valid_time(x, history, advance_history=True)
-        window = torch.cat([history, x], dim=2)
-        if self.context_frames:
-            history.copy_(window[:, :, window.shape[2] - self.context_frames:])
-        return ops.frequency_block(self, window)
+        return ops.frequency_block_step(self, x, history)
 
-    def conv_folded(self, x: Tensor) -> Tensor:
+    def conv_folded(self, x: Tensor, export: bool = False) -> Tensor:
         """Eval mode: the conv part with every BN before the output ReLU folded in. Works in x's
         memory format: channels-last on the CPU, offline and streaming alike (the streaming
-        histories are kept channels-last there: 5 % faster per 16-frame dnd_7_10 step than NCHW
-        histories, the same for base)."""
+        histories are kept channels-last there too, so a step's window is a plain block copy)."""
         raise NotImplementedError
 
-    def folded_valid_time(self, x: Tensor) -> Tensor:
+    def folded_valid_time(self, x: Tensor, export: bool = False) -> Tensor:
         """Eval-mode fast path, equal to ``post(conv_valid_time(x))`` up to rounding: BNs
         folded, and the output BN (after ReLU, a per-channel affine y = a r + b) applied after
         the max-pool, on 1/P of the values: max_p(a r_p + b) = |a| max_p(sign(a) r_p) + b holds
@@ -147,18 +139,15 @@ class FrequencyBlock(nn.Module):
         one full-resolution pass (the pool) instead of three. On a channels-last y the pool is a
         max over groups of P rows of its (B, T, F, C) view. Traced for ONNX, the ReLU stays
         before the pool (onnxruntime fuses it into the conv) and the affine is a depthwise 1x1
-        Conv (one node instead of Mul and Add).
+        Conv (one node instead of Mul and Add): ``export``, rtsed.backends.dispatch's onnx-folded.
 
-        Where rtsed.backends.native.eval_block's kernels apply, ``native_folded_valid_time`` runs instead
-        (the same arithmetic in three passes, the pointwise GEMM still oneDNN's)."""
-        if self.native_eval_applies(x):
-            return self.native_folded_valid_time(x)
+        rtsed.backends.cpu_eval.dws_block is the same arithmetic through native kernels."""
         sign, magnitude, shift, nonnegative = folded_cache(self, "post", bn_sources(self.bn), self._pool_affine)
-        y = self.conv_folded(x)
+        y = self.conv_folded(x, export)
         if not nonnegative:
             pooled = F.max_pool2d(F.relu(y) * sign, self.pool.kernel_size, self.pool.stride)
             return torch.addcmul(shift, pooled, magnitude)
-        if torch.jit.is_tracing():
+        if export:
             pooled = F.max_pool2d(F.relu(y), self.pool.kernel_size, self.pool.stride)
             return F.conv2d(pooled, magnitude[:, :, :, None], shift.view(-1), groups=magnitude.shape[0])
         rows = y.permute(0, 2, 3, 1)  # (B, T, F, C)
@@ -169,19 +158,6 @@ class FrequencyBlock(nn.Module):
         f = rows.shape[2] // p * p  # floor: the last F mod P frequencies are dropped
         pooled = _relu_owned(rows[:, :, :f].unflatten(2, (-1, p)).amax(3))  # (B, T, F // P, C)
         return torch.addcmul(shift.view(-1), pooled, magnitude.view(-1)).permute(0, 3, 1, 2)
-
-    def native_eval_applies(self, x: Tensor) -> bool:
-        """Whether ``folded_valid_time`` runs on x through ``native_folded_valid_time``
-        (rtsed.backends.native.eval_block's kernels). The base class has no native path."""
-        return False
-
-    def native_folded_valid_time(self, x: Tensor, history: Tensor | None = None,
-                                 advance_history: bool = False) -> Tensor:
-        """``folded_valid_time`` through native kernels: (B, C_in, T + K - 1, F) -> (B, C_out, T, F // P),
-        or, given ``history`` (B, C_in, H, F), the same on cat(history, x) without building it, and
-        with ``advance_history`` history advanced in place to the window's last H frames. Only
-        where ``native_eval_applies``."""
-        raise NotImplementedError
 
     def _pool_affine(self) -> tuple[Tensor, Tensor, Tensor, bool]:
         """(sign(a), |a|, b) of the output BN, each (C, 1, 1) to broadcast over (T, F), and
@@ -220,7 +196,7 @@ class ConvBlock(FrequencyBlock):
     def conv_valid_time(self, x: Tensor) -> Tensor:
         return conv2d_like_input(x, self.conv)
 
-    def conv_folded(self, x: Tensor) -> Tensor:
+    def conv_folded(self, x: Tensor, export: bool = False) -> Tensor:
         return conv2d_like_input(x, self.conv)
 
 
@@ -240,27 +216,25 @@ class DWSBlock(FrequencyBlock):
         self.depthwise = nn.Conv2d(c_in, c_out, kernel, padding=(0, kernel // 2), groups=c_in)
         self.inner_bn = nn.BatchNorm2d(c_out)
         self.pointwise = nn.Conv2d(c_out, c_out, 1)
-        # The shapes rtsed.backends.native.eval_block's kernels take (fixed at construction).
-        self._native_shapes_fit = kernel in eval_block.KERNELS and (c_in == 1 or c_in == c_out)
 
     def conv_valid_time(self, x: Tensor) -> Tensor:
         depthwise = conv2d_like_input(x, self.depthwise)
         return conv2d_like_input(self.inner_bn(F.leaky_relu(depthwise, 0.01)), self.pointwise)
 
-    def conv_folded(self, x: Tensor) -> Tensor:
+    def conv_folded(self, x: Tensor, export: bool = False) -> Tensor:
         dw = self.depthwise
         sources = [self.pointwise.weight, self.pointwise.bias, *bn_sources(self.inner_bn), dw.weight]
         weight, bias, dw_weight_cl = folded_cache(self, "pointwise", sources, self._folded_pointwise)
-        if torch.jit.is_tracing():
+        if export:
             # ONNX: onnxruntime runs a 1x1 Conv on NCHW directly; the rows GEMM would cost two
-            # Transposes (measured 10 % slower per step there).
+            # Transposes there.
             a = F.leaky_relu(self.depthwise(x), 0.01)
             return F.conv2d(a, weight[:, :, None, None], bias)
         b, _, t_in, f = x.shape
         k = self.kernel
         if self.in_channels == 1:
             # Block 1 (1 -> C) as a patches GEMM straight into channels-last rows: oneDNN's
-            # one-channel conv cost 190 us of a 16-frame streaming step, the GEMM ~60 us.
+            # one-channel conv is several times slower than this GEMM at streaming sizes.
             a = fused_linear(one_channel_patches(x, k), self.depthwise.weight.view(-1, k * k),
                              self.depthwise.bias, "leaky_relu")
         else:
@@ -271,43 +245,18 @@ class DWSBlock(FrequencyBlock):
         out = fused_linear(a, weight, bias)
         return out.view(b, t_in - k + 1, f, -1).permute(0, 3, 1, 2)
 
-    def native_eval_applies(self, x: Tensor) -> bool:
-        """The native kernels take a depthwise (C -> C) or one-input-channel (1 -> C) K x K conv
-        with K in eval_block.KERNELS, where ``dispatch.native_eval`` allows native inference."""
-        if not self._native_shapes_fit:
-            return False
-        # The parameters are listed only when autograd records (module attribute lookups cost
-        # ~0.5 us each, and this runs once per block per streaming step).
-        parameters = [self.depthwise.weight, self.pointwise.weight] if torch.is_grad_enabled() else []
-        return native_eval(x, *parameters)
-
-    def native_folded_valid_time(self, x: Tensor, history: Tensor | None = None,
-                                 advance_history: bool = False) -> Tensor:
-        """The folded block as three passes over channels-last rows: the native K x K conv +
-        LeakyReLU (reading history and x in place, then advancing history when asked), the
-        pointwise GEMM with the inner BN folded in (oneDNN, ``fused_linear``), and the native
-        ReLU + output-BN affine + max-pool. Same arithmetic as ``folded_valid_time``'s torch path
-        (either sign of the BN scales)."""
+    def eval_operands(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Eval mode: the folded block's operands for rtsed.backends.cpu_eval.dws_block, cached
+        while the parameters and BN statistics are unchanged: the pointwise weight (C, C) and bias
+        (C,) with the inner BN folded in, the depthwise taps (K K, C) and bias (C,), and the
+        output BN as (sign, magnitude, shift), each (C, 1, 1)."""
         dw = self.depthwise
         sources = [self.pointwise.weight, self.pointwise.bias, *bn_sources(self.inner_bn), dw.weight]
         weight, bias, _ = folded_cache(self, "pointwise", sources, self._folded_pointwise)
         taps = folded_cache(self, "depthwise_taps", [dw.weight],
                             lambda: dw.weight.reshape(dw.out_channels, -1).t().contiguous())  # (K K, C)
         sign, magnitude, shift, _ = folded_cache(self, "post", bn_sources(self.bn), self._pool_affine)
-        # (B, C, T, F) -> (B, T, F, C): a view for channels-last (and one-channel) tensors
-        frames = x.permute(0, 2, 3, 1).contiguous()
-        past = None if history is None else history.permute(0, 2, 3, 1)  # a view of a channels-last state
-        if past is not None and not past.is_contiguous():  # (a state the kernel cannot advance in place)
-            a = eval_block.depthwise_conv_leaky(frames, taps, dw.bias, self.kernel, 0.01, past.contiguous())
-            if advance_history:
-                history.copy_(torch.cat([history, x], dim=2)[:, :, x.shape[2]:])
-        else:
-            a = eval_block.depthwise_conv_leaky(frames, taps, dw.bias, self.kernel, 0.01, past,
-                                                advance_history)  # (B, T, F, C)
-        b, t, f, c = a.shape
-        y = fused_linear(a.view(-1, c), weight, bias)
-        pooled = eval_block.pool_relu_affine(y.view(b * t, f, c), self.pool.kernel_size[1], sign, magnitude, shift)
-        return pooled.view(b, t, -1, c).permute(0, 3, 1, 2)
+        return weight, bias, taps, dw.bias, sign, magnitude, shift
 
     def _folded_pointwise(self) -> tuple[Tensor, Tensor, Tensor]:
         """The pointwise conv with the inner BN folded in, weight (C, C) and bias (C,), and the
@@ -322,6 +271,58 @@ class DWSBlock(FrequencyBlock):
 # ----------------------------------------------------------------------------------------------
 # Temporal parts: f_dil and the GRU
 # ----------------------------------------------------------------------------------------------
+
+
+class TemporalPart(nn.Module):
+    """The streaming-state protocol of a model's temporal part, all that ModelStream, the ONNX
+    step graph and the engines use: a new family implements it and streams, exports and serves
+    without edits elsewhere (tests/test_temporal_family.py defines one).
+
+    - ``right_pad``: future frames each output needs (its share of the model's lookahead);
+      ``out_features``: features per frame for the classifier;
+    - ``forward(h)``: offline, CNN output (B, C, T, 1) -> (B, T, out_features), as if zero-padded
+      in time outside [0, T);
+    - ``init_state(batch_size, max_step_frames, device, dtype)``: allocate the stream state, an
+      object with ``reset(streams)`` (zeros: the offline left padding);
+    - ``step(h, state, skip)``: h (B, C, n, 1) new frames -> (B, n, out_features), the state
+      advanced in place; output row j is offline frame ``position + j - right_pad``;
+    - ``state_specs()`` and ``export_step(x, states, skip)``: the same step as a pure function of
+      its state tensors, for the exported step graph: [(name, shape with "batch")], and x
+      (B, n, C), the state tensors in that order -> (out (B, n, out_features), new state tensors).
+
+    ``skip`` (B,) counts each stream's leading frames that lie before its first real CNN frame
+    (the CNN's warm-up under "same" padding): zero frames there ARE the offline padding for a
+    part whose state only holds past inputs, which may ignore it; a recurrent part must leave its
+    state untouched by them (``skips_warmup = True``, and then ``skip`` is given while some stream
+    is in its warm-up, None otherwise). ``logits`` / ``step_logits`` compose the part with the
+    classifier; a family may fuse them (f_dil does)."""
+
+    right_pad: int = 0
+    skips_warmup: bool = False
+
+    @property
+    def out_features(self) -> int:
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, max_step_frames: int, device, dtype):
+        raise NotImplementedError
+
+    def step(self, h: Tensor, state, skip: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def state_specs(self) -> list[tuple[str, tuple[int | str, ...]]]:
+        raise NotImplementedError
+
+    def export_step(self, x: Tensor, states: list[Tensor], skip: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        raise NotImplementedError
+
+    def logits(self, h: Tensor, classifier: nn.Linear) -> Tensor:
+        """Offline: CNN output (B, C, T, 1) -> logits (B, T, n_classes)."""
+        return classifier(self(h))
+
+    def step_logits(self, h: Tensor, state, classifier: nn.Linear, skip: Tensor | None = None) -> Tensor:
+        """A streaming step to logits: h (B, C, n, 1) -> (B, n, n_classes)."""
+        return classifier(self.step(h, state, skip))
 
 
 @dataclass
@@ -345,7 +346,7 @@ class FrameRing:
             self.frames[streams] = 0
 
 
-class DilatedTemporal(nn.Module):
+class DilatedTemporal(TemporalPart):
     """f_dil: the CNN output (B, C, T, 1) is read as a one-channel image (B, 1, T, C) whose width
     is the C CNN channels; Conv2d(1 -> C_out, (K, K), stride (1, S), dilation (d, 1)) -> ReLU -> BN;
     then (B, C_out, T, W) is permuted to (B, T, C_out, W) and flattened channel-major to
@@ -390,7 +391,13 @@ class DilatedTemporal(nn.Module):
         capacity = self.context_frames + max_step_frames
         return FrameRing(torch.zeros(batch_size, capacity, self.channels, device=device, dtype=dtype))
 
-    def step(self, h: Tensor, state: FrameRing) -> Tensor:
+    def logits(self, h: Tensor, classifier: nn.Linear) -> Tensor:
+        return ops.dilated_head(self, classifier, h)
+
+    def step_logits(self, h: Tensor, state: FrameRing, classifier: nn.Linear, skip: Tensor | None = None) -> Tensor:
+        return ops.dilated_step_logits(self, classifier, h, state)
+
+    def step(self, h: Tensor, state: FrameRing, skip: Tensor | None = None) -> Tensor:
         """h: (B, C, n, 1) new CNN frames -> (B, n, C_out * W), the causal outputs for them.
         n may exceed the ring's step capacity; the step is then done in slices."""
         frames = h[..., 0].transpose(1, 2)  # (B, n, C)
@@ -433,16 +440,6 @@ class DilatedTemporal(nn.Module):
         max_step = capacity - self.context_frames
         outputs = []
         k, s, w, d = self.kernel, self.stride, self.width, self.dilation
-        if native_eval(frames, classifier.weight, self.conv.weight):
-            # Conv, ReLU and classifier in one native pass over the window (patches never copied,
-            # the conv's output never written): 0.48 ms against 0.64 ms for the two GEMMs below
-            # per 16-frame step at one thread on this project's CPU.
-            native_weights = self.native_head_weights(classifier)
-            for i in range(0, frames.shape[1], max_step):
-                window = self._ring_window(frames[:, i:i + max_step], state)  # (B, (K - 1) d + n, C)
-                outputs.append(native_head.head_logits(window, window.shape[1] - self.context_frames,
-                                                       native_weights, classifier.out_features, k, d, s))
-            return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         weight, bias, lin_weight, lin_bias = folded_cache(
             self, "patch_gemms", [self.conv.weight, self.conv.bias, classifier.weight, classifier.bias,
                                   *bn_sources(self.bn)], lambda: self._patch_gemm_weights(classifier))
@@ -460,17 +457,18 @@ class DilatedTemporal(nn.Module):
             outputs.append(logits.view(b, n, classifier.out_features))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    def native_head_weights(self, classifier: nn.Linear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Eval mode: the operands of ``rtsed.backends.native.head.head_logits`` (conv taps-major, the
-        BN-folded classifier as (W, C_out, n_classes), zero-padded to its vector widths), cached
-        while the parameters and BN statistics are unchanged."""
+    def packed_classifier(self, classifier: nn.Linear, name: str, pack):
+        """Eval mode: ``pack(conv weight, conv bias, folded classifier weight, its bias, W)``, the
+        conv and the BN-folded classifier in a backend's operand layout (e.g.
+        rtsed.backends.native.head.head_logits_weights), cached under ``name`` while the
+        parameters and BN statistics are unchanged."""
         sources = [self.conv.weight, self.conv.bias, classifier.weight, classifier.bias, *bn_sources(self.bn)]
 
         def compute():
             folded, folded_bias = self.folded_classifier(classifier)
-            return native_head.head_logits_weights(self.conv.weight, self.conv.bias, folded, folded_bias, self.width)
+            return pack(self.conv.weight, self.conv.bias, folded, folded_bias, self.width)
 
-        return folded_cache(self, "native_head", sources, compute)
+        return folded_cache(self, name, sources, compute)
 
     def _patch_gemm_weights(self, classifier: nn.Linear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Weights of ``step_logits_folded``'s two GEMMs, (out, in) as nn.Linear keeps them: conv
@@ -480,6 +478,10 @@ class DilatedTemporal(nn.Module):
         lin_wc = weight.view(-1, self.conv.out_channels, self.width).transpose(1, 2)
         return (self.conv.weight.reshape(self.conv.out_channels, -1).contiguous(), self.conv.bias,
                 lin_wc.reshape(weight.shape[0], -1).contiguous(), lin_bias)
+
+    def ring_window(self, frames: Tensor, state: FrameRing) -> Tensor:
+        """``_ring_window``: the ring's window for frames (B, n, C), for ops that read it whole."""
+        return self._ring_window(frames, state)
 
     def _ring_window(self, frames: Tensor, state: FrameRing) -> Tensor:
         """Write frames (B, n, C) into the ring and return the (K - 1) d past frames and the n new
@@ -535,7 +537,7 @@ class GRUHidden:
             self.h[:, streams] = 0
 
 
-class GRUTemporal(nn.Module):
+class GRUTemporal(TemporalPart):
     """Unidirectional one-layer GRU over frames: (B, C, T, 1) -> (B, T, H). Causal by nature."""
 
     def __init__(self, channels: int, hidden: int):
@@ -543,6 +545,7 @@ class GRUTemporal(nn.Module):
         self.gru = nn.GRU(channels, hidden, batch_first=True)
         self.right_pad = 0
         self.context_frames = 0
+        self.skips_warmup = True  # zero frames would move h: the warm-up must not reach it
 
     @property
     def out_features(self) -> int:
@@ -562,6 +565,13 @@ class GRUTemporal(nn.Module):
         out, new_h = self.step_tensors(h[..., 0].transpose(1, 2), state.h, skip)
         state.h.copy_(new_h)
         return out
+
+    def state_specs(self) -> list[tuple[str, tuple[int | str, ...]]]:
+        return [("gru_h", (1, "batch", self.gru.hidden_size))]
+
+    def export_step(self, x: Tensor, states: list[Tensor], skip: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        out, new_h = self.step_tensors(x, states[0], skip)
+        return out, [new_h]
 
     def step_tensors(self, x: Tensor, h: Tensor, skip: Tensor | None) -> tuple[Tensor, Tensor]:
         """Functional step: x (B, n, C), h (1, B, H), skip (B,) -> (out (B, n, H), new h).

@@ -15,17 +15,17 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from rtsed import ops
-from rtsed.backends.cpu import channels_last_convs
-from rtsed.backends.dispatch import cpu_fast_path, forced_backend
+from rtsed.backends.dispatch import channels_last_convs, cpu_fast_path, forced_backend
 from rtsed.config import ModelConfig
-from rtsed.models.layers import ConvBlock, DilatedTemporal, DWSBlock, FrequencyBlock, GRUTemporal
+from rtsed.models.layers import ConvBlock, DilatedTemporal, DWSBlock, FrequencyBlock, GRUTemporal, TemporalPart
 
 
 class SEDModel(nn.Module):
     """A sound event detector of the paper's grid, built from a ModelConfig."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, temporal: TemporalPart | None = None):
+        """``temporal``: a temporal part of another family (the ``TemporalPart`` protocol) instead of
+        the one ``config`` names; its classifier follows its ``out_features``."""
         super().__init__()
         self.config = config
         block_cls = DWSBlock if config.cnn == "dws" else ConvBlock
@@ -36,8 +36,10 @@ class SEDModel(nn.Module):
                                     right_pad=config.cnn_right_pad_frames))
             c_in = config.channels
         self.blocks = nn.ModuleList(blocks)
-        if config.temporal == "gru":
-            self.temporal: GRUTemporal | DilatedTemporal = GRUTemporal(config.channels, config.channels)
+        if temporal is not None:
+            self.temporal: TemporalPart = temporal
+        elif config.temporal == "gru":
+            self.temporal = GRUTemporal(config.channels, config.channels)
         else:
             assert config.dil_kernel and config.dil_dilation and config.dil_stride
             self.temporal = DilatedTemporal(config.channels, config.dil_kernel, config.dil_dilation,
@@ -73,9 +75,8 @@ class SEDModel(nn.Module):
             return h
 
     # Offline inference on CPU runs the CNN over time chunks of this many output frames, so block
-    # 1's (B, 256, n, 40) intermediates stay ~180 MB at batch 16 instead of 0.7 GB each (measured
-    # 4 % slower than unchunked under tcmalloc, which recycles the big blocks; without a caching
-    # allocator every big tensor is fresh page faults).
+    # 1's (B, 256, n, 40) intermediates stay small: without a caching allocator every big tensor
+    # is fresh page faults (docs/fast-paths.md); with one, chunking costs a little.
     INFERENCE_CHUNK_FRAMES = 256
 
     def _features_in_chunks(self, h: Tensor) -> Tensor:
@@ -103,10 +104,7 @@ class SEDModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, F) normalised log-mel -> logits (B, T, n_classes)."""
-        h = self.features(x)
-        if isinstance(self.temporal, DilatedTemporal):
-            return ops.dilated_head(self.temporal, self.classifier, h)
-        return self.classifier(self.temporal(h))
+        return self.temporal.logits(self.features(x), self.classifier)
 
 
 def build_model(name: str | ModelConfig, **overrides) -> SEDModel:

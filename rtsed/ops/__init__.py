@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import importlib
 
+import torch
 from torch import Tensor
 
-from rtsed.backends import cpu_block, cpu_head
-from rtsed.backends.dispatch import backend_for, cpu_fast_path, eval_fast_path
+from rtsed.backends import cpu_block, cpu_eval, cpu_head, dispatch
+from rtsed.backends.dispatch import CPU_TRAIN, FOLDED, FOLDED_EXPORT, NATIVE, TRITON
 
 
 def _kernel(op: str):
@@ -24,26 +25,44 @@ def _kernel(op: str):
 
 
 def frequency_block(block: "FrequencyBlock", x: Tensor) -> Tensor:
-    """A whole CNN block (f_cnn or f_dws) on time-padded input: the fused DWS kernel where
-    Triton runs; on CPU the folded eval composition in eval mode and, for DWS blocks in training,
-    rtsed.backends.cpu_block (native fused passes; the reference when they cannot be built); the
-    reference otherwise.
+    """A whole CNN block (f_cnn or f_dws) on time-padded input.
     x: (B, C_in, T + K - 1, F) -> (B, C_out, T, F // P)."""
-    if block.separable:
-        if backend_for("dws_block", x) == "triton":
-            return _kernel("dws_block")(block, x)
-    if eval_fast_path(block, x):
+    return _frequency_block(block, x, dispatch.frequency_block(block, x))
+
+
+def _frequency_block(block: "FrequencyBlock", x: Tensor, how: str) -> Tensor:
+    if how == NATIVE:
+        return cpu_eval.dws_block(x, block.eval_operands(), block.kernel, block.pool.kernel_size[1])
+    if how == FOLDED:
         return block.folded_valid_time(x)
-    if block.separable and block.training and cpu_fast_path(x):
-        if cpu_block.applies(block, x):
-            return cpu_block.dws_block_train(block, x)
+    if how == FOLDED_EXPORT:
+        return block.folded_valid_time(x, export=True)
+    if how == CPU_TRAIN:
+        return cpu_block.dws_block_train(block, x)
+    if how == TRITON:
+        return _kernel("dws_block")(block, x)
     return block.post(block.conv_valid_time(x))
+
+
+def frequency_block_step(block: "FrequencyBlock", x: Tensor, history: Tensor) -> Tensor:
+    """A streaming step of a CNN block: x (B, C_in, n, F) new frames, history (B, C_in, K - 1, F)
+    the frames before them -> (B, C_out, n, F // P); history advances in place to the last
+    K - 1 frames. The native kernels read history and x where they lie; the others run
+    ``frequency_block`` on their concatenation."""
+    how = dispatch.frequency_block(block, x)  # (the window has x's device, dtype and autograd)
+    if how == NATIVE:
+        return cpu_eval.dws_block(x, block.eval_operands(), block.kernel, block.pool.kernel_size[1], history,
+                                  advance_history=True)
+    window = torch.cat([history, x], dim=2)
+    if block.context_frames:
+        history.copy_(window[:, :, window.shape[2] - block.context_frames:])
+    return _frequency_block(block, window, how)
 
 
 def dilated_temporal(layer: "DilatedTemporal", x: Tensor) -> Tensor:
     """f_dil's dilated conv -> ReLU -> BN on time-padded input.
     x: (B, 1, T + (K - 1) d, C) -> (B, C_out, T, W)."""
-    if backend_for("dilated_temporal", x) == "triton":
+    if dispatch.dilated_temporal(x) == TRITON:
         return _kernel("dilated_temporal")(layer, x)
     return layer.conv_relu_bn(x)
 
@@ -51,17 +70,21 @@ def dilated_temporal(layer: "DilatedTemporal", x: Tensor) -> Tensor:
 def dilated_step(layer: "DilatedTemporal", frames: Tensor, state: "FrameRing") -> Tensor:
     """One streaming step of f_dil over its ring buffer: writes frames (B, n, C) into the ring
     at state.write_pos, advances it, and returns (B, n, C_out * W) for the new frames."""
-    if backend_for("dilated_step", frames) == "triton":
+    if dispatch.dilated_step(frames) == TRITON:
         return _kernel("dilated_step")(layer, frames, state)
     return layer.step_slice_ref(frames, state)
 
 
 def dilated_head(layer: "DilatedTemporal", classifier: "nn.Linear", h: Tensor) -> Tensor:
     """f_dil -> ReLU -> BN -> per-frame classifier: h (B, C, T, 1) CNN output -> logits
-    (B, T, n_classes). The CPU fast path (rtsed.backends.cpu_head) folds BN into the classifier and works
-    in time chunks; elsewhere f_dil goes through ``dilated_temporal`` (Triton on CUDA) and the
-    classifier is applied to its output."""
-    if cpu_fast_path(h):
+    (B, T, n_classes)."""
+    how = dispatch.dilated_head(layer, classifier, h)
+    if how == NATIVE:
+        x = cpu_head.padded_frames(layer, h)
+        weights = layer.packed_classifier(classifier, "native_head", cpu_eval.head_logits_weights)
+        return cpu_eval.dilated_head_logits(x, h.shape[2], weights, classifier.out_features, layer.kernel,
+                                            layer.dilation, layer.stride)
+    if how == CPU_TRAIN:
         return cpu_head.dilated_head(layer, classifier, h)
     return classifier(layer(h))
 
@@ -69,8 +92,26 @@ def dilated_head(layer: "DilatedTemporal", classifier: "nn.Linear", h: Tensor) -
 def dilated_step_logits(layer: "DilatedTemporal", classifier: "nn.Linear", h: Tensor,
                         state: "FrameRing") -> Tensor:
     """A streaming step of f_dil and the classifier: h (B, C, n, 1) new CNN frames -> logits
-    (B, n, n_classes). On CPU in eval mode BN is folded into the classifier (one conv, ReLU and
-    one GEMM per step); elsewhere ``dilated_step`` (Triton on CUDA) then the classifier."""
-    if backend_for("dilated_step", h) != "triton" and eval_fast_path(layer, h):
+    (B, n, n_classes)."""
+    how = dispatch.dilated_step_logits(layer, classifier, h)
+    if how == NATIVE:
+        return _dilated_step_logits_native(layer, classifier, h, state)
+    if how == FOLDED:
         return layer.step_logits_folded(h, state, classifier)
     return classifier(layer.step(h, state))
+
+
+def _dilated_step_logits_native(layer, classifier, h: Tensor, state) -> Tensor:
+    """One native pass per ring window: conv, ReLU and the BN-folded classifier, the patches
+    never copied and the conv's output never written. Steps longer than the ring's capacity run
+    in slices, as ``DilatedTemporal.step`` does."""
+    frames = h[..., 0].transpose(1, 2)
+    max_step = state.frames.shape[1] - layer.context_frames
+    weights = layer.packed_classifier(classifier, "native_head", cpu_eval.head_logits_weights)
+    outputs = []
+    for i in range(0, frames.shape[1], max_step):
+        window = layer.ring_window(frames[:, i:i + max_step], state)  # (B, (K - 1) d + n, C)
+        outputs.append(cpu_eval.dilated_head_logits(window, window.shape[1] - layer.context_frames, weights,
+                                                    classifier.out_features, layer.kernel, layer.dilation,
+                                                    layer.stride))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)

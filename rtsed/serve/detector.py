@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from rtsed.config import DetectorConfig, NormalizationStats
 from rtsed.audio.frontend import LogMel, LogMelStream
 from rtsed.models.model import SEDModel
+from rtsed.serve.steppers import TorchStepper
 from rtsed.stream.model_stream import ModelStream
 
 
@@ -73,6 +74,12 @@ class Detector(nn.Module):
         """One signal (N,) -> logits (T, C), offline (eval mode)."""
         x = torch.as_tensor(samples, dtype=torch.float32, device=self.norm_mean.device)
         return self.eval()(x[None])[0]
+
+    def stepper(self, batch_size: int = 1, max_step_frames: int = 64, precision: str = "fp32") -> TorchStepper:
+        """This detector's model behind the ``Stepper`` protocol, for ``DetectionEngine`` and
+        ``MultiStreamEngine`` (puts the model in eval mode)."""
+        return TorchStepper(self.model, self.config, batch_size, str(self.norm_mean.device), max_step_frames,
+                            precision)
 
     def stream(self, max_step_frames: int = 64) -> "AudioStream":
         """A streaming session over this detector (puts it in eval mode)."""

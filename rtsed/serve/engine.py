@@ -6,127 +6,24 @@
 
 One engine serves one stream (the live tool, file detection); ``MultiStreamEngine`` steps many
 independent streams in one batched model call (serving many microphones from one machine).
-Both backends expose the same stepper interface, so neither engine knows which one runs.
+Both backends implement the ``Stepper`` protocol (rtsed.serve.steppers), so neither engine knows
+which one runs.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import torch
 
-from rtsed.config import DetectorConfig, NormalizationStats
-from rtsed.serve.decode import EventDecoder, OnsetNotice, SoundEvent
 from rtsed.audio.frontend import LogMelStream
+from rtsed.config import DetectorConfig
+from rtsed.serve.decode import EventDecoder, OnsetNotice, SoundEvent
+from rtsed.serve.steppers import OnnxStepper, Stepper, TorchStepper, exported_step_graph, make_stepper
 
-
-# ------------------------------------------------------------------------------------ steppers
-
-
-class _Stepper:
-    """What both backends share: stream control delegated to the wrapped ModelStream/OnnxStream
-    (same API), and how many padding frames an ended stream still needs."""
-
-    stream: object
-
-    def reset(self, streams=None) -> None:
-        self.stream.reset(streams)
-
-    def end(self, streams=None) -> None:
-        self.stream.end(streams)
-
-    def pending_after_end(self, stream: int = 0) -> int:
-        s = self.stream
-        return max(0, int(s.ends[stream] + s.lookahead_frames - s.positions[stream]))
-
-
-class TorchStepper(_Stepper):
-    """ModelStream behind the stepper interface: raw log-mel (B, n, F) numpy -> numpy outputs."""
-
-    def __init__(self, model, config: DetectorConfig, batch_size: int = 1, device: str = "cpu",
-                 max_step_frames: int = 64, precision: str = "fp32"):
-        from rtsed.stream.model_stream import ModelStream
-
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: no CUDA device is visible to torch; use --device cpu")
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        norm = config.normalization or NormalizationStats.identity(config.model.n_mels)
-        self.mean = torch.tensor(norm.mean, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(norm.std, dtype=torch.float32, device=self.device)
-        self.stream = ModelStream(self.model, batch_size=batch_size, max_step_frames=max_step_frames,
-                                  precision=precision)
-        self.lookahead_frames = self.stream.lookahead_frames
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def step(self, logmel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x = (torch.from_numpy(logmel).to(self.device) - self.mean) / self.std
-        out = self.stream.step(x)
-        return torch.sigmoid(out.logits).cpu().numpy(), out.frame_index.numpy(), out.valid.numpy()
-
-
-class OnnxStepper(_Stepper):
-    """OnnxStream behind the stepper interface (the graph normalises inside)."""
-
-    def __init__(self, onnx_path: str | Path, batch_size: int = 1, device: str = "cpu", threads: int | None = 1):
-        from rtsed.stream.onnx_runtime import OnnxStream
-
-        self.stream = OnnxStream(onnx_path, batch_size=batch_size, device=device, threads=threads)
-        self.lookahead_frames = self.stream.lookahead_frames
-        self.batch_size = batch_size
-
-    def step(self, logmel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        out = self.stream.step(logmel)
-        return 1.0 / (1.0 + np.exp(-out.logits)), out.frame_index, out.valid
-
-
-def make_stepper(model_path: str | Path, backend: str = "torch", device: str = "cpu", batch_size: int = 1,
-                 threads: int | None = None, precision: str = "fp32"):
-    """(stepper, config, model or None) for a checkpoint (.pt) or an exported step graph (.onnx).
-    The onnx backend on a checkpoint exports its step graph once to a cache folder. ``precision``
-    "bf16": the torch backend's GEMMs in bf16 on the CPU (rtsed.backends.precision)."""
-    from rtsed.models.checkpoint import load_checkpoint
-    from rtsed.backends.precision import check_precision
-
-    path = Path(model_path)
-    if backend not in ("torch", "onnx"):
-        raise ValueError(f"--backend {backend!r}: use torch or onnx")
-    check_precision(precision, device, backend)
-    if path.suffix == ".onnx":
-        if backend != "onnx":
-            raise ValueError(f"{path} is an ONNX file: use --backend onnx (or pass the .pt checkpoint)")
-        stepper = OnnxStepper(path, batch_size, device, threads)
-        return stepper, stepper.stream.config, None
-    ckpt = load_checkpoint(path)
-    if backend == "torch":
-        if threads is not None:
-            torch.set_num_threads(threads)
-        return (TorchStepper(ckpt.model, ckpt.config, batch_size, device, precision=precision), ckpt.config,
-                ckpt.model)
-    onnx_path = exported_step_graph(path, ckpt)
-    return OnnxStepper(onnx_path, batch_size, device, threads), ckpt.config, ckpt.model
-
-
-def exported_step_graph(checkpoint_path: Path, ckpt) -> Path:
-    """The checkpoint's step graph, exported once per checkpoint content and graph revision into
-    ~/.cache/rtsed/onnx."""
-    import hashlib
-    import os
-
-    from rtsed.stream.onnx_export import STEP_GRAPH_REVISION, export_onnx
-
-    digest = hashlib.sha1(checkpoint_path.read_bytes()).hexdigest()[:16]
-    folder = Path(os.environ.get("RTSED_ONNX_CACHE", Path.home() / ".cache/rtsed/onnx"))
-    target = folder / f"{checkpoint_path.stem}-{digest}-step-r{STEP_GRAPH_REVISION}.onnx"
-    if not target.exists():
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        export_onnx(ckpt.model, ckpt.config, tmp, streaming=True)
-        os.replace(tmp, target)
-    return target
+__all__ = ["DetectionEngine", "EngineStats", "MultiStreamEngine", "OnnxStepper", "Stepper", "TorchStepper",
+           "exported_step_graph", "make_stepper"]
 
 
 # -------------------------------------------------------------------------------- one stream
@@ -151,7 +48,7 @@ class DetectionEngine:
     are pending (each step has a fixed overhead that several frames share).
     """
 
-    def __init__(self, stepper, config: DetectorConfig, frames_per_step: int = 4,
+    def __init__(self, stepper: Stepper, config: DetectorConfig, frames_per_step: int = 4,
                  decoder_overrides: dict | None = None, extra_latency_s: float = 0.0,
                  keep_probabilities: bool = False):
         if frames_per_step < 1:
@@ -166,8 +63,8 @@ class DetectionEngine:
         self.pending: list[np.ndarray] = []
         self.pending_frames = 0
         # Audio held back until it completes the step's frames: the front end then runs once per
-        # model step, not once per audio block (a 20 ms block per call cost ~25 us of torch call
-        # overhead each; the frames come out at the same sample either way).
+        # model step, not once per audio block (each front-end call carries torch's per-call
+        # overhead; the frames come out at the same sample either way).
         self.pending_audio: list[np.ndarray] = []
         self.pending_samples = 0
         self.latest_probs = np.zeros(len(config.labels), np.float32)
@@ -289,7 +186,7 @@ class MultiStreamEngine:
     Idle slots ride along with zero frames; their outputs are ignored and a slot starts fresh.
     """
 
-    def __init__(self, stepper, config: DetectorConfig, frames_per_step: int = 16):
+    def __init__(self, stepper: Stepper, config: DetectorConfig, frames_per_step: int = 16):
         self.stepper, self.config = stepper, config
         self.n = stepper.batch_size
         self.frames_per_step = frames_per_step

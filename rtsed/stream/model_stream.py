@@ -21,13 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rtsed import ops
-from rtsed.backends import native
-from rtsed.models.layers import ConvHistory, DilatedTemporal, FrameRing, GRUHidden, GRUTemporal
+from rtsed.backends import dispatch
+from rtsed.models.layers import ConvHistory
 from rtsed.models.model import SEDModel
 from rtsed.backends.precision import autocast, check_precision
-
-NO_END = 2**62  # ``ends`` value of a stream that has not been ended
+from rtsed.stream.plan import NO_END, StreamPlan
 
 
 @dataclass
@@ -75,15 +73,11 @@ class ModelStream:
         for block in model.blocks:
             self.block_states.append(block.init_state(batch_size, freq, device, dtype))
             freq //= block.pool.kernel_size[1]
-        self.temporal_state: FrameRing | GRUHidden = model.temporal.init_state(
+        self.temporal_state = model.temporal.init_state(
             batch_size, max_step_frames, device, dtype)
-        # Cumulative right padding (frames of delay) after each block and after the temporal part.
-        delays, total = [], 0
-        for block in model.blocks:
-            total += block.right_pad
-            delays.append(total)
-        self.block_delays = delays
-        self.lookahead_frames = total + model.temporal.right_pad
+        self.plan = StreamPlan.of(model)
+        self.block_delays = self.plan.block_delays
+        self.lookahead_frames = self.plan.lookahead
         # Positions and ends are bookkeeping on the CPU, whatever the compute device.
         self.positions = torch.zeros(batch_size, dtype=torch.int64)
         self.ends = torch.full((batch_size,), NO_END, dtype=torch.int64)
@@ -93,10 +87,7 @@ class ModelStream:
         self._steady = False
         self.device = device
         check_precision(precision, device.type, what="ModelStream precision")
-        if device.type == "cpu":
-            # Build (or load) the native kernels now: a first build takes seconds, which must not
-            # land inside a live stream's first step.
-            native.available()
+        dispatch.prepare(device)
 
     # -- stream control ------------------------------------------------------------------------
 
@@ -130,9 +121,8 @@ class ModelStream:
         per stream (the first ``lookahead_frames`` of a stream are not yet valid)."""
         first = self.positions.clone()
         logits = self._step_logits(x)
-        frame_index = first[:, None] + torch.arange(x.shape[1]) - self.lookahead_frames  # (B, n), CPU
-        valid = (frame_index >= 0) & (frame_index < self.ends[:, None])
-        return StepOutput(logits, frame_index, valid)
+        frame_index = self.plan.frame_index(first, torch.arange(x.shape[1]))  # (B, n), CPU
+        return StepOutput(logits, frame_index, self.plan.valid(frame_index, self.ends))
 
     def _step_logits(self, x: Tensor) -> Tensor:
         """The model part of ``step``: x (B, n, F) -> logits (B, n, C); advances the positions."""
@@ -145,8 +135,7 @@ class ModelStream:
             )
         n = x.shape[1]
         # Masking is needed only while some stream is inside its first frames or has ended.
-        masking = not self._steady and (
-            bool(self.positions.min() < self.lookahead_frames) or bool(self.ends.min() < NO_END))
+        masking = not self._steady and not self.plan.steady(self.positions, self.ends)
         self._steady = not masking
         with autocast(self.precision):
             logits = self._model_step(x, n, masking)
@@ -161,24 +150,17 @@ class ModelStream:
             ends = self.ends[:, None]
 
             def keep(delay: int) -> Tensor:
-                t = positions - delay
-                return ((t >= 0) & (t < ends)).to(self.device, h.dtype)[:, None, :, None]
+                return self.plan.keep(positions, ends, delay).to(self.device, h.dtype)[:, None, :, None]
 
             h = h * keep(0)
-        for block, state, delay in zip(self.model.blocks, self.block_states, self.block_delays):
+        for block, state, delay, masked in zip(self.model.blocks, self.block_states, self.block_delays,
+                                               self.plan.masked_blocks):
             h = block.step(h, state)
-            if masking and delay:
+            if masking and masked:
                 h = h * keep(delay)
         temporal = self.model.temporal
-        cnn_delay = self.block_delays[-1] if self.block_delays else 0
-        if isinstance(temporal, GRUTemporal):
-            skip = torch.clamp(cnn_delay - self.positions, 0, n) if masking else None
-            logits = self.model.classifier(temporal.step(h, self.temporal_state, skip))  # type: ignore[arg-type]
-        else:
-            assert isinstance(temporal, DilatedTemporal)
-            logits = ops.dilated_step_logits(temporal, self.model.classifier, h,
-                                             self.temporal_state)  # type: ignore[arg-type]
-        return logits
+        skip = torch.clamp(self.plan.cnn_delay - self.positions, 0, n) if masking and temporal.skips_warmup else None
+        return temporal.step_logits(h, self.temporal_state, self.model.classifier, skip)
 
     # -- one-stream convenience ----------------------------------------------------------------
 
@@ -194,19 +176,15 @@ class ModelStream:
             return frames.new_zeros(0, self.model.config.n_classes)
         if self._steady:  # every row valid
             return self._step_logits(frames)[0]
-        position, end = int(self.positions[0]), int(self.ends[0])
-        logits = self._step_logits(frames)
-        # Row j is offline frame position + j - lookahead: valid from frame 0 up to the end.
-        lo = min(n, max(0, self.lookahead_frames - position))
-        hi = max(lo, min(n, end + self.lookahead_frames - position))
-        return logits[0, lo:hi]
+        lo, hi = self.plan.push_bounds(int(self.positions[0]), int(self.ends[0]), n)
+        return self._step_logits(frames)[0, lo:hi]
 
     def flush(self) -> Tensor:
         """One stream: end it and return its last ``lookahead_frames`` logits (m, C), computed
         exactly as offline zero padding would. The stream must be ``reset`` before reuse."""
         self._require_single()
         self.end()
-        pending = int(self.ends[0] + self.lookahead_frames - self.positions[0])
+        pending = self.plan.pending_after_end(int(self.positions[0]), int(self.ends[0]))
         if pending <= 0:
             return torch.zeros(0, self.model.config.n_classes, device=self.device)
         return self.push(torch.zeros(pending, self.n_mels, device=self.device))

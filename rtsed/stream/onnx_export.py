@@ -45,16 +45,16 @@ from torch import Tensor, nn
 
 from rtsed.backends.dispatch import eval_fast_path
 from rtsed.config import DetectorConfig, NormalizationStats
-from rtsed.models.layers import DilatedTemporal, GRUTemporal
+from rtsed.models.layers import DilatedTemporal
 from rtsed.models.model import SEDModel
-from rtsed.stream.model_stream import NO_END
+from rtsed.stream.plan import NO_END, StreamPlan
 
 ONNX_FORMAT = "rtsed-onnx"
 ONNX_FORMAT_VERSION = 1
 OPSET = 17
 # Bumped whenever the exported step graph changes shape or speed, so that caches keyed on a
 # checkpoint (rtsed.serve.engine.exported_step_graph) export again instead of serving an old graph.
-STEP_GRAPH_REVISION = 4  # 4: dil_history as a position-indexed ring, one-frame steady variant
+STEP_GRAPH_REVISION = 4
 
 
 class ExportError(ValueError):
@@ -90,19 +90,16 @@ class StepGraph(nn.Module):
     ``steady=True`` is the same step for a batch whose streams are all past their lookahead and
     none ended: every start/end mask is then all ones, so it is left out (``export_onnx`` puts
     both variants in one file behind an If on position and end). The masks were ~35 of the 113
-    nodes onnxruntime ran per step, ~7 % of a one-frame step."""
+    nodes onnxruntime ran per step."""
 
     def __init__(self, model: SEDModel, config: DetectorConfig, steady: bool = False, one_frame: bool = False):
         super().__init__()
         self.model, self.normalize = model, _Normalize(config)
         # one_frame: the steady step specialised for n == 1 (f_dil models only; see forward).
         self.steady, self.one_frame = steady or one_frame, one_frame
-        self.block_delays, total = [], 0
-        for block in model.blocks:
-            total += block.right_pad
-            self.block_delays.append(total)
-        self.cnn_delay = total
-        self.lookahead = total + model.temporal.right_pad
+        self.plan = StreamPlan.of(model)
+        self.block_delays, self.cnn_delay = self.plan.block_delays, self.plan.cnn_delay
+        self.lookahead = self.plan.lookahead
 
     def state_specs(self) -> list[tuple[str, tuple[int | str, ...]]]:
         """[(name, shape)] of every state tensor, "batch" standing for the batch size.
@@ -112,7 +109,6 @@ class StepGraph(nn.Module):
         stream (Concat on axis 1) and the next history is one contiguous Slice, where NCHW
         histories (B, C_in, K - 1, F) took C_in strided pieces each; onnxruntime folds the two
         permutes into the reorders to and from its blocked conv layout that it runs anyway.
-        Measured 167.8 -> 162.6 us per one-frame dnd_7_10 step (1 thread), 16 frames unchanged.
         Block 0 (one channel, where both layouts are the same memory) keeps (B, 1, K - 1, F)."""
         specs, freq = [], self.model.config.n_mels
         for i, block in enumerate(self.model.blocks):
@@ -122,10 +118,10 @@ class StepGraph(nn.Module):
                 specs.append((f"block{i}_history", ("batch", block.context_frames, freq, block.in_channels)))
             freq //= block.pool.kernel_size[1]
         t = self.model.temporal
-        if isinstance(t, GRUTemporal):
-            specs.append(("gru_h", (1, "batch", t.gru.hidden_size)))
-        else:  # a ring: row q mod R holds the frame of stream position q (see forward)
+        if isinstance(t, DilatedTemporal):  # a ring: row q mod R holds the frame of stream position q (see forward)
             specs.append(("dil_history", ("batch", t.context_frames, t.channels)))
+        else:  # any other family: its own state tensors (the TemporalPart protocol)
+            specs.extend(t.state_specs())
         return specs
 
     def dil_taps(self) -> list[int]:
@@ -142,14 +138,13 @@ class StepGraph(nn.Module):
         pos = position[:, None] + torch.arange(n, dtype=position.dtype)[None, :]  # (B, n)
 
         def keep(delay: int) -> Tensor:
-            t = pos - delay
-            return ((t >= 0) & (t < end[:, None])).to(frames.dtype)[:, None, :, None]
+            return self.plan.keep(pos, end[:, None], delay).to(frames.dtype)[:, None, :, None]
 
         h = self.normalize(frames).unsqueeze(1)
         if not self.steady:
             h = h * keep(0)
         new_states = []
-        for block, delay, hist in zip(self.model.blocks, self.block_delays, states):
+        for block, delay, masked, hist in zip(self.model.blocks, self.block_delays, self.plan.masked_blocks, states):
             if block.in_channels == 1:
                 window = torch.cat([hist, h], dim=2)
                 # A negative start: one constant Slice, no Shape/Gather/Sub to compute it.
@@ -159,20 +154,20 @@ class StepGraph(nn.Module):
                 new_states.append(window[:, -block.context_frames:])
                 window = window.permute(0, 3, 1, 2)
             h = block.valid_time(window)
-            if delay and not self.steady:
+            if masked and not self.steady:
                 h = h * keep(delay)
         t = self.model.temporal
-        temporal_state = states[len(self.model.blocks)]
-        if isinstance(t, GRUTemporal):
+        temporal_states = list(states[len(self.model.blocks):])
+        if not isinstance(t, DilatedTemporal):  # the TemporalPart protocol (f_dil's own step follows)
             skip = None
-            if not self.steady:  # steady: every stream is past the CNN delay, nothing to skip
+            if t.skips_warmup and not self.steady:  # steady: every stream is past the CNN delay
                 skip = torch.clamp(self.cnn_delay - position, min=0)
                 skip = torch.minimum(skip, torch.full_like(skip, n))
-            feats, new_h = t.step_tensors(h.permute(0, 2, 3, 1).squeeze(2), temporal_state, skip)
-            new_states.append(new_h)
+            feats, new = t.export_step(h.permute(0, 2, 3, 1).squeeze(2), temporal_states, skip)
+            new_states.extend(new)
             logits = self.model.classifier(feats)
         else:
-            assert isinstance(t, DilatedTemporal)
+            temporal_state = temporal_states[0]
             if self.one_frame:  # (B, C, 1, 1) is (B, 1, 1, C) in memory: a Reshape, no Transpose node
                 new = h.reshape(-1, 1, 1, t.channels)
             else:
@@ -192,10 +187,7 @@ class StepGraph(nn.Module):
             else:
                 logits = self.model.classifier(t._flatten(t.bn(F.relu(y))))
         frame_index = pos - self.lookahead
-        if self.steady:  # frame_index >= 0 for every row
-            valid = frame_index < end[:, None]
-        else:
-            valid = (frame_index >= 0) & (frame_index < end[:, None])
+        valid = self.plan.valid(frame_index, end, steady=self.steady)  # steady: frame_index >= 0 for every row
         return (torch.sigmoid(logits), logits, frame_index, valid, position + n, *new_states)
 
     def _dil_window(self, new: Tensor, position: Tensor, ring: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
@@ -206,10 +198,8 @@ class StepGraph(nn.Module):
         Ring rows by stream position (row q mod R: frame q), so that the one-frame step can read
         its K - 1 taps in place (one Gather of K - 1 rows, ``dil_taps``) and write one row
         (ScatterElements, whose new row ``OnnxStream`` writes into its ring itself), where a
-        time-ordered history cost a Concat of R + 1 rows and a Slice of R per step (R = 60,
-        256 channels: 60 KB each) plus the 60 KB state output: 153.1 -> 148.8 us per one-frame
-        dnd_7_10 push (1 thread, prototype A/B in one process). The window is then the K taps,
-        dilation 1.
+        time-ordered history would cost a Concat of R + 1 rows and a Slice of R per step plus an
+        R-row state output. The window is then the K taps, dilation 1.
         n frames: the window is the R ring rows in time order then the new ones, (B, R + n, C),
         and the next ring is gathered from the same rows (two Gathers where the time-ordered
         history took a Concat and a Slice; per-stream positions, so one flat Gather each)."""
@@ -284,8 +274,7 @@ def _branch(proto, prefix: str, inputs: set[str]):
 # and of its new f_dil frame (B, 1, 1, C): OnnxStream feeds the first and writes the second into
 # its ring itself. DIL_READ / DIL_WRITE: the n-frame variants' Gather indices (B, R + n) and
 # (B, R) into the ring's rows and the new frames (StepGraph._dil_window), fed by OnnxStream to
-# its steady session: the ~20 index nodes computing them in the graph measured +17 us per
-# one-frame step through the n-frame session.
+# its steady session: computing them in the graph took some 20 index nodes per step.
 DIL_TAPS, DIL_NEW, DIL_READ, DIL_WRITE = "dil_taps", "dil_history_new", "dil_read", "dil_write"
 
 
@@ -501,12 +490,12 @@ def export_onnx(model: SEDModel, config: DetectorConfig, out: str | Path, stream
         # dil_history is a ring (StepGraph._dil_window): row q mod R holds the frame of stream
         # position q; "taps" are the offsets o of a one-frame step's rows (position + o) mod R.
         # time_axis: the axis of each history's frames (2 for a one-channel block's (B, 1, K - 1, F)).
+        blocks = {f"block{i}_history": block for i, block in enumerate(model.blocks)}
         meta["rtsed_state"] = json.dumps([
-            {"name": n, "shape": list(s)} if n == "gru_h" else
-            {"name": n, "shape": list(s), "time_axis": 2 if model.blocks[int(n[5:-8])].in_channels == 1 else 1}
-            if n != "dil_history" else
+            {"name": n, "shape": list(s), "time_axis": 2 if blocks[n].in_channels == 1 else 1} if n in blocks else
             {"name": n, "shape": list(s), "time_axis": 1, "layout": "ring: row q mod R holds stream position q's frame",
-             "taps": graph.dil_taps()} for n, s in specs])
+             "taps": graph.dil_taps()} if n == "dil_history" and isinstance(model.temporal, DilatedTemporal) else
+            {"name": n, "shape": list(s)} for n, s in specs])
         meta["rtsed_no_end"] = str(NO_END)
     else:
         graph = OfflineGraph(model, config).eval()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rtsed.config import DetectorConfig
+from rtsed.stream.plan import NO_END, StreamPlan
 from rtsed.stream.onnx_export import (DIL_NEW, DIL_READ, DIL_TAPS, DIL_WRITE, ONNX_FORMAT, ONNX_FORMAT_VERSION,
                           steady_step_model, window_name)
 
@@ -57,9 +58,9 @@ _F32 = np.dtype(np.float32)
 def _runner(session, device: str):
     """``session.run`` as a callable (output_names, feeds) -> outputs. On the CPU, the binding
     under it (``session._sess.run``) when this onnxruntime has one: InferenceSession.run checks
-    its feeds against the graph's inputs in Python first, ~3.8 us of a ~160 us one-frame
-    dnd_7_10 step, and OnnxStream checks them itself. On CUDA the public run, whose EP-failure
-    fallback the binding lacks."""
+    its feeds against the graph's inputs in Python first, a visible share of a one-frame step,
+    and OnnxStream checks them itself. On CUDA the public run, whose EP-failure fallback the
+    binding lacks."""
     raw = getattr(session, "_sess", None)
     if device == "cpu" and callable(getattr(raw, "run", None)):
         return lambda names, feeds: raw.run(names, feeds, None)
@@ -119,17 +120,17 @@ class OnnxStepOutput:
     to be computed on first use, from the positions before the step: every row is then valid and
     row j of stream b is frame positions[b] + j - lookahead. ``push`` reads neither."""
 
-    __slots__ = ("logits", "_frame_index", "_valid", "_first", "_lookahead")
+    __slots__ = ("logits", "_frame_index", "_valid", "_first", "_plan")
 
     def __init__(self, logits: np.ndarray, frame_index: np.ndarray | None = None,
-                 valid: np.ndarray | None = None, first: np.ndarray | None = None, lookahead: int = 0):
+                 valid: np.ndarray | None = None, first: np.ndarray | None = None, plan: StreamPlan | None = None):
         self.logits, self._frame_index, self._valid = logits, frame_index, valid
-        self._first, self._lookahead = first, lookahead
+        self._first, self._plan = first, plan
 
     @property
     def frame_index(self) -> np.ndarray:
         if self._frame_index is None:
-            self._frame_index = self._first[:, None] + (np.arange(self.logits.shape[1]) - self._lookahead)
+            self._frame_index = self._plan.frame_index(self._first, np.arange(self.logits.shape[1]))
         return self._frame_index
 
     @property
@@ -143,29 +144,23 @@ class OnnxStream:
     """Streaming through a step graph, B independent streams (the ModelStream API).
 
     A step graph exported with a steady-state branch (``If`` on position and end, see
-    rtsed.export) also gets that branch as a session of its own, run directly whenever every
-    stream is past its lookahead and none has ended: the same arithmetic without the If node,
-    whose subgraph call cost ~7 us of a ~170 us one-frame step. That session computes only the
-    logits and the new states (``steady_step_model(..., outputs=...)``): positions, frame indices
-    and validity are then known without the graph (positions in numpy, frame_index/valid only
-    when read), which takes 11 nodes (Sigmoid, the index arithmetic) off it. Measured on
-    dnd_7_10, one thread, one frame per push: 179 -> 166 us for this and a leaner step() (the
-    old one spent ~11 us of Python around the run: two numpy reductions per step to choose the
-    session, a 9-entry feed dict, 8 outputs), then -3.8 us for the binding's run (``_runner``)
-    and ~-3 us for push's own steady path. Numpy states between calls, not IOBinding or
-    run_with_ort_values: both measured slower here (+23 us, +40 us per one-frame step).
+    rtsed.stream.onnx_export) also gets that branch as a session of its own, run directly
+    whenever every stream is past its lookahead and none has ended: the same arithmetic without
+    the If node's subgraph call. That session computes only the logits and the new states
+    (``steady_step_model(..., outputs=...)``): positions, frame indices and validity are then
+    known without the graph (positions in numpy, frame_index/valid only when read), which takes
+    the Sigmoid and the index arithmetic off it. At one frame per step the Python around the run
+    is a large share of the time, hence the lean ``step`` and ``push``. States stay numpy arrays
+    between calls: IOBinding and run_with_ort_values were both slower here.
 
     With f_dil (``steady-if-1`` files) a steady one-frame step runs a third session, the steady
     branch's one-frame variant: it reads f_dil's K - 1 past taps from the ``dil_history`` ring
     (their rows fed as ``dil_taps``, from a table by position mod R for one stream) and returns
-    only the new f_dil frame, which this class writes into ring row position mod R in place: no
-    60 KB history copied in or out of onnxruntime (prototype A/B, one process, dnd_7_10, 1
-    thread: 153.1 -> 148.8 us per one-frame push). It returns the CNN blocks' windows (history +
-    new frame) rather than their next histories, which are then views of the windows (one
-    stream), saving a Slice per block (prototype: 153.5 -> 148.0 us). With the lean push and
-    positions (see ``positions``): 155.5 -> 147.1 us per one-frame push, 16 frames per push
-    98.6 -> 99.0 us per frame (noise; A/B against the previous revision in one process).
-    The ring is written in place: an array taken from ``states`` changes with later steps."""
+    only the new f_dil frame, which this class writes into ring row position mod R in place: the
+    (K - 1) d-frame history is never copied in or out of onnxruntime. It returns the CNN blocks'
+    windows (history + new frame) rather than their next histories, which are then views of the
+    windows (one stream), saving a Slice per block. The ring is written in place: an array taken
+    from ``states`` changes with later steps. Measured effects: benchmarks/README.md."""
 
     def __init__(self, path: str | Path, batch_size: int = 1, device: str = "cpu", threads: int | None = None):
         self.file = OnnxFile.open(path, device, threads)
@@ -176,8 +171,13 @@ class OnnxStream:
         self.batch_size = batch_size
         self.lookahead_frames = self.file.lookahead_frames
         self.no_end = int(self.file.meta["rtsed_no_end"])
+        if self.no_end != NO_END:
+            raise OnnxModelError(f"{path}: exported with end marker {self.no_end}, this rtsed uses {NO_END}: "
+                                 "export it again")
+        self.plan = StreamPlan((), self.lookahead_frames)  # (the CNN's delays are inside the graph)
         self.state_specs = [(s["name"], tuple(batch_size if d == "batch" else d for d in s["shape"]))
                             for s in json.loads(self.file.meta["rtsed_state"])]
+        self._batch_axes = {s["name"]: s["shape"].index("batch") for s in json.loads(self.file.meta["rtsed_state"])}
         self._state_names = [name for name, _ in self.state_specs]
         self.states = {name: np.zeros(shape, np.float32) for name, shape in self.state_specs}
         self._positions = np.zeros(batch_size, np.int64)
@@ -196,9 +196,8 @@ class OnnxStream:
             if variants == "steady-if-1":
                 # The one-frame session returns the CNN blocks' windows (history + new frame)
                 # instead of their next histories, which are then views of the windows' last
-                # K - 1 frames (contiguous for one stream), saving a Slice per block: 153.5 ->
-                # 148.0 us per one-frame push (dnd_7_10). Not the n-frame one: its windows are
-                # n + K - 1 frames long, and returning them measured slower at 16 frames.
+                # K - 1 frames (contiguous for one stream), saving a Slice per block. Not the
+                # n-frame one: its windows are n + K - 1 frames long, and returning them was slower.
                 self._next_history = {}  # state name -> index of its window's last K - 1 frames
                 for name in self._state_names:
                     if name != "dil_history":
@@ -220,7 +219,7 @@ class OnnxStream:
                 self._ring_rows, self._ring_taps = rows, taps
                 self._ring_base = (np.arange(batch_size, dtype=np.int64) * rows)[:, None]
                 # One stream: the tap rows of every position mod R, looked up instead of computed
-                # (numpy arithmetic per step costs ~1 us each op after onnxruntime's run).
+                # (each numpy op is slow right after onnxruntime's run).
                 self._tap_table = [(p + taps[None, None]) % rows for p in range(rows)]
                 self._ring_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._run = _runner(self.file.session, device)
@@ -233,9 +232,9 @@ class OnnxStream:
         """(B,) int64: frames each stream has consumed, its next frame's stream position.
 
         A steady one-stream ``push`` only counts its frames in a Python int, added here on the
-        first read: allocating ``positions + n`` after every run cost ~3 us of a ~155 us one-frame
-        dnd_7_10 push (numpy runs slowly right after onnxruntime's run, measured A/B). The sum is
-        a new array, so a step output's ``first`` (an earlier positions array) keeps its values."""
+        first read: a numpy allocation after every run is costly at one frame per push (numpy runs
+        slowly right after onnxruntime's run). The sum is a new array, so a step output's
+        ``first`` (an earlier positions array) keeps its values."""
         if self._advance:
             self._positions = self._positions + self._advance
             self._advance = 0
@@ -261,8 +260,7 @@ class OnnxStream:
     def reset(self, streams=None) -> None:
         idx = slice(None) if streams is None else np.asarray(streams, dtype=np.int64)
         for name, _ in self.state_specs:
-            axis = 1 if name == "gru_h" else 0
-            view = np.moveaxis(self.states[name], axis, 0)
+            view = np.moveaxis(self.states[name], self._batch_axes[name], 0)
             view[idx] = 0.0
         self.positions[idx] = 0
         self.ends[idx] = self.no_end
@@ -275,8 +273,7 @@ class OnnxStream:
 
     def _is_steady(self) -> bool:
         """Whether the steady session may run this step: every stream past its lookahead, none ended."""
-        self._steady = bool(self._steady_session is not None and self.positions.min() >= self.lookahead_frames
-                            and self.ends.min() >= self.no_end)
+        self._steady = self._steady_session is not None and self.plan.steady(self.positions, self.ends)
         return self._steady
 
     def step(self, frames: np.ndarray) -> OnnxStepOutput:
@@ -295,7 +292,7 @@ class OnnxStream:
                 self.positions = first + 1
             else:
                 logits, first = self._steady_step(x)
-            return OnnxStepOutput(logits, first=first, lookahead=self.lookahead_frames)
+            return OnnxStepOutput(logits, first=first, plan=self.plan)
         feeds = {"frames": x, "position": self.positions, "end": self.ends, **self.states}
         logits, frame_index, valid, self.positions, *new_states = self._run(self._outputs, feeds)
         # The graph's outputs are fresh arrays: they become the states, no copy.
@@ -362,17 +359,16 @@ class OnnxStream:
         if self.batch_size != 1:
             raise RuntimeError("push/flush serve one stream; with several use step/end/reset")
         x = frames
-        # np.ascontiguousarray(frames, dtype=...) on every push cost ~1.5 us of a one-frame push.
+        # Checked before converting: np.ascontiguousarray on every push is not free at one frame.
         if type(x) is not np.ndarray or x.dtype is not _F32 or not x.flags.c_contiguous:
             x = np.ascontiguousarray(x, dtype=np.float32)
         n = x.shape[0]
         if n == 0:
             return np.zeros((0, len(self.config.labels)), np.float32)
         if x.ndim == 2 and x.shape[1] == self._n_mels and (self._steady or (self._steady is None and self._is_steady())):
-            # Every row is a new frame: no step output object, no bounds (~3 us of Python per
-            # one-frame push, measured, which runs slower right after onnxruntime's run), and
-            # the position counted in an int (see positions).
-            if n == 1 and self._one_frame_session is not None:  # _one_frame_step, inlined (~2 us)
+            # Every row is a new frame: no step output object, no bounds (Python that runs slowly
+            # right after onnxruntime's run), and the position counted in an int (see positions).
+            if n == 1 and self._one_frame_session is not None:  # _one_frame_step, inlined (the call costs)
                 slot = (int(self._positions[0]) + self._advance) % self._ring_rows
                 states = self.states
                 feeds = states.copy()
@@ -393,17 +389,13 @@ class OnnxStream:
             self.states = dict(zip(self._state_names, new_states))
             self._advance += n
             return logits[0]
-        position, end = int(self.positions[0]), int(self.ends[0])
-        logits = self.step(x[None]).logits
-        # Row j is offline frame position + j - lookahead: valid from frame 0 up to the end.
-        lo = min(n, max(0, self.lookahead_frames - position))
-        hi = max(lo, min(n, end + self.lookahead_frames - position))
-        return logits[0, lo:hi]
+        lo, hi = self.plan.push_bounds(int(self.positions[0]), int(self.ends[0]), n)
+        return self.step(x[None]).logits[0, lo:hi]
 
     def flush(self) -> np.ndarray:
         """One stream: end it and return its last lookahead frames' logits."""
         self.end()
-        pending = int(self.ends[0] + self.lookahead_frames - self.positions[0])
+        pending = self.plan.pending_after_end(int(self.positions[0]), int(self.ends[0]))
         if pending <= 0:
             return np.zeros((0, len(self.config.labels)), np.float32)
         return self.push(np.zeros((pending, self.config.model.n_mels), np.float32))

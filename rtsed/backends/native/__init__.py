@@ -155,6 +155,16 @@ def available() -> bool:
     return library() is not None
 
 
+def status() -> str:
+    """One line for ``python -m rtsed.doctor``: whether the kernels run here, or why not."""
+    if not enabled():
+        return "off (RTSED_NATIVE=0)"
+    lib = library()
+    if lib is None:
+        return f"unavailable: {_failure}"
+    return f"built with {_compiler()} ({lib._name})"
+
+
 def function(name: str, dtype: torch.dtype):
     """The ctypes function ``<name>_f32`` or ``<name>_f64`` for tensors of ``dtype``, its
     argument types set from ``declare``. Raises NativeBuildError when the library is unavailable."""
@@ -170,7 +180,7 @@ def function(name: str, dtype: torch.dtype):
 
 
 _called: dict[tuple[str, torch.dtype], tuple[ctypes.CDLL, object]] = {}  # (name, dtype) -> (library, function)
-# Whether a profiler runs: 0.07 us, where record_function costs ~7 us even unprofiled. A private
+# Whether a profiler runs: nearly free, where record_function costs even unprofiled. A private
 # torch function; without it (another torch), every call is labelled.
 _profiler_enabled = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", lambda: True)
 
@@ -179,7 +189,7 @@ def call(name: str, dtype: torch.dtype, *args) -> None:
     """Run ``<name>_f32/_f64``; while a profiler runs, under a label ``rtsed::native::<name>``
     (so profiles, e.g. benchmarks.profile_step, see native time as operators). The function is
     looked up once per library: a streaming step makes ~10 native calls, and the lookup and an
-    unconditional record_function cost ~9 us a call there. Callers check ``available()`` first
+    unconditional record_function would be a visible share of it. Callers check ``available()`` first
     (which honours RTSED_NATIVE); ``call`` does not re-read the environment."""
     cached = _called.get((name, dtype))
     if cached is None or cached[0] is not _library:

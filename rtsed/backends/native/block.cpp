@@ -66,7 +66,7 @@ inline void flush(T* __restrict block, double* __restrict total, int64_t C) {
 // gone into it, and the threads' float64 sums are merged in thread order into out[k] (null: not
 // wanted). Bodies copy the scalars their channel loop uses into locals: read as a captured
 // variable (through the closure, which may alias the rows as far as GCC can tell) a LeakyReLU
-// slope kept the loop from vectorizing and made one pass 12x slower.
+// slope kept the loop from vectorizing.
 template <typename T, int N, typename Body>
 void sweep_with_sums(int64_t units, int64_t rows_per_unit, int64_t C, int threads, double* const (&out)[N],
                      Body body) {
@@ -265,8 +265,8 @@ void leaky_bn_backward(T* g, const T* a, const T* scale, const T* alpha, const T
 
 // ---------------------------------------------------------------------------------------------
 // Depthwise convolution backward (K x K taps, stride 1, frequency zero-padded by K / 2, no time
-// padding), channels-last. oneDNN's took 250 ms of a dnd_7_10 train step for block 2 alone (its
-// weight gradient is ~17x slower than its forward, docs/fast-paths.md); here each thread owns a block
+// padding), channels-last. oneDNN's is slow on these CPUs (its weight gradient far slower than its
+// forward, docs/fast-paths.md); here each thread owns a block
 // of 64 bytes of channels (16 floats / 8 doubles, one AVX-512 register) and sweeps every position
 // with the K x K accumulators (weight grad) or weights (input grad) held in registers: no
 // reductions across threads, deterministic.
@@ -275,8 +275,8 @@ void leaky_bn_backward(T* g, const T* a, const T* scale, const T* alpha, const T
 // Work is split over tiles of kTileRows (b, t) rows; within a tile each 64-byte block of channels
 // (16 floats / 8 doubles) is swept with its K x K accumulators (weight grad) or weights (input
 // grad) in registers, so the tile's data is read from cache once per channel block and the
-// sweep touches memory in row order (sweeping all rows per channel block instead was 3x slower:
-// 16 strided passes over 134 MB).
+// sweep touches memory in row order (sweeping all rows per channel block instead makes one
+// strided pass over the whole input per channel block).
 constexpr int64_t kTileRows = 4;
 constexpr int64_t kFlushRows = 32;  // weight-grad partials in T are flushed to float64 this often
 
@@ -404,8 +404,8 @@ void dw_input_grad(const T* ddp, const T* w, int64_t B, int64_t frames, int64_t 
 // Block 1's forward conv (one input channel, C outputs: depth multiplier C) fused with the
 // LeakyReLU and BN1's statistics: a[b, t, f, c] = leaky(bias[c] + sum over (i, j) of
 // w[c, i K + j] xp[b, t + i, f + j]), xp (B, T + K - 1, F + K - 1) zero-padded in frequency,
-// a written as (B T F, C) rows, with per-channel sums of a and a^2. Replaces oneDNN's conv
-// (78 ms at batch 16 x 1024) and a pass over its 671 MB output (28 ms).
+// a written as (B T F, C) rows, with per-channel sums of a and a^2. Replaces oneDNN's conv and a
+// separate pass over its full-resolution output.
 template <typename T, int K>
 void conv1_leaky_stats(const T* xp, const T* w, const T* bias, int64_t B, int64_t frames, int64_t F, int64_t C,
                        T slope, T* a, double* sum, double* sumsq, int threads) {

@@ -9,9 +9,8 @@
 // - pool_relu_affine: ReLU -> BN (a per-channel affine a r + b) -> max-pool over P frequencies
 //   of the pointwise GEMM's (rows, C) output, as one pass writing the pooled (rows / P, C).
 //
-// At a 16-frame streaming step (batch 1) these replaced, for dnd_7_10: block 1's patch copy and
-// K = 25 GEMM (~160 us), blocks 2 and 3's oneDNN depthwise convs and their LeakyReLU pass
-// (~130 us), and three amax / relu / addcmul chains (~70 us).
+// At a streaming step these replace block 1's patch copy and K = 25 GEMM, blocks 2 and 3's
+// oneDNN depthwise convs and their LeakyReLU pass, and three amax / relu / addcmul chains.
 //
 // Layout: (B, T, F, C) row-major, C contiguous; vectors of kLanes channels; channels past the
 // last full vector run a scalar loop. Threads split output rows (b, t) statically; each output
@@ -61,7 +60,7 @@ inline void conv_positions(const T* const* rows, int64_t f0, int64_t F, int64_t 
     const T* row = rows[i];
     // Row i's K weights in registers: each feeds R FMAs. (As FMA memory operands they were
     // reloaded per FMA, and with one 64-byte load per cycle the loads, not the FMAs, set the
-    // pace: block 2 of dnd took 21 us instead of ~14.)
+    // pace.)
     Vec<T> w[K];
 #pragma GCC unroll 8
     for (int j = 0; j < K; ++j) w[j] = load(wt + (int64_t(i) * K + j) * C + c0);

@@ -101,13 +101,12 @@ inline void relu_grad_rows(const T* r, T* dz, int64_t row_stride, int64_t dz_str
 // r: in place; a separate dz buffer reused across chunks stays in cache for the GEMMs that read
 // it). g (BT, NC): dL/dlogits of the chunk's BT = B n frames; folded (W, NC, C): the BN-folded
 // classifier, one contiguous NC x C block per position w (as (NC, W C) its rows lie W C apart,
-// a multiple of 4 KB at C = 256, and all NC of them fall in the same L1 sets: 3x slower).
+// a multiple of 4 KB at C = 256, and all NC of them fall in the same L1 sets).
 // With batch terms: d = r > 0 ? sum_k g[bt, k] folded[w, k, c] + alpha[c] + beta[c] r : 0;
 // without (eval BN) alpha = beta = 0 and are not read.
 // dz_sum (C,) float64 += per-channel sum of d. Each thread takes a range of frames bt and walks
 // it once per kTileW positions w, whose folded blocks (kTileW NC C) stay in L2; r is read in runs
-// of kTileW rows (one position at a time: 148 ms per step against 121 here; software prefetch of
-// the next run made it slower).
+// of kTileW rows (one position at a time was slower, and so was software prefetch of the next run).
 template <typename T, bool Batch>
 void head_relu_grad(const T* r, T* dz, const T* g, const T* folded, const T* alpha, const T* beta, int64_t BT,
                     int64_t W, int64_t C, int64_t NC, double* dz_sum, int threads) {
@@ -193,8 +192,8 @@ inline void class_products_block(int kb, const T* r, int64_t ld_r, const T* g, i
 // out columns: no reduction, deterministic whatever the thread count) and walk them in tiles,
 // all BT rows of a tile at once, the tile's r reused from L1 for every block of classes.
 // (Sweeping the columns a few rows at a time streams r better but moves out through L2 once per
-// sweep: measured slower at BT = 64, N = 21504, as was software prefetch.) 0.5 ms against
-// MKL's 0.85 ms for that chunk, read from memory, float32.
+// sweep: slower at dnd's chunk shapes, as was software prefetch.) Faster than MKL's GEMM for
+// these short, wide products read from memory.
 template <typename T>
 void class_products(const T* r, const T* g, int64_t BT, int64_t N, int64_t NC, T* out, int threads) {
   constexpr int64_t kCols = kProductVectors * kLanes<T>;
@@ -556,10 +555,9 @@ void head_logits(const T* x, int64_t sb, int64_t st, const T* __restrict wt, con
 // r[(bt, w), c] = relu(cb[c] + sum over taps (i, j) of wt[i K + j, c] x[b, t0 + t + i d, w S + j]) for
 // the chunk's frames bt = (b, t), t < n, rows ordered (bt, w), C of the Cp computed channels kept;
 // sum[c] / sumsq[c] (float64) += the per-channel sums of r and r^2 (BN's batch statistics). In
-// torch: a patches copy, the GEMM, a ReLU pass and aten's statistics pass over r (302 ms at batch
-// 16 x 1024 on this project's 2-core CPU). Threads split frames; a tile is kHeadRows consecutive
-// positions w of one frame, so r is written in memory order (tiles of frames at one position
-// wrote 1 KB rows 86 KB apart into fresh memory: 2.4x slower per chunk).
+// torch: a patches copy, the GEMM, a ReLU pass and aten's statistics pass over r. Threads split
+// frames; a tile is kHeadRows consecutive positions w of one frame, so r is written in memory
+// order (tiles of frames at one position wrote short rows far apart into fresh memory: slower).
 // Sums are kept in T per thread for kBlockRows rows, then float64, threads merged in thread order.
 template <typename T>
 void head_conv_relu_stats(const T* x, int64_t Tp, int64_t Cx, int64_t t0, int64_t n, int64_t K, int64_t d,
