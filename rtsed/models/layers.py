@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rtsed import ops
+from rtsed.backends.batchnorm import bn_arguments
 from rtsed.backends.cpu import _relu_owned, conv2d_like_input, fused_linear, one_channel_patches
 
 
@@ -374,12 +375,20 @@ class DilatedTemporal(TemporalPart):
         """h: (B, C, T, 1) -> (B, T, C_out * W)."""
         x = h.permute(0, 3, 2, 1)  # (B, 1, T, C): CNN channels become the width axis
         x = F.pad(x, (0, 0, self.context_frames - self.right_pad, self.right_pad))
-        return self._flatten(ops.dilated_temporal(self, x))
+        return self._flatten(self._conv_relu_bn(x, ops.dilated_temporal))
 
     def conv_relu_bn(self, x: Tensor) -> Tensor:
-        """Reference: (B, 1, T + (K - 1) d, C) time-padded -> (B, C_out, T, W), conv -> ReLU -> BN."""
-        y = F.conv2d(x, self.conv.weight, self.conv.bias, stride=(1, self.stride), dilation=(self.dilation, 1))
-        return self.bn(F.relu(y))
+        """Reference: (B, 1, T + (K - 1) d, C) time-padded -> (B, C_out, T, W), conv -> ReLU -> BN
+        (``rtsed.ops.dilated_temporal_ref``, BN as this layer's module would run it)."""
+        return self._conv_relu_bn(x, ops.dilated_temporal_ref)
+
+    def _conv_relu_bn(self, x: Tensor, op) -> Tensor:
+        """``op`` (rtsed.ops.dilated_temporal or its _ref twin) on this layer's tensors; BN's
+        bookkeeping (num_batches_tracked, the momentum it implies) as nn.BatchNorm2d does it."""
+        bn = bn_arguments(self.bn)
+        return op(x, self.conv.weight, self.conv.bias, bn["bn_weight"], bn["bn_bias"], bn["bn_running_mean"],
+                  bn["bn_running_var"], dilation=self.dilation, stride=self.stride, training=bn["training"],
+                  momentum=bn["momentum"], eps=bn["eps"])
 
     @staticmethod
     def _flatten(y: Tensor) -> Tensor:
@@ -400,11 +409,19 @@ class DilatedTemporal(TemporalPart):
     def step(self, h: Tensor, state: FrameRing, skip: Tensor | None = None) -> Tensor:
         """h: (B, C, n, 1) new CNN frames -> (B, n, C_out * W), the causal outputs for them.
         n may exceed the ring's step capacity; the step is then done in slices."""
+        if self.training:
+            raise RuntimeError("f_dil's streaming step runs in eval mode only (BatchNorm with running statistics)")
         frames = h[..., 0].transpose(1, 2)  # (B, n, C)
         capacity = state.frames.shape[1]
         max_step = capacity - self.context_frames
-        outputs = [ops.dilated_step(self, frames[:, i:i + max_step], state)
-                   for i in range(0, frames.shape[1], max_step)]
+        conv, bn = self.conv, self.bn
+        outputs = []
+        for i in range(0, frames.shape[1], max_step):
+            part = frames[:, i:i + max_step]
+            outputs.append(ops.dilated_step(part, state.frames, state.write_pos, conv.weight, conv.bias, bn.weight,
+                                            bn.bias, bn.running_mean, bn.running_var, dilation=self.dilation,
+                                            stride=self.stride, eps=bn.eps))
+            state.write_pos = (state.write_pos + part.shape[1]) % capacity
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def folded_classifier(self, classifier: nn.Linear) -> tuple[Tensor, Tensor]:
@@ -485,43 +502,11 @@ class DilatedTemporal(TemporalPart):
 
     def _ring_window(self, frames: Tensor, state: FrameRing) -> Tensor:
         """Write frames (B, n, C) into the ring and return the (K - 1) d past frames and the n new
-        ones in time order, (B, (K - 1) d + n, C): a view of the ring where that span does not
-        wrap round its end, else a copy of its two pieces. Advances the write position."""
-        n = frames.shape[1]
-        capacity = state.frames.shape[1]
-        first = min(n, capacity - state.write_pos)
-        state.frames[:, state.write_pos:state.write_pos + first] = frames[:, :first]
-        if first < n:
-            state.frames[:, :n - first] = frames[:, first:]
-        start = state.write_pos - self.context_frames
-        state.write_pos = (state.write_pos + n) % capacity
-        stop = start + self.context_frames + n
-        if start >= 0 and stop <= capacity:
-            return state.frames[:, start:stop]
-        return torch.cat([state.frames[:, start % capacity:], state.frames[:, :stop % capacity]], dim=1)
-
-    def _ring_taps(self, frames: Tensor, state: FrameRing) -> Tensor:
-        """Write frames (B, n, C) into the ring and gather each new frame's K taps, already spaced
-        by d: (B * n, 1, K, C). Advances the write position."""
-        b, n, c = frames.shape
-        capacity = state.frames.shape[1]
-        device = frames.device
-        new_slots = (state.write_pos + torch.arange(n, device=device)) % capacity
-        state.frames[:, new_slots] = frames
-        # Tap k of output j reads the frame (K - 1 - k) * d steps before input frame j.
-        offsets = (torch.arange(self.kernel, device=device) - (self.kernel - 1)) * self.dilation
-        tap_slots = (state.write_pos + torch.arange(n, device=device)[:, None] + offsets[None, :]) % capacity
-        state.write_pos = (state.write_pos + n) % capacity
-        return state.frames[:, tap_slots.reshape(-1)].reshape(b * n, 1, self.kernel, c)
-
-    def step_slice_ref(self, frames: Tensor, state: FrameRing) -> Tensor:
-        """Reference ring step: frames (B, n, C) with n <= capacity - (K - 1) d -> (B, n, C_out * W)."""
-        b, n, c = frames.shape
-        taps = self._ring_taps(frames, state)
-        # The gathered taps are already spaced by d, so the conv runs undilated over them.
-        y = F.conv2d(taps, self.conv.weight, self.conv.bias, stride=(1, self.stride))  # (B*n, C_out, 1, W)
-        y = self.bn(F.relu(y))
-        return y.reshape(b, n, -1)  # (B*n, C_out, 1, W) is already channel-major per frame
+        ones in time order, (B, (K - 1) d + n, C) (``rtsed.ops.ring_window``: a view of the ring
+        where that span does not wrap). Advances the write position."""
+        window = ops.ring_window(frames, state.frames, state.write_pos, self.context_frames)
+        state.write_pos = (state.write_pos + frames.shape[1]) % state.frames.shape[1]
+        return window
 
 
 @dataclass

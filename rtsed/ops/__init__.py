@@ -1,10 +1,14 @@
 """The ops the model's layers call: each picks its implementation through
-rtsed.backends.dispatch and runs it (the reference composition, a CPU fast path, or a Triton
-kernel from kernels/). Model code calls ``ops.<op>(layer, x)`` and never imports triton.
+rtsed.backends.dispatch, once per call, and runs it (the reference composition, a CPU fast path,
+or a Triton kernel from kernels/). Model code never imports triton.
 
-Each op with a kernel lives in ``kernels/<op>.py`` and exposes ``<op>_layer(layer, ...)`` with
-the signature of the function here (an autograd-aware launcher). An op whose kernel module does
-not exist yet resolves to ``ref`` under ``auto`` and is an error under ``triton``.
+The target shape of every op (issue 16): a function of tensors (input, weights, BatchNorm affine
+and statistics, state) and plain numbers, returning tensors, with its stock-torch ``<op>_ref``
+twin beside it; the layers call the ops with their own parameters and an op never calls back
+into a layer. f_dil's ops are so (rtsed.ops.dilated: ``dilated_temporal``, ``dilated_step`` and
+their ``_ref`` twins, the ring readers); the CNN block and the fused f_dil + classifier ops below
+still take the layer (tests/test_architecture.py lists them in NOT_YET_FUNCTIONAL). A Triton op's
+launcher is ``kernels.<op>.<op>``, with the op's tensor signature (rtsed.ops.launch).
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ from torch import Tensor
 
 from rtsed.backends import cpu_block, cpu_eval, cpu_head, dispatch
 from rtsed.backends.dispatch import CPU_TRAIN, FOLDED, FOLDED_EXPORT, NATIVE, TRITON
+from rtsed.ops.dilated import (dilated_step, dilated_step_ref, dilated_temporal, dilated_temporal_ref, ring_taps,
+                               ring_window)
 
 
 def _kernel(op: str):
-    """The launcher ``kernels.<op>.<op>_layer`` (imported only when dispatched to)."""
+    """The layer entry point ``kernels.<op>.<op>_layer`` of an op not yet functional (imported
+    only when dispatched to)."""
     module = importlib.import_module(f"kernels.{op}")
     return getattr(module, f"{op}_layer")
 
@@ -57,22 +64,6 @@ def frequency_block_step(block: "FrequencyBlock", x: Tensor, history: Tensor) ->
     if block.context_frames:
         history.copy_(window[:, :, window.shape[2] - block.context_frames:])
     return _frequency_block(block, window, how)
-
-
-def dilated_temporal(layer: "DilatedTemporal", x: Tensor) -> Tensor:
-    """f_dil's dilated conv -> ReLU -> BN on time-padded input.
-    x: (B, 1, T + (K - 1) d, C) -> (B, C_out, T, W)."""
-    if dispatch.dilated_temporal(x) == TRITON:
-        return _kernel("dilated_temporal")(layer, x)
-    return layer.conv_relu_bn(x)
-
-
-def dilated_step(layer: "DilatedTemporal", frames: Tensor, state: "FrameRing") -> Tensor:
-    """One streaming step of f_dil over its ring buffer: writes frames (B, n, C) into the ring
-    at state.write_pos, advances it, and returns (B, n, C_out * W) for the new frames."""
-    if dispatch.dilated_step(frames) == TRITON:
-        return _kernel("dilated_step")(layer, frames, state)
-    return layer.step_slice_ref(frames, state)
 
 
 def dilated_head(layer: "DilatedTemporal", classifier: "nn.Linear", h: Tensor) -> Tensor:
