@@ -157,8 +157,10 @@ def macs_per_frame(model: SEDModel, n_frames: int = 64) -> int:
         for h in handles:
             h.remove()
         model.train(was_training)
-    # f_dil's conv runs through rtsed.ops (F.conv2d or a kernel), which hooks do not see: count it here.
+    # f_dil's conv and the classifier after it run through rtsed.ops.dilated_head (F.conv2d and
+    # F.linear, or a kernel), which hooks do not see: count them here.
     if isinstance(model.temporal, DilatedTemporal):
         t = model.temporal
         total += n_frames * t.conv.out_channels * t.width * t.kernel * t.kernel
+        total += n_frames * model.classifier.in_features * model.classifier.out_features
     return total // n_frames
