@@ -167,7 +167,7 @@ def isolated_times(model, x: Tensor, offline: bool, repeats: int = 3) -> list[tu
             h_in = h.detach().requires_grad_(not offline and name != "block 1")
             context = torch.inference_mode() if offline else torch.enable_grad()
             with context, channels_last_convs():
-                out = block(h_in) if block is not None else ops.dilated_head(model.temporal, model.classifier, h_in)
+                out = block(h_in) if block is not None else model.temporal.logits(h_in, model.classifier)
                 if not offline:
                     out.backward(torch.ones_like(out))
             model.zero_grad(set_to_none=True)

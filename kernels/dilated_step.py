@@ -1,7 +1,7 @@
 """One streaming step of f_dil over its ring buffer of past input frames (eval mode only).
 
-Op (``dilated_step_ref`` is the twin in stock torch; ``DilatedTemporal.step_slice_ref`` the
-layer's reference)::
+Op (``dilated_step_ref`` is the twin in stock torch; ``rtsed.ops.dilated_step_ref`` the one the
+layers' reference step runs)::
 
     ring[:, (write_pos + j) % capacity] = frames[:, j]                      j < n, in place
     tap k of new frame j = ring[:, (write_pos + j - (K - 1 - k) d) % capacity]   k < K
@@ -11,7 +11,7 @@ Shapes: frames (B, n, C) new input frames (CNN channels), ring (B, capacity, C) 
 capacity >= (K - 1) d + n (so a new frame never overwrites a frame that another new frame still
 reads); output (B, n, C_out * W), channel-major per frame (c * W + w) as the classifier reads it,
 W = (C - K) // S + 1. The caller advances the write position by n afterwards
-(``dilated_step_layer`` does it on the layer's FrameRing).
+(``DilatedTemporal.step`` does it on its FrameRing; rtsed.ops.dilated_step calls the launcher).
 
 How it runs: the new frames are written with at most two slice copies (the ring may wrap), then
 one kernel computes every output row (b, j, w): its K x K patch is gathered from the ring with the
@@ -138,7 +138,7 @@ def dilated_step(frames, ring, write_pos: int, weight, bias, bn_weight, bn_bias,
 
 def dilated_step_ref(frames, ring, write_pos: int, weight, bias, bn_weight, bn_bias, bn_running_mean,
                      bn_running_var, *, dilation: int, stride: int, eps: float = 1e-5) -> torch.Tensor:
-    """The same step in stock torch (the arithmetic of ``DilatedTemporal.step_slice_ref``)."""
+    """The same step in stock torch (the arithmetic of ``rtsed.ops.dilated_step_ref``)."""
     B, n, C = frames.shape
     K = weight.shape[2]
     capacity = ring.shape[1]
@@ -150,18 +150,3 @@ def dilated_step_ref(frames, ring, write_pos: int, weight, bias, bn_weight, bn_b
     y = F.conv2d(taps, weight, bias, stride=(1, stride))  # taps already spaced by d: undilated
     y = F.batch_norm(F.relu(y), bn_running_mean, bn_running_var, bn_weight, bn_bias, False, 0.0, eps)
     return y.reshape(B, n, -1)
-
-
-def dilated_step_layer(layer, frames, state):
-    """``DilatedTemporal.step_slice_ref(frames, state)`` through the kernel (rtsed.ops dispatches
-    here): frames (B, n, C) -> (B, n, C_out * W); writes the ring and advances state.write_pos."""
-    if layer.training or layer.bn.training:
-        raise RuntimeError("dilated_step runs in eval mode only (BatchNorm with running statistics)")
-    conv, bn = layer.conv, layer.bn
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("dilated_step needs BatchNorm running statistics")
-    out = dilated_step(frames, state.frames, state.write_pos, conv.weight, conv.bias, bn.weight, bn.bias,
-                       bn.running_mean, bn.running_var, dilation=conv.dilation[0], stride=conv.stride[1],
-                       eps=bn.eps)
-    state.write_pos = (state.write_pos + frames.shape[1]) % state.frames.shape[1]
-    return out

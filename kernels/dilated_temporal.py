@@ -60,7 +60,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from rtsed.backends.batchnorm import bn_arguments, update_running_stats
+from rtsed.backends.batchnorm import update_running_stats
 
 # The @triton.jit decorators read TRITON_INTERPRET when this module is imported; remember what they
 # saw, since the environment may change afterwards (the tests restore it).
@@ -497,7 +497,7 @@ class _DilatedTemporalFn(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------
-# Public API: launcher, reference twin, layer entry point
+# Public API: launcher and its reference twin (rtsed.ops.dilated_temporal calls the launcher)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -540,18 +540,7 @@ def dilated_temporal(x, weight, bias, bn_weight, bn_bias, bn_running_mean, bn_ru
 
 def dilated_temporal_ref(x, weight, bias, bn_weight, bn_bias, bn_running_mean, bn_running_var, *,
                          dilation: int, stride: int, training: bool, momentum: float = 0.1, eps: float = 1e-5):
-    """The same op in stock torch (what ``DilatedTemporal.conv_relu_bn`` computes)."""
+    """The same op in stock torch (as ``rtsed.ops.dilated_temporal_ref``, which the layer's
+    ``DilatedTemporal.conv_relu_bn`` runs)."""
     y = F.conv2d(x, weight, bias, stride=(1, stride), dilation=(dilation, 1))
     return F.batch_norm(F.relu(y), bn_running_mean, bn_running_var, bn_weight, bn_bias, training, momentum, eps)
-
-
-def dilated_temporal_layer(layer, x):
-    """``DilatedTemporal.conv_relu_bn(x)`` through the kernels (rtsed.ops dispatches here).
-    x: (B, 1, T + (K - 1) d, C) -> (B, C_out, T, W); training vs eval from the layer's BN."""
-    conv = layer.conv
-    if conv.padding != (0, 0) or conv.groups != 1 or conv.stride[0] != 1 or conv.dilation[1] != 1:
-        raise ValueError(f"unsupported conv for dilated_temporal: {conv}")
-    bn = bn_arguments(layer.bn)
-    return dilated_temporal(x, conv.weight, conv.bias, bn["bn_weight"], bn["bn_bias"], bn["bn_running_mean"],
-                            bn["bn_running_var"], dilation=conv.dilation[0], stride=conv.stride[1],
-                            training=bn["training"], momentum=bn["momentum"], eps=bn["eps"])

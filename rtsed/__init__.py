@@ -7,6 +7,7 @@ The public API:
     load_detector(path)      front end + normalisation + model of a checkpoint (audio in, logits out)
     save_checkpoint(...)     write config + weights + metadata atomically
     ModelStream              stateful streaming over one or many streams (frames in, logits out)
+    register_temporal(name, factory)   a new temporal family that configs and checkpoints can name
 """
 
 from rtsed.models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
@@ -20,6 +21,7 @@ from rtsed.config import (
     NormalizationStats,
 )
 from rtsed.serve.detector import AudioStream, Detector
+from rtsed.models.families import register_temporal
 from rtsed.models.model import SEDModel, build_model, count_parameters, macs_per_frame
 from rtsed.stream.model_stream import ModelStream, StepOutput
 
@@ -41,5 +43,5 @@ __all__ = [
     "AudioStream", "Checkpoint", "CheckpointError", "ConfigError", "DecoderConfig", "Detector",
     "DetectorConfig", "FrontendConfig", "ModelConfig", "ModelStream", "NormalizationStats",
     "SEDModel", "StepOutput", "TUT_SED_2016_LABELS", "build_model", "count_parameters",
-    "load_checkpoint", "load_detector", "load_model", "macs_per_frame", "save_checkpoint",
+    "load_checkpoint", "load_detector", "load_model", "macs_per_frame", "register_temporal", "save_checkpoint",
 ]

@@ -49,7 +49,25 @@ TUT_SED_2016_LABELS: tuple[str, ...] = (
 
 PADDINGS = ("same", "causal")
 CNN_KINDS = ("conv", "dws")
-TEMPORAL_KINDS = ("gru", "dilated")
+TEMPORAL_KINDS = ("gru", "dilated")  # the paper's temporal families, always registered
+
+# Every temporal family a ModelConfig may name: the paper's two, and those registered with
+# rtsed.models.families.register_temporal (which holds the code that builds each family; the
+# config, plain data, only holds the names).
+_temporal_families: list[str] = list(TEMPORAL_KINDS)
+
+
+def temporal_families() -> tuple[str, ...]:
+    """The temporal family names ``ModelConfig.temporal`` accepts now."""
+    return tuple(_temporal_families)
+
+
+def declare_temporal_family(name: str) -> None:
+    """Let ModelConfig name ``name`` (rtsed.models.families.register_temporal calls this; use that)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ConfigError(f"a temporal family name is lower-case letters, digits and '_', got {name!r}")
+    if name not in _temporal_families:
+        _temporal_families.append(name)
 
 # f_dil's stride over the CNN-channel axis. The paper's parameter counts for K = 3 and 5 are
 # reproduced only with S = 2, for K = 7 with S = 3 (docs/reference.md); other K default to 2.
@@ -184,10 +202,14 @@ class FrontendConfig(_Config):
 class ModelConfig(_Config):
     """One model of the paper's grid (or a variation of it).
 
-    cnn: "conv" (f_cnn) or "dws" (f_dws). temporal: "gru" or "dilated" (f_dil).
+    cnn: "conv" (f_cnn) or "dws" (f_dws). temporal: "gru", "dilated" (f_dil) or a family
+    registered with rtsed.models.families.register_temporal (``temporal_families()``).
     padding: "same" (the paper; symmetric time padding, hence lookahead) or "causal".
     dil_kernel K, dil_dilation d, dil_stride S: f_dil's K x K kernel, dilation (d, 1) over
-    (time, CNN channel), stride (1, S); None for GRU models.
+    (time, CNN channel), stride (1, S); None for other families.
+    temporal_params: a registered family's own hyperparameters (plain types, as a checkpoint and
+    ONNX metadata hold them); empty for the paper's families, and then left out of ``to_dict``
+    so that their configs read and write exactly as before.
     """
 
     cnn: str = "dws"
@@ -202,14 +224,22 @@ class ModelConfig(_Config):
     dil_kernel: int | None = 7
     dil_dilation: int | None = 10
     dil_stride: int | None = 3
+    temporal_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.cnn not in CNN_KINDS:
             raise ConfigError(f"ModelConfig.cnn must be one of {CNN_KINDS}, got {self.cnn!r}")
-        if self.temporal not in TEMPORAL_KINDS:
+        if self.temporal not in _temporal_families:
             raise ConfigError(
-                f"ModelConfig.temporal must be one of {TEMPORAL_KINDS}, got {self.temporal!r}"
+                f"ModelConfig.temporal {self.temporal!r} is not a registered temporal family; the registered "
+                f"ones are {temporal_families()} (a new family: rtsed.models.families.register_temporal, "
+                "before its configs or checkpoints are read)"
             )
+        if not isinstance(self.temporal_params, dict) or not all(isinstance(k, str) for k in self.temporal_params):
+            raise ConfigError(f"ModelConfig.temporal_params must be a mapping with str keys, got {self.temporal_params!r}")
+        if self.temporal in TEMPORAL_KINDS and self.temporal_params:
+            raise ConfigError(f"ModelConfig: the {self.temporal!r} family takes no temporal_params "
+                              f"(got {sorted(self.temporal_params)})")
         if self.padding not in PADDINGS:
             raise ConfigError(f"ModelConfig.padding must be one of {PADDINGS}, got {self.padding!r}")
         if self.cnn_kernel % 2 != 1:
@@ -234,7 +264,20 @@ class ModelConfig(_Config):
             if k > self.channels:
                 raise ConfigError(f"ModelConfig.dil_kernel {k} exceeds channels {self.channels}")
         elif any(v is not None for v in (self.dil_kernel, self.dil_dilation, self.dil_stride)):
-            raise ConfigError("ModelConfig: a GRU model takes no dil_kernel/dil_dilation/dil_stride (set None)")
+            what = "a GRU model" if self.temporal == "gru" else f"the {self.temporal!r} family"
+            raise ConfigError(f"ModelConfig: {what} takes no dil_kernel/dil_dilation/dil_stride (set None)")
+
+    def __hash__(self) -> int:  # frozen, hence hashable, though temporal_params is a dict
+        return hash(tuple(repr(sorted(v.items())) if isinstance(v, dict) else v
+                          for v in (getattr(self, f.name) for f in dataclasses.fields(self))))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if not self.temporal_params:
+            del out["temporal_params"]  # the paper's families: the dict every rtsed has written
+        else:
+            out["temporal_params"] = dict(self.temporal_params)
+        return out
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -262,6 +305,9 @@ class ModelConfig(_Config):
 
     @property
     def name(self) -> str:
+        """The grid name (dnd_7_10, base_causal, ...); for a registered family ``<cnn>_<family>``."""
+        if self.temporal not in TEMPORAL_KINDS:
+            return f"{self.cnn}_{self.temporal}" + ("_causal" if self.padding == "causal" else "")
         family = {("conv", "gru"): "base", ("dws", "gru"): "dws",
                   ("conv", "dilated"): "dil", ("dws", "dilated"): "dnd"}[(self.cnn, self.temporal)]
         if self.temporal == "dilated":
@@ -281,7 +327,11 @@ class ModelConfig(_Config):
 
     @property
     def temporal_right_pad_frames(self) -> int:
-        """Future frames f_dil looks at (d * (K - 1) / 2 for same padding); 0 for GRU or causal."""
+        """Future frames f_dil looks at (d * (K - 1) / 2 for same padding); 0 for GRU or causal.
+        A registered family's lookahead is its part's ``right_pad`` (``SEDModel.lookahead_frames``)."""
+        if self.temporal not in TEMPORAL_KINDS:
+            raise ConfigError(f"the {self.temporal!r} family's lookahead is its part's right_pad: "
+                              "ask the model (SEDModel.lookahead_frames)")
         if self.temporal == "gru" or self.padding == "causal":
             return 0
         assert self.dil_kernel is not None and self.dil_dilation is not None

@@ -145,3 +145,99 @@ def test_the_checker_sees_cycles_and_upward_imports(tmp_path, monkeypatch):
         assert "rtsed.ops (rtsed.ops) imports rtsed.models.layers" in str(exc)
     else:
         raise AssertionError("an upward import went unseen")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ops are functions of tensors: no back-calls into the layers
+# ----------------------------------------------------------------------------------------------
+
+# Ops that still take a layer or module (issue 16, item 1, done op by op). Each entry must still
+# be one: the list only shrinks, and a converted op left on it fails the test below.
+NOT_YET_FUNCTIONAL = {
+    "rtsed/ops/__init__.py": {"frequency_block", "_frequency_block", "frequency_block_step"},
+    "kernels/dws_block.py": {"dws_block_layer"},
+}
+
+
+# Parameters annotated with these alone are plain values: numbers, a fold cache (a plain dict),
+# or another op (``Callable``: an op passed to a composition, e.g. the Triton-or-reference choice).
+PLAIN = {"int", "float", "bool", "str", "dict", "Callable"}
+TENSOR_OR_PLAIN = PLAIN | {"Tensor", "None", "tuple", "list", "Optional", "torch", "dtype"}
+
+
+def _annotation_names(annotation: ast.expr) -> set[str]:
+    """The names an annotation mentions (``"FrequencyBlock"``, ``nn.Linear``, ``Tensor | None``)."""
+    if isinstance(annotation, ast.Constant) and isinstance(annotation.value, str):
+        annotation = ast.parse(annotation.value, mode="eval").body
+    names = set()
+    for sub in ast.walk(annotation):
+        if isinstance(sub, ast.Name):
+            names.add(sub.id)
+        elif isinstance(sub, ast.Attribute):
+            names.add(sub.attr)
+        elif isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+            names |= _annotation_names(sub)
+    return names
+
+
+def _back_calls(path: Path, public_only: bool) -> dict[str, list[str]]:
+    """For each function in ``path`` (module level; with ``public_only`` only those without a
+    leading underscore), its parameters annotated as something other than tensors and plain
+    values (``block: "FrequencyBlock"``), and the uses of its parameters that a tensor does not
+    have: an attribute that torch.Tensor lacks (``layer.conv``, ``block.eval_operands``,
+    ``state.write_pos``) or a call of the parameter itself (``classifier(x)``). Parameters
+    annotated as plain values (PLAIN) are skipped."""
+    import torch
+
+    found: dict[str, list[str]] = {}
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef) or (public_only and node.name.startswith("_")):
+            continue
+        args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+        params = {a.arg for a in args
+                  if a.annotation is None or not _annotation_names(a.annotation) <= PLAIN | {"None"}}
+        uses = [f"{a.arg}: {ast.unparse(a.annotation)}" for a in args
+                if a.annotation is not None and not _annotation_names(a.annotation) <= TENSOR_OR_PLAIN]
+        for sub in ast.walk(node):
+            if (isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id in params
+                    and not hasattr(torch.Tensor, sub.attr)):
+                uses.append(f"{sub.value.id}.{sub.attr}")
+            elif isinstance(sub, ast.Call) and isinstance(sub.func, ast.Name) and sub.func.id in params:
+                uses.append(f"{sub.func.id}(...)")
+        if uses:
+            found[node.name] = sorted(set(uses))
+    return found
+
+
+def _ops_files() -> list[tuple[Path, bool]]:
+    return ([(p, False) for p in sorted((REPO / "rtsed" / "ops").rglob("*.py"))]
+            + [(p, True) for p in sorted((REPO / "kernels").glob("*.py"))])
+
+
+def test_ops_take_tensors_not_layers():
+    """rtsed.ops and the kernels' launchers are functions of tensors (and plain numbers): they
+    never read a layer's attributes or call a module they were handed. A layer calls an op with
+    its parameters; the op never calls back into the layer (an arrow the import graph cannot see,
+    since the layer object arrives as an argument)."""
+    offenders = []
+    for path, public_only in _ops_files():
+        rel = str(path.relative_to(REPO))
+        allowed = NOT_YET_FUNCTIONAL.get(rel, set())
+        found = _back_calls(path, public_only)
+        offenders += [f"{rel}: {name} uses {uses}" for name, uses in found.items() if name not in allowed]
+        offenders += [f"{rel}: {name} is listed in NOT_YET_FUNCTIONAL but is functional now (remove it)"
+                      for name in allowed if name not in found]
+    assert not offenders, "ops that call back into layers:\n" + "\n".join(offenders)
+
+
+def test_the_back_call_check_is_not_vacuous(tmp_path):
+    """The check above catches an op that reads a layer's parameters or calls a module."""
+    src = tmp_path / "op.py"
+    src.write_text("def op(layer, x, n: int):\n    return layer.conv_relu_bn(x) + layer.bn.weight + n\n"
+                   "def head(classifier, h):\n    return classifier(h.transpose(1, 2))\n"
+                   "def passes(block: 'FrequencyBlock', x: Tensor):\n    return op(block, x, 1)\n"
+                   "def fine(x, weight: Tensor | None, stride: int):\n    return x.matmul(weight).view(x.shape[0], -1)\n")
+    assert _back_calls(src, public_only=False) == {"op": ["layer.bn", "layer.conv_relu_bn"],
+                                                    "head": ["classifier(...)"],
+                                                    "passes": ["block: 'FrequencyBlock'"]}

@@ -40,6 +40,12 @@ def _randomise_bn(model):
                 m.bias.uniform_(-0.5, 0.5)
 
 
+def _cpu_head(temporal, classifier, h):
+    """rtsed.backends.cpu_head.dilated_head on the layer's and the classifier's tensors."""
+    args, kwargs = temporal.head_arguments(classifier)
+    return cpu_head.dilated_head(h, *args, **kwargs)
+
+
 def _head_pair(name, dtype, training, **overrides):
     torch.manual_seed(0)
     model = build_model(name, **overrides).to(dtype)
@@ -58,7 +64,7 @@ def test_head_matches_reference_fp64(monkeypatch, name, training, chunk_rows):
     h = torch.randn(3, 256, 37, 1, dtype=torch.float64)
     h_ref, h_fast = h.clone().requires_grad_(), h.clone().requires_grad_()
     expected = ref_model.classifier(ref_model.temporal(h_ref))
-    actual = cpu_head.dilated_head(fast_model.temporal, fast_model.classifier, h_fast)
+    actual = _cpu_head(fast_model.temporal, fast_model.classifier, h_fast)
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
     grad = torch.randn_like(expected)
     expected.backward(grad)
@@ -78,7 +84,7 @@ def test_head_fp32_parity(training):
     ref_model, fast_model = _head_pair("dnd_7_10", torch.float32, training)
     h = torch.randn(2, 256, 70, 1)
     expected = ref_model.classifier(ref_model.temporal(h))
-    actual = cpu_head.dilated_head(fast_model.temporal, fast_model.classifier, h)
+    actual = _cpu_head(fast_model.temporal, fast_model.classifier, h)
     assert_parity(actual, expected, "fp32 logits")
 
 
@@ -86,7 +92,7 @@ def test_head_without_input_grad_keeps_nothing():
     """Inference (no input needs a gradient): no r chunks are kept for a backward."""
     _, model = _head_pair("dnd_7_10", torch.float32, False)
     with torch.inference_mode():
-        out = cpu_head.dilated_head(model.temporal, model.classifier, torch.randn(1, 256, 20, 1))
+        out = _cpu_head(model.temporal, model.classifier, torch.randn(1, 256, 20, 1))
     assert out.shape == (1, 20, 16) and out.grad_fn is None
 
 

@@ -44,6 +44,7 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _previous
 
+from rtsed import ops  # noqa: E402
 from rtsed.backends import dispatch  # noqa: E402
 from rtsed.models.layers import DilatedTemporal  # noqa: E402
 from rtsed.models.model import build_model  # noqa: E402
@@ -194,11 +195,13 @@ def test_only_the_needed_gradients():
     assert_close(x.grad, xr.grad, "x-only grad", check="fp32 train grad x")
 
 
-def test_layer_matches_conv_relu_bn_and_its_bookkeeping():
-    """dilated_temporal_layer(layer, x) == layer.conv_relu_bn(x) over two training steps and an
-    eval step, momentum 0.1 and None (cumulative average), num_batches_tracked included; the
-    output is a (B, C_out, T, W) view whose flatten to (B, T, C_out W) is free."""
+def test_layer_matches_conv_relu_bn_and_its_bookkeeping(monkeypatch):
+    """The layer's op through the kernel (rtsed.ops.dilated_temporal under RTSED_KERNELS=triton)
+    == layer.conv_relu_bn(x) over two training steps and an eval step, momentum 0.1 and None
+    (cumulative average), num_batches_tracked included; the output is a (B, C_out, T, W) view
+    whose flatten to (B, T, C_out W) is free."""
     b, t, c, c_out, k, d, s = 2, 6, 13, 6, 3, 2, 2
+    calls = _spy(monkeypatch, kd, "dilated_temporal")
     for momentum in (0.1, None):
         torch.manual_seed(0)
         layer = DilatedTemporal(c, k, d, s, right_pad=(k - 1) * d // 2)
@@ -208,7 +211,8 @@ def test_layer_matches_conv_relu_bn_and_its_bookkeeping():
             layer.train(training)
             ref_layer.train(training)
             x = _input(b, t, c, k, d, seed=10 + step)
-            out = kd.dilated_temporal_layer(layer, x)
+            with dispatch.forced_backend("triton"):
+                out = layer._conv_relu_bn(x, ops.dilated_temporal)
             ref = ref_layer.conv_relu_bn(x)
             assert_close(out, ref, f"layer step {step} momentum {momentum}", check="fp32 layer output")
             for name in ("running_mean", "running_var"):
@@ -217,6 +221,7 @@ def test_layer_matches_conv_relu_bn_and_its_bookkeeping():
             assert int(layer.bn.num_batches_tracked) == int(ref_layer.bn.num_batches_tracked)
         flat = DilatedTemporal._flatten(out)
         assert flat.data_ptr() == out.data_ptr()  # a view, no copy
+    assert len(calls) == 6  # every step went through the kernel
 
 
 def test_rejects_what_it_cannot_run():
@@ -268,7 +273,8 @@ STEP_CASES = [(13, 3, 3, 2, 4, [1, 4, 3, 2, 4, 4, 1, 1, 3, 4, 2]),
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda cs: "C{}_K{}_d{}_S{}_step{}".format(*cs[:5]))
 def test_step_equals_offline_with_wraparound(monkeypatch, case):
     """Ring steps (kernel) == the offline causal layer (reference), frame by frame, over several
-    wraps of the ring; the ring contents and write position == step_slice_ref's."""
+    wraps of the ring; the ring contents and write position == the reference step's
+    (rtsed.ops.dilated_step_ref, what RTSED_KERNELS=ref runs)."""
     monkeypatch.setenv("RTSED_KERNELS", "ref")  # the offline side: stock torch
     c, k, d, s, max_step, chunks = case
     layer = _eval_layer(c, k, d, s, seed=c)
@@ -280,14 +286,19 @@ def test_step_equals_offline_with_wraparound(monkeypatch, case):
         ref_state = layer.init_state(b, max_step, frames.device, frames.dtype)
         assert state.frames.shape[1] < n_frames / 2  # wraps at least twice
         outs, pos = [], 0
+        calls = _spy(monkeypatch, ks, "dilated_step")
         for n in chunks:
-            out = ks.dilated_step_layer(layer, frames[:, pos:pos + n], state)
-            ref = layer.step_slice_ref(frames[:, pos:pos + n], ref_state)
-            assert_close(out, ref, f"step at {pos}", check="fp32 step vs step_slice_ref")
+            h = frames[:, pos:pos + n].transpose(1, 2)[..., None]  # (B, C, n, 1) new CNN frames
+            with dispatch.forced_backend("triton"):
+                out = layer.step(h, state)
+            with dispatch.forced_backend("ref"):
+                ref = layer.step(h, ref_state)
+            assert_close(out, ref, f"step at {pos}", check="fp32 step vs reference step")
             assert state.write_pos == ref_state.write_pos
             assert torch.equal(state.frames, ref_state.frames)
             outs.append(out)
             pos += n
+        assert len(calls) == len(chunks)
     assert_close(torch.cat(outs, dim=1), offline, f"stream vs offline {case}", check="fp32 step vs offline")
 
 
@@ -302,7 +313,8 @@ def test_step_fp16_and_launcher_twin():
         offline = DilatedTemporal._flatten(offline)
         layer16 = copy.deepcopy(layer).half()
         state = layer16.init_state(1, 5, frames.device, torch.float16)
-        outs = [ks.dilated_step_layer(layer16, frames[:, i:i + 5], state) for i in range(0, 12, 5)]
+        with dispatch.forced_backend("triton"):
+            outs = [layer16.step(frames[:, i:i + 5].transpose(1, 2)[..., None], state) for i in range(0, 12, 5)]
     got = torch.cat(outs, dim=1)
     assert got.dtype == torch.float16
     assert_close(got, offline, "fp16 stream vs offline", fp16=FP16_OUT, check="fp16 step vs offline")
@@ -315,12 +327,12 @@ def test_step_fp16_and_launcher_twin():
     with torch.no_grad():
         got = ks.dilated_step(new, ring, 7, *args, dilation=d, stride=s)  # wraps: slots 7, 8, 0, 1, 2
         want = ks.dilated_step_ref(new, ring_ref, 7, *args, dilation=d, stride=s)
-    assert_close(got, want, "launcher vs dilated_step_ref", check="fp32 step vs step_slice_ref")
+    assert_close(got, want, "launcher vs dilated_step_ref", check="fp32 step vs reference step")
     assert torch.equal(ring, ring_ref)
     with pytest.raises(ValueError, match="do not fit"):
         ks.dilated_step(torch.zeros(2, 6, c), ring, 0, *args, dilation=d, stride=s)
-    with pytest.raises(RuntimeError, match="eval mode"):
-        ks.dilated_step_layer(layer.train(), new, layer.init_state(2, 5, new.device, new.dtype))
+    with pytest.raises(RuntimeError, match="eval mode"), dispatch.forced_backend("triton"):
+        layer.train().step(new.transpose(1, 2)[..., None], layer.init_state(2, 5, new.device, new.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,7 +343,7 @@ def test_step_fp16_and_launcher_twin():
 def _spy(monkeypatch, module, name):
     calls = []
     real = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -340,7 +352,7 @@ def test_dispatch_in_a_model_eval_and_one_training_step(monkeypatch):
     S = 2, so W = 7) equals RTSED_KERNELS=ref: eval logits, then one training step (train-mode
     forward with dropout, BCE loss, backward, SGD step): loss, every gradient, the parameters
     after the step and the BN running statistics."""
-    calls = _spy(monkeypatch, kd, "dilated_temporal_layer")
+    calls = _spy(monkeypatch, kd, "dilated_temporal")
     torch.manual_seed(0)
     base = build_model("dil_3_2", channels=16, n_classes=3)
     _randomize_bn(base, seed=11)
@@ -378,7 +390,7 @@ def test_dispatch_in_a_model_eval_and_one_training_step(monkeypatch):
 def test_dispatch_streaming_model(monkeypatch):
     """ModelStream over a tiny "same"-padded dil model with RTSED_KERNELS=triton (the ring step
     through kernels.dilated_step) equals the offline model under RTSED_KERNELS=ref, ring wraps included."""
-    calls = _spy(monkeypatch, ks, "dilated_step_layer")
+    calls = _spy(monkeypatch, ks, "dilated_step")
     torch.manual_seed(0)
     model = build_model("dil_3_2", channels=16, n_classes=3).eval()
     _randomize_bn(model, seed=12)

@@ -283,7 +283,8 @@ def _run(model, h, grad, path, monkeypatch):
         logits = model["classifier"](model["temporal"](h))
     else:
         monkeypatch.setenv("RTSED_NATIVE", "1" if path == "native" else "0")
-        logits = cpu_head.dilated_head(model["temporal"], model["classifier"], h)
+        args, kwargs = model["temporal"].head_arguments(model["classifier"])
+        logits = cpu_head.dilated_head(h, *args, **kwargs)
     logits.backward(grad)
     assert set(calls) == (NATIVE_PATH if path == "native" else set()), f"{path} path called {set(calls)}"
     grads = {name: p.grad for name, p in model.named_parameters()}
@@ -421,7 +422,7 @@ def test_head_logits_rejects_bad_arguments(native_on):
 
 @pytest.mark.parametrize("kernel,dilation,stride,channels", GEOMETRIES)
 def test_eval_inference_runs_head_logits(native_on, monkeypatch, kernel, dilation, stride, channels):
-    """Offline inference (eval mode, no autograd; the op rtsed.ops.dilated_head) takes head_logits, against the reference in
+    """Offline inference (eval mode, no autograd; the op rtsed.ops.dilated_head, as the layer calls it) takes head_logits, against the reference in
     float64; with RTSED_NATIVE=0, or with autograd recording (it has no backward), it does not."""
     model = _head(kernel, dilation, stride, channels, 5, torch.float64, training=False, causal=kernel == 5)
     h = torch.randn(2, channels, 53, 1, dtype=torch.float64)
@@ -430,12 +431,12 @@ def test_eval_inference_runs_head_logits(native_on, monkeypatch, kernel, dilatio
     monkeypatch.setattr(native_head, "head_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         expected = model["classifier"](model["temporal"](h))
-        got = ops.dilated_head(model["temporal"], model["classifier"], h)
+        got = model["temporal"].logits(h, model["classifier"])
         assert len(calls) == 1
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
         monkeypatch.setenv("RTSED_NATIVE", "0")
-        torch.testing.assert_close(ops.dilated_head(model["temporal"], model["classifier"], h), expected,
+        torch.testing.assert_close(model["temporal"].logits(h, model["classifier"]), expected,
                                    rtol=1e-12, atol=1e-12)
     monkeypatch.setenv("RTSED_NATIVE", "1")
-    ops.dilated_head(model["temporal"], model["classifier"], h.requires_grad_()).sum().backward()
+    model["temporal"].logits(h.requires_grad_(), model["classifier"]).sum().backward()
     assert len(calls) == 1 and h.grad is not None

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from rtsed.config import DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
 from rtsed.backends import dispatch
 from rtsed.backends.cpu import fused_linear
+from rtsed.ops import dilated as ops_dilated
+from rtsed.ops import head as ops_head
 from rtsed.models.layers import DilatedTemporal, FrameRing
 from rtsed.models.model import SEDModel, build_model
 from rtsed.stream.model_stream import ModelStream
@@ -410,27 +412,28 @@ def test_step_computes_only_new_frames(monkeypatch, dilation, padding, backend):
     batch, max_step = 3, 16
     stream = ModelStream(model, batch_size=batch, max_step_frames=max_step)
 
-    # The reference step reads f_dil's input through _ring_taps (each new frame's K taps, spaced
-    # by d), the folded CPU step through _ring_window (the (K - 1) d kept frames and the new
-    # ones, whose patches it reads in place): either way, only the new frames' outputs.
+    # The reference step reads f_dil's input through rtsed.ops.ring_taps (each new frame's K
+    # taps, spaced by d), the folded and native CPU steps through rtsed.ops.ring_window (the
+    # (K - 1) d kept frames and the new ones, whose patches they read in place): either way, only
+    # the new frames' outputs.
     k, c = temporal.kernel, temporal.channels
     dil_calls: list[tuple[str, int]] = []
-    real_taps, real_window = temporal._ring_taps, temporal._ring_window
+    real_taps, real_window = ops_dilated.ring_taps, ops_head.ring_window
 
-    def spy_taps(frames, state):
-        taps = real_taps(frames, state)
+    def spy_taps(frames, *args):
+        taps = real_taps(frames, *args)
         assert taps.shape == (batch * frames.shape[1], 1, k, c)
         dil_calls.append(("taps", frames.shape[1]))
         return taps
 
-    def spy_window(frames, state):
-        window = real_window(frames, state)
+    def spy_window(frames, *args):
+        window = real_window(frames, *args)
         assert window.shape == (batch, temporal.context_frames + frames.shape[1], c)
         dil_calls.append(("window", frames.shape[1]))
         return window
 
-    monkeypatch.setattr(temporal, "_ring_taps", spy_taps)
-    monkeypatch.setattr(temporal, "_ring_window", spy_window)
+    monkeypatch.setattr(ops_dilated, "ring_taps", spy_taps)
+    monkeypatch.setattr(ops_head, "ring_window", spy_window)
     # Every path through a block (reference, folded, kernel) starts at its valid_time, given the
     # new frames and the block's history (the native eval kernels read the two in place).
     block_inputs: list[int] = []

@@ -1,6 +1,7 @@
 """A new temporal family, defined here and nowhere else, streams, exports and serves: the torch
 stream, the ONNX step graph with onnxruntime, and both engines take any part that implements the
-``TemporalPart`` protocol (rtsed.models.layers), with no edits elsewhere.
+``TemporalPart`` protocol (rtsed.models.layers), with no edits elsewhere. Registered by name
+(rtsed.models.families.register_temporal), its configs validate and its checkpoints rebuild it.
 
 The family: a depthwise causal FIR filter over time (K taps per CNN channel, ReLU), optionally
 looking ahead ``right_pad`` frames. Its state is its last K - 1 input frames.
@@ -14,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rtsed.config import DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
+from rtsed.config import ConfigError, DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
+from rtsed.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from rtsed.models.families import register_temporal
 from rtsed.models.layers import TemporalPart
 from rtsed.models.model import SEDModel
 from rtsed.serve.decode import SoundEvent, decode_offline
@@ -78,12 +81,17 @@ class CausalFIR(TemporalPart):
         return self._filter(window), [window[:, window.shape[1] - (self.taps - 1):]]
 
 
+register_temporal("causal_fir", lambda config: CausalFIR(config.channels, **config.temporal_params),
+                  replace=True)
+
+
 def fir_model(padding: str, right_pad: int, seed: int = 0) -> tuple[SEDModel, DetectorConfig]:
     torch.manual_seed(seed)
     name = "dws" if padding == "same" else "dws_causal"
     config = DetectorConfig(
         frontend=FrontendConfig.for_rate(16000),
-        model=ModelConfig.from_name(name, n_classes=3, channels=16),
+        model=ModelConfig.from_name(name, n_classes=3, channels=16, temporal="causal_fir",
+                                    temporal_params={"taps": 5, "right_pad": right_pad}),
         labels=LABELS,
         normalization=NormalizationStats(mean=(-6.0,) * 40, std=(3.0,) * 40),
         decoder=DecoderConfig(on_thresholds=(0.6, 0.55, 0.5), off_thresholds=(0.4, 0.45, 0.5), min_event_s=0.06),
@@ -125,6 +133,49 @@ def test_streams_equal_offline(padding, right_pad):
         other = model(x[1:])[0]
     torch.testing.assert_close(torch.cat(rows[0]), offline, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(torch.cat(rows[1]), other, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("padding,right_pad", CASES)
+def test_a_checkpoint_names_and_rebuilds_the_family(tmp_path, padding, right_pad):
+    """Saved, the family is named in the checkpoint's config; loaded back by that name, the
+    rebuilt model computes what the saved one did and streams equal to its offline output."""
+    model, config = fir_model(padding, right_pad)
+    path = save_checkpoint(tmp_path / "fir.pt", model, config, {"note": "fir"})
+    loaded = load_checkpoint(path)
+    assert loaded.config.model.temporal == "causal_fir"
+    assert loaded.config.model.temporal_params == {"taps": 5, "right_pad": right_pad}
+    assert isinstance(loaded.model.temporal, CausalFIR) and loaded.model.temporal.right_pad == right_pad
+    assert loaded.model.lookahead_frames == model.lookahead_frames
+    frames = torch.randn(83, 40)
+    with torch.no_grad():
+        offline = loaded.model(frames[None])[0]
+        torch.testing.assert_close(offline, model(frames[None])[0], atol=0, rtol=0)
+    for chunks in ([83], [1] * 83, [7, 30, 1, 45]):
+        torch.testing.assert_close(stream_logits(loaded.model, frames, chunks), offline, atol=ATOL, rtol=RTOL)
+
+
+def test_an_unregistered_family_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="registered ones are .*'gru', 'dilated'.*'causal_fir'"):
+        ModelConfig.from_name("dws", temporal="no_such_family")
+    model, config = fir_model("same", 2)
+    path = save_checkpoint(tmp_path / "fir.pt", model, config)
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["model"]["temporal"] = "no_such_family"
+    torch.save(payload, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="no_such_family.*causal_fir"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_the_papers_families_keep_their_config_dicts():
+    """gru and dilated are registered like any family, and their configs read and write as before
+    (no temporal_params key: checkpoints and ONNX files stay readable by earlier releases)."""
+    for name in ("dnd_7_10", "base_causal"):
+        config = ModelConfig.from_name(name)
+        assert "temporal_params" not in config.to_dict()
+        assert ModelConfig.from_dict(config.to_dict()) == config
+        assert hash(config) == hash(ModelConfig.from_name(name))
+    with pytest.raises(ConfigError, match="cannot be replaced"):
+        register_temporal("gru", lambda config: None, replace=True)
 
 
 @pytest.mark.parametrize("padding,right_pad", CASES[:3])

@@ -1,7 +1,7 @@
 """Eval-mode CPU paths through rtsed.backends.native's inference kernels (dispatch's "native"):
 the folded DWS block, and f_dil + ReLU + the BN-folded classifier from CNN frames to logits.
-They take the layers' folded operands (rtsed.models.layers: ``DWSBlock.eval_operands``,
-``DilatedTemporal.packed_classifier``) and compute what the layers' folded torch paths compute.
+They take folded operands (``DWSBlock.eval_operands``; rtsed.ops.dilated_head packs f_dil's with
+``head_logits_weights``) and compute what the folded torch paths compute.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from rtsed.backends.cpu import fused_linear
 from rtsed.backends.native import eval_block
 from rtsed.backends.native import head as native_head
 
-head_logits_weights = native_head.head_logits_weights  # the packer for DilatedTemporal.packed_classifier
+head_logits_weights = native_head.head_logits_weights  # the packer rtsed.ops.dilated_head caches its fold with
 
 
 def dws_block(x: Tensor, operands: tuple[Tensor, ...], kernel: int, pool: int, history: Tensor | None = None,
@@ -48,6 +48,6 @@ def dilated_head_logits(window: Tensor, frames: int, weights, n_classes: int, ke
                         stride: int) -> Tensor:
     """f_dil's conv, ReLU and the BN-folded classifier in one native pass per frame tile, so
     nothing of f_dil's output is written: window (B, (K - 1) d + n, C) contiguous -> logits
-    (B, n, n_classes) for its last ``frames`` = n frames. weights: ``packed_classifier(...,
-    head_logits_weights)``."""
+    (B, n, n_classes) for its last ``frames`` = n frames. weights: ``head_logits_weights(...)`` of f_dil's
+    conv and the BN-folded classifier."""
     return native_head.head_logits(window, frames, weights, n_classes, kernel, dilation, stride)

@@ -1,6 +1,6 @@
 """f_dil + BatchNorm + classifier as one chunked computation: the CPU fast path of dnd's head.
 
-The reference composition (``classifier(temporal(h))``) materialises f_dil's output
+The reference composition (``rtsed.ops.dilated_head_ref``: ``classifier(temporal(h))``) materialises f_dil's output
 (B, C_out, T, W) three times over (conv, ReLU, BN), 1.4 GB each for a training batch of
 16 x 1024 frames, and BatchNorm's backward over it alone took 1.2 s of a 8.3 s train step on
 this project's 2-core CPU. Here the same arithmetic is arranged so that nothing of that size is
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rtsed.backends.batchnorm import bn_arguments, update_running_stats
+from rtsed.backends.batchnorm import update_running_stats
 from rtsed.backends.dispatch import cpu_gemm_dtype, native_kernels
 from rtsed.backends.native import head as native_head
 
@@ -271,22 +271,22 @@ class DilatedHeadFunction(torch.autograd.Function):
                 d_lin_weight, d_lin_bias, None, None, None, None, None, None, None)
 
 
-def padded_frames(temporal, h: Tensor) -> Tensor:
-    """h: (B, C, T, 1) -> f_dil's time-padded input frames (B, T + (K - 1) d, C), contiguous."""
+def padded_frames(h: Tensor, left: int, right: int) -> Tensor:
+    """h: (B, C, T, 1) -> f_dil's input frames (B, left + T + right, C), time zero-padded, contiguous."""
     x = h[..., 0].transpose(1, 2)  # (B, T, C)
-    x = torch.nn.functional.pad(x, (0, 0, temporal.context_frames - temporal.right_pad, temporal.right_pad))
-    return x.contiguous()
+    return torch.nn.functional.pad(x, (0, 0, left, right)).contiguous()
 
 
-def dilated_head(temporal, classifier, h: Tensor) -> Tensor:
-    """h: (B, C, T, 1) CNN output -> logits (B, T, n_classes), equal to
-    ``classifier(temporal(h))`` of a DilatedTemporal ``temporal`` and Linear ``classifier``,
+def dilated_head(h: Tensor, conv_weight: Tensor, conv_bias: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+                 bn_running_mean: Tensor | None, bn_running_var: Tensor | None, lin_weight: Tensor, lin_bias: Tensor,
+                 *, dilation: int, stride: int, right_pad: int, training: bool, momentum: float, eps: float) -> Tensor:
+    """h: (B, C, T, 1) CNN output -> logits (B, T, n_classes), equal to rtsed.ops.dilated_head_ref
+    on the same tensors (f_dil's conv, ReLU, BN as ``F.batch_norm`` takes it, the classifier),
     through ``DilatedHeadFunction`` (training, or eval with autograd)."""
-    bn = temporal.bn
-    x = padded_frames(temporal, h)
-    args = bn_arguments(bn)  # torch's bookkeeping: num_batches_tracked, momentum None
-    geometry = (temporal.kernel, temporal.dilation, temporal.stride, temporal.width)
+    kernel = conv_weight.shape[2]
+    context = (kernel - 1) * dilation
+    x = padded_frames(h, context - right_pad, right_pad)
+    geometry = (kernel, dilation, stride, (h.shape[1] - kernel) // stride + 1)
     return DilatedHeadFunction.apply(
-        x, temporal.conv.weight, temporal.conv.bias, bn.weight, bn.bias, classifier.weight, classifier.bias,
-        args["bn_running_mean"], args["bn_running_var"], geometry, args["training"], args["momentum"], bn.eps,
-        cpu_gemm_dtype(x))
+        x, conv_weight, conv_bias, bn_weight, bn_bias, lin_weight, lin_bias, bn_running_mean, bn_running_var,
+        geometry, training, momentum, eps, cpu_gemm_dtype(x))

@@ -160,8 +160,11 @@ def eval_fast_path(module: "nn.Module", x: Tensor) -> bool:
     """Whether the folded eval-mode compositions apply: RTSED_KERNELS=auto, a CPU tensor of a
     fast dtype, the module in eval mode. Unlike ``cpu_fast_path`` this holds during ONNX export:
     the folded compositions have no loops, and the exported graphs should be the fast ones."""
-    return (requested_backend() == "auto" and not x.is_cuda and x.dtype in CPU_FAST_DTYPES
-            and not module.training)
+    return _eval_fast(x, module.training)
+
+
+def _eval_fast(x: Tensor, training: bool) -> bool:
+    return requested_backend() == "auto" and not x.is_cuda and x.dtype in CPU_FAST_DTYPES and not training
 
 
 def prepare(device: torch.device) -> None:
@@ -280,25 +283,27 @@ def dilated_step(frames: Tensor) -> str:
     return TRITON if backend_for("dilated_step", frames) == "triton" else REFERENCE
 
 
-def dilated_head(layer, classifier, h: Tensor) -> str:
-    """f_dil -> ReLU -> BN -> classifier over a whole sequence h (B, C, T, 1): on the CPU native
+def dilated_head(h: Tensor, training: bool, *params: Tensor) -> str:
+    """f_dil -> ReLU -> BN -> classifier over a whole sequence h (B, C, T, 1), ``training``: BN
+    on batch statistics, ``params``: the weights autograd may record through. On the CPU native
     (eval, no autograd: one pass from CNN frames to logits) or cpu-train (the chunked autograd
     function; also eval with autograd); elsewhere reference (whose f_dil is ``dilated_temporal``'s
     choice, Triton on CUDA)."""
     if cpu_fast_path(h):
-        if not layer.training and native_eval(h, classifier.weight, layer.conv.weight, layer.bn.weight):
+        if not training and native_eval(h, *params):
             return NATIVE
         return CPU_TRAIN
     return REFERENCE
 
 
-def dilated_step_logits(layer, classifier, h: Tensor) -> str:
-    """A streaming step of f_dil and the classifier, h (B, C, n, 1) new CNN frames: triton
+def dilated_step_logits(h: Tensor, training: bool, *params: Tensor) -> str:
+    """A streaming step of f_dil and the classifier, h (B, C, n, 1) new CNN frames (``training``:
+    the layer's mode; ``params``: the weights autograd may record through): triton
     (``dilated_step``'s kernel, then the classifier), native (eval on the CPU, one pass from the
     ring to logits), cpu-folded (BN folded into the classifier, two GEMMs; also in exported
     graphs), else reference."""
     if backend_for("dilated_step", h) == "triton":
         return TRITON
-    if eval_fast_path(layer, h):
-        return NATIVE if native_eval(h, classifier.weight, layer.conv.weight) else FOLDED
+    if _eval_fast(h, training):
+        return NATIVE if native_eval(h, *params) else FOLDED
     return REFERENCE

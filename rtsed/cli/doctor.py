@@ -146,9 +146,9 @@ def _decisions(device: str, mode: str) -> list[tuple[str, str, str]]:
         rows.append(("frequency_block (dws)", dispatch.frequency_block(block_dws, x_block), x_block))
         rows.append(("frequency_block (cnn)", dispatch.frequency_block(block_cnn, x_block), x_block))
         if mode == "streaming step":
-            rows.append(("dilated_step_logits", dispatch.dilated_step_logits(t, dnd.classifier, h), h))
+            rows.append(("dilated_step_logits", dispatch.dilated_step_logits(h, t.training, dnd.classifier.weight, t.conv.weight), h))
         else:
-            rows.append(("dilated_head", dispatch.dilated_head(t, dnd.classifier, h), h))
+            rows.append(("dilated_head", dispatch.dilated_head(h, t.training, dnd.classifier.weight, t.conv.weight, t.bn.weight), h))
         rows.append(("dilated_temporal", dispatch.dilated_temporal(h), h))
         rows.append(("dilated_step", dispatch.dilated_step(h), h))
         if mode != "ONNX export":  # (the exported graphs' GEMMs are plain Conv/MatMul nodes)

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rtsed import ops
+from rtsed.ops.fold import cached_fold
+from rtsed.backends.batchnorm import bn_arguments
 from rtsed.backends.cpu import _relu_owned, conv2d_like_input, fused_linear, one_channel_patches
 
 
@@ -28,26 +30,15 @@ from rtsed.backends.cpu import _relu_owned, conv2d_like_input, fused_linear, one
 
 
 def folded_cache(module: nn.Module, name: str, sources: list[Tensor], compute):
-    """``compute()`` (folded weights), cached on the module while its sources are unchanged.
+    """``compute()`` (folded weights), cached on the module while its sources are unchanged
+    (``rtsed.ops.fold.cached_fold`` with the module's own cache: the ops the layer calls are
+    handed the same dict)."""
+    return cached_fold(fold_cache(module), name, sources, compute)
 
-    A streaming step at one frame is short enough that re-folding BN into the weights each
-    call (a 256 x 256 product per block) would be a large share of it. The key is each source's
-    storage and in-place version counter, so loading a checkpoint or an optimizer step
-    invalidates it. Not cached while autograd records through the sources: gradients must
-    then flow through the folding."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-        return compute()
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-    cache = module.__dict__.setdefault("_folded_cache", {})
-    hit = cache.get(name)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    # Folded in full precision whatever autocast is on (--precision bf16 inference would fold
-    # products such as W @ shift in bf16, and the cache would keep them for fp32 calls too).
-    with torch.autocast("cpu", enabled=False):
-        value = compute()
-    cache[name] = (key, value)
-    return value
+
+def fold_cache(module: nn.Module) -> dict:
+    """The module's cache of folded weights (a plain dict, handed to the ops it calls)."""
+    return module.__dict__.setdefault("_folded_cache", {})
 
 
 def bn_sources(bn: nn.BatchNorm2d) -> list[Tensor]:
@@ -56,8 +47,7 @@ def bn_sources(bn: nn.BatchNorm2d) -> list[Tensor]:
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """Eval-mode BatchNorm as a per-channel affine y = scale * x + shift (running statistics)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
+    return ops.bn_affine(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 
 
 
@@ -374,12 +364,20 @@ class DilatedTemporal(TemporalPart):
         """h: (B, C, T, 1) -> (B, T, C_out * W)."""
         x = h.permute(0, 3, 2, 1)  # (B, 1, T, C): CNN channels become the width axis
         x = F.pad(x, (0, 0, self.context_frames - self.right_pad, self.right_pad))
-        return self._flatten(ops.dilated_temporal(self, x))
+        return self._flatten(self._conv_relu_bn(x, ops.dilated_temporal))
 
     def conv_relu_bn(self, x: Tensor) -> Tensor:
-        """Reference: (B, 1, T + (K - 1) d, C) time-padded -> (B, C_out, T, W), conv -> ReLU -> BN."""
-        y = F.conv2d(x, self.conv.weight, self.conv.bias, stride=(1, self.stride), dilation=(self.dilation, 1))
-        return self.bn(F.relu(y))
+        """Reference: (B, 1, T + (K - 1) d, C) time-padded -> (B, C_out, T, W), conv -> ReLU -> BN
+        (``rtsed.ops.dilated_temporal_ref``, BN as this layer's module would run it)."""
+        return self._conv_relu_bn(x, ops.dilated_temporal_ref)
+
+    def _conv_relu_bn(self, x: Tensor, op) -> Tensor:
+        """``op`` (rtsed.ops.dilated_temporal or its _ref twin) on this layer's tensors; BN's
+        bookkeeping (num_batches_tracked, the momentum it implies) as nn.BatchNorm2d does it."""
+        bn = bn_arguments(self.bn)
+        return op(x, self.conv.weight, self.conv.bias, bn["bn_weight"], bn["bn_bias"], bn["bn_running_mean"],
+                  bn["bn_running_var"], dilation=self.dilation, stride=self.stride, training=bn["training"],
+                  momentum=bn["momentum"], eps=bn["eps"])
 
     @staticmethod
     def _flatten(y: Tensor) -> Tensor:
@@ -392,34 +390,57 @@ class DilatedTemporal(TemporalPart):
         return FrameRing(torch.zeros(batch_size, capacity, self.channels, device=device, dtype=dtype))
 
     def logits(self, h: Tensor, classifier: nn.Linear) -> Tensor:
-        return ops.dilated_head(self, classifier, h)
+        """Offline f_dil and the classifier: h (B, C, T, 1) -> logits (B, T, n_classes), through
+        rtsed.ops.dilated_head on this layer's and the classifier's tensors."""
+        args, kwargs = self.head_arguments(classifier)
+        return ops.dilated_head(h, *args, **kwargs, cache=fold_cache(self))
+
+    def head_arguments(self, classifier: nn.Linear) -> tuple[tuple, dict]:
+        """The tensors and numbers rtsed.ops.dilated_head (and its twins) take after h, with BN's
+        bookkeeping done as nn.BatchNorm2d.forward does it (num_batches_tracked in training):
+        call once per forward."""
+        bn = bn_arguments(self.bn)
+        return ((self.conv.weight, self.conv.bias, bn["bn_weight"], bn["bn_bias"], bn["bn_running_mean"],
+                 bn["bn_running_var"], classifier.weight, classifier.bias),
+                dict(dilation=self.dilation, stride=self.stride, right_pad=self.right_pad, training=bn["training"],
+                     momentum=bn["momentum"], eps=bn["eps"]))
 
     def step_logits(self, h: Tensor, state: FrameRing, classifier: nn.Linear, skip: Tensor | None = None) -> Tensor:
-        return ops.dilated_step_logits(self, classifier, h, state)
+        """A streaming step to logits: h (B, C, n, 1) -> (B, n, n_classes), through
+        rtsed.ops.dilated_step_logits; advances the ring's write position."""
+        if self.training:
+            raise RuntimeError("f_dil's streaming step runs in eval mode only (BatchNorm with running statistics)")
+        conv, bn = self.conv, self.bn
+        out = ops.dilated_step_logits(h, state.frames, state.write_pos, conv.weight, conv.bias, bn.weight, bn.bias,
+                                      bn.running_mean, bn.running_var, classifier.weight, classifier.bias,
+                                      dilation=self.dilation, stride=self.stride, eps=bn.eps, cache=fold_cache(self))
+        state.write_pos = (state.write_pos + h.shape[2]) % state.frames.shape[1]
+        return out
 
     def step(self, h: Tensor, state: FrameRing, skip: Tensor | None = None) -> Tensor:
         """h: (B, C, n, 1) new CNN frames -> (B, n, C_out * W), the causal outputs for them.
         n may exceed the ring's step capacity; the step is then done in slices."""
+        if self.training:
+            raise RuntimeError("f_dil's streaming step runs in eval mode only (BatchNorm with running statistics)")
         frames = h[..., 0].transpose(1, 2)  # (B, n, C)
         capacity = state.frames.shape[1]
         max_step = capacity - self.context_frames
-        outputs = [ops.dilated_step(self, frames[:, i:i + max_step], state)
-                   for i in range(0, frames.shape[1], max_step)]
+        conv, bn = self.conv, self.bn
+        outputs = []
+        for i in range(0, frames.shape[1], max_step):
+            part = frames[:, i:i + max_step]
+            outputs.append(ops.dilated_step(part, state.frames, state.write_pos, conv.weight, conv.bias, bn.weight,
+                                            bn.bias, bn.running_mean, bn.running_var, dilation=self.dilation,
+                                            stride=self.stride, eps=bn.eps))
+            state.write_pos = (state.write_pos + part.shape[1]) % capacity
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def folded_classifier(self, classifier: nn.Linear) -> tuple[Tensor, Tensor]:
-        """Eval mode: the classifier with this layer's BN folded in (BN is a per-channel affine
-        y = a r + b of r = ReLU(conv), and the classifier is linear in y):
-        weight (n_classes, C_out * W) = L * a (channel-major), bias = l + L b."""
-        sources = [classifier.weight, classifier.bias, *bn_sources(self.bn)]
-
-        def compute():
-            scale, shift = bn_affine(self.bn)
-            lin = classifier.weight.view(classifier.out_features, self.conv.out_channels, self.width)
-            weight = (lin * scale[:, None]).reshape(classifier.out_features, -1)
-            return weight, classifier.bias + torch.einsum("kcw,c->k", lin, shift)
-
-        return folded_cache(self, "classifier", sources, compute)
+        """Eval mode: the classifier with this layer's BN folded in (rtsed.ops.folded_classifier,
+        cached with the layer's folds)."""
+        bn = self.bn
+        return ops.folded_classifier(classifier.weight, classifier.bias, bn.weight, bn.bias, bn.running_mean,
+                                     bn.running_var, bn.eps, self.width, fold_cache(self))
 
     def classifier_conv(self, y: Tensor, classifier: nn.Linear) -> Tensor:
         """Eval mode: conv output y (B, C_out, n, W) -> logits as (B, n_classes, n, 1), through
@@ -432,96 +453,13 @@ class DilatedTemporal(TemporalPart):
         kernel = weight.view(weight.shape[0], self.conv.out_channels, 1, self.width)
         return F.conv2d(F.relu(y), kernel, bias)
 
-    def step_logits_folded(self, h: Tensor, state: FrameRing, classifier: nn.Linear) -> Tensor:
-        """Eval-mode streaming step of f_dil and the classifier together:
-        h (B, C, n, 1) new CNN frames -> logits (B, n, n_classes), BN folded."""
-        frames = h[..., 0].transpose(1, 2)
-        capacity = state.frames.shape[1]
-        max_step = capacity - self.context_frames
-        outputs = []
-        k, s, w, d = self.kernel, self.stride, self.width, self.dilation
-        weight, bias, lin_weight, lin_bias = folded_cache(
-            self, "patch_gemms", [self.conv.weight, self.conv.bias, classifier.weight, classifier.bias,
-                                  *bn_sources(self.bn)], lambda: self._patch_gemm_weights(classifier))
-        for i in range(0, frames.shape[1], max_step):
-            window = self._ring_window(frames[:, i:i + max_step], state)  # (B, (K - 1) d + n, C)
-            b, t_in, c = window.shape
-            n = t_in - self.context_frames
-            # The conv as one GEMM over patches (B n W, K K) read straight off the window, rows
-            # (b, t, w), columns (i, j) for tap window[b, t + i d, w S + j] (oneDNN's 1-channel
-            # conv and the ReLU over its output layout took 3x longer at one thread).
-            sb, st, sc = window.stride()
-            patches = window.as_strided((b, n, w, k, k), (sb, st, s * sc, d * st, sc)).reshape(-1, k * k)
-            r = fused_linear(patches, weight, bias, "relu")  # (B n W, C_out)
-            logits = fused_linear(r.view(b * n, -1), lin_weight, lin_bias)  # (w, c) order on both sides
-            outputs.append(logits.view(b, n, classifier.out_features))
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-
-    def packed_classifier(self, classifier: nn.Linear, name: str, pack):
-        """Eval mode: ``pack(conv weight, conv bias, folded classifier weight, its bias, W)``, the
-        conv and the BN-folded classifier in a backend's operand layout (e.g.
-        rtsed.backends.native.head.head_logits_weights), cached under ``name`` while the
-        parameters and BN statistics are unchanged."""
-        sources = [self.conv.weight, self.conv.bias, classifier.weight, classifier.bias, *bn_sources(self.bn)]
-
-        def compute():
-            folded, folded_bias = self.folded_classifier(classifier)
-            return pack(self.conv.weight, self.conv.bias, folded, folded_bias, self.width)
-
-        return folded_cache(self, name, sources, compute)
-
-    def _patch_gemm_weights(self, classifier: nn.Linear) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Weights of ``step_logits_folded``'s two GEMMs, (out, in) as nn.Linear keeps them: conv
-        (C_out, K K), its bias, and the BN-folded classifier reordered to (w, c) columns,
-        (n_classes, W C_out), and its bias."""
-        weight, lin_bias = self.folded_classifier(classifier)
-        lin_wc = weight.view(-1, self.conv.out_channels, self.width).transpose(1, 2)
-        return (self.conv.weight.reshape(self.conv.out_channels, -1).contiguous(), self.conv.bias,
-                lin_wc.reshape(weight.shape[0], -1).contiguous(), lin_bias)
-
-    def ring_window(self, frames: Tensor, state: FrameRing) -> Tensor:
-        """``_ring_window``: the ring's window for frames (B, n, C), for ops that read it whole."""
-        return self._ring_window(frames, state)
-
     def _ring_window(self, frames: Tensor, state: FrameRing) -> Tensor:
         """Write frames (B, n, C) into the ring and return the (K - 1) d past frames and the n new
-        ones in time order, (B, (K - 1) d + n, C): a view of the ring where that span does not
-        wrap round its end, else a copy of its two pieces. Advances the write position."""
-        n = frames.shape[1]
-        capacity = state.frames.shape[1]
-        first = min(n, capacity - state.write_pos)
-        state.frames[:, state.write_pos:state.write_pos + first] = frames[:, :first]
-        if first < n:
-            state.frames[:, :n - first] = frames[:, first:]
-        start = state.write_pos - self.context_frames
-        state.write_pos = (state.write_pos + n) % capacity
-        stop = start + self.context_frames + n
-        if start >= 0 and stop <= capacity:
-            return state.frames[:, start:stop]
-        return torch.cat([state.frames[:, start % capacity:], state.frames[:, :stop % capacity]], dim=1)
-
-    def _ring_taps(self, frames: Tensor, state: FrameRing) -> Tensor:
-        """Write frames (B, n, C) into the ring and gather each new frame's K taps, already spaced
-        by d: (B * n, 1, K, C). Advances the write position."""
-        b, n, c = frames.shape
-        capacity = state.frames.shape[1]
-        device = frames.device
-        new_slots = (state.write_pos + torch.arange(n, device=device)) % capacity
-        state.frames[:, new_slots] = frames
-        # Tap k of output j reads the frame (K - 1 - k) * d steps before input frame j.
-        offsets = (torch.arange(self.kernel, device=device) - (self.kernel - 1)) * self.dilation
-        tap_slots = (state.write_pos + torch.arange(n, device=device)[:, None] + offsets[None, :]) % capacity
-        state.write_pos = (state.write_pos + n) % capacity
-        return state.frames[:, tap_slots.reshape(-1)].reshape(b * n, 1, self.kernel, c)
-
-    def step_slice_ref(self, frames: Tensor, state: FrameRing) -> Tensor:
-        """Reference ring step: frames (B, n, C) with n <= capacity - (K - 1) d -> (B, n, C_out * W)."""
-        b, n, c = frames.shape
-        taps = self._ring_taps(frames, state)
-        # The gathered taps are already spaced by d, so the conv runs undilated over them.
-        y = F.conv2d(taps, self.conv.weight, self.conv.bias, stride=(1, self.stride))  # (B*n, C_out, 1, W)
-        y = self.bn(F.relu(y))
-        return y.reshape(b, n, -1)  # (B*n, C_out, 1, W) is already channel-major per frame
+        ones in time order, (B, (K - 1) d + n, C) (``rtsed.ops.ring_window``: a view of the ring
+        where that span does not wrap). Advances the write position."""
+        window = ops.ring_window(frames, state.frames, state.write_pos, self.context_frames)
+        state.write_pos = (state.write_pos + frames.shape[1]) % state.frames.shape[1]
+        return window
 
 
 @dataclass

@@ -17,15 +17,18 @@ from torch import Tensor, nn
 
 from rtsed.backends.dispatch import channels_last_convs, cpu_fast_path, forced_backend
 from rtsed.config import ModelConfig
-from rtsed.models.layers import ConvBlock, DilatedTemporal, DWSBlock, FrequencyBlock, GRUTemporal, TemporalPart
+from rtsed.models.families import build_temporal
+from rtsed.models.layers import ConvBlock, DilatedTemporal, DWSBlock, FrequencyBlock, TemporalPart
 
 
 class SEDModel(nn.Module):
     """A sound event detector of the paper's grid, built from a ModelConfig."""
 
     def __init__(self, config: ModelConfig, temporal: TemporalPart | None = None):
-        """``temporal``: a temporal part of another family (the ``TemporalPart`` protocol) instead of
-        the one ``config`` names; its classifier follows its ``out_features``."""
+        """The temporal part is the one ``config.temporal`` names, built by its registered family
+        (rtsed.models.families). ``temporal``: a part given directly instead (the ``TemporalPart``
+        protocol); a checkpoint can rebuild it only if its family is registered and named in the
+        config. The classifier follows the part's ``out_features``."""
         super().__init__()
         self.config = config
         block_cls = DWSBlock if config.cnn == "dws" else ConvBlock
@@ -36,14 +39,7 @@ class SEDModel(nn.Module):
                                     right_pad=config.cnn_right_pad_frames))
             c_in = config.channels
         self.blocks = nn.ModuleList(blocks)
-        if temporal is not None:
-            self.temporal: TemporalPart = temporal
-        elif config.temporal == "gru":
-            self.temporal = GRUTemporal(config.channels, config.channels)
-        else:
-            assert config.dil_kernel and config.dil_dilation and config.dil_stride
-            self.temporal = DilatedTemporal(config.channels, config.dil_kernel, config.dil_dilation,
-                                            config.dil_stride, right_pad=config.temporal_right_pad_frames)
+        self.temporal: TemporalPart = temporal if temporal is not None else build_temporal(config)
         self.classifier = nn.Linear(self.temporal.out_features, config.n_classes)
 
     @property
@@ -109,7 +105,7 @@ class SEDModel(nn.Module):
 
 def build_model(name: str | ModelConfig, **overrides) -> SEDModel:
     """An untrained model of the paper's grid by name (``base``, ``dws``, ``dil_K_d``, ``dnd_K_d``,
-    each optionally ``_causal``) or from a ModelConfig. Overrides set ModelConfig fields
+    each optionally ``_causal``) or from a ModelConfig (any registered temporal family). Overrides set ModelConfig fields
     (e.g. ``n_classes=10``). Defaults to the paper's 16 classes."""
     if isinstance(name, ModelConfig):
         config = name.replace(**overrides) if overrides else name
@@ -161,8 +157,10 @@ def macs_per_frame(model: SEDModel, n_frames: int = 64) -> int:
         for h in handles:
             h.remove()
         model.train(was_training)
-    # f_dil's conv runs through rtsed.ops (F.conv2d or a kernel), which hooks do not see: count it here.
+    # f_dil's conv and the classifier after it run through rtsed.ops.dilated_head (F.conv2d and
+    # F.linear, or a kernel), which hooks do not see: count them here.
     if isinstance(model.temporal, DilatedTemporal):
         t = model.temporal
         total += n_frames * t.conv.out_channels * t.width * t.kernel * t.kernel
+        total += n_frames * model.classifier.in_features * model.classifier.out_features
     return total // n_frames

@@ -1,10 +1,16 @@
 """The ops the model's layers call: each picks its implementation through
-rtsed.backends.dispatch and runs it (the reference composition, a CPU fast path, or a Triton
-kernel from kernels/). Model code calls ``ops.<op>(layer, x)`` and never imports triton.
+rtsed.backends.dispatch, once per call, and runs it (the reference composition, a CPU fast path,
+or a Triton kernel from kernels/). Model code never imports triton.
 
-Each op with a kernel lives in ``kernels/<op>.py`` and exposes ``<op>_layer(layer, ...)`` with
-the signature of the function here (an autograd-aware launcher). An op whose kernel module does
-not exist yet resolves to ``ref`` under ``auto`` and is an error under ``triton``.
+The target shape of every op (issue 16): a function of tensors (input, weights, BatchNorm affine
+and statistics, state) and plain numbers, returning tensors, with its stock-torch ``<op>_ref``
+twin beside it; the layers call the ops with their own parameters and an op never calls back
+into a layer. f_dil's ops are so (rtsed.ops.dilated: ``dilated_temporal``, ``dilated_step``, the
+ring readers; rtsed.ops.head: ``dilated_head``, ``dilated_step_logits``, each with its
+``_ref`` twin; eval-mode folds cached in a dict the layer hands over, rtsed.ops.fold); the CNN
+block's ops below still take the block (tests/test_architecture.py lists them in
+NOT_YET_FUNCTIONAL). A Triton op's launcher is ``kernels.<op>.<op>``, with the op's tensor
+signature (rtsed.ops.launch).
 """
 
 from __future__ import annotations
@@ -14,12 +20,18 @@ import importlib
 import torch
 from torch import Tensor
 
-from rtsed.backends import cpu_block, cpu_eval, cpu_head, dispatch
+from rtsed.backends import cpu_block, cpu_eval, dispatch
 from rtsed.backends.dispatch import CPU_TRAIN, FOLDED, FOLDED_EXPORT, NATIVE, TRITON
+from rtsed.ops.dilated import (dilated_step, dilated_step_ref, dilated_temporal, dilated_temporal_ref, ring_taps,
+                               ring_window)
+from rtsed.ops.head import (dilated_head, dilated_head_ref, dilated_step_logits, dilated_step_logits_ref,
+                                    folded_classifier)
+from rtsed.ops.fold import bn_affine, cached_fold
 
 
 def _kernel(op: str):
-    """The launcher ``kernels.<op>.<op>_layer`` (imported only when dispatched to)."""
+    """The layer entry point ``kernels.<op>.<op>_layer`` of an op not yet functional (imported
+    only when dispatched to)."""
     module = importlib.import_module(f"kernels.{op}")
     return getattr(module, f"{op}_layer")
 
@@ -57,61 +69,3 @@ def frequency_block_step(block: "FrequencyBlock", x: Tensor, history: Tensor) ->
     if block.context_frames:
         history.copy_(window[:, :, window.shape[2] - block.context_frames:])
     return _frequency_block(block, window, how)
-
-
-def dilated_temporal(layer: "DilatedTemporal", x: Tensor) -> Tensor:
-    """f_dil's dilated conv -> ReLU -> BN on time-padded input.
-    x: (B, 1, T + (K - 1) d, C) -> (B, C_out, T, W)."""
-    if dispatch.dilated_temporal(x) == TRITON:
-        return _kernel("dilated_temporal")(layer, x)
-    return layer.conv_relu_bn(x)
-
-
-def dilated_step(layer: "DilatedTemporal", frames: Tensor, state: "FrameRing") -> Tensor:
-    """One streaming step of f_dil over its ring buffer: writes frames (B, n, C) into the ring
-    at state.write_pos, advances it, and returns (B, n, C_out * W) for the new frames."""
-    if dispatch.dilated_step(frames) == TRITON:
-        return _kernel("dilated_step")(layer, frames, state)
-    return layer.step_slice_ref(frames, state)
-
-
-def dilated_head(layer: "DilatedTemporal", classifier: "nn.Linear", h: Tensor) -> Tensor:
-    """f_dil -> ReLU -> BN -> per-frame classifier: h (B, C, T, 1) CNN output -> logits
-    (B, T, n_classes)."""
-    how = dispatch.dilated_head(layer, classifier, h)
-    if how == NATIVE:
-        x = cpu_head.padded_frames(layer, h)
-        weights = layer.packed_classifier(classifier, "native_head", cpu_eval.head_logits_weights)
-        return cpu_eval.dilated_head_logits(x, h.shape[2], weights, classifier.out_features, layer.kernel,
-                                            layer.dilation, layer.stride)
-    if how == CPU_TRAIN:
-        return cpu_head.dilated_head(layer, classifier, h)
-    return classifier(layer(h))
-
-
-def dilated_step_logits(layer: "DilatedTemporal", classifier: "nn.Linear", h: Tensor,
-                        state: "FrameRing") -> Tensor:
-    """A streaming step of f_dil and the classifier: h (B, C, n, 1) new CNN frames -> logits
-    (B, n, n_classes)."""
-    how = dispatch.dilated_step_logits(layer, classifier, h)
-    if how == NATIVE:
-        return _dilated_step_logits_native(layer, classifier, h, state)
-    if how == FOLDED:
-        return layer.step_logits_folded(h, state, classifier)
-    return classifier(layer.step(h, state))
-
-
-def _dilated_step_logits_native(layer, classifier, h: Tensor, state) -> Tensor:
-    """One native pass per ring window: conv, ReLU and the BN-folded classifier, the patches
-    never copied and the conv's output never written. Steps longer than the ring's capacity run
-    in slices, as ``DilatedTemporal.step`` does."""
-    frames = h[..., 0].transpose(1, 2)
-    max_step = state.frames.shape[1] - layer.context_frames
-    weights = layer.packed_classifier(classifier, "native_head", cpu_eval.head_logits_weights)
-    outputs = []
-    for i in range(0, frames.shape[1], max_step):
-        window = layer.ring_window(frames[:, i:i + max_step], state)  # (B, (K - 1) d + n, C)
-        outputs.append(cpu_eval.dilated_head_logits(window, window.shape[1] - layer.context_frames, weights,
-                                                    classifier.out_features, layer.kernel, layer.dilation,
-                                                    layer.stride))
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)

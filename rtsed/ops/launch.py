@@ -1,0 +1,12 @@
+"""The Triton launchers of kernels/, loaded by name when dispatch answers ``triton`` (so that
+nothing imports triton unless it runs). Each ``kernels/<op>.py`` exposes ``<op>(...)``, a
+tensor-in, tensor-out launcher with the signature of the op of the same name in rtsed.ops."""
+
+from __future__ import annotations
+
+import importlib
+
+
+def launcher(op: str):
+    """``kernels.<op>.<op>``, looked up at each call (tests spy on it)."""
+    return getattr(importlib.import_module(f"kernels.{op}"), op)
