@@ -10,8 +10,8 @@ Op (docs/reference.md "Depthwise-separable blocks"; ``dws_block_ref`` is the twi
 
 Shapes: x (B, C_in, T + K - 1, F) -> out (B, C, T, F // P). Weights: depthwise (C, 1, K, K) with
 C a multiple of C_in (block 1: C_in = 1, depth multiplier C; blocks 2-3: C_in = C, true
-depthwise), pointwise (C, C, 1, 1). Dropout2d is NOT part of the op: ``dws_block_layer`` applies
-the block's own torch Dropout2d to the pooled output (same RNG draws as the reference path).
+depthwise), pointwise (C, C, 1, 1). Dropout2d is NOT part of the op: rtsed.ops applies the
+block's Dropout2d to the pooled output (same RNG draws as the reference path).
 
 How it runs (a tile is BLOCK_R rows of (b, t, f) positions x a block of channels; every kernel
 that needs the depthwise output d recomputes it from x (25 FMAs per element) rather than reading a
@@ -30,7 +30,8 @@ accumulation; every load masked; no atomics, so results are deterministic):
   affines. Both BNs' statistics cover all F frequencies, including the F mod P that the pool
   drops. When autograd will need it, the forward also stores per pooled output the argmax position
   (int8) and relu(p) there (fp32): 1/P of full resolution. Running statistics are updated as
-  torch does (momentum, unbiased variance; num_batches_tracked by ``dws_block_layer``).
+  torch does (momentum, unbiased variance; num_batches_tracked by the caller,
+  rtsed.backends.batchnorm.bn_arguments).
 - backward (torch.autograd.Function): BN2's weight/bias grads come from the pooled tensors in
   torch; ``_dws_bwd_dp_kernel`` recomputes p and writes dp = dL/dp (pool backward through the
   stored argmax, BN2 backward with batch stats, ReLU backward; fp32, full resolution, because BN2's
@@ -43,8 +44,9 @@ accumulation; every load masked; no atomics, so results are deterministic):
   16 x 1024, and no forward intermediate (recomputing du in the dd kernel instead of storing it
   would trade one full-resolution write for a second C x C GEMM over dp).
 
-Dropout2d stays outside the op: ``dws_block_layer`` applies the block's own torch Dropout2d to the
-pooled output (the same RNG draws as the reference path).
+Dropout2d stays outside the op: rtsed.ops applies the block's Dropout2d to the pooled output (the
+same RNG draws as the reference path). The layer passes its tensors (rtsed.models.layers.DWSBlock.
+dws_arguments, which checks the structure this op assumes and does BN's bookkeeping).
 
 Limits: x fp32 or fp16 (parameters of any float dtype are read in fp32; the tl.dot operands are in
 x's dtype, so fp16 runs the dots in fp16 with fp32 accumulation); K odd; pool P in [1, min(F, 127)]
@@ -66,7 +68,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from rtsed.backends.batchnorm import bn_arguments, update_running_stats
+from rtsed.backends.batchnorm import update_running_stats
 
 NEGATIVE_SLOPE = 0.01
 # The decorators below read TRITON_INTERPRET when this module is imported; remember what they saw,
@@ -735,7 +737,7 @@ class _DWSBlockFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------
-# Public API: launcher, reference twin, layer entry point
+# Public API: launcher and reference twin
 # ----------------------------------------------------------------------------------------------
 
 
@@ -795,26 +797,3 @@ def dws_block_ref(x, dw_weight, dw_bias, bn1_weight, bn1_bias, bn1_running_mean,
                      training or bn2_running_mean is None, mom2, eps2)
     return F.max_pool2d(z, (1, pool), (1, pool))
 
-
-def dws_block_layer(block, x):
-    """What ``block.post(block.conv_valid_time(x))`` returns, through the fused kernels
-    (rtsed.ops dispatches here). block: rtsed.models.layers.DWSBlock; x: (B, C_in, T + K - 1, F)."""
-    dw, pw, bn1, bn2, mp = block.depthwise, block.pointwise, block.inner_bn, block.bn, block.pool
-    K = dw.kernel_size[0]
-    if (dw.kernel_size != (K, K) or tuple(dw.stride) != (1, 1) or tuple(dw.dilation) != (1, 1)
-            or tuple(dw.padding) != (0, K // 2) or dw.groups != dw.in_channels or dw.padding_mode != "zeros"):
-        raise ValueError(f"unsupported depthwise conv {dw}")
-    pool_k = mp.kernel_size if isinstance(mp.kernel_size, tuple) else (mp.kernel_size, mp.kernel_size)
-    pool_s = mp.stride if isinstance(mp.stride, tuple) else (mp.stride, mp.stride)
-    if (pool_k[0] != 1 or tuple(pool_s) != tuple(pool_k) or mp.padding not in (0, (0, 0))
-            or mp.dilation not in (1, (1, 1)) or mp.ceil_mode):
-        raise ValueError(f"unsupported pool {mp}: only (1, P) with stride (1, P)")
-    if not bn1.training == bn2.training == block.training:
-        raise ValueError("dws_block_layer needs both BatchNorms in the block's train/eval mode")
-    args1, args2 = bn_arguments(bn1), bn_arguments(bn2)
-    rm1, rv1, m1 = args1["bn_running_mean"], args1["bn_running_var"], args1["momentum"]
-    rm2, rv2, m2 = args2["bn_running_mean"], args2["bn_running_var"], args2["momentum"]
-    out = dws_block(x, dw.weight, dw.bias, bn1.weight, bn1.bias, rm1, rv1, pw.weight, pw.bias,
-                    bn2.weight, bn2.bias, rm2, rv2, pool=pool_k[1], training=block.training,
-                    momentum=(m1, m2), eps=(bn1.eps, bn2.eps))
-    return block.dropout(out)

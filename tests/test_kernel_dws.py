@@ -35,6 +35,7 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _previous
 
+from rtsed import ops  # noqa: E402
 from rtsed.models.model import build_model  # noqa: E402
 
 PARAMS = ("dw_weight", "dw_bias", "bn1_weight", "bn1_bias", "bn1_running_mean", "bn1_running_var",
@@ -187,8 +188,8 @@ def test_dispatch_in_a_model_eval_and_one_training_step(monkeypatch, channels=6)
     buffers. SGD, not Adam: Adam's first step is lr * sign(grad) and turns rounding noise in
     near-zero gradients into full-size steps."""
     calls = []
-    layer = kd.dws_block_layer
-    monkeypatch.setattr(kd, "dws_block_layer", lambda block, x: calls.append(x.shape) or layer(block, x))
+    launch = kd.dws_block
+    monkeypatch.setattr(kd, "dws_block", lambda x, *a, **k: calls.append(x.shape) or launch(x, *a, **k))
     torch.manual_seed(0)
     base = _dws_model(channels)
     x = torch.randn(2, 6, 40)
@@ -224,16 +225,18 @@ def test_dispatch_in_a_model_eval_and_one_training_step(monkeypatch, channels=6)
             assert torch.equal(s_tri[k], s_ref[k]), k  # num_batches_tracked
 
 
-def test_layer_entry_equals_block_post():
-    """dws_block_layer(block, x) == block.post(block.conv_valid_time(x)) in train mode: Dropout2d
+def test_layer_entry_equals_block_post(monkeypatch):
+    """The block through rtsed.ops on the kernel (RTSED_KERNELS=triton: the layer's tensors, the
+    launcher, then Dropout2d) == block.post(block.conv_valid_time(x)) in train mode: Dropout2d
     included (same seed), running stats and num_batches_tracked updated alike."""
+    monkeypatch.setenv("RTSED_KERNELS", "triton")
     block = _dws_model(8).blocks[1].train()
     twin = copy.deepcopy(block)
     x = torch.randn(2, 8, 7, 8)
     torch.manual_seed(7)
     ref = twin.post(twin.conv_valid_time(x))
     torch.manual_seed(7)
-    out = kd.dws_block_layer(block, x)
+    out = ops.frequency_block(block, x)
     assert_parity(out, ref.detach(), "out")
     for name, buf in twin.named_buffers():
         if buf.is_floating_point():

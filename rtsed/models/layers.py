@@ -235,6 +235,30 @@ class DWSBlock(FrequencyBlock):
         out = fused_linear(a, weight, bias)
         return out.view(b, t_in - k + 1, f, -1).permute(0, 3, 1, 2)
 
+    def dws_arguments(self) -> tuple[tuple, dict]:
+        """The tensors and numbers the fused DWS op (``kernels.dws_block.dws_block``, and its twin
+        ``dws_block_ref``) takes after x, with BN's bookkeeping done as nn.BatchNorm2d.forward does
+        it (num_batches_tracked in training): call once per forward. Raises ValueError where this
+        block's structure is not the one the op assumes."""
+        dw, mp, bn1, bn2 = self.depthwise, self.pool, self.inner_bn, self.bn
+        k = dw.kernel_size[0]
+        if (dw.kernel_size != (k, k) or tuple(dw.stride) != (1, 1) or tuple(dw.dilation) != (1, 1)
+                or tuple(dw.padding) != (0, k // 2) or dw.groups != dw.in_channels or dw.padding_mode != "zeros"):
+            raise ValueError(f"unsupported depthwise conv {dw}")
+        pool_k = mp.kernel_size if isinstance(mp.kernel_size, tuple) else (mp.kernel_size, mp.kernel_size)
+        pool_s = mp.stride if isinstance(mp.stride, tuple) else (mp.stride, mp.stride)
+        if (pool_k[0] != 1 or tuple(pool_s) != tuple(pool_k) or mp.padding not in (0, (0, 0))
+                or mp.dilation not in (1, (1, 1)) or mp.ceil_mode):
+            raise ValueError(f"unsupported pool {mp}: only (1, P) with stride (1, P)")
+        if not bn1.training == bn2.training == self.training:
+            raise ValueError("the fused DWS op needs both BatchNorms in the block's train/eval mode")
+        args1, args2 = bn_arguments(bn1), bn_arguments(bn2)
+        pw = self.pointwise
+        return ((dw.weight, dw.bias, bn1.weight, bn1.bias, args1["bn_running_mean"], args1["bn_running_var"],
+                 pw.weight, pw.bias, bn2.weight, bn2.bias, args2["bn_running_mean"], args2["bn_running_var"]),
+                dict(pool=pool_k[1], training=self.training, momentum=(args1["momentum"], args2["momentum"]),
+                     eps=(bn1.eps, bn2.eps)))
+
     def eval_operands(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Eval mode: the folded block's operands for rtsed.backends.cpu_eval.dws_block, cached
         while the parameters and BN statistics are unchanged: the pointwise weight (C, C) and bias

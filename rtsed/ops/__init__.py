@@ -15,9 +15,8 @@ signature (rtsed.ops.launch).
 
 from __future__ import annotations
 
-import importlib
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from rtsed.backends import cpu_block, cpu_eval, dispatch
@@ -27,13 +26,7 @@ from rtsed.ops.dilated import (dilated_step, dilated_step_ref, dilated_temporal,
 from rtsed.ops.head import (dilated_head, dilated_head_ref, dilated_step_logits, dilated_step_logits_ref,
                                     folded_classifier)
 from rtsed.ops.fold import bn_affine, cached_fold
-
-
-def _kernel(op: str):
-    """The layer entry point ``kernels.<op>.<op>_layer`` of an op not yet functional (imported
-    only when dispatched to)."""
-    module = importlib.import_module(f"kernels.{op}")
-    return getattr(module, f"{op}_layer")
+from rtsed.ops.launch import launcher
 
 
 def frequency_block(block: "FrequencyBlock", x: Tensor) -> Tensor:
@@ -52,7 +45,9 @@ def _frequency_block(block: "FrequencyBlock", x: Tensor, how: str) -> Tensor:
     if how == CPU_TRAIN:
         return cpu_block.dws_block_train(block, x)
     if how == TRITON:
-        return _kernel("dws_block")(block, x)
+        args, kwargs = block.dws_arguments()
+        out = launcher("dws_block")(x, *args, **kwargs)
+        return F.dropout2d(out, block.dropout.p, block.dropout.training)  # nn.Dropout2d's call: the same draws
     return block.post(block.conv_valid_time(x))
 
 
