@@ -33,8 +33,10 @@ backward
 Saved for backward: x, a and p (the reference keeps more), the pooled picks and their int8
 positions. BN statistics are float64 sums of x and x^2 (rtsed.backends.batchnorm.mean_var_from_sums).
 Parity with the reference (values, all gradients, running statistics) is tested in float64 to
-~1e-10 and in float32 (tests/test_fast_block.py). Dropout2d stays outside the op: the block's own
-module applies it to the output, with the same random draws as the reference path.
+~1e-10 and in float32 (tests/test_fast_block.py). Dropout2d stays outside the op: rtsed.ops
+applies the block's to the output, with the same random draws as the reference path.
+``dws_block_train`` takes tensors, with the arguments of ``kernels.dws_block.dws_block`` (the layer
+hands them over: rtsed.models.layers.DWSBlock.dws_arguments).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rtsed.backends.native import block as native_block
-from rtsed.backends.batchnorm import bn_arguments, mean_var_from_sums, update_running_stats
+from rtsed.backends.batchnorm import mean_var_from_sums, update_running_stats
 from rtsed.backends.cpu import fused_linear
 from rtsed.backends.dispatch import cpu_gemm_dtype
 
@@ -203,18 +205,17 @@ class DWSBlockTrainFunction(torch.autograd.Function):
                 d_bn2_weight, d_bn2_bias, None, None, None, None)
 
 
-def dws_block_train(block, x: Tensor) -> Tensor:
-    """``block.post(block.conv_valid_time(x))`` for a DWSBlock in training mode
-    (rtsed.backends.dispatch.cpu_block_applies):
-    x (B, C_in, T + K - 1, F) -> (B, C, T, F // P), channels-last; dropout included."""
-    args = []
-    for bn in (block.inner_bn, block.bn):
-        arguments = bn_arguments(bn)  # increments num_batches_tracked, as the module would
-        args.append((arguments["bn_running_mean"], arguments["bn_running_var"], arguments["momentum"], bn.eps))
-    mp = block.pool
-    pool = mp.kernel_size[1] if isinstance(mp.kernel_size, tuple) else mp.kernel_size
-    out = DWSBlockTrainFunction.apply(
-        x, block.depthwise.weight, block.depthwise.bias, block.inner_bn.weight, block.inner_bn.bias,
-        block.pointwise.weight, block.pointwise.bias, block.bn.weight, block.bn.bias, args[0], args[1], pool,
-        cpu_gemm_dtype(x))
-    return block.dropout(out)
+def dws_block_train(x: Tensor, dw_weight: Tensor, dw_bias: Tensor, bn1_weight: Tensor, bn1_bias: Tensor,
+                    bn1_running_mean: Tensor | None, bn1_running_var: Tensor | None, pw_weight: Tensor,
+                    pw_bias: Tensor, bn2_weight: Tensor, bn2_bias: Tensor, bn2_running_mean: Tensor | None,
+                    bn2_running_var: Tensor | None, *, pool: int, training: bool, momentum: tuple, eps: tuple) -> Tensor:
+    """The DWS block in training mode (rtsed.backends.dispatch.cpu_block_applies), with the
+    arguments of ``kernels.dws_block.dws_block`` (the layer's tensors, BN's bookkeeping done by
+    the caller, momentum and eps as (inner, outer) pairs; ``training`` must be True):
+    x (B, C_in, T + K - 1, F) -> (B, C, T, F // P), channels-last; dropout not included."""
+    if not training:
+        raise ValueError("dws_block_train runs BatchNorm on batch statistics only (training=True)")
+    bn1 = (bn1_running_mean, bn1_running_var, momentum[0], eps[0])
+    bn2 = (bn2_running_mean, bn2_running_var, momentum[1], eps[1])
+    return DWSBlockTrainFunction.apply(x, dw_weight, dw_bias, bn1_weight, bn1_bias, pw_weight, pw_bias, bn2_weight,
+                                       bn2_bias, bn1, bn2, pool, cpu_gemm_dtype(x))

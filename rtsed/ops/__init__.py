@@ -42,11 +42,10 @@ def _frequency_block(block: "FrequencyBlock", x: Tensor, how: str) -> Tensor:
         return block.folded_valid_time(x)
     if how == FOLDED_EXPORT:
         return block.folded_valid_time(x, export=True)
-    if how == CPU_TRAIN:
-        return cpu_block.dws_block_train(block, x)
-    if how == TRITON:
+    if how in (CPU_TRAIN, TRITON):
         args, kwargs = block.dws_arguments()
-        out = launcher("dws_block")(x, *args, **kwargs)
+        op = cpu_block.dws_block_train if how == CPU_TRAIN else launcher("dws_block")
+        out = op(x, *args, **kwargs)
         return F.dropout2d(out, block.dropout.p, block.dropout.training)  # nn.Dropout2d's call: the same draws
     return block.post(block.conv_valid_time(x))
 
