@@ -9,7 +9,8 @@ into a layer. f_dil's ops are so (rtsed.ops.dilated: ``dilated_temporal``, ``dil
 ring readers; rtsed.ops.head: ``dilated_head``, ``dilated_step_logits``, each with its
 ``_ref`` twin; eval-mode folds cached in a dict the layer hands over, rtsed.ops.fold); the CNN
 block's ops below still take the block (tests/test_architecture.py lists them in
-NOT_YET_FUNCTIONAL). A Triton op's launcher is ``kernels.<op>.<op>``, with the op's tensor
+NOT_YET_FUNCTIONAL), though its training paths (the Triton launcher, rtsed.backends.cpu_block)
+run on the tensors the block hands over (``DWSBlock.dws_arguments``). A Triton op's launcher is ``kernels.<op>.<op>``, with the op's tensor
 signature (rtsed.ops.launch).
 """
 
