@@ -34,16 +34,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from rtsed.backends import native
 from rtsed.backends.native import eval_block
-
-if TYPE_CHECKING:  # pragma: no cover
-    from torch import nn
 
 # The implementations (see the module docstring).
 REFERENCE = "reference"
@@ -156,11 +152,12 @@ def _triton_usable(op: str, x: Tensor) -> tuple[bool, str]:
         return False, f"no Triton kernel for {op} exists yet (kernels/{op}.py)"
     return True, ""
 
-def eval_fast_path(module: "nn.Module", x: Tensor) -> bool:
+def eval_fast_path(x: Tensor, training: bool) -> bool:
     """Whether the folded eval-mode compositions apply: RTSED_KERNELS=auto, a CPU tensor of a
-    fast dtype, the module in eval mode. Unlike ``cpu_fast_path`` this holds during ONNX export:
-    the folded compositions have no loops, and the exported graphs should be the fast ones."""
-    return _eval_fast(x, module.training)
+    fast dtype, the layer in eval mode (``training`` False). Unlike ``cpu_fast_path`` this holds
+    during ONNX export: the folded compositions have no loops, and the exported graphs should be
+    the fast ones."""
+    return _eval_fast(x, training)
 
 
 def _eval_fast(x: Tensor, training: bool) -> bool:
@@ -264,7 +261,7 @@ def frequency_block(block, x: Tensor) -> str:
     (DWS blocks in training), else reference."""
     if block.separable and backend_for("dws_block", x) == "triton":
         return TRITON
-    if eval_fast_path(block, x):
+    if eval_fast_path(x, block.training):
         if native_block_applies(block, x):
             return NATIVE
         return FOLDED_EXPORT if torch.jit.is_tracing() else FOLDED

@@ -175,7 +175,7 @@ class StepGraph(nn.Module):
             window, new_ring, dilation = self._dil_window(new, position, temporal_state)
             new_states.append(new_ring)
             y = F.conv2d(window, t.conv.weight, t.conv.bias, stride=(1, t.stride), dilation=dilation)
-            if eval_fast_path(t, y):  # BN folded into the classifier, as ModelStream does
+            if eval_fast_path(y, t.training):  # BN folded into the classifier, as ModelStream does
                 # (B, n_classes, n, 1) taken to (B, n, n_classes) as a permute that onnxruntime
                 # folds into the Conv's output reorder (no Squeeze/Transpose nodes).
                 logits = t.classifier_conv(y, self.model.classifier)
