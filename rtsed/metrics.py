@@ -54,6 +54,7 @@ __all__ = [
     "psds",
     "psds1",
     "psds2",
+    "merge_overlaps",
 ]
 
 _INSTALL_HINT = (
@@ -612,7 +613,7 @@ def psds(
     else:
         for f, evs in _by_file(ground_truth, labels, "ground_truth").items():
             gt.setdefault(f, []).extend((e.onset_s, e.offset_s, e.event_label) for e in evs)
-    gt, n_merged = _merge_overlaps(gt)
+    gt, n_merged = merge_overlaps(gt)
     missing = sorted(set(gt) - set(dataframes))
     if missing:
         raise ValueError(f"psds: ground truth for files without scores: {missing[:5]}")
@@ -637,7 +638,7 @@ def psds(
     )
 
 
-def _merge_overlaps(
+def merge_overlaps(
     gt: dict[str, list[tuple[float, float, str]]]
 ) -> tuple[dict[str, list[tuple[float, float, str]]], int]:
     """Union of overlapping or touching same-class events per file -> (ground truth, number of

@@ -23,12 +23,11 @@ from typing import Any
 
 import torch
 
+from rtsed.cli.detect import AUDIO_SUFFIXES  # the files rtsed.detect reads
 from rtsed.models.checkpoint import Checkpoint
 from rtsed.serve.decode import decode_offline
 from rtsed.serve.detector import Detector
 from train.inference import InMemoryFeatures, file_logits
-
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".aifc", ".au", ".mp3", ".opus"}
 
 
 class FalseAlarmError(ValueError):

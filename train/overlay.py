@@ -20,17 +20,18 @@ The output is a train.synth folder (``<split>/audio``, ``<split>/annotations.tsv
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import soxr
 
+from rtsed.audio.files import AudioFileError, read_audio
+from rtsed.metrics import merge_overlaps
 from train.annotations import Event, read_dcase_tsv, write_dcase_tsv
-from train.mixing import audible_segments
+from train.mixing import MixError, audible_segments
+from train.pools import load_world
 
 LABEL_DB = 30.0  # train.mixing's audible-extent rule
 MIN_GAP_S = 0.3  # pauses shorter than this stay inside one speech event
@@ -41,25 +42,20 @@ class OverlayError(ValueError):
 
 
 def _world_files(root: Path) -> dict[str, list[tuple[Path, str]]]:
-    """{category: [(path, row's licence and attribution)]} from root/meta.csv."""
-    meta = root / "meta.csv"
-    if not meta.is_file():
-        raise OverlayError(f"--world {root}: no meta.csv (filename, category columns) in it")
+    """{category: [(path, its licence and attribution)]} of a world folder (train.pools' reader)."""
+    if not (root / "meta.csv").is_file():
+        raise OverlayError(f"--world {root}: no meta.csv (filename, category, source, group columns) in it")
+    try:
+        clips = load_world([str(root)])
+    except MixError as exc:
+        raise OverlayError(f"--world {root}: {exc}") from None
     out: dict[str, list[tuple[Path, str]]] = {}
-    with meta.open(newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            credit = "; ".join(x for x in (row.get("license", ""), row.get("attribution", "")) if x)
-            out.setdefault(row.get("category", ""), []).append((root / row["filename"], credit))
+    for clip in clips:
+        out.setdefault(clip.label, []).append((clip.path, "; ".join(x for x in (clip.license, clip.author) if x)))
     for category in ("speech", "music"):
         if not out.get(category):
             raise OverlayError(f"--world {root}: meta.csv lists no {category} files")
     return out
-
-
-def _read(path: Path, rate: int) -> np.ndarray:
-    x, sr = sf.read(path, dtype="float64", always_2d=True)
-    x = x.mean(axis=1)
-    return soxr.resample(x, sr, rate) if sr != rate else x
 
 
 def _rms_db(x: np.ndarray) -> float:
@@ -90,7 +86,7 @@ def overlay_scene(scene: np.ndarray, events: list[Event], rate: int, world: dict
         pos = 0
         while pos < length:
             path, credit = world["music"][int(rng.integers(len(world["music"])))]
-            x = _read(path, rate)
+            x = read_audio(path, rate).astype(np.float64)
             if x.size > length - pos:  # a random excerpt of a long track
                 a = int(rng.integers(0, x.size - (length - pos) + 1))
                 x = x[a:a + length - pos]
@@ -106,7 +102,7 @@ def overlay_scene(scene: np.ndarray, events: list[Event], rate: int, world: dict
             added.append(("music", start / rate, (start + length) / rate))
     for _ in range(int(rng.poisson(speech_per_minute * n / rate / 60))):
         path, credit = world["speech"][int(rng.integers(len(world["speech"])))]
-        x = _read(path, rate)[:n]
+        x = read_audio(path, rate).astype(np.float64)[:n]
         segments = audible_segments(x, rate, LABEL_DB, MIN_GAP_S)
         if not segments:
             continue
@@ -116,22 +112,6 @@ def overlay_scene(scene: np.ndarray, events: list[Event], rate: int, world: dict
         added += [("speech", (start + a) / rate, (start + b) / rate) for a, b in segments]
         used.append((str(path), credit))
     return out, added
-
-
-def _merge(spans: list[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
-    """Union of overlapping spans of one label (two utterances may overlap)."""
-    out: list[tuple[str, float, float]] = []
-    for label in sorted({s[0] for s in spans}):
-        cur = None
-        for _, a, b in sorted(s for s in spans if s[0] == label):
-            if cur is not None and a <= cur[2]:
-                cur = (label, cur[1], max(cur[2], b))
-            else:
-                if cur is not None:
-                    out.append(cur)
-                cur = (label, a, b)
-        out.append(cur)
-    return out
 
 
 def overlay(scenes: Path, split: str, world_root: Path, out: Path, seed: int = 7, music_p: float = 0.6,
@@ -167,7 +147,8 @@ def overlay(scenes: Path, split: str, world_root: Path, out: Path, seed: int = 7
             mixed *= 0.99 / peak
         sf.write(out / split / "audio" / path.name, mixed, rate, subtype=info.subtype)
         rows += events
-        rows += [Event(path.name, a, b, label) for label, a, b in _merge(added)]
+        merged, _ = merge_overlaps({path.name: [(a, b, label) for label, a, b in added]})
+        rows += [Event(path.name, a, b, label) for a, b, label in merged[path.name]]
     write_dcase_tsv(out / split / "annotations.tsv", rows, [p.name for p in files])
     source_manifest = scenes / "manifest.json"
     labels = json.loads(source_manifest.read_text()).get("labels", []) if source_manifest.is_file() else \
@@ -207,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = overlay(a.scenes, a.split, a.world, a.out, a.seed, a.music_p, music_db=a.music_db,
                            speech_per_minute=a.speech_per_minute, speech_db=a.speech_db)
-    except (OverlayError, OSError) as exc:
+    except (OverlayError, AudioFileError, OSError) as exc:
         print(f"train.overlay: error: {exc}", file=sys.stderr)
         return 2
     print(f"{a.split}: {len(list((a.out / a.split / 'audio').iterdir()))} scenes over speech and music from "

@@ -36,7 +36,7 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 
 from rtsed.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from rtsed.config import DecoderConfig
-from rtsed.serve.decode import decode_offline
+from rtsed.serve.decode import decode_offline, seconds_to_frames
 
 ON_GRID = tuple(round(x, 2) for x in np.arange(0.10, 0.91, 0.05))
 OFF_DROPS = (0.0, 0.1, 0.2, 0.3)  # off = on - drop (hysteresis width)
@@ -91,12 +91,6 @@ def decode_smoothed(s: np.ndarray, delay_frames: int, on: float, off: float, min
         offset = n if b == n else b - delay_frames
         out.append((onset, offset))
     return out
-
-
-def _frames(seconds: float, hop_s: float) -> int:
-    """The decoder's seconds -> frames rule (ceil, tolerant of float noise)."""
-    x = seconds / hop_s
-    return round(x) if abs(x - round(x)) < 1e-6 else int(np.ceil(x))
 
 
 # ------------------------------------------------------------------------------------- scoring
@@ -183,8 +177,8 @@ def tune_class(probs: Sequence[np.ndarray], target: ClassTarget, hop_s: float, o
     search starts from (0.5, 0.5, no smoothing) at the first value of each duration grid."""
     def evaluate(k: int, smoothed: list[np.ndarray], on: float, off: float, min_event_s: float,
                  min_gap_s: float) -> float:
-        cells = [decode_smoothed(s, (k - 1) // 2, on, off, max(1, _frames(min_event_s, hop_s)),
-                                 _frames(min_gap_s, hop_s)) for s in smoothed]
+        cells = [decode_smoothed(s, (k - 1) // 2, on, off, max(1, seconds_to_frames(min_event_s, hop_s)),
+                                 seconds_to_frames(min_gap_s, hop_s)) for s in smoothed]
         return score(cells, target, hop_s, objective)
 
     start_event_s, start_gap_s = min_event_grid_s[0], min_gap_grid_s[0]

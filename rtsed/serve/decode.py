@@ -94,7 +94,7 @@ class OnsetNotice:
         return asdict(self)
 
 
-def _frames(seconds: float, hop_s: float) -> int:
+def seconds_to_frames(seconds: float, hop_s: float) -> int:
     """ceil(seconds / hop_s), forgiving float noise (0.1 / 0.02 = 5.000000000000001 -> 5)."""
     x = seconds / hop_s
     r = round(x)
@@ -171,9 +171,9 @@ class EventDecoder:
                                   for k in sorted(set(self.smoothing_frames)) if k > 1]
         self._history_frames = max(self.smoothing_frames) - 1
         self.delay_frames = [(k - 1) // 2 if compensate_delay else 0 for k in self.smoothing_frames]
-        self.min_event_frames = [max(1, _frames(s, self.hop_s)) for s in min_event]
+        self.min_event_frames = [max(1, seconds_to_frames(s, self.hop_s)) for s in min_event]
         # A gap of g frames merges when g < merge_below; an ended event is held back that long.
-        self.merge_below = [_frames(s, self.hop_s) for s in min_gap]
+        self.merge_below = [seconds_to_frames(s, self.hop_s) for s in min_gap]
         self._hold = [max(1, m) for m in self.merge_below]
         self.reset()
 
