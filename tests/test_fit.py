@@ -248,8 +248,10 @@ def test_fit_end_to_end_default_allocator(tmp_path, one_thread):
     assert ckpt.model(torch.zeros(1, 50, 40)).shape == (1, 50, 2)
     meta = ckpt.metadata
     assert meta["epoch"] in (1, 2) and len(meta["history"]) == meta["epoch"]
-    # best.pt is the epoch of the best validation event F1 (ties: the lower validation loss).
-    assert meta["select"] == "event_f1"
+    # best.pt is the epoch of the best validation event F1 of the decoder tuned on that epoch's
+    # validation probabilities (ties: the lower validation loss), and carries that decoder.
+    assert meta["select"] == "tuned_event_f1"
+    assert len(ckpt.config.decoder.on_thresholds) == len(LABELS)
     last_history = torch.load(out / "last.pt", weights_only=True)["progress"]["history"]
     best = max(last_history, key=lambda r: (r["val_event_f1"], -r["val_loss"]))
     assert meta["epoch"] == best["epoch"] and meta["val_event_f1"] == pytest.approx(best["val_event_f1"])

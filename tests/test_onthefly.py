@@ -201,7 +201,7 @@ def test_fit_on_the_fly_end_to_end_and_resume_is_exact(pools, val_scenes, tmp_pa
     ckpt = load_checkpoint(tmp_path / "full" / "best.pt")
     assert ckpt.config.labels == ("beep", "hiss", "speech", "music")
     meta = ckpt.metadata
-    assert meta["select"] == "event_f1" and meta["onthefly"]["mix"]["scene_s"] == pytest.approx(
+    assert meta["select"] == "tuned_event_f1" and meta["onthefly"]["mix"]["scene_s"] == pytest.approx(
         scene_seconds(FrontendConfig.for_rate(RATE), FRAMES))
     assert MixConfig.from_dict(meta["onthefly"]["mix"]).augment == AugmentConfig(rooms=2)
     history = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["progress"]["history"]
@@ -257,13 +257,43 @@ def test_validation_scores_what_users_see():
 
     files = [("a.wav", np.zeros((200, 40), np.float32))]
     right = [("a.wav", 1.0, 2.0, "beep")]
-    scores = fit.validate_events(Oracle(), files, right, labels, hop, DecoderConfig(), torch.device("cpu"), psds=True)
-    assert scores["val_event_f1"] == pytest.approx(1.0) and scores["val_psds1"] > 0.5
+    scores, used = fit.validate_events(Oracle(), files, right, labels, hop, DecoderConfig(), torch.device("cpu"),
+                                       psds=True)
+    assert scores["val_event_f1"] == pytest.approx(1.0) and scores["val_psds1"] > 0.5 and used == DecoderConfig()
     wrong = [("a.wav", 3.0, 3.5, "beep")]
-    scores = fit.validate_events(Oracle(), files, wrong, labels, hop, DecoderConfig(), torch.device("cpu"))
+    scores, _ = fit.validate_events(Oracle(), files, wrong, labels, hop, DecoderConfig(), torch.device("cpu"))
     assert scores["val_event_f1"] == 0.0 and "val_psds1" not in scores
     assert fit.selection_score("loss", {"val_loss": 0.3}) == -0.3
     assert fit.selection_score("event_f1", {"val_event_f1": 0.4, "val_loss": 9.0}) == 0.4
+    assert fit.selection_score("tuned_event_f1", {"val_event_f1": 0.4, "val_loss": 9.0}) == 0.4
+
+
+def test_validation_can_tune_the_decoder_it_scores():
+    """With tune_smoothing_s, validation scores the events of the decoder train.tune chooses on
+    the same probabilities: a weak model whose probabilities never reach 0.5 scores 0 with the
+    default decoder and 1 with the tuned one, and the tuned decoder comes back (to be saved)."""
+    import train.fit as fit
+    from rtsed.config import DecoderConfig
+
+    hop = 0.02
+    labels = ("beep", "hiss")
+
+    class Timid(torch.nn.Module):  # p = 0.3 inside [1 s, 2 s) and [4 s, 4.5 s) for beep, 0.05 elsewhere
+        def forward(self, x):
+            t = torch.arange(x.shape[1])[None, :, None] * hop
+            beep = (((t >= 1.0) & (t < 2.0)) | ((t >= 4.0) & (t < 4.5))).float()
+            p = torch.cat([0.05 + 0.25 * beep, torch.full_like(beep, 0.05)], dim=2)
+            return torch.log(p / (1 - p))
+
+    files = [("a.wav", np.zeros((300, 40), np.float32))]
+    refs = [("a.wav", 1.0, 2.0, "beep"), ("a.wav", 4.0, 4.5, "beep")]
+    plain, used = fit.validate_events(Timid(), files, refs, labels, hop, DecoderConfig(), torch.device("cpu"))
+    assert plain["val_event_f1"] == 0.0 and used == DecoderConfig()
+    tuned, decoder = fit.validate_events(Timid(), files, refs, labels, hop, DecoderConfig(), torch.device("cpu"),
+                                         tune_smoothing_s=0.3)
+    assert tuned["val_event_f1"] == pytest.approx(1.0)
+    assert 0.05 < decoder.on_thresholds[0] <= 0.3 and decoder.on_thresholds[1] == 0.5  # hiss has no events
+    assert max(decoder.per_class("smoothing_frames", len(labels))) <= 31  # a 0.3 s delay: (31 - 1) / 2 frames
 
 
 def test_synth_cli_writes_world_scenes_like_training(pools, tmp_path, capsys):

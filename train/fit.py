@@ -3,8 +3,9 @@
 Defaults are the paper's recipe (docs/reference.md): BCE with logits, Adam lr 1e-3 (default betas,
 no weight decay, no schedule), batch 16 sequences of 1024 frames, at most 300 epochs, stop after
 30 epochs without improvement; except that the weights kept are those of the best validation
-event F1 of the events a user gets (the checkpoint's decoder; ``--select psds1|loss`` for PSDS1 or
-the paper's lowest validation loss).
+event F1 of the events a user gets, decoded by the per-class decoder train.tune chooses on the
+validation probabilities of that epoch (saved in best.pt; ``--select event_f1`` decodes with the
+untuned 0.5 decoder instead, ``psds1|loss`` select by PSDS1 or the paper's lowest validation loss).
 
     python -m train.fit --model dnd_7_10 --data scenes/ --out runs/dnd_7_10
     python -m train.fit --model dnd_7_10 --data scenes/ --out runs/dnd_7_10 --resume
@@ -52,13 +53,14 @@ from rtsed.metrics import frame_scores
 from rtsed.models.model import SEDModel, count_parameters
 from rtsed.backends.precision import PRECISIONS, cpu_has_bf16_gemm
 from rtsed.serve.decode import decode_offline
-from train.annotations import AnnotationError
+from train.annotations import AnnotationError, Event, events_to_frame_targets
 from train.data_sources import open_dataset
 from train.datasets import DatasetError
 from train.features import SEQUENCE_FRAMES, FeatureCache, SequenceDataset, load_split, normalization_stats
 from train.mixing import MixError
+from train.tune import default_max_smoothing_s, tune_decoder
 
-SELECTIONS = ("event_f1", "psds1", "loss")
+SELECTIONS = ("tuned_event_f1", "event_f1", "psds1", "loss")
 COLLAR_S = 0.2  # event F1 as DESIGN.md defines it: onset collar 200 ms, offset max(200 ms, 20 %)
 OFFSET_FRACTION = 0.2
 
@@ -77,7 +79,7 @@ class Recipe:
     sequence_frames: int = SEQUENCE_FRAMES
     save_every_s: float = 300.0
     precision: str = "fp32"  # "bf16": the forward under CPU autocast (PRECISIONS)
-    select: str = "event_f1"  # what best.pt maximises on validation (SELECTIONS)
+    select: str = "tuned_event_f1"  # what best.pt maximises on validation (SELECTIONS)
     steps_per_epoch: int = 50  # on-the-fly training: batches of fresh scenes per epoch
     workers: int = 1  # on-the-fly training: DataLoader worker processes mixing scenes
 
@@ -189,22 +191,43 @@ def validate(model: SEDModel, data: SequenceDataset, batch_size: int, device: to
     return {"val_loss": loss_sum / max(weight, 1.0), "val_f1": scores.f1, "val_er": scores.error_rate}
 
 
+@dataclass(frozen=True)
+class TuningFile:
+    """One validation file as the decoder search reads it: probabilities and frame targets (T, C),
+    reference events."""
+
+    probs: np.ndarray
+    targets: np.ndarray
+    events: tuple[Event, ...]
+
+
 @torch.no_grad()
 def validate_events(model: SEDModel, files: list, references: list[tuple[str, float, float, str]],
                     labels: tuple[str, ...], hop_s: float, decoder: DecoderConfig, device: torch.device,
-                    psds: bool = False) -> dict[str, float]:
+                    psds: bool = False, tune_smoothing_s: float | None = None) -> tuple[dict[str, float], DecoderConfig]:
     """What a user sees, on whole validation files: each file's normalised features (T, F) through
-    the model in one pass, the checkpoint's decoder (rtsed.decode: the events rtsed.detect and
-    rtsed.live report), sed_eval event F1 (DESIGN.md: onset collar 200 ms, offset collar
-    max(200 ms, 20 % of the event)); with ``psds``, PSDS1 on the raw probabilities (sed_scores_eval,
-    over the classes that have reference events). files: [(key, x (T, F) float32)]."""
+    the model in one pass, a decoder (rtsed.decode: the events rtsed.detect and rtsed.live report),
+    sed_eval event F1 (DESIGN.md: onset collar 200 ms, offset collar max(200 ms, 20 % of the
+    event)); with ``psds``, PSDS1 on the raw probabilities (sed_scores_eval, over the classes that
+    have reference events). files: [(key, x (T, F) float32)].
+
+    The decoder is ``decoder`` or, with ``tune_smoothing_s`` (the largest smoother delay, s), the one
+    train.tune chooses per class on these probabilities (one coordinate-descent round): an untrained
+    decoder at 0.5 scores near 0 for many epochs whatever the model learns, so selecting by it is
+    noise. Returns the scores and the decoder used."""
     from rtsed.metrics import event_scores, psds1
 
     model.eval()
     probs, estimated = {}, []
     for key, x in files:
-        p = torch.sigmoid(model(torch.from_numpy(x)[None].to(device))[0]).float().cpu().numpy()
-        probs[key] = p
+        probs[key] = torch.sigmoid(model(torch.from_numpy(x)[None].to(device))[0]).float().cpu().numpy()
+    if tune_smoothing_s is not None:
+        tuning = []
+        for key, p in probs.items():
+            events = tuple(Event(f, a, b, c) for f, a, b, c in references if f == key)
+            tuning.append(TuningFile(p, events_to_frame_targets(events, p.shape[0], hop_s, labels), events))
+        decoder, _ = tune_decoder(tuning, hop_s, labels, max_smoothing_s=tune_smoothing_s, rounds=1)
+    for key, p in probs.items():
         estimated += [(key, e.onset_s, e.offset_s, e.label) for e in decode_offline(p, labels, hop_s, decoder)]
     out = {"val_event_f1": event_scores(references, estimated, labels, collar_s=COLLAR_S, evaluate_offset=True,
                                         offset_fraction=OFFSET_FRACTION).f1}
@@ -221,12 +244,13 @@ def validate_events(model: SEDModel, files: list, references: list[tuple[str, fl
         out["val_psds1"] = value
     for k, v in out.items():
         out[k] = 0.0 if not math.isfinite(v) else float(v)  # no events at all: sed_eval gives nan
-    return out
+    return out, decoder
 
 
 def selection_score(select: str, scores: dict[str, float]) -> float:
     """Higher is better: event F1, PSDS1, or minus the validation loss."""
-    return {"event_f1": lambda: scores["val_event_f1"], "psds1": lambda: scores["val_psds1"],
+    return {"tuned_event_f1": lambda: scores["val_event_f1"], "event_f1": lambda: scores["val_event_f1"],
+            "psds1": lambda: scores["val_psds1"],
             "loss": lambda: -scores["val_loss"]}[select]()
 
 
@@ -394,8 +418,10 @@ def run(args: argparse.Namespace) -> Path | None:
         stop = torch.zeros(1)
         if ddp.main:
             scores = validate(model, val_data, recipe.batch_size, device)
-            scores.update(validate_events(model, val_whole, val_refs, tuple(labels), frontend.hop_s,
-                                          config.decoder, device, psds))
+            event_scores_, decoder = validate_events(
+                model, val_whole, val_refs, tuple(labels), frontend.hop_s, config.decoder, device, psds,
+                default_max_smoothing_s(model_config.lookahead_frames) if recipe.select == "tuned_event_f1" else None)
+            scores.update(event_scores_)
             seconds = time.perf_counter() - started
             score = selection_score(recipe.select, scores)
             improved = score > progress.best_score or (score == progress.best_score
@@ -408,7 +434,7 @@ def run(args: argparse.Namespace) -> Path | None:
             if improved:
                 progress.best_val_loss, progress.best_score = scores["val_loss"], score
                 progress.best_epoch, progress.bad_epochs = epoch + 1, 0
-                save_checkpoint(best_path, model, config,
+                save_checkpoint(best_path, model, config.replace(decoder=decoder),
                                 metadata=run_metadata(args, recipe, progress, dataset, onthefly_meta))
             else:
                 progress.bad_epochs += 1

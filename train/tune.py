@@ -220,11 +220,19 @@ def class_target(outputs, c: int, label: str) -> ClassTarget:
     return ClassTarget(events, frames)
 
 
+def default_max_smoothing_s(lookahead_frames: int) -> float:
+    """The largest smoother delay tuning may choose (s): 0.1 s for a causal model (lookahead 0),
+    whose point is a short latency, else 0.3 s."""
+    return 0.1 if lookahead_frames == 0 else 0.3
+
+
 def tune_decoder(outputs, hop_s: float, labels: Sequence[str], objective: str = "event_f1",
                  max_smoothing_s: float = 0.3, min_event_s: float | None = None,
-                 min_gap_s: float | None = None) -> tuple[DecoderConfig, list[dict]]:
-    """Per-class decoder settings chosen on ``outputs`` (train.evaluate.predict's FileOutputs).
-    ``min_event_s`` / ``min_gap_s`` fix that duration for every class instead of searching it.
+                 min_gap_s: float | None = None, rounds: int = 2) -> tuple[DecoderConfig, list[dict]]:
+    """Per-class decoder settings chosen on ``outputs`` (train.evaluate.predict's FileOutputs, or
+    anything with ``probs`` (T, C), ``targets`` (T, C) and ``events``).
+    ``min_event_s`` / ``min_gap_s`` fix that duration for every class instead of searching it;
+    ``rounds`` bounds the coordinate-descent passes (fewer: faster, at most as good).
     A class without reference events keeps the defaults (0.5, no smoothing, the fixed or zero
     durations): there is nothing to tune it on. Returns the config and one row per class."""
     if objective not in OBJECTIVES:
@@ -238,7 +246,7 @@ def tune_decoder(outputs, hop_s: float, labels: Sequence[str], objective: str = 
         durations = {"min_event_grid_s": MIN_EVENT_GRID_S if min_event_s is None else (min_event_s,),
                      "min_gap_grid_s": MIN_GAP_GRID_S if min_gap_s is None else (min_gap_s,)}
         default = tune_class(probs, target, hop_s, objective, smoothing_grid=(1,), rounds=0, **durations)
-        best = tune_class(probs, target, hop_s, objective, grid, **durations) if target.n_events else default
+        best = tune_class(probs, target, hop_s, objective, grid, rounds, **durations) if target.n_events else default
         chosen.append(best)
         table.append({"class": c, "label": label, "smoothing_frames": best.smoothing_frames, "on": best.on,
                       "off": best.off, "min_event_s": best.min_event_s, "min_gap_s": best.min_gap_s,
@@ -288,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.tune: {exc}", file=sys.stderr)
         return 2
     if args.max_smoothing_s is None:
-        args.max_smoothing_s = 0.1 if ckpt.config.model.lookahead_frames == 0 else 0.3
+        args.max_smoothing_s = default_max_smoothing_s(ckpt.config.model.lookahead_frames)
     dataset = open_dataset(args)
     outputs = predict(ckpt, dataset.split(args.split), cache_dir=args.cache_dir)
     labels = ckpt.config.labels
