@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from rtsed.config import DecoderConfig
@@ -130,6 +130,7 @@ def _event_lists(draw):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_event_lists())
+@example((np.array([[1.0, 2.0]]), np.array([[1.0, 2.2]]), True))  # offset on the collar's edge: 2.2 - 2.0 > 0.2
 def test_event_matching_equals_sed_eval(case):
     sed_eval = pytest.importorskip("sed_eval")
     ref, est, with_offset = case

@@ -101,16 +101,17 @@ def event_matches(ref: np.ndarray, est: np.ndarray, collar_s: float = COLLAR_S,
     """Most (reference, estimate) pairs of one class that sed_eval's event-based metric counts as
     hits, each event used once (its optimal matching): onsets within ``collar_s`` and, unless
     ``offset_fraction`` is None (onset only), offsets within max(collar_s, offset_fraction x the
-    reference's length). ref, est: (n, 2) onset and offset times in seconds."""
+    reference's length). ref, est: (n, 2) onset and offset times in seconds. The comparisons are
+    sed_eval's own, in float64 without any tolerance, so an estimate that lands on a collar's edge
+    by rounding (2.2 - 2.0 > 0.2) is a miss here exactly when sed_eval calls it one."""
     ref = np.asarray(ref, float).reshape(-1, 2)
     est = np.asarray(est, float).reshape(-1, 2)
     if ref.size == 0 or est.size == 0:
         return 0
-    eps = 1e-9
-    ok = np.abs(ref[:, None, 0] - est[None, :, 0]) <= collar_s + eps
+    ok = np.abs(ref[:, None, 0] - est[None, :, 0]) <= collar_s
     if offset_fraction is not None:
         tolerance = np.maximum(collar_s, offset_fraction * (ref[:, 1] - ref[:, 0]))
-        ok &= np.abs(ref[:, None, 1] - est[None, :, 1]) <= tolerance[:, None] + eps
+        ok &= np.abs(ref[:, None, 1] - est[None, :, 1]) <= tolerance[:, None]
     if not ok.any():
         return 0
     match = maximum_bipartite_matching(csr_matrix(ok), perm_type="column")
