@@ -155,9 +155,8 @@ def dws_block_step(x: Tensor, history: Tensor, dw_weight: Tensor, dw_bias: Tenso
     the frames before them -> (B, C, n, F // P), the block on cat(history, x); history advances
     in place to that window's last K - 1 frames. The native kernels read history and x where
     they lie; the other implementations run on their concatenation."""
-    kernel = dw_weight.shape[-1]
-    how = dispatch.frequency_block(x, True, training, kernel, dw_weight.shape[0], pool, dw_weight, dw_bias,
-                                   bn1_weight, bn1_bias, pw_weight, pw_bias, bn2_weight, bn2_bias)
+    how = dispatch.frequency_block(x, True, training, dw_weight.shape[-1], dw_weight.shape[0], pool, dw_weight,
+                                   dw_bias, bn1_weight, bn1_bias, pw_weight, pw_bias, bn2_weight, bn2_bias)
     if how == NATIVE:  # (the window would have x's device, dtype and autograd: one decision serves both)
         return _dws_native(x, history, dw_weight, dw_bias, bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var,
                            pw_weight, pw_bias, bn2_weight, bn2_bias, bn2_running_mean, bn2_running_var, pool, eps,
