@@ -230,8 +230,9 @@ def native_block_applies(x: Tensor, kernel: int, out_channels: int, *params: Ten
     C) on x (B, C_in, T, F): a depthwise (C -> C) or one-input-channel (1 -> C) block with a
     kernel size the native conv is compiled for, where ``native_eval`` allows native inference
     (``params``: the block's tensors autograd may record through)."""
-    # native_eval first: it is False while traced, where x's shape is traced too.
-    return kernel in eval_block.KERNELS and native_eval(x, *params) and x.shape[1] in (1, out_channels)
+    # native_eval first: it is False while traced, where the shapes (x's, and the weight's that
+    # ``kernel`` was read from) are traced values too.
+    return native_eval(x, *params) and kernel in eval_block.KERNELS and x.shape[1] in (1, out_channels)
 
 
 def cpu_block_applies(x: Tensor, kernel: int, pool: int, training: bool) -> bool:

@@ -121,9 +121,10 @@ class FrequencyBlock(nn.Module):
     def _check_structure(self) -> None:
         """Raise ValueError where the block's modules differ from the structure its op computes
         (rtsed.ops.block: K x K convs of stride and dilation 1, frequency zero-padded by K // 2,
-        with biases; affine BatchNorms; a (1, P) max-pool of stride (1, P), floor). Run at the
-        block's first call: the ops take tensors and numbers, so they could not honour a module
-        changed after it was built."""
+        with biases; affine BatchNorms; a (1, P) max-pool of stride (1, P), floor): the ops take
+        tensors and numbers, so they could not honour a module changed after it was built. Run
+        once, at the block's first call (per call it would cost a streaming step's time for a
+        structure fixed from then on)."""
         mp = self.pool
         pool_k = mp.kernel_size if isinstance(mp.kernel_size, tuple) else (mp.kernel_size, mp.kernel_size)
         pool_s = mp.stride if isinstance(mp.stride, tuple) else (mp.stride, mp.stride)
