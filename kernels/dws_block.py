@@ -44,9 +44,10 @@ accumulation; every load masked; no atomics, so results are deterministic):
   16 x 1024, and no forward intermediate (recomputing du in the dd kernel instead of storing it
   would trade one full-resolution write for a second C x C GEMM over dp).
 
-Dropout2d stays outside the op: rtsed.ops applies the block's Dropout2d to the pooled output (the
-same RNG draws as the reference path). The layer passes its tensors (rtsed.models.layers.DWSBlock.
-dws_arguments, which checks the structure this op assumes and does BN's bookkeeping).
+Dropout2d stays outside the op: rtsed.ops.block.dws_block applies it to the pooled output (the
+same RNG draws as the reference path), and hands this launcher the layer's tensors
+(rtsed.models.layers.DWSBlock.dws_arguments, which checks the block's structure and does BN's
+bookkeeping).
 
 Limits: x fp32 or fp16 (parameters of any float dtype are read in fp32; the tl.dot operands are in
 x's dtype, so fp16 runs the dots in fp16 with fp32 accumulation); K odd; pool P in [1, min(F, 127)]

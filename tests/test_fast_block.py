@@ -1,7 +1,7 @@
 """rtsed.backends.cpu_block (training-mode DWS block: native fused passes + MKL/oneDNN) and the native
 kernels it runs (rtsed.backends.native, rtsed.backends.native.block), against stock torch.
 
-- The block against its reference composition ``block.post(block.conv_valid_time(x))``: output,
+- The block against its op's stock-torch twin (``block.valid_time_ref(x)``): output,
   every parameter gradient, the input gradient, running statistics and num_batches_tracked, in
   float64 to ~1e-12 (the arithmetic is the reference's, reordered) and float32 under docs/streaming.md's
   parity rule; block-1 shapes (one input channel) and true depthwise ones, K = 3/5/7, pools that
@@ -21,7 +21,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rtsed import ops
 from rtsed.backends import cpu_block, dispatch, native
 from rtsed.backends.dispatch import channels_last_convs
 from rtsed.models.layers import DWSBlock
@@ -46,15 +45,20 @@ def _block_pair(c_in, channels, kernel, pool, dtype, dropout=0.0, gamma_zero=Fal
     return block.train(), copy.deepcopy(block).train()
 
 
+def _cpu_block_applies(block, x):
+    """dispatch's cpu-train check on the block's facts, as rtsed.ops.block asks it."""
+    return dispatch.cpu_block_applies(x, block.kernel, block.pool_size, block.training)
+
+
 def _run(block, x, backend):
     """Forward + backward with a fixed output gradient; returns (out, x.grad, {name: grad})."""
     x = x.detach().clone().requires_grad_(x.shape[1] > 1)
     if backend == "ref":
         with dispatch.forced_backend("ref"):
-            out = ops.frequency_block(block, x)
+            out = block.valid_time(x)
     else:
         with channels_last_convs():
-            out = ops.frequency_block(block, x)
+            out = block.valid_time(x)
     torch.manual_seed(123)
     grad = torch.randn(out.shape, dtype=out.dtype)
     (out * grad).sum().backward()
@@ -75,7 +79,7 @@ GEOMETRIES = [  # (C_in, C, K, P, F): block 1 of dnd, true depthwise, K 3/7, poo
 def test_block_matches_reference_fp64(c_in, channels, kernel, pool, freq, gamma_zero):
     fast, ref = _block_pair(c_in, channels, kernel, pool, torch.float64, gamma_zero=gamma_zero)
     x = torch.randn(3, c_in, 11 + kernel - 1, freq, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    assert dispatch.cpu_block_applies(fast, x)
+    assert _cpu_block_applies(fast, x)
     out, dx, grads = _run(fast, x, "auto")
     out_ref, dx_ref, grads_ref = _run(ref, x, "ref")
     torch.testing.assert_close(out, out_ref, rtol=1e-11, atol=1e-12)
@@ -110,10 +114,10 @@ def test_block_dropout_draws_match_reference():
     x = torch.randn(2, 8, 14, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     torch.manual_seed(7)
     with channels_last_convs():
-        out = ops.frequency_block(fast, x)
+        out = fast.valid_time(x)
     torch.manual_seed(7)
     with dispatch.forced_backend("ref"):
-        out_ref = ops.frequency_block(ref, x)
+        out_ref = ref.valid_time(x)
     assert (out == 0).any()
     torch.testing.assert_close(out, out_ref, rtol=1e-11, atol=1e-12)
 
@@ -124,14 +128,14 @@ def test_block_is_used_for_training_only_and_falls_back_when_disabled(monkeypatc
     calls = []
     train = cpu_block.dws_block_train
     monkeypatch.setattr(cpu_block, "dws_block_train", lambda x, *a, **k: calls.append(1) or train(x, *a, **k))
-    ops.frequency_block(block, x)
+    block.valid_time(x)
     assert calls == [1]
     block.eval()
-    ops.frequency_block(block, x)  # the folded eval path
+    block.valid_time(x)  # the folded eval path
     block.train()
     monkeypatch.setenv("RTSED_NATIVE", "0")
-    assert not dispatch.cpu_block_applies(block, x)
-    ops.frequency_block(block, x)
+    assert not _cpu_block_applies(block, x)
+    block.valid_time(x)
     assert calls == [1]
 
 
@@ -139,7 +143,7 @@ def test_backward_twice_is_a_clear_error():
     block, _ = _block_pair(8, 8, 5, 2, torch.float64)
     x = torch.randn(1, 8, 12, 4, dtype=torch.float64, requires_grad=True)
     with channels_last_convs():
-        out = ops.frequency_block(block, x).sum()
+        out = block.valid_time(x).sum()
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):
         out.backward()
@@ -290,13 +294,13 @@ def test_missing_compiler_warns_once_and_training_falls_back(tmp_path, monkeypat
     x = torch.randn(1, 8, 12, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert not dispatch.cpu_block_applies(block, x)
+        assert not _cpu_block_applies(block, x)
         assert not native.available()
-        out = ops.frequency_block(block, x)
+        out = block.valid_time(x)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "apt-get install g++" in messages[0] and "no-such-compiler" in messages[0]
     with dispatch.forced_backend("ref"):
-        torch.testing.assert_close(out, ops.frequency_block(ref, x))
+        torch.testing.assert_close(out, ref.valid_time(x))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _previous
 
-from rtsed import ops  # noqa: E402
 from rtsed.models.model import build_model  # noqa: E402
 
 PARAMS = ("dw_weight", "dw_bias", "bn1_weight", "bn1_bias", "bn1_running_mean", "bn1_running_var",
@@ -225,18 +224,18 @@ def test_dispatch_in_a_model_eval_and_one_training_step(monkeypatch, channels=6)
             assert torch.equal(s_tri[k], s_ref[k]), k  # num_batches_tracked
 
 
-def test_layer_entry_equals_block_post(monkeypatch):
+def test_layer_entry_equals_the_reference_twin(monkeypatch):
     """The block through rtsed.ops on the kernel (RTSED_KERNELS=triton: the layer's tensors, the
-    launcher, then Dropout2d) == block.post(block.conv_valid_time(x)) in train mode: Dropout2d
+    launcher, then Dropout2d) == block.valid_time_ref(x) in train mode: Dropout2d
     included (same seed), running stats and num_batches_tracked updated alike."""
     monkeypatch.setenv("RTSED_KERNELS", "triton")
     block = _dws_model(8).blocks[1].train()
     twin = copy.deepcopy(block)
     x = torch.randn(2, 8, 7, 8)
     torch.manual_seed(7)
-    ref = twin.post(twin.conv_valid_time(x))
+    ref = twin.valid_time_ref(x)
     torch.manual_seed(7)
-    out = ops.frequency_block(block, x)
+    out = block.valid_time(x)
     assert_parity(out, ref.detach(), "out")
     for name, buf in twin.named_buffers():
         if buf.is_floating_point():

@@ -5,8 +5,8 @@
   the last full vector, channels all in the scalar tail), K = 3 / 5 / 7, one input channel and
   depthwise, a streaming history read in place or none; BN scales of both signs and zero; the
   same bits at 1 and 2 threads.
-- DWSBlock in eval mode through the kernels against its reference composition
-  ``post(conv_valid_time(x))`` and against the torch fast path (RTSED_NATIVE=0), offline and as a
+- DWSBlock in eval mode through the kernels against its op's stock-torch twin
+  (``valid_time_ref``) and against the torch fast path (RTSED_NATIVE=0), offline and as a
   streaming step, and the cases that must fall back (autograd recording, RTSED_NATIVE=0, tracing).
 """
 
@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rtsed import ops
 from rtsed.backends import dispatch
 from rtsed.models.layers import ConvHistory, DWSBlock
 from rtsed.models.model import build_model
@@ -145,6 +144,12 @@ def _eval_block(c_in: int, c_out: int, pool: int, dtype, negative_scales: bool) 
     return block
 
 
+def _native_applies(block: DWSBlock, x: torch.Tensor) -> bool:
+    """dispatch's native check on the block's facts, as rtsed.ops.block asks it."""
+    return dispatch.native_block_applies(x, block.kernel, block.out_channels, block.depthwise.weight,
+                                         block.pointwise.weight)
+
+
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
@@ -160,13 +165,13 @@ def test_block_matches_reference_and_torch_path(native_on, monkeypatch, dtype, n
     real = eval_block.depthwise_conv_leaky
     monkeypatch.setattr(eval_block, "depthwise_conv_leaky", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
-        assert dispatch.native_block_applies(block, x)
-        out = ops.frequency_block(block, x)
+        assert _native_applies(block, x)
+        out = block.valid_time(x)
         assert calls, "the native path did not run"
-        reference = block.post(block.conv_valid_time(x))
+        reference = block.valid_time_ref(x)
         monkeypatch.setenv("RTSED_NATIVE", "0")
-        assert not dispatch.native_block_applies(block, x)
-        torch_path = ops.frequency_block(block, x)
+        assert not _native_applies(block, x)
+        torch_path = block.valid_time(x)
     assert len(calls) == 1
     assert out.shape == reference.shape == (2, c_out, 9, freq // pool)
     torch.testing.assert_close(out, reference, **_tol(dtype))
@@ -193,7 +198,7 @@ def test_streaming_steps_read_the_history_in_place(native_on, monkeypatch, dtype
             outputs.append(block.step(x[:, :, t:t + n], state))
             t += n
         assert len(calls) == 4
-        offline = block.post(block.conv_valid_time(torch.cat([torch.zeros_like(state.frames), x], dim=2)))
+        offline = block.valid_time_ref(torch.cat([torch.zeros_like(state.frames), x], dim=2))
     torch.testing.assert_close(torch.cat(outputs, dim=2), offline, **_tol(dtype))
     assert torch.equal(state.frames, x[:, :, -4:])
 
@@ -202,15 +207,15 @@ def test_torch_path_runs_where_the_kernels_must_not(native_on, monkeypatch):
     block = _eval_block(8, 8, 2, torch.float32, negative_scales=False)
     x = _channels_last(torch.randn(1, 8, 9, 4))
     with torch.enable_grad():
-        assert not dispatch.native_block_applies(block, x)  # autograd records through the weights
-        out = ops.frequency_block(block, x)
+        assert not _native_applies(block, x)  # autograd records through the weights
+        out = block.valid_time(x)
         out.sum().backward()
     assert block.depthwise.weight.grad is not None
     with torch.no_grad():
-        assert not dispatch.native_block_applies(block, x.half())
-        assert dispatch.native_block_applies(block, x)
+        assert not _native_applies(block, x.half())
+        assert _native_applies(block, x)
         monkeypatch.setenv("RTSED_NATIVE", "0")
-        assert not dispatch.native_block_applies(block, x)
+        assert not _native_applies(block, x)
     monkeypatch.setenv("RTSED_NATIVE", "1")
 
     def never(*args, **kwargs):
@@ -220,7 +225,7 @@ def test_torch_path_runs_where_the_kernels_must_not(native_on, monkeypatch):
     monkeypatch.setattr(eval_block, "pool_relu_affine", never)
     with torch.no_grad():
         traced = torch.jit.trace(block, (x,), check_trace=False)
-        torch.testing.assert_close(traced(x), block.post(block.conv_valid_time(block_padded(block, x))),
+        torch.testing.assert_close(traced(x), block.valid_time_ref(block_padded(block, x)),
                                    rtol=RTOL, atol=ATOL)
 
 

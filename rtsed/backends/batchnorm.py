@@ -14,15 +14,21 @@ def bn_arguments(bn: torch.nn.BatchNorm2d) -> dict:
     running statistics (None when not tracked in training), whether batch statistics are used,
     and the exponential-average factor (momentum None: cumulative average over num_batches_tracked,
     which is incremented here in training exactly as the module does)."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-    track = not bn.training or bn.track_running_stats
+    # Each parameter and buffer read once: a module's attribute lookup is slow next to a
+    # streaming step, and this runs once per BatchNorm per step.
+    training, momentum = bn.training, bn.momentum
+    running_mean, running_var = bn.running_mean, bn.running_var
+    factor = 0.0 if momentum is None else momentum
+    if training and bn.track_running_stats:
+        tracked = bn.num_batches_tracked
+        if tracked is not None:
+            tracked.add_(1)
+            factor = 1.0 / float(tracked) if momentum is None else momentum
+    use_batch = training or (running_mean is None and running_var is None)
+    track = not training or bn.track_running_stats
     return dict(bn_weight=bn.weight, bn_bias=bn.bias,
-                bn_running_mean=bn.running_mean if track else None,
-                bn_running_var=bn.running_var if track else None,
+                bn_running_mean=running_mean if track else None,
+                bn_running_var=running_var if track else None,
                 training=use_batch, momentum=factor, eps=bn.eps)
 
 

@@ -9,21 +9,23 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from rtsed.backends import dispatch
 
 
-def conv2d_like_input(x: Tensor, conv: nn.Conv2d, channels_last_weight: Tensor | None = None) -> Tensor:
-    """``conv(x)`` with the weight in x's memory format. oneDNN picks its layout from input and
-    weight together; a one-input-channel weight (256, 1, 5, 5) reads as NCHW unless restrided, and
-    then a channels-last input runs the whole conv in NCHW (docs/fast-paths.md). Same values either way.
-    ``channels_last_weight``: conv.weight already restrided (cached by the caller), else restrided here."""
-    if not dispatch.channels_last(x):
-        return conv(x)  # through the module, so forward hooks (e.g. macs_per_frame's) see it
-    weight = channels_last_weight if channels_last_weight is not None else \
-        conv.weight.to(memory_format=torch.channels_last)
-    return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+def conv2d_like_input(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int], groups: int = 1,
+                      channels_last_weight: Tensor | None = None) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding, groups=groups)`` (stride and dilation 1) with
+    the weight in x's memory format. oneDNN picks its layout from input and weight together; a
+    one-input-channel weight (256, 1, 5, 5) reads as NCHW unless restrided, and then a
+    channels-last input runs the whole conv in NCHW (docs/fast-paths.md). Same values either way.
+    ``channels_last_weight``: the weight already restrided (cached by the caller), else restrided
+    here."""
+    if dispatch.channels_last(x):
+        weight = channels_last_weight if channels_last_weight is not None else \
+            weight.to(memory_format=torch.channels_last)
+    return F.conv2d(x, weight, bias, 1, padding, 1, groups)
 
 
 def _relu_owned(x: Tensor) -> Tensor:

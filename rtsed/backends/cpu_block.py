@@ -6,7 +6,7 @@ The op is ``kernels/dws_block.py``'s (docs/reference.md "Depthwise-separable blo
     d = depthwise(x); a = leaky(d, 0.01); u = BN1(a); p = pointwise(u); r = relu(p)
     z = BN2(r); out = max_pool(z, (1, P))          (batch statistics: training mode)
 
-The reference (``block.post(block.conv_valid_time(x))``) runs each elementwise step as its own
+The reference (rtsed.ops.block.dws_block_ref) runs each elementwise step as its own
 torch kernel, forward and backward, over full-resolution tensors: for block 1 of dnd_7_10 at batch
 16 x 1024 each such pass moves hundreds of MB, and together they were a quarter of a train step
 on a 2-core CPU. Here each is fused into as few passes as possible (channels-last; "rows" are
@@ -33,10 +33,10 @@ backward
 Saved for backward: x, a and p (the reference keeps more), the pooled picks and their int8
 positions. BN statistics are float64 sums of x and x^2 (rtsed.backends.batchnorm.mean_var_from_sums).
 Parity with the reference (values, all gradients, running statistics) is tested in float64 to
-~1e-10 and in float32 (tests/test_fast_block.py). Dropout2d stays outside the op: rtsed.ops
-applies the block's to the output, with the same random draws as the reference path.
-``dws_block_train`` takes tensors, with the arguments of ``kernels.dws_block.dws_block`` (the layer
-hands them over: rtsed.models.layers.DWSBlock.dws_arguments).
+~1e-10 and in float32 (tests/test_fast_block.py). Dropout2d stays outside the op:
+rtsed.ops.block.dws_block applies it to the output, with the same random draws as the reference.
+``dws_block_train`` takes tensors, with the arguments of ``kernels.dws_block.dws_block``, which
+rtsed.ops.block.dws_block hands over as the layer gave them (rtsed.models.layers.DWSBlock.dws_arguments).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Eval-mode CPU paths through rtsed.backends.native's inference kernels (dispatch's "native"):
 the folded DWS block, and f_dil + ReLU + the BN-folded classifier from CNN frames to logits.
-They take folded operands (``DWSBlock.eval_operands``; rtsed.ops.dilated_head packs f_dil's with
-``head_logits_weights``) and compute what the folded torch paths compute.
+They take folded operands (rtsed.ops.folded_block.native_operands for the block; rtsed.ops.head
+packs f_dil's with ``head_logits_weights``) and compute what the folded torch paths compute.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ def dws_block(x: Tensor, operands: tuple[Tensor, ...], kernel: int, pool: int, h
     """The folded DWS block as three passes over channels-last rows: the native K x K conv +
     LeakyReLU (reading history and x in place, then advancing history when asked), the pointwise
     GEMM with the inner BN folded in (oneDNN, ``fused_linear``), and the native ReLU + output-BN
-    affine + max-pool. Same arithmetic as ``FrequencyBlock.folded_valid_time``'s torch path
-    (either sign of the BN scales).
+    affine + max-pool. Same arithmetic as rtsed.ops.folded_block.dws_block_folded (either sign of
+    the BN scales).
 
     x: (B, C_in, T + K - 1, F) -> (B, C_out, T, F // P); or, given ``history`` (B, C_in, H, F), the
     same on cat(history, x) without building it, with ``advance_history`` history advanced in
-    place to the window's last H frames. operands: ``DWSBlock.eval_operands()``."""
+    place to the window's last H frames. operands: (pointwise weight (C, C) and bias (C,) with the
+    inner BN folded in, depthwise taps (K K, C) and bias (C,), the output BN's sign, magnitude
+    and shift, each (C, 1, 1)), as rtsed.ops.block passes them."""
     weight, bias, taps, dw_bias, sign, magnitude, shift = operands
     # (B, C, T, F) -> (B, T, F, C): a view for channels-last (and one-channel) tensors
     frames = x.permute(0, 2, 3, 1).contiguous()

@@ -10,10 +10,11 @@ never ask. The answer depends on:
   asked for by name);
 - ``RTSED_NATIVE`` (0/false/off turns rtsed.backends.native's C++ kernels off) and whether they
   could be built (a C++ compiler with OpenMP);
-- the input's device and dtype, the module's training mode, whether autograd records (the
-  native inference kernels have no backward), whether a graph is being traced for ONNX export
-  (exported graphs must be plain ops, without native calls or time-chunk loops frozen at the
-  traced length), and CPU autocast to bfloat16 (``--precision bf16``: the big GEMMs in bf16).
+- the input's device and dtype, the layer's training mode and shapes (plain facts the op
+  passes: a decision never reads a module), whether autograd records (the native inference
+  kernels have no backward), whether a graph is being traced for ONNX export (exported graphs
+  must be plain ops, without native calls or time-chunk loops frozen at the traced length), and
+  CPU autocast to bfloat16 (``--precision bf16``: the big GEMMs in bf16).
 
 The implementations, by the names the decisions return:
 
@@ -65,7 +66,7 @@ _forced: list[str] = []  # innermost ``forced_backend`` wins over the environmen
 @contextlib.contextmanager
 def forced_backend(name: str):
     """Run a block of code under one backend whatever RTSED_KERNELS says (e.g. "ref" for
-    ``macs_per_frame``, whose forward hooks must see the reference modules)."""
+    ``macs_per_frame``, whose forward hooks must see the modules a reference forward calls)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; one of {BACKENDS}")
     _forced.append(name)
@@ -224,48 +225,41 @@ def gemm(x: Tensor, weight: Tensor, bias: Tensor, onednn: bool) -> str:
 # ------------------------------------------------------------------------------- per-op decisions
 
 
-def native_block_applies(block, x: Tensor) -> bool:
-    """A depthwise (C -> C) or one-input-channel (1 -> C) DWS block with a kernel size that
-    rtsed.backends.native.eval_block takes, where ``native_eval`` allows native inference."""
-    if not block.separable or block.kernel not in eval_block.KERNELS or \
-            block.in_channels not in (1, block.out_channels):
-        return False
-    # The parameters are looked up only when autograd records (module attribute lookups are slow,
-    # and this runs once per block per streaming step).
-    parameters = (block.depthwise.weight, block.pointwise.weight) if torch.is_grad_enabled() else ()
-    return native_eval(x, *parameters)
+def native_block_applies(x: Tensor, kernel: int, out_channels: int, *params: Tensor) -> bool:
+    """Whether rtsed.backends.native.eval_block takes a DWS block (``kernel`` K, ``out_channels``
+    C) on x (B, C_in, T, F): a depthwise (C -> C) or one-input-channel (1 -> C) block with a
+    kernel size the native conv is compiled for, where ``native_eval`` allows native inference
+    (``params``: the block's tensors autograd may record through)."""
+    # native_eval first: it is False while traced, where the shapes (x's, and the weight's that
+    # ``kernel`` was read from) are traced values too.
+    return native_eval(x, *params) and kernel in eval_block.KERNELS and x.shape[1] in (1, out_channels)
 
 
-def cpu_block_applies(block, x: Tensor) -> bool:
-    """Whether rtsed.backends.cpu_block takes this DWS block and input: training mode with both
-    BNs training, the structure that op assumes, float32/float64 CPU input, native kernels built
-    (or buildable)."""
-    dw, pw, mp = block.depthwise, block.pointwise, block.pool
-    k = dw.kernel_size[0]
-    pool_k = mp.kernel_size if isinstance(mp.kernel_size, tuple) else (mp.kernel_size, mp.kernel_size)
-    pool_s = mp.stride if isinstance(mp.stride, tuple) else (mp.stride, mp.stride)
-    return (block.training and block.inner_bn.training and block.bn.training
-            and x.device.type == "cpu" and x.dtype in native.DTYPES and x.dim() == 4
-            and dw.kernel_size == (k, k) and k % 2 == 1 and tuple(dw.stride) == (1, 1)
-            and tuple(dw.dilation) == (1, 1) and tuple(dw.padding) == (0, k // 2) and dw.groups == dw.in_channels
-            and dw.padding_mode == "zeros" and dw.bias is not None and pw.bias is not None
-            and pw.kernel_size == (1, 1) and block.inner_bn.affine and block.bn.affine
-            and pool_k[0] == 1 and tuple(pool_s) == tuple(pool_k) and 1 <= pool_k[1] <= min(x.shape[3], 127)
-            and mp.padding in (0, (0, 0)) and mp.dilation in (1, (1, 1)) and not mp.ceil_mode
-            and x.shape[2] >= k and native.available())
+def cpu_block_applies(x: Tensor, kernel: int, pool: int, training: bool) -> bool:
+    """Whether rtsed.backends.cpu_block takes a DWS block (``kernel`` K, max-pool (1, ``pool``))
+    on time-padded x (B, C_in, T + K - 1, F): training mode (``training``: both BatchNorms on
+    batch statistics), an odd K, a pool of at most F and 127 (its argmax is an int8), at least K
+    input frames, float32/float64 CPU input, native kernels built (or buildable). The layer
+    vouches for the rest of the structure (rtsed.models.layers.DWSBlock)."""
+    return (training and x.device.type == "cpu" and x.dtype in native.DTYPES and x.dim() == 4
+            and kernel % 2 == 1 and 1 <= pool <= min(x.shape[3], 127) and x.shape[2] >= kernel
+            and native.available())
 
 
-def frequency_block(block, x: Tensor) -> str:
-    """A CNN block (f_cnn or f_dws) on time-padded input x (B, C_in, T + K - 1, F):
+def frequency_block(x: Tensor, separable: bool, training: bool, kernel: int, out_channels: int, pool: int,
+                    *params: Tensor) -> str:
+    """A CNN block on time-padded input x (B, C_in, T + K - 1, F): ``separable`` (f_dws) or not
+    (f_cnn), ``training`` (BatchNorm on batch statistics, dropout on), its K x K kernel, C_out
+    channels, max-pool (1, ``pool``) and ``params`` (the tensors autograd may record through).
     triton (DWS blocks), native or cpu-folded (eval mode; onnx-folded while traced), cpu-train
     (DWS blocks in training), else reference."""
-    if block.separable and backend_for("dws_block", x) == "triton":
+    if separable and backend_for("dws_block", x) == "triton":
         return TRITON
-    if eval_fast_path(x, block.training):
-        if native_block_applies(block, x):
+    if _eval_fast(x, training):
+        if separable and native_block_applies(x, kernel, out_channels, *params):
             return NATIVE
         return FOLDED_EXPORT if torch.jit.is_tracing() else FOLDED
-    if block.separable and block.training and cpu_fast_path(x) and cpu_block_applies(block, x):
+    if separable and training and cpu_fast_path(x) and cpu_block_applies(x, kernel, pool, training):
         return CPU_TRAIN
     return REFERENCE
 

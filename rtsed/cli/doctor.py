@@ -143,8 +143,12 @@ def _decisions(device: str, mode: str) -> list[tuple[str, str, str]]:
         block_dws, block_cnn, t = dnd.blocks[1], base.blocks[1], dnd.temporal
         x_block = frames(1, 256, 8 if mode != "streaming step" else 4, 8)
         h = frames(1, 256, 16 if mode != "streaming step" else 4, 1)
-        rows.append(("frequency_block (dws)", dispatch.frequency_block(block_dws, x_block), x_block))
-        rows.append(("frequency_block (cnn)", dispatch.frequency_block(block_cnn, x_block), x_block))
+        for name, block, separable, params in (
+                ("frequency_block (dws)", block_dws, True, (block_dws.depthwise.weight, block_dws.pointwise.weight)),
+                ("frequency_block (cnn)", block_cnn, False, (block_cnn.conv.weight,))):
+            impl = dispatch.frequency_block(x_block, separable, block.training, block.kernel, block.out_channels,
+                                            block.pool_size, *params)
+            rows.append((name, impl, x_block))
         if mode == "streaming step":
             rows.append(("dilated_step_logits", dispatch.dilated_step_logits(h, t.training, dnd.classifier.weight, t.conv.weight), h))
         else:

@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rtsed import ops
-from rtsed.ops.fold import cached_fold
 from rtsed.backends.batchnorm import bn_arguments
-from rtsed.backends.cpu import _relu_owned, conv2d_like_input, fused_linear, one_channel_patches
 
 
 # ----------------------------------------------------------------------------------------------
@@ -29,26 +27,10 @@ from rtsed.backends.cpu import _relu_owned, conv2d_like_input, fused_linear, one
 # ----------------------------------------------------------------------------------------------
 
 
-def folded_cache(module: nn.Module, name: str, sources: list[Tensor], compute):
-    """``compute()`` (folded weights), cached on the module while its sources are unchanged
-    (``rtsed.ops.fold.cached_fold`` with the module's own cache: the ops the layer calls are
-    handed the same dict)."""
-    return cached_fold(fold_cache(module), name, sources, compute)
-
-
 def fold_cache(module: nn.Module) -> dict:
-    """The module's cache of folded weights (a plain dict, handed to the ops it calls)."""
+    """The module's cache of folded weights (a plain dict, handed to the ops it calls:
+    rtsed.ops.fold.cached_fold)."""
     return module.__dict__.setdefault("_folded_cache", {})
-
-
-def bn_sources(bn: nn.BatchNorm2d) -> list[Tensor]:
-    return [bn.weight, bn.bias, bn.running_mean, bn.running_var]
-
-
-def bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Eval-mode BatchNorm as a per-channel affine y = scale * x + shift (running statistics)."""
-    return ops.bn_affine(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-
 
 
 @dataclass
@@ -71,90 +53,48 @@ class ConvHistory:
 
 class FrequencyBlock(nn.Module):
     """One CNN block: time-frequency conv (K x K) -> ReLU -> BatchNorm -> max-pool over frequency
-    (1, P) -> Dropout2d. Subclasses define the conv part (``conv_valid_time``); ``valid_time``
-    runs the whole block on time-padded input, and is what a fused kernel replaces.
+    (1, P) -> Dropout2d. Subclasses hold the conv part's modules and run the block through their
+    op in rtsed.ops.block (``valid_time``), on their own tensors; the op picks the implementation.
 
     x: (B, C_in, T, F) -> (B, C_out, T, F // P). Frequency is zero-padded by K // 2 on each side;
     time by ``K - 1 - right_pad`` on the left and ``right_pad`` on the right (K // 2 on each side
     for "same", K - 1 on the left for "causal").
     """
 
-    separable = False  # DWSBlock: depthwise-separable (the ops dispatch on it)
-
-    def __init__(self, c_out: int, kernel: int, pool: int, dropout: float, right_pad: int):
+    def __init__(self, c_in: int, c_out: int, kernel: int, pool: int, dropout: float, right_pad: int):
         super().__init__()
         if not 0 <= right_pad <= kernel - 1:
             raise ValueError(f"right_pad {right_pad} outside [0, {kernel - 1}]")
         self.kernel = kernel
+        self.in_channels = c_in
         self.out_channels = c_out
+        self.pool_size = pool
         self.context_frames = kernel - 1
         self.right_pad = right_pad
         self.bn = nn.BatchNorm2d(c_out)
         self.pool = nn.MaxPool2d(kernel_size=(1, pool), stride=(1, pool))
         self.dropout = nn.Dropout2d(dropout)
-
-    def conv_valid_time(self, x: Tensor) -> Tensor:
-        """(B, C_in, T + K - 1, F) -> (B, C_out, T, F): the convolution part, no time padding."""
-        raise NotImplementedError
-
-    def post(self, y: Tensor) -> Tensor:
-        """ReLU -> BN -> pool -> dropout, per frame (the paper's order: ReLU before BN)."""
-        return self.dropout(self.pool(self.bn(F.relu(y))))
+        self._structure_checked = False
 
     def valid_time(self, x: Tensor, history: Tensor | None = None) -> Tensor:
         """(B, C_in, T + K - 1, F) time-padded input -> (B, C_out, T, F // P): the whole block,
-        through rtsed.ops (reference, folded eval path on CPU, or a fused kernel).
+        through its op in rtsed.ops.block (reference, folded eval path on CPU, native kernels or
+        a fused kernel).
 
         history: None, or a streaming block's state (B, C_in, K - 1, F), the input frames that
         precede x: the block then runs on cat(history, x) and advances history in place to that
         window's last K - 1 frames."""
-        if history is None:
-            return ops.frequency_block(self, x)
-        return ops.frequency_block_step(self, x, history)
-
-    def conv_folded(self, x: Tensor, export: bool = False) -> Tensor:
-        """Eval mode: the conv part with every BN before the output ReLU folded in. Works in x's
-        memory format: channels-last on the CPU, offline and streaming alike (the streaming
-        histories are kept channels-last there too, so a step's window is a plain block copy)."""
         raise NotImplementedError
 
-    def folded_valid_time(self, x: Tensor, export: bool = False) -> Tensor:
-        """Eval-mode fast path, equal to ``post(conv_valid_time(x))`` up to rounding: BNs
-        folded, and the output BN (after ReLU, a per-channel affine y = a r + b) applied after
-        the max-pool, on 1/P of the values: max_p(a r_p + b) = |a| max_p(sign(a) r_p) + b holds
-        for either sign of a. Dropout is off in eval.
+    def valid_time_ref(self, x: Tensor) -> Tensor:
+        """``valid_time`` through the op's stock-torch twin (the reference every fast path is
+        tested against), BatchNorm's bookkeeping as in ``valid_time``."""
+        raise NotImplementedError
 
-        With a >= 0 in every channel (trained models here: the sign path is for the others) the
-        ReLU moves after the pool too, max_p(a relu(y_p) + b) = a relu(max_p y_p) + b, leaving
-        one full-resolution pass (the pool) instead of three. On a channels-last y the pool is a
-        max over groups of P rows of its (B, T, F, C) view. Traced for ONNX, the ReLU stays
-        before the pool (onnxruntime fuses it into the conv) and the affine is a depthwise 1x1
-        Conv (one node instead of Mul and Add): ``export``, rtsed.backends.dispatch's onnx-folded.
-
-        rtsed.backends.cpu_eval.dws_block is the same arithmetic through native kernels."""
-        sign, magnitude, shift, nonnegative = folded_cache(self, "post", bn_sources(self.bn), self._pool_affine)
-        y = self.conv_folded(x, export)
-        if not nonnegative:
-            pooled = F.max_pool2d(F.relu(y) * sign, self.pool.kernel_size, self.pool.stride)
-            return torch.addcmul(shift, pooled, magnitude)
-        if export:
-            pooled = F.max_pool2d(F.relu(y), self.pool.kernel_size, self.pool.stride)
-            return F.conv2d(pooled, magnitude[:, :, :, None], shift.view(-1), groups=magnitude.shape[0])
-        rows = y.permute(0, 2, 3, 1)  # (B, T, F, C)
-        if not rows.is_contiguous():
-            pooled = _relu_owned(F.max_pool2d(y, self.pool.kernel_size, self.pool.stride))
-            return torch.addcmul(shift, pooled, magnitude)
-        p = self.pool.kernel_size[1]
-        f = rows.shape[2] // p * p  # floor: the last F mod P frequencies are dropped
-        pooled = _relu_owned(rows[:, :, :f].unflatten(2, (-1, p)).amax(3))  # (B, T, F // P, C)
-        return torch.addcmul(shift.view(-1), pooled, magnitude.view(-1)).permute(0, 3, 1, 2)
-
-    def _pool_affine(self) -> tuple[Tensor, Tensor, Tensor, bool]:
-        """(sign(a), |a|, b) of the output BN, each (C, 1, 1) to broadcast over (T, F), and
-        whether a >= 0 in every channel."""
-        scale, shift = bn_affine(self.bn)
-        nonnegative = bool((scale >= 0).all())
-        return torch.sign(scale)[:, None, None], scale.abs()[:, None, None], shift[:, None, None], nonnegative
+    def macs_per_frame(self, n_freq: int) -> int:
+        """Multiply-accumulates of the block's convolutions per output frame, for n_freq input
+        frequencies (biases, BN and activations excluded)."""
+        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.pad(x, (0, 0, self.context_frames - self.right_pad, self.right_pad))
@@ -174,112 +114,125 @@ class FrequencyBlock(nn.Module):
         (offline frame t - right_pad for input frame t)."""
         return self.valid_time(x, state.frames)
 
+    def _mode_error(self) -> ValueError:
+        return ValueError(f"{type(self).__name__}'s BatchNorms must be in the block's train/eval mode: its op runs "
+                          "them and its dropout in one mode")
+
+    def _check_structure(self) -> None:
+        """Raise ValueError where the block's modules differ from the structure its op computes
+        (rtsed.ops.block: K x K convs of stride and dilation 1, frequency zero-padded by K // 2,
+        with biases; affine BatchNorms; a (1, P) max-pool of stride (1, P), floor): the ops take
+        tensors and numbers, so they could not honour a module changed after it was built. Run
+        once, at the block's first call (per call it would cost a streaming step's time for a
+        structure fixed from then on)."""
+        mp = self.pool
+        pool_k = mp.kernel_size if isinstance(mp.kernel_size, tuple) else (mp.kernel_size, mp.kernel_size)
+        pool_s = mp.stride if isinstance(mp.stride, tuple) else (mp.stride, mp.stride)
+        if (tuple(pool_k) != (1, self.pool_size) or tuple(pool_s) != tuple(pool_k) or mp.padding not in (0, (0, 0))
+                or mp.dilation not in (1, (1, 1)) or mp.ceil_mode):
+            raise ValueError(f"unsupported pool {mp}: only (1, {self.pool_size}) with stride (1, {self.pool_size})")
+        for bn in self.modules():
+            if isinstance(bn, nn.BatchNorm2d) and not bn.affine:
+                raise ValueError(f"unsupported {bn}: the block's op takes an affine BatchNorm")
+        self._structure_checked = True
+
+    @staticmethod
+    def _check_conv(conv: nn.Conv2d, kernel: tuple[int, int], padding: tuple[int, int], groups: int) -> None:
+        if (tuple(conv.kernel_size) != kernel or tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1)
+                or tuple(conv.padding) != padding or conv.groups != groups or conv.padding_mode != "zeros"
+                or conv.bias is None):
+            raise ValueError(f"unsupported conv {conv}: the block's op takes a {kernel} conv with bias, padding "
+                             f"{padding}, groups {groups}, stride and dilation 1")
+
 
 class ConvBlock(FrequencyBlock):
-    """f_cnn block: Conv2d(C_in -> C_out, K x K, bias) -> ReLU -> BN -> pool -> Dropout2d."""
+    """f_cnn block: Conv2d(C_in -> C_out, K x K, bias) -> ReLU -> BN -> pool -> Dropout2d, through
+    rtsed.ops.block.conv_block."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int, pool: int, dropout: float, right_pad: int):
-        super().__init__(c_out, kernel, pool, dropout, right_pad)
-        self.in_channels = c_in
+        super().__init__(c_in, c_out, kernel, pool, dropout, right_pad)
         self.conv = nn.Conv2d(c_in, c_out, kernel, padding=(0, kernel // 2))
 
-    def conv_valid_time(self, x: Tensor) -> Tensor:
-        return conv2d_like_input(x, self.conv)
+    def valid_time(self, x: Tensor, history: Tensor | None = None) -> Tensor:
+        args, kwargs = self.conv_arguments()
+        if history is None:
+            return ops.conv_block(x, *args, **kwargs, cache=fold_cache(self))
+        return ops.conv_block_step(x, history, *args, **kwargs, cache=fold_cache(self))
 
-    def conv_folded(self, x: Tensor, export: bool = False) -> Tensor:
-        return conv2d_like_input(x, self.conv)
+    def valid_time_ref(self, x: Tensor) -> Tensor:
+        args, kwargs = self.conv_arguments()
+        return ops.conv_block_ref(x, *args, **kwargs)
+
+    def conv_arguments(self) -> tuple[tuple, dict]:
+        """The tensors and numbers rtsed.ops.block.conv_block (and its twins) take after x, with
+        BN's bookkeeping done as nn.BatchNorm2d.forward does it (num_batches_tracked in training):
+        call once per forward. Raises ValueError where the block's structure is not the op's."""
+        if not self._structure_checked:
+            k = self.kernel
+            self._check_conv(self.conv, (k, k), (0, k // 2), 1)
+            self._check_structure()
+        conv, bn_module, training = self.conv, self.bn, self.training
+        if bn_module.training != training:
+            raise self._mode_error()
+        bn = bn_arguments(bn_module)
+        return ((conv.weight, conv.bias, bn["bn_weight"], bn["bn_bias"], bn["bn_running_mean"], bn["bn_running_var"]),
+                dict(pool=self.pool_size, training=training, momentum=bn["momentum"], eps=bn["eps"],
+                     dropout=self.dropout.p))
+
+    def macs_per_frame(self, n_freq: int) -> int:
+        k = self.kernel
+        return (n_freq + 2 * (k // 2) - k + 1) * self.out_channels * self.in_channels * k * k
 
 
 class DWSBlock(FrequencyBlock):
     """f_dws block: depthwise Conv2d(C_in -> C_out, K x K, groups=C_in) -> LeakyReLU(0.01) -> BN
-    -> pointwise Conv2d(C_out -> C_out, 1 x 1) -> ReLU -> BN -> pool -> Dropout2d.
+    -> pointwise Conv2d(C_out -> C_out, 1 x 1) -> ReLU -> BN -> pool -> Dropout2d, through
+    rtsed.ops.block.dws_block.
 
     With C_in = 1 (block 1) the "depthwise" conv is a plain 1 -> C_out conv (depth multiplier
     C_out). The inner LeakyReLU + BN is in the authors' code, not the paper's text (docs/reference.md).
     """
 
-    separable = True
-
     def __init__(self, c_in: int, c_out: int, kernel: int, pool: int, dropout: float, right_pad: int):
-        super().__init__(c_out, kernel, pool, dropout, right_pad)
-        self.in_channels = c_in
+        super().__init__(c_in, c_out, kernel, pool, dropout, right_pad)
         self.depthwise = nn.Conv2d(c_in, c_out, kernel, padding=(0, kernel // 2), groups=c_in)
         self.inner_bn = nn.BatchNorm2d(c_out)
         self.pointwise = nn.Conv2d(c_out, c_out, 1)
 
-    def conv_valid_time(self, x: Tensor) -> Tensor:
-        depthwise = conv2d_like_input(x, self.depthwise)
-        return conv2d_like_input(self.inner_bn(F.leaky_relu(depthwise, 0.01)), self.pointwise)
+    def valid_time(self, x: Tensor, history: Tensor | None = None) -> Tensor:
+        args, kwargs = self.dws_arguments()
+        if history is None:
+            return ops.dws_block(x, *args, **kwargs, cache=fold_cache(self))
+        return ops.dws_block_step(x, history, *args, **kwargs, cache=fold_cache(self))
 
-    def conv_folded(self, x: Tensor, export: bool = False) -> Tensor:
-        dw = self.depthwise
-        sources = [self.pointwise.weight, self.pointwise.bias, *bn_sources(self.inner_bn), dw.weight]
-        weight, bias, dw_weight_cl = folded_cache(self, "pointwise", sources, self._folded_pointwise)
-        if export:
-            # ONNX: onnxruntime runs a 1x1 Conv on NCHW directly; the rows GEMM would cost two
-            # Transposes there.
-            a = F.leaky_relu(self.depthwise(x), 0.01)
-            return F.conv2d(a, weight[:, :, None, None], bias)
-        b, _, t_in, f = x.shape
-        k = self.kernel
-        if self.in_channels == 1:
-            # Block 1 (1 -> C) as a patches GEMM straight into channels-last rows: oneDNN's
-            # one-channel conv is several times slower than this GEMM at streaming sizes.
-            a = fused_linear(one_channel_patches(x, k), self.depthwise.weight.view(-1, k * k),
-                             self.depthwise.bias, "leaky_relu")
-        else:
-            d = conv2d_like_input(x, dw, dw_weight_cl)  # the weight restrided once, not per call
-            d = F.leaky_relu_(d, 0.01) if not d.requires_grad else F.leaky_relu(d, 0.01)
-            # The pointwise conv as one GEMM over channels-last rows (a view when d is channels-last).
-            a = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])
-        out = fused_linear(a, weight, bias)
-        return out.view(b, t_in - k + 1, f, -1).permute(0, 3, 1, 2)
+    def valid_time_ref(self, x: Tensor) -> Tensor:
+        args, kwargs = self.dws_arguments()
+        return ops.dws_block_ref(x, *args, **kwargs)
 
     def dws_arguments(self) -> tuple[tuple, dict]:
-        """The tensors and numbers the fused DWS op (``kernels.dws_block.dws_block``, and its twin
-        ``dws_block_ref``) takes after x, with BN's bookkeeping done as nn.BatchNorm2d.forward does
-        it (num_batches_tracked in training): call once per forward. Raises ValueError where this
-        block's structure is not the one the op assumes."""
-        dw, mp, bn1, bn2 = self.depthwise, self.pool, self.inner_bn, self.bn
-        k = dw.kernel_size[0]
-        if (dw.kernel_size != (k, k) or tuple(dw.stride) != (1, 1) or tuple(dw.dilation) != (1, 1)
-                or tuple(dw.padding) != (0, k // 2) or dw.groups != dw.in_channels or dw.padding_mode != "zeros"):
-            raise ValueError(f"unsupported depthwise conv {dw}")
-        pool_k = mp.kernel_size if isinstance(mp.kernel_size, tuple) else (mp.kernel_size, mp.kernel_size)
-        pool_s = mp.stride if isinstance(mp.stride, tuple) else (mp.stride, mp.stride)
-        if (pool_k[0] != 1 or tuple(pool_s) != tuple(pool_k) or mp.padding not in (0, (0, 0))
-                or mp.dilation not in (1, (1, 1)) or mp.ceil_mode):
-            raise ValueError(f"unsupported pool {mp}: only (1, P) with stride (1, P)")
-        if not bn1.training == bn2.training == self.training:
-            raise ValueError("the fused DWS op needs both BatchNorms in the block's train/eval mode")
-        args1, args2 = bn_arguments(bn1), bn_arguments(bn2)
-        pw = self.pointwise
-        return ((dw.weight, dw.bias, bn1.weight, bn1.bias, args1["bn_running_mean"], args1["bn_running_var"],
-                 pw.weight, pw.bias, bn2.weight, bn2.bias, args2["bn_running_mean"], args2["bn_running_var"]),
-                dict(pool=pool_k[1], training=self.training, momentum=(args1["momentum"], args2["momentum"]),
-                     eps=(bn1.eps, bn2.eps)))
+        """The tensors and numbers rtsed.ops.block.dws_block (and its twins, and the fused
+        launchers it runs: ``kernels.dws_block.dws_block``, rtsed.backends.cpu_block) take after
+        x, with BN's bookkeeping done as nn.BatchNorm2d.forward does it (num_batches_tracked in
+        training): call once per forward. Raises ValueError where the block's structure is not
+        the op's."""
+        if not self._structure_checked:
+            k = self.kernel
+            self._check_conv(self.depthwise, (k, k), (0, k // 2), self.in_channels)
+            self._check_conv(self.pointwise, (1, 1), (0, 0), 1)
+            self._check_structure()
+        dw, pw, inner, outer, training = self.depthwise, self.pointwise, self.inner_bn, self.bn, self.training
+        if inner.training != training or outer.training != training:
+            raise self._mode_error()
+        bn1, bn2 = bn_arguments(inner), bn_arguments(outer)
+        return ((dw.weight, dw.bias, bn1["bn_weight"], bn1["bn_bias"], bn1["bn_running_mean"], bn1["bn_running_var"],
+                 pw.weight, pw.bias, bn2["bn_weight"], bn2["bn_bias"], bn2["bn_running_mean"], bn2["bn_running_var"]),
+                dict(pool=self.pool_size, training=training, momentum=(bn1["momentum"], bn2["momentum"]),
+                     eps=(bn1["eps"], bn2["eps"]), dropout=self.dropout.p))
 
-    def eval_operands(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Eval mode: the folded block's operands for rtsed.backends.cpu_eval.dws_block, cached
-        while the parameters and BN statistics are unchanged: the pointwise weight (C, C) and bias
-        (C,) with the inner BN folded in, the depthwise taps (K K, C) and bias (C,), and the
-        output BN as (sign, magnitude, shift), each (C, 1, 1)."""
-        dw = self.depthwise
-        sources = [self.pointwise.weight, self.pointwise.bias, *bn_sources(self.inner_bn), dw.weight]
-        weight, bias, _ = folded_cache(self, "pointwise", sources, self._folded_pointwise)
-        taps = folded_cache(self, "depthwise_taps", [dw.weight],
-                            lambda: dw.weight.reshape(dw.out_channels, -1).t().contiguous())  # (K K, C)
-        sign, magnitude, shift, _ = folded_cache(self, "post", bn_sources(self.bn), self._pool_affine)
-        return weight, bias, taps, dw.bias, sign, magnitude, shift
-
-    def _folded_pointwise(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The pointwise conv with the inner BN folded in, weight (C, C) and bias (C,), and the
-        depthwise weight restrided channels-last (for ``conv_folded``'s channels-last input)."""
-        # The inner BN precedes the pointwise conv: W (s x + t) + b = (W s) x + (W t + b).
-        scale, shift = bn_affine(self.inner_bn)
-        weight = self.pointwise.weight[:, :, 0, 0]
-        return (weight * scale, self.pointwise.bias + weight @ shift,  # (no addmv: ONNX lacks it)
-                self.depthwise.weight.to(memory_format=torch.channels_last))
+    def macs_per_frame(self, n_freq: int) -> int:
+        k, c = self.kernel, self.out_channels
+        positions = n_freq + 2 * (k // 2) - k + 1
+        return positions * c * k * k + positions * c * c  # depthwise (one input channel each), pointwise
 
 
 # ----------------------------------------------------------------------------------------------

@@ -120,9 +120,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def macs_per_frame(model: SEDModel, n_frames: int = 64) -> int:
-    """Multiply-accumulates per output frame, counted from the modules a forward pass runs
-    (convolutions, linear layers and the GRU's matrix products; biases, BN and activations
-    excluded). Counted on a real forward over n_frames, so it follows the code, not a formula."""
+    """Multiply-accumulates per output frame (convolutions, linear layers and the GRU's matrix
+    products; biases, BN and activations excluded). The CNN blocks and f_dil with the classifier
+    run through rtsed.ops on their tensors, so each counts its own from its shapes
+    (``FrequencyBlock.macs_per_frame``); a temporal part's modules (the GRU, a classifier called as a
+    module, a new family's layers) are counted by forward hooks on a real forward over n_frames."""
     total = 0
 
     def conv_hook(module: nn.Conv2d, inputs, output):
@@ -151,12 +153,16 @@ def macs_per_frame(model: SEDModel, n_frames: int = 64) -> int:
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad(), forced_backend("ref"):  # the reference modules, which hooks see
+        with torch.no_grad(), forced_backend("ref"):  # the stock compositions: no native build, no chunking
             model(torch.zeros(1, n_frames, model.config.n_mels))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    freq = model.config.n_mels
+    for block in model.blocks:
+        total += n_frames * block.macs_per_frame(freq)
+        freq //= block.pool_size
     # f_dil's conv and the classifier after it run through rtsed.ops.dilated_head (F.conv2d and
     # F.linear, or a kernel), which hooks do not see: count them here.
     if isinstance(model.temporal, DilatedTemporal):

@@ -3,7 +3,7 @@ per-channel affine, and a cache of folds keyed on the tensors they are folded fr
 
 A streaming step at one frame is short enough that re-folding BN into the weights each call (a
 256 x 256 product per block) would be a large share of it, so folds are cached. The cache is a
-plain dict the caller owns (a layer passes its own, rtsed.models.layers.folded_cache), so the
+plain dict the caller owns (a layer passes its own, rtsed.models.layers.fold_cache), so the
 ops stay functions of tensors while their folds stay cached across calls.
 """
 

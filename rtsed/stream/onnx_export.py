@@ -519,7 +519,7 @@ def export_onnx(model: SEDModel, config: DetectorConfig, out: str | Path, stream
         return onnx.load_from_string(buffer.getvalue())
 
     with torch.no_grad():
-        graph(*args)  # folds the BNs into the weights once (layers.folded_cache): constants in the trace
+        graph(*args)  # folds the BNs into the weights once (the layers' fold caches): constants in the trace
     proto = trace(graph)
     if streaming and opset >= 13:  # ReduceMin over int64 and GreaterOrEqual need opset 13
         steady = trace(StepGraph(model, config, steady=True).eval())

@@ -7,10 +7,10 @@ that declares its functions' signatures (``declare``) and wraps them for tensors
   conv backward (used by ``rtsed.backends.cpu_block``);
 - ``head``: the non-GEMM parts of f_dil + BN + classifier's backward (used by ``rtsed.backends.cpu_head``),
   and its eval-mode forward straight to logits, conv and classifier in one pass (used by offline
-  inference through ``rtsed.backends.cpu_head`` and by streaming steps in ``rtsed.models.layers``);
-- ``eval_block``: an eval-mode CNN block's non-GEMM parts (the depthwise / one-channel conv with
+  inference through ``rtsed.backends.cpu_eval`` and by streaming steps in ``rtsed.ops.head``);
+- ``eval_block``: an eval-mode DWS block's non-GEMM parts (the depthwise / one-channel conv with
   its LeakyReLU; ReLU + max-pool + BN affine after the pointwise GEMM), used by
-  ``rtsed.models.layers.FrequencyBlock.folded_valid_time`` offline and streaming.
+  ``rtsed.backends.cpu_eval.dws_block`` (rtsed.ops.block's native path) offline and streaming.
 
 ``common.h`` holds the helpers the sources share (SIMD vectors, the static thread split).
 

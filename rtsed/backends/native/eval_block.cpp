@@ -1,6 +1,6 @@
 // The non-GEMM parts of an eval-mode (BN-folded) CNN block on the CPU, offline and streaming
-// (rtsed.layers.FrequencyBlock.folded_valid_time drives them; the pointwise GEMM between them
-// stays in oneDNN, which runs it at this CPU's peak).
+// (rtsed.backends.cpu_eval.dws_block drives them on rtsed.ops.folded_block's folded operands; the
+// pointwise GEMM between them stays in oneDNN, which runs it at this CPU's peak).
 //
 // - depthwise_conv_leaky: the block's K x K conv (depthwise C -> C, or one input channel -> C:
 //   depth multiplier C) with bias and LeakyReLU, stride 1, frequency zero-padded by K / 2, no time

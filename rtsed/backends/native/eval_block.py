@@ -1,5 +1,6 @@
-"""Wrappers of eval_block.cpp: the non-GEMM parts of an eval-mode CNN block
-(rtsed.models.layers.FrequencyBlock.folded_valid_time, offline and streaming).
+"""Wrappers of eval_block.cpp: the non-GEMM parts of an eval-mode DWS block (the folded
+arithmetic of rtsed.ops.folded_block, run by rtsed.backends.cpu_eval.dws_block offline and
+streaming).
 
 Activations are channels-last: (B, T, F, C) row-major with C contiguous, float32 or float64.
 Each call uses ``torch.get_num_threads()`` threads and runs under a profiler label
