@@ -208,6 +208,8 @@ class MultiStreamEngine:
         self.queued = np.zeros(self.n, np.int64)
         # (N, C): each slot's probabilities of its latest valid output frame (for displays).
         self.latest_probs = np.zeros((self.n, len(config.labels)), np.float32)
+        # {slot: (m, C) probabilities of the valid output frames of the last step}, for displays.
+        self.last_rows: dict[int, np.ndarray] = {}
         self.stats = EngineStats()
 
     def start(self, slot: int, decoder_overrides: dict | None = None) -> None:
@@ -289,10 +291,12 @@ class MultiStreamEngine:
         hold = self.active & ~run
         probs, _, valid = self.stepper.step(batch, hold) if hold.any() else self.stepper.step(batch)
         out: dict[int, list[OnsetNotice | SoundEvent]] = {}
+        self.last_rows = {}
         for slot in np.flatnonzero(run):
             rows = probs[slot][valid[slot]]
             items: list[OnsetNotice | SoundEvent] = []
             if rows.shape[0]:
+                self.last_rows[int(slot)] = rows
                 self.latest_probs[slot] = rows[-1]
                 self.stats.frames += rows.shape[0]
                 items = self.decoders[slot].push(rows)
