@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a stream with no audio for this long is ended (its events closed and sent)")
     p.add_argument("--send-timeout-s", type=float, default=10.0,
                    help="a client that takes no message for this long is closed as not reading")
+    p.add_argument("--send-buffer-bytes", type=int, default=65536,
+                   help="kernel send buffer per connection: bounds memory per client and how much a client "
+                        "that does not read can leave unsent before --send-timeout-s starts counting")
     p.add_argument("--display-interval-s", type=float, default=0.1,
                    help="stream time between display messages (probabilities, log-mel, level)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from rtsed.models.bundled import ModelNotFoundError
     from rtsed.models.checkpoint import CheckpointError
 
-    for name in ("max_streams", "batch_streams", "frames_per_step"):
+    for name in ("max_streams", "batch_streams", "frames_per_step", "send_buffer_bytes"):
         if getattr(args, name) < 1:
             print(f"rtsed.serve: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                          max_streams=args.max_streams, batch_streams=args.batch_streams,
                          frames_per_step=args.frames_per_step, limits=limits, send_timeout_s=args.send_timeout_s)
     try:
-        return serve(config, args.host, args.port, args.log_level)
+        return serve(config, args.host, args.port, args.log_level, args.send_buffer_bytes)
     except (ModelNotFoundError, CheckpointError, ValueError, OSError, RuntimeError) as exc:
         print(f"rtsed.serve: {exc}", file=sys.stderr)
         return 2

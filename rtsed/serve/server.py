@@ -274,13 +274,26 @@ async def _send_loop(ws: WebSocket, session: StreamSession, state: ServerState) 
             return
 
 
-def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
+def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          send_buffer_bytes: int = 65536) -> int:
     """Run the server until SIGINT/SIGTERM; every stream's open events are closed and sent
-    before the sockets close."""
+    before the sockets close.
+
+    send_buffer_bytes: the kernel send buffer of each connection (SO_SNDBUF, inherited from the
+    listening socket). A stream's output is about 10 kB/s, so 64 KiB covers seconds of network
+    delay; without a bound the kernel grows a client's buffer to megabytes before a client that
+    does not read blocks a send (--send-timeout-s counts from then)."""
+    import socket
+
     app = create_app(config)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
+    sock.bind((host, port))
     server = GracefulServer(uvicorn.Config(app, host=host, port=port, ws="websockets-sansio", log_level=log_level,
                                            ws_max_size=4 * 1024 * 1024, lifespan="on"))
-    server.run()
+    server.run(sockets=[sock])
     return 1 if app.state.rtsed.worker.error else 0
 
 
