@@ -18,6 +18,7 @@ LAYERS: dict[str, int] = {
     "rtsed.detect": 8,
     "rtsed.export": 8,
     "rtsed.doctor": 8,
+    "rtsed.serve.__main__": 8,  # python -m rtsed.serve (its command line is rtsed.cli.serve)
     "rtsed.cli": 7,             # the command lines behind them
     "rtsed": 6,                 # the public API (rtsed/__init__.py)
     "rtsed.serve": 5,           # engines, steppers, Detector, decoder

@@ -50,6 +50,13 @@ class ConvHistory:
         else:
             self.frames[streams] = 0
 
+    def save(self, streams: Tensor) -> Tensor:
+        """A copy of the given streams' state, for ``restore`` after a step they sat out."""
+        return self.frames[streams].clone()
+
+    def restore(self, streams: Tensor, saved: Tensor, stepped_frames: int) -> None:
+        self.frames[streams] = saved
+
 
 class FrequencyBlock(nn.Module):
     """One CNN block: time-frequency conv (K x K) -> ReLU -> BatchNorm -> max-pool over frequency
@@ -312,6 +319,16 @@ class FrameRing:
         else:
             self.frames[streams] = 0
 
+    def save(self, streams: Tensor) -> Tensor:
+        """A copy of the given streams' rows, for ``restore`` after a step they sat out."""
+        return self.frames[streams].clone()
+
+    def restore(self, streams: Tensor, saved: Tensor, stepped_frames: int) -> None:
+        """Put back rows saved before a step of ``stepped_frames`` frames. The write position is
+        shared and moved on by that step, so the saved frames are rotated with it: a frame k
+        places behind the write position before the step is k places behind it after."""
+        self.frames[streams] = torch.roll(saved, stepped_frames % self.frames.shape[1], dims=1)
+
 
 class DilatedTemporal(TemporalPart):
     """f_dil: the CNN output (B, C, T, 1) is read as a one-channel image (B, 1, T, C) whose width
@@ -450,6 +467,13 @@ class GRUHidden:
             self.h.zero_()
         else:
             self.h[:, streams] = 0
+
+    def save(self, streams: Tensor) -> Tensor:
+        """A copy of the given streams' hidden state, for ``restore`` after a step they sat out."""
+        return self.h[:, streams].clone()
+
+    def restore(self, streams: Tensor, saved: Tensor, stepped_frames: int) -> None:
+        self.h[:, streams] = saved
 
 
 class GRUTemporal(TemporalPart):

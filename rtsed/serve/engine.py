@@ -178,64 +178,133 @@ class DetectionEngine:
 
 
 class MultiStreamEngine:
-    """N independent streams stepped in one batched model call (frames in, probabilities out).
+    """N independent streams stepped in one batched model call (frames in, events out).
 
-    Each slot has its own front end and decoder; ``start``/``stop``/``reset`` act on one slot.
-    ``push_audio(slot, samples)`` queues frames; ``step()`` runs the model once for every slot
-    when each active slot has ``frames_per_step`` frames queued, and returns per-slot events.
-    Idle slots ride along with zero frames; their outputs are ignored and a slot starts fresh.
+    Each slot has its own front end and decoder; ``start``/``end``/``stop``/``reset`` act on one
+    slot. ``push_audio(slot, samples)`` queues the slot's log-mel frames; ``step()`` runs the
+    model once for every slot that can step and returns per-slot events. A slot can step when it
+    has ``frames_per_step`` frames queued, or when it is ending. Slots without a step's frames
+    sit the step out (the stepper holds their state, ``Stepper.step(hold=...)``): a stalled
+    stream never holds the others back. Idle slots ride along with zero frames; their outputs are
+    ignored and a slot starts fresh.
+
+    ``end(slot)`` completes a stream exactly as ``DetectionEngine.flush`` does: its queued
+    frames, then the lookahead's padding, then the decoder's flush, over the next steps; the slot
+    is free (``active[slot]`` false) after the step that returns its last events.
     """
 
     def __init__(self, stepper: Stepper, config: DetectorConfig, frames_per_step: int = 16):
+        if frames_per_step < 1:
+            raise ValueError("frames_per_step must be >= 1")
         self.stepper, self.config = stepper, config
         self.n = stepper.batch_size
         self.frames_per_step = frames_per_step
         self.active = np.zeros(self.n, bool)
+        self.ending = np.zeros(self.n, bool)  # end() called: completing over the next steps
+        self._ended = np.zeros(self.n, bool)  # the stepper has been told (all real frames stepped)
         self.logmel = [LogMelStream(config.frontend) for _ in range(self.n)]
         self.decoders = [EventDecoder(config.labels, config.frontend.hop_s, config.decoder) for _ in range(self.n)]
         self.queues: list[list[np.ndarray]] = [[] for _ in range(self.n)]
         self.queued = np.zeros(self.n, np.int64)
+        # (N, C): each slot's probabilities of its latest valid output frame (for displays).
+        self.latest_probs = np.zeros((self.n, len(config.labels)), np.float32)
+        # {slot: (m, C) probabilities of the valid output frames of the last step}, for displays.
+        self.last_rows: dict[int, np.ndarray] = {}
+        self.stats = EngineStats()
 
-    def start(self, slot: int) -> None:
+    def start(self, slot: int, decoder_overrides: dict | None = None) -> None:
+        """Start a stream in a free slot; ``decoder_overrides`` as ``EventDecoder``'s
+        (``{label: on}`` or ``{label: (on, off)}``), for this stream only."""
         self.reset(slot)
+        if decoder_overrides:
+            self.decoders[slot] = EventDecoder(self.config.labels, self.config.frontend.hop_s, self.config.decoder,
+                                               decoder_overrides)
         self.active[slot] = True
 
+    def end(self, slot: int) -> None:
+        """End a stream: it completes over the next steps (see the class docstring). Audio
+        still held back by the front end (less than a hop) is dropped, as offline."""
+        if not self.active[slot]:
+            raise RuntimeError(f"slot {slot} is not started")
+        self.ending[slot] = True
+
     def stop(self, slot: int) -> list[SoundEvent]:
-        """Deactivate a slot, closing its open events (its lookahead frames are dropped)."""
-        self.active[slot] = False
+        """Deactivate a slot at once, closing its open events (its queued and lookahead frames
+        are dropped: ``end`` completes a stream instead)."""
+        self.active[slot] = self.ending[slot] = False
         return [e for e in self.decoders[slot].flush() if isinstance(e, SoundEvent)]
 
     def reset(self, slot: int) -> None:
         self.stepper.reset([slot])
         self.logmel[slot].reset()
-        self.decoders[slot].reset()
+        self.decoders[slot] = EventDecoder(self.config.labels, self.config.frontend.hop_s, self.config.decoder)
         self.queues[slot], self.queued[slot] = [], 0
+        self.active[slot] = self.ending[slot] = self._ended[slot] = False
+        self.latest_probs[slot] = 0.0
 
-    def push_audio(self, slot: int, samples: np.ndarray) -> None:
+    def push_audio(self, slot: int, samples: np.ndarray) -> np.ndarray:
+        """Queue a slot's mono samples at the model's rate -> the (n, F) raw log-mel frames they
+        completed (for displays; n may be 0)."""
         if not self.active[slot]:
             raise RuntimeError(f"slot {slot} is not started")
+        if self.ending[slot]:
+            raise RuntimeError(f"slot {slot} is ending: no more audio")
         frames = self.logmel[slot].push(samples).numpy()
         if frames.shape[0]:
             self.queues[slot].append(frames)
             self.queued[slot] += frames.shape[0]
+        return frames
+
+    def runnable(self) -> np.ndarray:
+        """(N,) bool: the slots that would take part in the next step."""
+        return self.active & ((self.queued >= self.frames_per_step) | self.ending)
 
     def ready(self) -> bool:
-        return bool(self.active.any()) and bool((self.queued[self.active] >= self.frames_per_step).all())
+        """Whether some slot can step."""
+        return bool(self.runnable().any())
 
     def step(self) -> dict[int, list[OnsetNotice | SoundEvent]]:
-        """One batched model call over frames_per_step frames of every slot."""
-        n, f = self.frames_per_step, self.config.model.n_mels
+        """One batched model call for the slots that can step -> {slot: its onset notices and
+        finished events}; {} when none can. A slot that completed its ``end`` in this step is
+        inactive afterwards and its last events are in the result."""
+        run = self.runnable()
+        if not run.any():
+            return {}
+        started = time.perf_counter()
+        n = self.frames_per_step
+        # An ending slot's last real frames may be fewer than a step: the step shrinks to them
+        # (steps of any length are exact), so they are stepped before the stepper is told the end.
+        tails = self.queued[run & self.ending & (self.queued > 0) & (self.queued < n)]
+        if tails.size:
+            n = int(tails.min())
+        for slot in np.flatnonzero(run & self.ending & (self.queued == 0) & ~self._ended):
+            self.stepper.end([int(slot)])
+            self._ended[slot] = True
+        f = self.config.model.n_mels
         batch = np.zeros((self.n, n, f), np.float32)
-        for slot in np.flatnonzero(self.active):
-            queue = np.concatenate(self.queues[slot])
+        for slot in np.flatnonzero(run & (self.queued > 0)):
+            queue = self.queues[slot][0] if len(self.queues[slot]) == 1 else np.concatenate(self.queues[slot])
             batch[slot] = queue[:n]
             rest = queue[n:]
             self.queues[slot] = [rest] if rest.shape[0] else []
             self.queued[slot] = rest.shape[0]
-        probs, _, valid = self.stepper.step(batch)
-        out = {}
-        for slot in np.flatnonzero(self.active):
+        hold = self.active & ~run
+        probs, _, valid = self.stepper.step(batch, hold) if hold.any() else self.stepper.step(batch)
+        out: dict[int, list[OnsetNotice | SoundEvent]] = {}
+        self.last_rows = {}
+        for slot in np.flatnonzero(run):
             rows = probs[slot][valid[slot]]
+            items: list[OnsetNotice | SoundEvent] = []
             if rows.shape[0]:
-                out[int(slot)] = self.decoders[slot].push(rows)
+                self.last_rows[int(slot)] = rows
+                self.latest_probs[slot] = rows[-1]
+                self.stats.frames += rows.shape[0]
+                items = self.decoders[slot].push(rows)
+            if self._ended[slot] and self.stepper.pending_after_end(int(slot)) <= 0:
+                items += self.decoders[slot].flush()
+                self.active[slot] = self.ending[slot] = self._ended[slot] = False
+            if items or not self.active[slot]:
+                out[int(slot)] = items
+        self.stats.steps += 1
+        self.stats.compute_s += time.perf_counter() - started
         return out

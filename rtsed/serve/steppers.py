@@ -26,9 +26,12 @@ class Stepper(Protocol):
     batch_size: int  # streams stepped together
     lookahead_frames: int  # output row j of a step is offline frame position + j - lookahead_frames
 
-    def step(self, logmel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def step(self, logmel: np.ndarray, hold: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """logmel (B, n, F) raw log-mel, float32 -> (probabilities (B, n, C), frame_index (B, n)
-        int64, valid (B, n) bool)."""
+        int64, valid (B, n) bool). hold: (B,) bool, streams that sit the step out: their state
+        and position stay as they were and their rows come back invalid (``MultiStreamEngine``
+        passes it only when some stream has no audio ready; a backend that cannot hold streams
+        may raise then)."""
         ...
 
     def reset(self, streams: list[int] | None = None) -> None:
@@ -82,9 +85,9 @@ class TorchStepper(_StreamStepper):
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def step(self, logmel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def step(self, logmel: np.ndarray, hold: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = (torch.from_numpy(logmel).to(self.device) - self.mean) / self.std
-        out = self.stream.step(x)
+        out = self.stream.step(x, hold)
         return torch.sigmoid(out.logits).cpu().numpy(), out.frame_index.numpy(), out.valid.numpy()
 
 
@@ -98,8 +101,8 @@ class OnnxStepper(_StreamStepper):
         self.lookahead_frames = self.stream.lookahead_frames
         self.batch_size = batch_size
 
-    def step(self, logmel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        out = self.stream.step(logmel)
+    def step(self, logmel: np.ndarray, hold: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = self.stream.step(logmel, hold)
         return 1.0 / (1.0 + np.exp(-out.logits)), out.frame_index, out.valid
 
 

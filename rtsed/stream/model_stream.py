@@ -116,13 +116,44 @@ class ModelStream:
     # -- stepping ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, x: Tensor) -> StepOutput:
+    def step(self, x: Tensor, hold=None) -> StepOutput:
         """x: (B, n, F) new normalised log-mel frames, one row per stream -> StepOutput with n rows
-        per stream (the first ``lookahead_frames`` of a stream are not yet valid)."""
+        per stream (the first ``lookahead_frames`` of a stream are not yet valid).
+
+        hold: (B,) bool (tensor or array), streams that sit this step out: their state, position
+        and end are as before the step, and their rows come back invalid (a batch is one call,
+        so their rows are computed from whatever x holds and thrown away). A server steps the
+        streams whose audio has arrived without waiting for the others."""
+        held = held_streams(hold)
+        saved = self._save(held) if held is not None else None
         first = self.positions.clone()
         logits = self._step_logits(x)
         frame_index = self.plan.frame_index(first, torch.arange(x.shape[1]))  # (B, n), CPU
-        return StepOutput(logits, frame_index, self.plan.valid(frame_index, self.ends))
+        valid = self.plan.valid(frame_index, self.ends)
+        if held is not None:
+            self._restore(held, saved, x.shape[1])
+            valid[held] = False
+        return StepOutput(logits, frame_index, valid)
+
+    def _save(self, held: Tensor) -> tuple:
+        states = [*self.block_states, self.temporal_state]
+        for state in states:
+            if not (hasattr(state, "save") and hasattr(state, "restore")):
+                raise RuntimeError(
+                    f"{type(state).__name__} has no save()/restore(): holding streams out of a step needs "
+                    "them (see rtsed.models.layers.FrameRing); step every stream, or add them to the state")
+        dev = held.to(self.device)
+        return [s.save(dev) for s in states], self.positions[held].clone(), self.ends[held].clone()
+
+    def _restore(self, held: Tensor, saved: tuple, stepped_frames: int) -> None:
+        states, positions, ends = saved
+        dev = held.to(self.device)
+        for state, value in zip([*self.block_states, self.temporal_state], states):
+            state.restore(dev, value, stepped_frames)
+        self.positions[held] = positions
+        self.ends[held] = ends
+        # The steady flag stays true: it was decided on the positions before the step, which
+        # the held streams are back at and the others have grown from.
 
     def _step_logits(self, x: Tensor) -> Tensor:
         """The model part of ``step``: x (B, n, F) -> logits (B, n, C); advances the positions."""
@@ -192,6 +223,17 @@ class ModelStream:
     def _require_single(self) -> None:
         if self.batch_size != 1:
             raise RuntimeError("push/flush serve one stream; with several use step/end/reset")
+
+
+def held_streams(hold) -> Tensor | None:
+    """hold: None or (B,) bool (tensor or array) -> the held streams' indices (int64, CPU), or
+    None when none is held."""
+    if hold is None:
+        return None
+    mask = torch.as_tensor(hold, dtype=torch.bool).cpu()
+    if not bool(mask.any()):
+        return None
+    return mask.nonzero().flatten()
 
 
 def stream_logits(model: SEDModel, frames: Tensor, chunk_sizes: list[int] | None = None) -> Tensor:

@@ -276,8 +276,30 @@ class OnnxStream:
         self._steady = self._steady_session is not None and self.plan.steady(self.positions, self.ends)
         return self._steady
 
-    def step(self, frames: np.ndarray) -> OnnxStepOutput:
-        """frames (B, n, F) raw log-mel -> OnnxStepOutput."""
+    def step(self, frames: np.ndarray, hold=None) -> OnnxStepOutput:
+        """frames (B, n, F) raw log-mel -> OnnxStepOutput.
+
+        hold: (B,) bool, streams that sit this step out (as ``ModelStream.step``): their state
+        tensors, position and end are put back after the step, and their rows come back invalid.
+        The f_dil ring is indexed by each stream's own position, so its rows need no rotation."""
+        if hold is not None and np.any(hold):
+            held = np.flatnonzero(np.asarray(hold, dtype=bool))
+            saved = {name: np.take(value, held, axis=self._batch_axes[name]).copy()
+                     for name, value in self.states.items()}
+            positions, ends = self.positions[held].copy(), self.ends[held].copy()
+            out = self.step(frames)
+            for name, value in saved.items():
+                state = self.states[name]
+                if not state.flags.writeable:
+                    state = self.states[name] = state.copy()
+                np.moveaxis(state, self._batch_axes[name], 0)[held] = np.moveaxis(value, self._batch_axes[name], 0)
+            restored = self.positions.copy()  # a new array: the step output's ``first`` keeps its values
+            restored[held] = positions
+            self.positions = restored
+            self.ends[held] = ends
+            valid = out.valid.copy()
+            valid[held] = False
+            return OnnxStepOutput(out.logits, out.frame_index, valid)
         x = frames
         if type(x) is not np.ndarray or x.dtype is not _F32 or not x.flags.c_contiguous:
             x = np.ascontiguousarray(x, dtype=np.float32)

@@ -1,0 +1,31 @@
+"""The server's Prometheus metrics (``GET /metrics``), in a registry of its own so that several
+servers in one process (tests) keep separate counts."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class ServerMetrics:
+    """Streams, steps (rate() of the counter gives steps/s), step latency, dropped audio, queue
+    depth, closes by reason, events."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.streams = Gauge("rtsed_streams", "Streams connected (joining, live or ending)", registry=r)
+        self.steps = Counter("rtsed_steps", "Batched model steps", registry=r)
+        self.step_seconds = Histogram(
+            "rtsed_step_seconds", "Wall time of one batched model step (front end excluded)", registry=r,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28))
+        self.stepped_streams = Counter("rtsed_stepped_streams", "Stream-steps (streams taking part, summed)",
+                                       registry=r)
+        self.held_streams = Counter("rtsed_held_streams", "Stream-steps sat out for want of audio", registry=r)
+        self.dropped_audio = Counter("rtsed_dropped_audio_seconds", "Audio dropped because the server was behind",
+                                     registry=r)
+        self.queued_audio = Gauge("rtsed_queued_audio_seconds", "Audio waiting for the worker, all streams",
+                                  registry=r)
+        self.closed = Counter("rtsed_streams_closed", "Streams closed, by reason", ["reason"], registry=r)
+        self.events = Counter("rtsed_events", "Finished sound events sent", registry=r)
+        self.display_skipped = Counter("rtsed_display_frames_skipped",
+                                       "Display messages skipped for slow readers", registry=r)
