@@ -9,6 +9,8 @@ import soxr
 
 from rtsed.audio.files import AudioFileError, AudioFileReader, declared_wav_frames, read_audio
 
+from test_engine import checkpoint  # noqa: F401  (fixture)
+
 RATE = 16000
 
 
@@ -101,3 +103,15 @@ def test_low_rate_and_clipping_are_noted(tmp_path):
     with AudioFileReader(quiet, RATE) as reader:
         list(reader)
     assert reader.notes.clipped_values == 4 and reader.notes.warnings(RATE) == []
+
+
+def test_live_input_file_missing_is_not_found(checkpoint, tmp_path, capsys):
+    """rtsed.live --input with a path that does not exist: "not found", exit 2, no traceback."""
+    from rtsed.audio.sources import FileSource
+    from rtsed.cli.live import main as live_main
+
+    with pytest.raises(AudioFileError, match="missing.flac: not found"):
+        FileSource(tmp_path / "missing.flac", RATE)
+    code = live_main(["--model", str(checkpoint), "--input", str(tmp_path / "missing.wav"), "--no-view"])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.wav: not found" in err and "decode" not in err and "Traceback" not in err
