@@ -140,7 +140,9 @@ class AudioFileReader:
     def _declared_frames(self) -> int | None:
         if self._file.format == "WAV":
             return declared_wav_frames(self.path)
-        return int(self._file.frames)  # FLAC/OGG: from the stream header (may be a guess, never less)
+        if self._file.format == "FLAC":  # STREAMINFO's exact sample count
+            return int(self._file.frames)
+        return None  # other formats' counts may be estimates (VBR): no claim to check against
 
     def __enter__(self) -> "AudioFileReader":
         return self
