@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 import soxr
 
-from rtsed.audio.files import CLIP_LEVEL, AudioFileError, open_sound_file  # noqa: F401 (re-exported)
+from rtsed.audio.files import CLIP_LEVEL, open_sound_file
 
 # Level reported for digital silence (log of zero), and the level below which a block is "silent".
 LEVEL_FLOOR_DBFS = -120.0
