@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+import torch
 
 from rtsed.audio.files import AudioFileError, AudioFileReader, declared_wav_frames, read_audio
 
@@ -112,6 +113,10 @@ def test_live_input_file_missing_is_not_found(checkpoint, tmp_path, capsys):
 
     with pytest.raises(AudioFileError, match="missing.flac: not found"):
         FileSource(tmp_path / "missing.flac", RATE)
-    code = live_main(["--model", str(checkpoint), "--input", str(tmp_path / "missing.wav"), "--no-view"])
+    threads = torch.get_num_threads()
+    try:
+        code = live_main(["--model", str(checkpoint), "--input", str(tmp_path / "missing.wav"), "--no-view"])
+    finally:
+        torch.set_num_threads(threads)  # rtsed.live streams on one thread; later tests expect the default
     err = capsys.readouterr().err
     assert code == 2 and "missing.wav: not found" in err and "decode" not in err and "Traceback" not in err
