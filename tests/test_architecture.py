@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "rtsed.audio": 1,           # sources, files, log-mel front end
     "rtsed.config": 0,          # plain data
     "rtsed.metrics": 0,
+    "rtsed.atomic": 0,          # output files written whole or not at all
 }
 
 

@@ -57,6 +57,7 @@ from train.annotations import AnnotationError, Event, events_to_frame_targets
 from train.data_sources import open_dataset
 from train.datasets import DatasetError
 from train.features import SEQUENCE_FRAMES, FeatureCache, SequenceDataset, load_split, normalization_stats
+from train.label_check import check_labels
 from train.mixing import MixError
 from train.tune import default_max_smoothing_s, tune_decoder
 
@@ -333,6 +334,10 @@ def run(args: argparse.Namespace) -> Path | None:
     else:
         dataset = open_dataset(args)
         labels = dataset.labels
+        listed = [s.strip() for s in args.labels.split(",")] if args.labels else None
+        for line in check_labels(dataset, listed):  # LabelError for labels never heard in training
+            if ddp.main:
+                print(f"warning: {line}", file=sys.stderr)
         first_rate = dataset.split("train")[0].sample_rate_hz
         frontend = apply_overrides(FrontendConfig.for_rate(first_rate), args.set, "frontend")
     model_config = apply_overrides(ModelConfig.from_name(args.model, n_classes=len(labels),
@@ -652,7 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-data", nargs=2, metavar=("AUDIO_DIR", "TSV"), help="a DCASE-format training split")
     p.add_argument("--val-data", nargs=2, metavar=("AUDIO_DIR", "TSV"), help="a DCASE-format validation split")
     p.add_argument("--test-data", nargs=2, metavar=("AUDIO_DIR", "TSV"), help="a DCASE-format test split")
-    p.add_argument("--labels", help="comma-separated class list (default: from the data)")
+    p.add_argument("--labels", help="comma-separated class list (default: from the data). Labels found only in "
+                   "validation/test are refused and rare or typo-like ones warned about, unless listed here")
     p.add_argument("--out", required=True, help="run folder: best.pt, last.pt")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     r = Recipe()

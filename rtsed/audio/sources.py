@@ -32,14 +32,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import soundfile as sf
 import soxr
 
-from rtsed.audio.files import AudioFileError
+from rtsed.audio.files import CLIP_LEVEL, open_sound_file
 
-# |x| at or above this after conversion to float counts as clipped: int16 full scale is
-# 32767/32768 = 1 - 2**-15, so a clipped 16-bit input reaches it; wider formats clip at the same level.
-CLIP_LEVEL = 1.0 - 2.0**-15
 # Level reported for digital silence (log of zero), and the level below which a block is "silent".
 LEVEL_FLOOR_DBFS = -120.0
 SILENCE_DBFS = -80.0
@@ -483,16 +479,7 @@ class FileSource(AudioSource):
                  block_s: float = 0.02, quality: str = "VHQ"):
         self.path = Path(path)
         self.realtime = realtime
-        try:
-            self._file = sf.SoundFile(str(self.path))
-        except Exception as exc:  # LibsndfileError/RuntimeError/OSError by soundfile version
-            raise AudioFileError(
-                f"{self.path}: cannot decode audio ({exc}); use WAV/FLAC/OGG that soundfile reads, "
-                "or convert it (e.g. ffmpeg -i in.mp3 out.wav)"
-            ) from None
-        if self._file.frames == 0:
-            self._file.close()
-            raise AudioFileError(f"{self.path}: the file holds no samples")
+        self._file = open_sound_file(self.path)  # AudioFileError: not found, undecodable, empty
         self._t0 = 0.0
         self._frames_read = 0
         super().__init__(target_rate_hz, self._file.samplerate, self._file.channels,

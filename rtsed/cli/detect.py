@@ -6,9 +6,14 @@
     python -m rtsed.detect scene.wav --model dnd_7_10.pt --plot scene.png --reference scene.tsv
 
 Each file runs through the same engine and decoder as ``rtsed.live`` (front end, model state,
-hysteresis decoder), fed in large steps: streaming equals offline (tested), so this is exact, and
-memory stays bounded however long the file. ``filename`` is relative to DIR (the base name for a
-single FILE).
+hysteresis decoder), fed in large steps: streaming equals offline (tested), so this is exact. The
+file is read, downmixed and resampled block by block (rtsed.audio.files.AudioFileReader), so
+memory stays bounded however long the file (``--plot`` keeps each file's frames for its plot).
+``filename`` is relative to DIR (the base name for a single FILE).
+
+Nothing computed is lost: a file that fails is listed on stderr with the reason and the others'
+events are still written; ``--output`` is checked before any compute and written atomically
+(temporary file + rename), so it is either the complete result or left as it was.
 """
 
 from __future__ import annotations
@@ -17,42 +22,81 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import IO, Iterable, Iterator
 
 import numpy as np
 
+from rtsed.atomic import OutputError, check_writable, write_atomically
+from rtsed.audio.files import AudioFileError, AudioFileReader
 from rtsed.serve.decode import SoundEvent, write_dcase_tsv
 from rtsed.backends.precision import PRECISIONS
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".aifc", ".au", ".mp3", ".opus"}
 STEP_FRAMES = 256  # frames per model call offline: large steps amortise per-call overhead
 
+# Exit codes (also in --help).
+EXIT_OK, EXIT_FILES_FAILED, EXIT_NOTHING_RUN, EXIT_OUTPUT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = """exit codes:
+  0    every file detected, output written
+  1    some files failed (each listed on stderr with the reason); the other files' events were written
+  2    nothing was run: bad arguments, model, input path, or an --output/--plot path that cannot be
+       written (checked before any compute)
+  3    detection finished but --output could not be written (e.g. the disk filled up): the file was
+       left as it was (never half written) and the events went to stdout instead
+  130  interrupted (Ctrl-C): the events of the files finished so far were written
+"""
+
 
 def find_audio(target: Path) -> tuple[Path, list[Path]]:
-    """(base folder, audio files) for a FILE or a DIR (searched recursively, sorted)."""
+    """(base folder, audio files) for a FILE or a DIR (searched recursively, sorted); AudioFileError
+    for a missing target or a folder without audio."""
     if target.is_file():
         return target.parent, [target]
     if target.is_dir():
         files = sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
         if not files:
-            raise SystemExit(f"rtsed.detect: {target} holds no audio files ({', '.join(sorted(AUDIO_SUFFIXES))})")
+            raise AudioFileError(f"{target} holds no audio files ({', '.join(sorted(AUDIO_SUFFIXES))})")
         return target, files
-    raise SystemExit(f"rtsed.detect: {target}: no such file or folder")
+    raise AudioFileError(f"{target}: not found (no such file or folder)")
 
 
-def detect_file(path: Path, stepper, config, overrides=None, keep=False):
-    """Run one file through a fresh engine stream -> (events, engine)."""
-    from rtsed.audio.files import read_audio
+def exact_blocks(blocks: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """The concatenation of ``blocks`` re-cut into blocks of exactly ``size`` samples (the last
+    may be shorter): the engine then steps at the same samples however the file was read."""
+    held: list[np.ndarray] = []
+    n = 0
+    for block in blocks:
+        if not len(block):
+            continue
+        held.append(block)
+        n += len(block)
+        if n >= size:
+            joined = np.concatenate(held)
+            whole = n - n % size
+            for start in range(0, whole, size):
+                yield joined[start:start + size]
+            held, n = ([joined[whole:]], n - whole) if n > whole else ([], 0)
+    if n:
+        yield np.concatenate(held)
+
+
+def detect_file(path: Path, stepper, config, overrides=None, keep=False, warnings: list[str] | None = None):
+    """Run one file through a fresh engine stream -> (events, engine), reading it block by block.
+    One-line warnings about the input (truncated, below the model's rate, clipped) are appended to
+    ``warnings``. AudioFileError for a file that cannot be used."""
     from rtsed.serve.engine import DetectionEngine
 
     stepper.reset()
     engine = DetectionEngine(stepper, config, frames_per_step=STEP_FRAMES, decoder_overrides=overrides,
                              keep_probabilities=keep)
-    samples = read_audio(path, config.frontend.sample_rate_hz)
-    block = config.frontend.hop_samples * STEP_FRAMES
+    rate = config.frontend.sample_rate_hz
     items = []
-    for start in range(0, samples.shape[0], block):
-        items += engine.push_audio(samples[start:start + block])
-    items += engine.flush()
+    with AudioFileReader(path, rate) as reader:
+        for block in exact_blocks(reader, config.frontend.hop_samples * STEP_FRAMES):
+            items += engine.push_audio(block)
+        items += engine.flush()
+    if warnings is not None:
+        warnings += reader.notes.warnings(rate)
     events = sorted((e for e in items if isinstance(e, SoundEvent)), key=lambda e: (e.onset_s, e.label))
     return events, engine
 
@@ -95,9 +139,10 @@ def plot_detection(out: Path, engine, events: list[SoundEvent], title: str,
     axes[-1].set_xlim(0, t_end)
     axes[-1].set_xlabel("time (s)")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        write_atomically(out, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True, what="--plot")
+    finally:
+        plt.close(fig)
 
 
 def read_reference(tsv: Path, filename: str) -> list[tuple[float, float, str]]:
@@ -113,16 +158,12 @@ def read_reference(tsv: Path, filename: str) -> list[tuple[float, float, str]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from rtsed.models.bundled import ModelNotFoundError, resolve_model
-    from rtsed.models.checkpoint import CheckpointError
-    from rtsed.serve.engine import make_stepper
-    from rtsed.cli.live import parse_thresholds
-
-    p = argparse.ArgumentParser(prog="python -m rtsed.detect", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rtsed.detect", description=__doc__.split("\n\n")[0],
+                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help="an audio file or a folder of them")
     p.add_argument("--model", required=True, help="checkpoint (.pt), step graph (.onnx) or bundled name")
-    p.add_argument("--output", help="output file (default: stdout)")
+    p.add_argument("--output", help="output file (default: stdout); its folder must exist")
     p.add_argument("--format", default="tsv", choices=("tsv", "json"))
     p.add_argument("--backend", default="torch", choices=("torch", "onnx"))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -132,47 +173,111 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", action="append", default=[], metavar="LABEL=ON[:OFF]")
     p.add_argument("--plot", metavar="PNG", help="plot log-mel, probabilities and events (one file, or one PNG per file)")
     p.add_argument("--reference", metavar="TSV", help="reference events to draw in the plot")
-    args = p.parse_args(argv)
+    return p
+
+
+def _plot_path(plot: str, name: str, single: bool) -> Path:
+    if single:
+        return Path(plot)
+    return Path(plot).with_name(f"{Path(plot).stem}_{Path(name).with_suffix('').as_posix().replace('/', '_')}.png")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rtsed.models.bundled import ModelNotFoundError, resolve_model
+    from rtsed.models.checkpoint import CheckpointError
+    from rtsed.serve.engine import make_stepper
+    from rtsed.cli.live import parse_thresholds
+
+    args = build_parser().parse_args(argv)
     if argv is None:  # as a command: whole-file forwards allocate big tensors (rtsed.backends.allocator)
         from rtsed.backends.allocator import ensure_caching_allocator
 
         ensure_caching_allocator()
     try:
         base, files = find_audio(Path(args.target))
+        # Every path this run will write is checked before any compute: a typo in --output must
+        # not cost the whole folder's detection.
+        if args.output:
+            check_writable(args.output, "--output")
+        if args.plot:
+            check_writable(args.plot, "--plot")
+        if args.reference and not Path(args.reference).is_file():
+            raise AudioFileError(f"--reference {args.reference}: not found")
         stepper, config, _ = make_stepper(resolve_model(args.model), args.backend, args.device,
                                           precision=args.precision)
         overrides = parse_thresholds(args.threshold)
-        from rich.progress import Progress
-
-        rows: list[tuple[str, SoundEvent]] = []
-        with Progress(transient=True, disable=len(files) < 2) as bar:
-            task = bar.add_task("detecting", total=len(files))
-            for path in files:
-                name = str(path.relative_to(base)) if len(files) > 1 else path.name
-                events, engine = detect_file(path, stepper, config, overrides, keep=bool(args.plot))
-                rows += [(name, e) for e in events]
-                if args.plot:
-                    out = Path(args.plot) if len(files) == 1 else Path(args.plot).with_name(
-                        f"{Path(args.plot).stem}_{Path(name).with_suffix('').as_posix().replace('/', '_')}.png")
-                    ref = read_reference(Path(args.reference), name) if args.reference else None
-                    plot_detection(out, engine, events, f"{name}: {config.model.name}", ref)
-                bar.advance(task)
     except (ModelNotFoundError, CheckpointError, ValueError, OSError, RuntimeError) as exc:
         print(f"rtsed.detect: {exc}", file=sys.stderr)
-        return 2
-    target = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
-    try:
+        return EXIT_NOTHING_RUN
+    from rich.progress import Progress
+
+    rows: list[tuple[str, SoundEvent]] = []
+    failed: list[tuple[str, str]] = []
+    done = 0
+    interrupted = False
+    with Progress(transient=True, disable=len(files) < 2) as bar:
+        task = bar.add_task("detecting", total=len(files))
+        for path in files:
+            name = str(path.relative_to(base)) if len(files) > 1 else path.name
+            notes: list[str] = []
+            try:
+                events, engine = detect_file(path, stepper, config, overrides, keep=bool(args.plot), warnings=notes)
+            except KeyboardInterrupt:
+                interrupted = True
+                break
+            except (AudioFileError, OSError, ValueError, RuntimeError, MemoryError) as exc:
+                failed.append((name, _one_line(exc)))
+                bar.advance(task)
+                continue
+            done += 1
+            rows += [(name, e) for e in events]
+            for line in notes:
+                print(f"rtsed.detect: warning: {line}", file=sys.stderr)
+            if args.plot:
+                try:
+                    ref = read_reference(Path(args.reference), name) if args.reference else None
+                    plot_detection(_plot_path(args.plot, name, len(files) == 1), engine, events,
+                                   f"{name}: {config.model.name}", ref)
+                except (OSError, ValueError) as exc:  # the events stay in the output
+                    failed.append((name, f"plot not written: {_one_line(exc)}"))
+            bar.advance(task)
+
+    def emit(target: IO) -> None:
         if args.format == "tsv":
             write_dcase_tsv(target, rows)
         else:
             json.dump({"model": config.model.name, "labels": list(config.labels),
-                       "events": [{"filename": n, **e.to_dict()} for n, e in rows]}, target, indent=1)
+                       "events": [{"filename": n, **e.to_dict()} for n, e in rows],
+                       "failed": [{"filename": n, "error": why} for n, why in failed]}, target, indent=1)
             target.write("\n")
-    finally:
-        if target is not sys.stdout:
-            target.close()
-    print(f"{len(rows)} events in {len(files)} file(s)", file=sys.stderr)
-    return 0
+
+    code = EXIT_INTERRUPTED if interrupted else EXIT_FILES_FAILED if failed else EXIT_OK
+    if done == 0 and args.output:
+        print(f"rtsed.detect: no file was detected, so {args.output} was not written", file=sys.stderr)
+    elif args.output:
+        try:
+            write_atomically(args.output, emit, what="--output")
+        except OutputError as exc:
+            print(f"rtsed.detect: {exc}\nrtsed.detect: the {len(rows)} events follow on stdout so that they are "
+                  "not lost", file=sys.stderr)
+            emit(sys.stdout)
+            code = EXIT_OUTPUT_FAILED
+    else:
+        emit(sys.stdout)
+    if failed:
+        print(f"rtsed.detect: {len({n for n, _ in failed})} of {len(files)} file(s) failed:", file=sys.stderr)
+        for n, why in failed:
+            print(f"  {n}: {why}", file=sys.stderr)
+    if interrupted:
+        print(f"rtsed.detect: interrupted after {done} of {len(files)} file(s); their events were written",
+              file=sys.stderr)
+    print(f"{len(rows)} events in {done} file(s)", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rtsed.atomic import OutputError, check_writable
+from rtsed.models.bundled import ModelNotFoundError, resolve_model
 from rtsed.models.checkpoint import CheckpointError, load_checkpoint
 from rtsed.stream.onnx_export import OPSET, ExportError, export_onnx
 from rtsed.stream.onnx_runtime import check_against_torch
@@ -13,16 +15,17 @@ from rtsed.stream.onnx_runtime import check_against_torch
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rtsed.export", description="Export a checkpoint to ONNX.")
-    p.add_argument("--model", required=True, help="checkpoint path (.pt)")
+    p.add_argument("--model", required=True, help="checkpoint path (.pt) or bundled detector name (e.g. dnd_7_10.pt)")
     p.add_argument("--out", required=True, help="output .onnx path")
     p.add_argument("--streaming", action="store_true", help="export the streaming step graph")
     p.add_argument("--opset", type=int, default=OPSET)
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch check after export")
     args = p.parse_args(argv)
     try:
-        ckpt = load_checkpoint(args.model)
+        check_writable(args.out, "--out")
+        ckpt = load_checkpoint(resolve_model(args.model))
         out = export_onnx(ckpt.model, ckpt.config, args.out, streaming=args.streaming, opset=args.opset)
-    except (CheckpointError, ExportError) as exc:
+    except (CheckpointError, ExportError, ModelNotFoundError, OutputError) as exc:
         print(f"rtsed.export: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {'step' if args.streaming else 'offline'} graph, "

@@ -5,14 +5,18 @@ Layout (a plain dict, loadable with ``torch.load(weights_only=True)``, so no cod
     {"format": "rtsed-checkpoint", "format_version": 1,
      "config": DetectorConfig.to_dict(),      # front end, model, labels, normalisation, decoder
      "state_dict": model weights and BN statistics,
-     "metadata": plain types only (training command, epoch, scores, versions, ...)}
+     "metadata": plain types only (training command, epoch, scores, versions, ...),
+     "content_sha256": hex SHA-256 of config and state_dict (rtsed.models.integrity.content_digest)}
 
 Every way a file can be wrong (missing, truncated, another format or version, weights that do
-not fit the config, non-finite weights) raises CheckpointError naming the file and the problem.
+not fit the config, non-finite or absurdly large weights, a content hash that no longer matches)
+raises CheckpointError naming the file and the problem. Files without ``content_sha256``
+(written before it existed) load, with a note in the log at INFO level.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import tempfile
@@ -23,7 +27,10 @@ from typing import Any
 import torch
 
 from rtsed.config import ConfigError, DetectorConfig
+from rtsed.models.integrity import MAX_ABS_WEIGHT, absurd_message, content_digest, modified_message
 from rtsed.models.model import SEDModel
+
+log = logging.getLogger(__name__)
 
 FORMAT = "rtsed-checkpoint"
 FORMAT_VERSION = 1
@@ -57,7 +64,16 @@ def save_checkpoint(path: str | os.PathLike, model: SEDModel, config: DetectorCo
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metadata": plain_data(dict(metadata or {}), "metadata"),
     }
+    payload["content_sha256"] = checkpoint_digest(payload["config"], payload["state_dict"])
     return atomic_torch_save(payload, path)
+
+
+def checkpoint_digest(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
+    """The content hash of a checkpoint's config and tensors (rtsed.models.integrity)."""
+    def raw(t: torch.Tensor) -> bytes:  # any dtype, bf16 included (numpy has none)
+        return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+    return content_digest(config, ((k, str(v.dtype), tuple(v.shape), raw(v)) for k, v in state.items()))
 
 
 def plain_data(value: Any, where: str) -> Any:
@@ -143,6 +159,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     model = SEDModel(config.model)
     state = payload["state_dict"]
     _check_state_dict(path, model, state)
+    _check_content_hash(path, payload)
+    _check_values(path, state)
     model.load_state_dict(state)
     model.to(map_location).eval()
     return Checkpoint(model=model, config=config, metadata=payload.get("metadata", {}), path=path)
@@ -165,9 +183,26 @@ def _check_state_dict(path: Path, model: SEDModel, state: Any) -> None:
         if wrong:
             parts.append(f"wrong shapes {wrong[:5]}{' ...' if len(wrong) > 5 else ''}")
         raise CheckpointError(f"{path}: weights do not fit its config ({model.name}): " + "; ".join(parts))
+
+
+def _check_values(path: Path, state: dict[str, torch.Tensor]) -> None:
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise CheckpointError(f"{path}: non-finite (NaN/Inf) values in {bad[:5]}; the run that wrote it diverged")
+        raise CheckpointError(f"{path}: non-finite (NaN/Inf) values in {bad[:5]}; the run that wrote it "
+                              "diverged, or the file is corrupt")
+    huge = [(k, float(v.abs().max())) for k, v in state.items()
+            if v.is_floating_point() and v.numel() and float(v.abs().max()) > MAX_ABS_WEIGHT]
+    if huge:
+        raise CheckpointError(absurd_message(path, huge))
+
+
+def _check_content_hash(path: Path, payload: dict) -> None:
+    expected = payload.get("content_sha256")
+    if expected is None:
+        log.info("%s: written without a content hash (an older rtsed); loaded unchecked", path)
+        return
+    if checkpoint_digest(payload["config"], payload["state_dict"]) != expected:
+        raise CheckpointError(modified_message(path, "checkpoint"))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -5,7 +5,9 @@
 
 Both graphs take raw log-mel frames (the front end's output) and normalise inside, so a consumer
 needs only the file: the metadata carries the detector config (front end, model, labels,
-normalisation, decoder) as JSON, the state tensors' names and shapes, and the lookahead.
+normalisation, decoder) as JSON, the state tensors' names and shapes, the lookahead, and
+``rtsed_content_sha256``, the SHA-256 of the serialized graph (``graph_digest``), which
+``rtsed.stream.onnx_runtime`` checks on load (rtsed.models.integrity says why).
 
 The step graph is ``ModelStream.step`` written without in-place state: every state tensor is an
 input and its update an output (``<name>`` -> ``<name>_out``). The CNN blocks' short histories are
@@ -32,17 +34,20 @@ step without the masks (all ones then) for the rest. Same inputs, outputs and ar
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rtsed.atomic import write_atomically
 from rtsed.backends.dispatch import eval_fast_path
 from rtsed.config import DetectorConfig, NormalizationStats
 from rtsed.models.layers import DilatedTemporal
@@ -531,9 +536,40 @@ def export_onnx(model: SEDModel, config: DetectorConfig, out: str | Path, stream
             _name_one_frame_values(one_frame)
         proto = _with_steady_branch(proto, steady, model.lookahead_frames, one_frame)
         meta["rtsed_step_variants"] = "steady-if" if one_frame is None else "steady-if-1"
+    meta["rtsed_content_sha256"] = graph_digest(proto)
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.doc_string = f"rtsed {config.model.name} ({meta['rtsed_graph']} graph); labels: {', '.join(config.labels)}"
-    onnx.save(proto, str(out))
-    return out
+    return write_atomically(out, lambda f: f.write(proto.SerializeToString()), binary=True, what="ONNX file")
+
+
+def graph_digest(proto) -> str:
+    """SHA-256 (hex) of a model's serialized graph: its nodes, weights and subgraphs. The metadata
+    that records it lies outside the graph, so recording it does not change it."""
+    return hashlib.sha256(proto.graph.SerializeToString()).hexdigest()
+
+
+def float_weights(proto) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) of every floating-point constant of a model: initializers and Constant
+    tensors, subgraphs (the step graph's If branches) included."""
+    import onnx
+    from onnx import numpy_helper
+
+    def walk(graph):
+        for t in graph.initializer:
+            yield t
+        for node in graph.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield a.t
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for g in a.graphs:
+                        yield from walk(g)
+
+    for t in walk(proto.graph):
+        array = numpy_helper.to_array(t)
+        if array.dtype.kind == "f":
+            yield t.name, array

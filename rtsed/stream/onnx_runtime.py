@@ -8,15 +8,19 @@ CUDA where onnxruntime-gpu and a GPU exist (``device="cuda"``; asking for it els
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from rtsed.config import DetectorConfig
+from rtsed.models.integrity import MAX_ABS_WEIGHT, absurd_message, modified_message
 from rtsed.stream.plan import NO_END, StreamPlan
 from rtsed.stream.onnx_export import (DIL_NEW, DIL_READ, DIL_TAPS, DIL_WRITE, ONNX_FORMAT, ONNX_FORMAT_VERSION,
-                          steady_step_model, window_name)
+                          float_weights, graph_digest, steady_step_model, window_name)
+
+log = logging.getLogger(__name__)
 
 
 class OnnxModelError(ValueError):
@@ -92,8 +96,34 @@ class OnnxFile:
         if version != str(ONNX_FORMAT_VERSION):
             raise OnnxModelError(f"{path}: rtsed ONNX format version {version}, this rtsed reads "
                                  f"version {ONNX_FORMAT_VERSION}; re-export it with this rtsed")
+        _check_weights(path, meta.get("rtsed_content_sha256"))
         config = DetectorConfig.from_dict(json.loads(meta["rtsed_config"]))
         return cls(path, session, config, meta["rtsed_graph"], int(meta["rtsed_lookahead_frames"]), meta)
+
+
+def _check_weights(path: Path, digest: str | None) -> None:
+    """OnnxModelError when the graph no longer matches the content hash written at export, or
+    holds non-finite or absurdly large weights (rtsed.models.integrity). Files exported before
+    the hash existed are checked for magnitudes only."""
+    try:
+        import onnx
+    except ImportError:  # onnxruntime alone runs the file; the check needs the onnx package
+        log.info("%s: not checked against its content hash (pip install onnx to check it)", path)
+        return
+    proto = onnx.load(str(path))
+    if digest is None:
+        log.info("%s: exported without a content hash (an older rtsed); loaded unchecked", path)
+    elif graph_digest(proto) != digest:
+        raise OnnxModelError(modified_message(path, "ONNX file"))
+    worst = []
+    for name, w in float_weights(proto):
+        if w.size and not np.isfinite(w).all():
+            raise OnnxModelError(f"{path}: non-finite (NaN/Inf) weights in {name}; the file is corrupt: "
+                                 "re-download or re-export it")
+        if w.size and float(np.abs(w).max()) > MAX_ABS_WEIGHT:
+            worst.append((name, float(np.abs(w).max())))
+    if worst:
+        raise OnnxModelError(absurd_message(path, worst))
 
 
 class OnnxOffline:
