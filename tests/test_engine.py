@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import rtsed
-from rtsed.config import DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
 from rtsed.serve.decode import OnsetNotice, SoundEvent, decode_offline
 from rtsed.serve.engine import DetectionEngine, MultiStreamEngine, make_stepper
+
+from engine_helpers import lively_checkpoint
 
 RATE = 16000
 LABELS = ("tone", "noise", "click")
@@ -18,22 +19,7 @@ LABELS = ("tone", "noise", "click")
 def checkpoint(tmp_path_factory):
     """A small dnd model with randomised weights and BN statistics, scaled so its probabilities
     cross the thresholds often (events to compare), saved as a real checkpoint."""
-    torch.manual_seed(0)
-    config = DetectorConfig(
-        frontend=FrontendConfig.for_rate(RATE),
-        model=ModelConfig.from_name("dnd_3_10", n_classes=3, channels=16),
-        labels=LABELS,
-        normalization=NormalizationStats(mean=(-6.0,) * 40, std=(3.0,) * 40),
-        decoder=DecoderConfig(on_thresholds=(0.6, 0.55, 0.5), off_thresholds=(0.4, 0.45, 0.5), min_event_s=0.06),
-    )
-    model = rtsed.SEDModel(config.model).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-    with torch.no_grad():
-        model.classifier.weight.mul_(20.0)
-    return rtsed.save_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.pt", model, config)
+    return lively_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.pt", "dnd_3_10", LABELS, seed=0, rate=RATE)
 
 
 def scene(seconds=6.0, seed=0):

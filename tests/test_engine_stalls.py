@@ -5,42 +5,21 @@ single-stream detection of its own signal, to the last event (``end`` completes 
 
 import numpy as np
 import pytest
-import torch
 
-import rtsed
-from rtsed.config import DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig, NormalizationStats
 from rtsed.serve.decode import SoundEvent
 from rtsed.serve.engine import DetectionEngine, MultiStreamEngine, make_stepper
 
+from engine_helpers import lively_checkpoint
+
 RATE = 16000
-
-
-def _checkpoint(folder, name):
-    """A small model with random weights scaled so that its probabilities cross the thresholds
-    often (events to compare)."""
-    torch.manual_seed(1)
-    config = DetectorConfig(
-        frontend=FrontendConfig.for_rate(RATE),
-        model=ModelConfig.from_name(name, n_classes=3, channels=16),
-        labels=("a", "b", "c"),
-        normalization=NormalizationStats(mean=(-6.0,) * 40, std=(3.0,) * 40),
-        decoder=DecoderConfig(on_thresholds=(0.6, 0.55, 0.5), off_thresholds=(0.4, 0.45, 0.5), min_event_s=0.06),
-    )
-    model = rtsed.SEDModel(config.model).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-    with torch.no_grad():
-        model.classifier.weight.mul_(20.0)
-    return rtsed.save_checkpoint(folder / f"{name}.pt", model, config)
 
 
 @pytest.fixture(scope="module", params=["dnd_3_10", "dws"])
 def checkpoint(request, tmp_path_factory):
     """A dilated model (f_dil's ring, whose shared write position moves while a stream is held)
     and a GRU model (its hidden state)."""
-    return _checkpoint(tmp_path_factory.mktemp("ckpt"), request.param)
+    return lively_checkpoint(tmp_path_factory.mktemp("ckpt") / f"{request.param}.pt", request.param, ("a", "b", "c"),
+                             seed=1)
 
 
 def signal(seed, seconds=5.0):
