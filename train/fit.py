@@ -24,6 +24,11 @@ Writes ``<out>/best.pt`` (an rtsed checkpoint, atomically, whenever the selectio
 ``<out>/last.pt`` (everything needed to resume: weights, optimiser, epoch, position inside the
 epoch, RNG, history), at each epoch's end and every ``--save-every-s`` seconds inside one, so a
 run killed mid-epoch resumes where it stopped with ``--resume``.
+
+``--lr-decay F`` (off by default, as in the paper) multiplies the learning rate by F whenever the
+selection score has not improved for ``--lr-decay-patience`` epochs (torch's ReduceLROnPlateau), down
+to ``--min-lr``; its state is saved in last.pt. Resuming a run that had no schedule with one starts
+the schedule from the run's best score and its epochs without improvement.
 """
 
 from __future__ import annotations
@@ -83,6 +88,9 @@ class Recipe:
     select: str = "tuned_event_f1"  # what best.pt maximises on validation (SELECTIONS)
     steps_per_epoch: int = 50  # on-the-fly training: batches of fresh scenes per epoch
     workers: int = 1  # on-the-fly training: DataLoader worker processes mixing scenes
+    lr_decay: float = 1.0  # learning-rate factor on a plateau of the selection score (1: constant lr)
+    lr_decay_patience: int = 5  # epochs without improvement before the lr is multiplied by lr_decay
+    min_lr: float = 1e-5
 
 
 @dataclass
@@ -290,7 +298,10 @@ def run(args: argparse.Namespace) -> Path | None:
     recipe = Recipe(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                     seed=args.seed, save_every_s=args.save_every_s, precision=args.precision, select=args.select,
                     steps_per_epoch=args.steps_per_epoch, workers=args.workers,
-                    sequence_frames=args.sequence_frames)
+                    sequence_frames=args.sequence_frames, lr_decay=args.lr_decay,
+                    lr_decay_patience=args.lr_decay_patience, min_lr=args.min_lr)
+    if not 0.0 < recipe.lr_decay <= 1.0:
+        raise SystemExit(f"--lr-decay {recipe.lr_decay}: give a factor in (0, 1], e.g. 0.5 (1 keeps the lr constant)")
     if recipe.precision == "bf16" and device.type != "cpu":
         raise SystemExit("--precision bf16 is the CPU training path's (its GEMMs in bf16, tested to converge); "
                          f"on {device.type} it has not been measured yet: train with --precision fp32")
@@ -368,8 +379,9 @@ def run(args: argparse.Namespace) -> Path | None:
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     progress = Progress()
     last_path = out / "last.pt"
+    scheduler = plateau_scheduler(optimizer, recipe)
     if args.resume:
-        progress = resume_from(last_path, model, optimizer, config, recipe, log, onthefly_meta)
+        progress = resume_from(last_path, model, optimizer, config, recipe, log, onthefly_meta, scheduler)
     elif last_path.exists():
         raise SystemExit(f"{last_path} exists: pass --resume to continue that run, or choose another --out")
     if args.resume and ddp.rank > 0:
@@ -416,11 +428,11 @@ def run(args: argparse.Namespace) -> Path | None:
             # refresh=False: set_postfix would otherwise redraw on every batch, defeating mininterval
             bar.set_postfix(loss=f"{progress.loss_sum / progress.step:.4f}", refresh=False)
             if ddp.main and time.perf_counter() - last_save > recipe.save_every_s:
-                save_last(last_path, model, optimizer, config, recipe, progress, onthefly_meta)
+                save_last(last_path, model, optimizer, config, recipe, progress, onthefly_meta, scheduler)
                 last_save = time.perf_counter()
         bar.close()
         train_loss = progress.loss_sum / max(len(batches), 1)
-        stop = torch.zeros(1)
+        stop = torch.zeros(2, dtype=torch.float64)  # [stop?, the lr of the next epoch]
         if ddp.main:
             scores = validate(model, val_data, recipe.batch_size, device)
             event_scores_, decoder = validate_events(
@@ -433,7 +445,8 @@ def run(args: argparse.Namespace) -> Path | None:
                                                        and scores["val_loss"] < progress.best_val_loss)
             n = max(timing["n"], 1)
             per_batch = {k: timing[k] / n for k in ("make_s", "wait_s", "step_s")}
-            record = {"epoch": epoch + 1, "train_loss": train_loss, **scores, "seconds": seconds,
+            lr = optimizer.param_groups[0]["lr"]
+            record = {"epoch": epoch + 1, "train_loss": train_loss, **scores, "lr": lr, "seconds": seconds,
                       **{f"batch_{k}": v for k, v in per_batch.items()}}
             progress.history.append(record)
             if improved:
@@ -443,18 +456,24 @@ def run(args: argparse.Namespace) -> Path | None:
                                 metadata=run_metadata(args, recipe, progress, dataset, onthefly_meta))
             else:
                 progress.bad_epochs += 1
+            if scheduler is not None:
+                scheduler.step(score)
             log(f"epoch {epoch + 1:3d}  train_loss {train_loss:.4f}  val_loss {scores['val_loss']:.4f}  "
                 f"val_F1 {scores['val_f1']:.3f}  val_ER {scores['val_er']:.3f}  {seconds:6.1f} s  "
                 f"event_F1 {scores['val_event_f1']:.3f}" + (f"  PSDS1 {scores['val_psds1']:.3f}" if psds else "")
                 + f"  per batch: make {per_batch['make_s']:.2f} s, wait {per_batch['wait_s']:.2f} s, "
-                f"step {per_batch['step_s']:.2f} s" + ("  *best" if improved else ""))
+                f"step {per_batch['step_s']:.2f} s" + ("  *best" if improved else "")
+                + (f"  lr {lr:.3g}" if scheduler is not None else ""))
             stop[0] = float(progress.bad_epochs >= recipe.patience)
+            stop[1] = optimizer.param_groups[0]["lr"]
         progress.epoch, progress.step, progress.loss_sum = epoch + 1, 0, 0.0
         if ddp.main:
-            save_last(last_path, model, optimizer, config, recipe, progress, onthefly_meta)
+            save_last(last_path, model, optimizer, config, recipe, progress, onthefly_meta, scheduler)
         if ddp.world > 1:
             dist.broadcast(stop, src=0)
-        if stop.item():
+            for group in optimizer.param_groups:  # the schedule runs on rank 0, which alone validates
+                group["lr"] = float(stop[1])
+        if stop[0].item():
             log(f"no improvement for {recipe.patience} epochs: stopping")
             break
     if ddp.main:
@@ -519,9 +538,21 @@ def training_batches(train_data, batches: list[list[int]], first: int, epoch: in
 # ---------------------------------------------------------------------------- state and config
 
 
+def plateau_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe):
+    """ReduceLROnPlateau on the selection score (higher is better), or None for a constant lr.
+    threshold 0: any gain counts as an improvement, as it does for best.pt."""
+    if recipe.lr_decay >= 1.0:
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=recipe.lr_decay, patience=recipe.lr_decay_patience,
+        threshold=0.0, min_lr=recipe.min_lr)
+
+
 def save_last(path: Path, model: SEDModel, optimizer: torch.optim.Optimizer, config: DetectorConfig,
-              recipe: Recipe, progress: Progress, onthefly: dict[str, Any] | None = None) -> None:
+              recipe: Recipe, progress: Progress, onthefly: dict[str, Any] | None = None,
+              scheduler=None) -> None:
     atomic_torch_save({
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
         "onthefly": onthefly,
         "format": "rtsed-train-state", "format_version": LAST_STATE_VERSION,
         "config": config.to_dict(), "recipe": asdict(recipe), "progress": asdict(progress),
@@ -531,7 +562,7 @@ def save_last(path: Path, model: SEDModel, optimizer: torch.optim.Optimizer, con
 
 
 def resume_from(path: Path, model: SEDModel, optimizer: torch.optim.Optimizer, config: DetectorConfig,
-                recipe: Recipe, log, onthefly: dict[str, Any] | None = None) -> Progress:
+                recipe: Recipe, log, onthefly: dict[str, Any] | None = None, scheduler=None) -> Progress:
     if not path.exists():
         raise SystemExit(f"--resume: {path} does not exist; start the run without --resume")
     try:
@@ -555,6 +586,15 @@ def resume_from(path: Path, model: SEDModel, optimizer: torch.optim.Optimizer, c
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     progress = Progress(**state["progress"])
+    if scheduler is not None:
+        if state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+            # The factor, patience and floor are this command's, so a resumed run can change them.
+            scheduler.factor, scheduler.patience = recipe.lr_decay, recipe.lr_decay_patience
+            scheduler.min_lrs = [recipe.min_lr] * len(optimizer.param_groups)
+        else:
+            scheduler.best, scheduler.num_bad_epochs = progress.best_score, progress.bad_epochs
+            scheduler.last_epoch = progress.epoch
     log(f"resuming {path}: epoch {progress.epoch + 1}, batch {progress.step}, best epoch {progress.best_epoch} "
         f"(val_loss {progress.best_val_loss:.4f})")
     return progress
@@ -682,6 +722,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", default=r.select, choices=SELECTIONS,
                    help="best.pt is the epoch with the best validation event F1 (decoded with the checkpoint's "
                         "decoder, DESIGN.md's collars), PSDS1, or the lowest validation loss")
+    p.add_argument("--lr-decay", type=float, default=r.lr_decay,
+                   help="multiply the lr by this factor when --select has not improved for --lr-decay-patience "
+                        "epochs (ReduceLROnPlateau; default 1: constant lr, the paper's)")
+    p.add_argument("--lr-decay-patience", type=int, default=r.lr_decay_patience)
+    p.add_argument("--min-lr", type=float, default=r.min_lr, help="the lr never decays below this")
     g = p.add_argument_group("on-the-fly training scenes (a fresh draw each epoch; --data or --val-data "
                              "then give the validation files only)")
     g.add_argument("--events", metavar="POOL", help="event clips (e.g. ../shared/data/esc10): train on scenes "
