@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchmarks import _report
+from benchmarks._gpu import OOM_SKIPS, skip_on_oom
 from rtsed.backends.allocator import ensure_caching_allocator
 
 
@@ -68,8 +69,18 @@ def torch_threads():
     torch.set_num_threads(before)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Every case, CPU or GPU: an out-of-memory error skips it with the reason (benchmarks/_gpu.py),
+    so one case too big for the device does not fail the run or the cases after it."""
+    with skip_on_oom(item.nodeid):
+        return (yield)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter) -> None:
+    for test_id, why in OOM_SKIPS:
+        terminalreporter.write_line(f"skipped for want of memory: {test_id}: {why}")
     if not _report.RESULTS:
         return
     wall = time.perf_counter() - _session["start"] if "start" in _session else None

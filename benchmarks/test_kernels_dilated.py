@@ -19,10 +19,11 @@ with ``.to(memory_format=...)`` and the chosen layout is recorded in extra_info)
 sides: torch's default for cuDNN convs) and ``fp16`` (x and conv weight fp16, BN parameters fp32 as
 under autocast; fp32 accumulation).
 
-Before timing, the Triton case checks parity with cuDNN at the benchmark shape (fp32 with TF32 off:
-the parity rule |a - b| <= 1e-5 + 1e-4 |b| on the output, and on every gradient in training; fp16:
-|a - b| <= 5e-3 max|b| + 5e-3 |b|, gradients 1e-2; tf32: 2e-3 relative to max|b|): the interpreter
-tests cannot show races or TF32 error, this can.
+Before timing, the Triton case checks parity (``_parity``): fp32 with TF32 off against the fp64
+reference under the parity rule |a - b| <= 1e-5 + 1e-4 |b| at a small batch, where fp32 can meet it,
+with the full-size relative L2 errors against fp64 reported beside cuDNN fp32's; fp16 (|a - b| <=
+5e-3 max|b| + 5e-3 |b|, gradients 1e-2) and tf32 (2e-3 relative to max|b|) against cuDNN at the
+full size. The interpreter tests cannot show races or TF32 error, this can.
 
 extra_info: ms per call, useful TFLOP/s (2 x MACs of the convs autograd would run: the forward conv,
 plus the weight- and input-gradient convs in training, whatever the kernel recomputes), effective
@@ -103,40 +104,78 @@ def _op(impl: str, kd):
     return run
 
 
+PARITY_B, PARITY_T = 1, 32  # the asserted fp32 check's batch: rows few enough for the fp32 parity rule
+
+
+def _forward_backward(fn, x, p, training, ct):
+    """y and, in training, the gradients of x and of every parameter for cotangent ct, plus the
+    updated running variance; x and p are copied to fresh leaves (dtype kept)."""
+    xi = x.detach().clone().requires_grad_(training)
+    pi = {n: (v.detach().clone().requires_grad_(training and n in ("weight", "bias", "bn_weight", "bn_bias")))
+          for n, v in p.items()}
+    names = ("weight", "bias", "bn_weight", "bn_bias", "bn_running_mean", "bn_running_var")
+    y = fn(xi, *[pi[n] for n in names], dilation=D, stride=S, training=training, momentum=0.1, eps=1e-5)
+    out = {"y": y.detach()}
+    if training:
+        y.backward(ct.to(y.dtype))
+        out.update(x=xi.grad, **{n: pi[n].grad for n in ("weight", "bias", "bn_weight", "bn_bias")})
+        out["running_var"] = pi["bn_running_var"]
+    return out
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
 def _parity(kd, precision: str, training: bool) -> dict[str, float]:
-    """Triton vs cuDNN NCHW at the benchmark shape; returns the largest error / tolerance per tensor."""
-    worst = {}
+    """Checks the kernel before it is timed; returns what it measured per tensor.
+
+    fp32 (TF32 off): the parity rule |a - b| <= 1e-5 + 1e-4 |b| is asserted against the fp64
+    reference at a small batch (B = 1, T = 32: full channel counts, few enough rows that fp32
+    itself meets the rule), because at the full batch fp32 cannot meet it against anything: the
+    input gradient of fp32 against fp64 on the CPU exceeds it 10,000-fold, and two fp32 orders of
+    the same GEMM differ 42-fold. At the full size the relative L2 errors of the kernel and of
+    cuDNN fp32, both against fp64, are reported (``full_<tensor>_rel_l2[_cudnn]``), not asserted.
+    fp16 and tf32: against cuDNN at the same precision and full size, tolerances relative to the
+    largest value (fp16: 5e-3, gradients 1e-2; tf32: 2e-3), asserted."""
+    worst: dict[str, float] = {}
+    gen = torch.Generator(device="cuda").manual_seed(1)
     with TF32(precision == "tf32"):
-        x = _x(precision, training)
-        outs = {}
-        for impl in ("triton", "cudnn_nchw"):
-            p = _params(precision, training)
-            xi = x.detach().clone().requires_grad_(training)
-            y = _op(impl, kd)(xi, p, training)
-            grads = {}
-            if training:
-                ct = torch.randn(y.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-                y.backward(ct.to(y.dtype))
-                grads = {"x": xi.grad, **{n: p[n].grad for n in ("weight", "bias", "bn_weight", "bn_bias")}}
-                grads["running_var"] = p["bn_running_var"]
-            outs[impl] = (y.detach(), grads)
-        ya, ga = outs["triton"]
-        yb, gb = outs["cudnn_nchw"]
-        pairs = [("y", ya, yb)] + [(n, ga[n], gb[n]) for n in gb]
-        for name, a, b in pairs:
-            a, b = a.double(), b.double()
-            grad = name != "y"
-            if precision == "fp32":
-                allowed = 1e-5 + 1e-4 * b.abs()
-            elif precision == "fp16":
-                tol = 1e-2 if grad else 5e-3
-                allowed = tol * (b.abs().max() + b.abs())
-            else:  # tf32: 10-bit mantissa inputs, different blocking on each side
-                allowed = 2e-3 * b.abs().max() + 2e-3 * b.abs()
-            ratio = float(((a - b).abs() / allowed).max())
-            worst[name] = ratio
-            assert ratio <= 1.0, f"{precision} {'train' if training else 'eval'} {name}: error {ratio:.3g} x tolerance"
-        del outs, ya, yb, ga, gb
+        if precision == "fp32":
+            x = torch.randn(PARITY_B, 1, PARITY_T + (K - 1) * D, C, device="cuda", generator=gen)
+            ct = torch.randn(PARITY_B, C_OUT, PARITY_T, W, device="cuda", generator=gen)
+            p = _params("fp32", False)
+            got = _forward_backward(kd.dilated_temporal, x, p, training, ct)
+            want = _forward_backward(kd.dilated_temporal_ref, x.double(), {n: v.double() for n, v in p.items()},
+                                     training, ct.double())
+            for name, b in want.items():
+                a, b = got[name].double(), b.double()
+                ratio = float(((a - b).abs() / (1e-5 + 1e-4 * b.abs())).max())
+                worst[f"small_{name}"] = ratio
+                assert ratio <= 1.0, (f"fp32 {'train' if training else 'eval'} {name} at B={PARITY_B}, "
+                                      f"T={PARITY_T} against fp64: error {ratio:.3g} x the parity tolerance")
+            del got, want
+        x = _x(precision, False)
+        ct = torch.randn(B, C_OUT, T, W, device="cuda", generator=gen)
+        p = _params(precision, False)
+        got = _forward_backward(kd.dilated_temporal, x, p, training, ct)
+        cudnn = _forward_backward(kd.dilated_temporal_ref, x, p, training, ct)
+        if precision == "fp32":  # reported only: see the docstring
+            exact = _forward_backward(kd.dilated_temporal_ref, x.double(), {n: v.double() for n, v in p.items()},
+                                      training, ct.double())
+            for name, b in exact.items():
+                worst[f"full_{name}_rel_l2"] = _rel_l2(got[name], b)
+                worst[f"full_{name}_rel_l2_cudnn"] = _rel_l2(cudnn[name], b)
+            del exact
+        else:
+            for name, b in cudnn.items():
+                a, b = got[name].double(), b.double()
+                tol = (1e-2 if name != "y" else 5e-3) if precision == "fp16" else 2e-3
+                ratio = float(((a - b).abs() / (tol * (b.abs().max() + b.abs()))).max())
+                worst[name] = ratio
+                assert ratio <= 1.0, f"{precision} {'train' if training else 'eval'} {name}: error {ratio:.3g} x tolerance"
+        del got, cudnn
     torch.cuda.empty_cache()
     return worst
 
@@ -177,7 +216,7 @@ def test_dilated_inference(benchmark, impl, precision):
     res = record(benchmark, "gpu_dilated_inference", f"{impl} {precision}", impl=impl, precision=precision,
                  device=torch.cuda.get_device_name(), shape=f"x ({B}, 1, {TP}, {C}) -> y ({B}, {C_OUT}, {T}, {W})",
                  out_channels_last=y.is_contiguous(memory_format=torch.channels_last),
-                 parity_worst_fraction_of_tolerance=parity,
+                 parity=parity,
                  derive=lambda t: {"ms_per_call": 1e3 * t, "tflops_useful": 2 * MACS / t / 1e12,
                                    "gb_per_s_effective": byts / t / 1e9,
                                    "frames_per_second": B * T / t})
@@ -213,7 +252,7 @@ def test_dilated_training(benchmark, impl, precision):
     x_bytes, y_bytes = B * TP * C * es, B * C_OUT * T * W * es
     byts = 3 * x_bytes + 2 * y_bytes
     res = record(benchmark, "gpu_dilated_training", f"{impl} {precision}", impl=impl, precision=precision,
-                 device=torch.cuda.get_device_name(), parity_worst_fraction_of_tolerance=parity,
+                 device=torch.cuda.get_device_name(), parity=parity,
                  derive=lambda t: {"ms_per_call": 1e3 * t, "tflops_useful": 3 * 2 * MACS / t / 1e12,
                                    "gb_per_s_effective": byts / t / 1e9,
                                    "frames_per_second": B * T / t})

@@ -424,3 +424,70 @@ def test_cli_exports_and_checks(tmp_path, capsys):
     (tmp_path / "broken.pt").write_bytes(b"xx")
     assert export_main(["--model", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "broken.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chunks", ["ones", "varying"])
+def test_io_bound_states_stream_like_offline(exported, chunks):
+    """The IO-binding path (CUDA's default; forced here on the CPU provider, which binds the same
+    way): states stay OrtValues between steps and the stream still equals offline."""
+    model, config, _, step = exported
+    total = 120
+    logmel = raw_logmel(config, total, seed=4)
+    ref = torch_logits(model, config, logmel)[0]
+    sizes = [1] * 30 + [total - 30] if chunks == "ones" else [5, 17, 1, 40, 3, 30, 24]
+    stream = OnnxStream(step, io_binding=True)
+    assert stream._steady_session is None  # bound streams run the full step graph
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(stream.push(logmel[0, start:start + size]))
+        start += size
+        assert stream._device_states is not None  # not copied back to the host between steps
+        assert all(v.device_name().lower() == "cpu" for v in stream._device_states.values())
+    parts.append(stream.flush())
+    assert_parity(np.concatenate(parts), ref)
+
+
+def test_io_bound_batched_streams_reset_and_hold(exported):
+    """Host-side changes (reset of one stream, a held stream) reach the bound device states: the
+    bound stream matches the plain one step by step, states included."""
+    model, config, _, step = exported
+    bound, plain = OnnxStream(step, batch_size=2, io_binding=True), OnnxStream(step, batch_size=2)
+    compared = 0
+    for i in range(12):
+        frames = raw_logmel(config, 7, batch=2, seed=20 + i)
+        if i == 5:
+            bound.reset([1])
+            plain.reset([1])
+        hold = np.array([False, i % 4 == 3])
+        a, b = bound.step(frames, hold=hold), plain.step(frames, hold=hold)
+        np.testing.assert_array_equal(a.valid, b.valid)
+        if b.valid.any():
+            assert_parity(a.logits[a.valid], b.logits[b.valid])
+            compared += 1
+    assert compared > 0
+    for name, value in plain.states.items():
+        assert_parity(bound.states[name], value)
+
+
+def test_a_session_that_fell_back_to_the_cpu_is_an_error(exported, monkeypatch):
+    """onnxruntime-gpu without its CUDA libraries offers CUDAExecutionProvider, then builds a CPU
+    session with only a logged error. Staged with the CPU wheel, which does the same with a
+    provider it lacks: the session's own providers are checked and the fallback named."""
+    import onnxruntime as ort
+
+    _, _, offline, _ = exported
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(OnnxModelError, match=r"asked for \['CUDAExecutionProvider'\].*runs on \['CPUExecutionProvider'\]"):
+        OnnxOffline(offline, device="cuda")
+
+
+def test_export_leaves_the_callers_model_as_it_was(tmp_path):
+    """Export traces a CPU copy in eval mode: the caller's model keeps its tensors (a CUDA model
+    is not moved to the CPU under its owner) and its training mode."""
+    model, config = randomised("dil_3_10")
+    model.train()
+    before = {name: p.data_ptr() for name, p in model.named_parameters()}
+    export_onnx(model, config, tmp_path / "m.onnx")
+    assert model.training
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == before

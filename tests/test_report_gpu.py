@@ -190,3 +190,21 @@ def test_cpu_only_results_render_no_gpu_section():
     cells = _row(text, "offline inference, time per batch")
     assert cells[1:] == ["11.3 s", "28.1 s", _ratio(11.3, 28.1)]
     assert text.rstrip().splitlines()[-1].startswith("| test[")  # the spread table still ends it
+
+
+def test_out_of_memory_skips_the_case_and_records_why():
+    """benchmarks/_gpu.skip_on_oom, which benchmarks/conftest.py wraps around every case: an OOM is a
+    skip naming what did not fit (kept in OOM_SKIPS for the summary); other errors still fail."""
+    spec = importlib.util.spec_from_file_location("_rtsed_bench_gpu_under_test", REPO / "benchmarks" / "_gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    import torch
+
+    with pytest.raises(pytest.skip.Exception, match="out of GPU memory: CUDA out of memory. Tried to allocate 13.8"):
+        with gpu.skip_on_oom("bench::x10000"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 13.8 GiB\nmore detail")
+    assert gpu.OOM_SKIPS == [("bench::x10000", "CUDA out of memory. Tried to allocate 13.8 GiB")]
+    with pytest.raises(ValueError):
+        with gpu.skip_on_oom("bench::other"):
+            raise ValueError("not memory")
+    assert len(gpu.OOM_SKIPS) == 1

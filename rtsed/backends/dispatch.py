@@ -86,9 +86,11 @@ def requested_backend() -> str:
     return value
 
 
-def backend_for(op: str, x: Tensor) -> str:
+def backend_for(op: str, x: Tensor, shape_problem: str = "", elements: int = 0) -> str:
     """Resolve the Triton-or-not backend ("ref" or "triton") for one op on one input; CPU fast
-    paths are chosen by ``cpu_fast_path`` / ``eval_fast_path``."""
+    paths are chosen by ``cpu_fast_path`` / ``eval_fast_path``. ``shape_problem``: why the op's
+    shapes are outside what its kernel takes ("" when they are inside); ``elements``: the largest
+    tensor the kernel would index (its output, usually)."""
     requested = requested_backend()
     if requested == "ref":
         return "ref"
@@ -97,11 +99,41 @@ def backend_for(op: str, x: Tensor) -> str:
         # it explicitly; auto never sends CPU work to it. Decided before looking for triton:
         # that lookup (two find_spec calls) is slow next to a streaming step.
         return "ref"
-    usable, why = _triton_usable(op, x)
-    if requested == "triton" and not usable:
+    return triton_decision(op, requested, x.device.type, x.dtype, shape_problem=shape_problem,
+                           elements=max(elements, x.numel()), **_triton_install_facts(op))
+
+
+TRITON_DTYPES = (torch.float32, torch.float16)  # what every kernel in kernels/ computes in
+TRITON_MAX_ELEMENTS = 2**31 - 1  # the kernels' offsets are int32: a bigger tensor would wrap around
+
+
+def triton_decision(op: str, requested: str, device_type: str, dtype: torch.dtype, *, triton_installed: bool,
+                    interpret: bool, kernel_exists: bool, shape_problem: str = "", elements: int = 0) -> str:
+    """The decision of ``backend_for`` on plain facts (no tensor, no GPU needed to test it):
+    "triton" where the op's kernel can take the input, else "ref". ``requested``: RTSED_KERNELS
+    ("auto" or "triton"); asked by name, a kernel that cannot take the input is an error
+    (KernelUnavailableError naming why), never a silent fallback; under auto, CUDA work the
+    kernels do not take (float64, bfloat16, shapes outside their limits, tensors past int32
+    offsets) runs the reference, which takes anything torch takes."""
+    why = ""
+    if not triton_installed:
+        why = "triton is not installed (pip install 'rtsed[triton]')"
+    elif device_type != "cuda" and not interpret:
+        why = f"the input is on {device_type}, not CUDA (or TRITON_INTERPRET=1 for the interpreter)"
+    elif not kernel_exists:
+        why = f"no Triton kernel for {op} exists yet (kernels/{op}.py)"
+    elif dtype not in TRITON_DTYPES:
+        why = f"its kernels compute in float32 or float16, not {dtype}"
+    elif shape_problem:
+        why = shape_problem
+    elif elements > TRITON_MAX_ELEMENTS:
+        why = f"a tensor of {elements:,} elements is past the kernels' int32 offsets (2^31 - 1)"
+    if not why:
+        return "triton"
+    if requested == "triton":
         raise KernelUnavailableError(f"RTSED_KERNELS=triton but {op} cannot run in Triton here: {why}. "
                                      "Set RTSED_KERNELS=ref or auto.")
-    return "triton" if usable else "ref"
+    return "ref"
 
 
 def exporting() -> bool:
@@ -144,14 +176,12 @@ def cpu_gemm_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
-def _triton_usable(op: str, x: Tensor) -> tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed (pip install 'rtsed[triton]')"
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        return False, f"the input is on {x.device}, not CUDA (or TRITON_INTERPRET=1 for the interpreter)"
-    if importlib.util.find_spec(f"kernels.{op}") is None:
-        return False, f"no Triton kernel for {op} exists yet (kernels/{op}.py)"
-    return True, ""
+def _triton_install_facts(op: str) -> dict[str, bool]:
+    """What ``triton_decision`` needs to know about this installation, for ``op``."""
+    installed = importlib.util.find_spec("triton") is not None
+    return dict(triton_installed=installed, interpret=os.environ.get("TRITON_INTERPRET") == "1",
+                kernel_exists=installed and importlib.util.find_spec(f"kernels.{op}") is not None)
+
 
 def eval_fast_path(x: Tensor, training: bool) -> bool:
     """Whether the folded eval-mode compositions apply: RTSED_KERNELS=auto, a CPU tensor of a
@@ -253,8 +283,11 @@ def frequency_block(x: Tensor, separable: bool, training: bool, kernel: int, out
     channels, max-pool (1, ``pool``) and ``params`` (the tensors autograd may record through).
     triton (DWS blocks), native or cpu-folded (eval mode; onnx-folded while traced), cpu-train
     (DWS blocks in training), else reference."""
-    if separable and backend_for("dws_block", x) == "triton":
-        return TRITON
+    if separable and (x.is_cuda or requested_backend() == "triton"):  # (no shape facts on the CPU's hot path)
+        if separable and backend_for("dws_block", x, _dws_shape_problem(x, kernel, out_channels, pool),
+                                     x.shape[0] * out_channels * x.shape[2] * x.shape[-1] if x.dim() == 4 else 0) \
+                == "triton":
+            return TRITON
     if _eval_fast(x, training):
         if separable and native_block_applies(x, kernel, out_channels, *params):
             return NATIVE
@@ -264,14 +297,43 @@ def frequency_block(x: Tensor, separable: bool, training: bool, kernel: int, out
     return REFERENCE
 
 
-def dilated_temporal(x: Tensor) -> str:
-    """f_dil's conv -> ReLU -> BN on its own: triton or reference."""
-    return TRITON if backend_for("dilated_temporal", x) == "triton" else REFERENCE
+def _dws_shape_problem(x: Tensor, kernel: int, out_channels: int, pool: int) -> str:
+    """Why kernels.dws_block cannot take a block on x (B, C_in, T + K - 1, F), or ""."""
+    if x.dim() != 4:
+        return f"dws_block takes x (B, C_in, T + K - 1, F), not {x.dim()}-d"
+    if kernel % 2 != 1 or x.shape[2] < kernel:
+        return f"dws_block takes an odd kernel over at least K frames (K={kernel}, {x.shape[2]} frames)"
+    if out_channels % x.shape[1]:
+        return f"dws_block's {out_channels} output channels are not a multiple of the {x.shape[1]} input channels"
+    if not 1 <= pool <= min(x.shape[3], 127):
+        return f"dws_block's pool {pool} is outside [1, min(F={x.shape[3]}, 127)]"
+    return ""
 
 
-def dilated_step(frames: Tensor) -> str:
-    """One ring-buffer step of f_dil on its own: triton or reference."""
-    return TRITON if backend_for("dilated_step", frames) == "triton" else REFERENCE
+def _dilated_elements(rows: int, channels: int, out_channels: int, kernel: int, stride: int) -> int:
+    """f_dil's output elements: rows (B T or B n frames) x C_out x W, W = (C - K) // S + 1."""
+    return rows * out_channels * max((channels - kernel) // max(stride, 1) + 1, 0)
+
+
+def dilated_temporal(x: Tensor, out_channels: int = 0, kernel: int = 1, stride: int = 1) -> str:
+    """f_dil's conv -> ReLU -> BN on its own, x (B, 1, T + (K - 1) d, C) with a (C_out, 1, K, K)
+    kernel and frequency stride S: triton or reference."""
+    problem = "" if x.dim() == 4 and x.shape[1] == 1 and kernel <= x.shape[-1] else \
+        f"dilated_temporal takes x (B, 1, T', C) with C >= K={kernel}, not {tuple(x.shape)}"
+    rows = x.shape[0] * x.shape[2] if x.dim() == 4 else 0
+    return TRITON if backend_for("dilated_temporal", x, problem,
+                                 _dilated_elements(rows, x.shape[-1], out_channels, kernel, stride)) == "triton" \
+        else REFERENCE
+
+
+def dilated_step(frames: Tensor, out_channels: int = 0, kernel: int = 1, stride: int = 1) -> str:
+    """One ring-buffer step of f_dil on its own, frames (B, n, C): triton or reference."""
+    problem = "" if frames.dim() == 3 and kernel <= frames.shape[-1] else \
+        f"dilated_step takes frames (B, n, C) with C >= K={kernel}, not {tuple(frames.shape)}"
+    rows = frames.shape[0] * frames.shape[1] if frames.dim() == 3 else 0
+    return TRITON if backend_for("dilated_step", frames, problem,
+                                 _dilated_elements(rows, frames.shape[-1], out_channels, kernel, stride)) == "triton" \
+        else REFERENCE
 
 
 def dilated_head(h: Tensor, training: bool, *params: Tensor) -> str:
@@ -287,14 +349,20 @@ def dilated_head(h: Tensor, training: bool, *params: Tensor) -> str:
     return REFERENCE
 
 
-def dilated_step_logits(h: Tensor, training: bool, *params: Tensor) -> str:
+def dilated_step_logits(h: Tensor, training: bool, *params: Tensor, out_channels: int = 0, kernel: int = 1,
+                        stride: int = 1) -> str:
     """A streaming step of f_dil and the classifier, h (B, C, n, 1) new CNN frames (``training``:
     the layer's mode; ``params``: the weights autograd may record through): triton
     (``dilated_step``'s kernel, then the classifier), native (eval on the CPU, one pass from the
     ring to logits), cpu-folded (BN folded into the classifier, two GEMMs; also in exported
-    graphs), else reference."""
-    if backend_for("dilated_step", h) == "triton":
-        return TRITON
+    graphs), else reference. ``out_channels``, ``kernel``, ``stride``: f_dil's C_out, K and S."""
+    if h.is_cuda or requested_backend() == "triton":  # (no shape facts on the CPU's hot path)
+        problem = "" if h.dim() == 4 and kernel <= h.shape[1] else \
+            f"dilated_step takes h (B, C, n, 1) with C >= K={kernel}, not {tuple(h.shape)}"
+        rows = h.shape[0] * h.shape[2] if h.dim() == 4 else 0
+        if backend_for("dilated_step", h, problem,
+                       _dilated_elements(rows, h.shape[1], out_channels, kernel, stride)) == "triton":
+            return TRITON
     if _eval_fast(h, training):
         return NATIVE if native_eval(h, *params) else FOLDED
     return REFERENCE

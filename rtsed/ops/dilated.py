@@ -26,7 +26,8 @@ def dilated_temporal(x: Tensor, weight: Tensor, bias: Tensor, bn_weight: Tensor,
     time-padded -> (B, C_out, T, W). BN as ``F.batch_norm`` takes it (training: batch statistics,
     the running ones updated in place with ``momentum``). Triton where dispatch says so, else the
     reference."""
-    op = launcher("dilated_temporal") if dispatch.dilated_temporal(x) == TRITON else dilated_temporal_ref
+    how = dispatch.dilated_temporal(x, weight.shape[0], weight.shape[2], stride)
+    op = launcher("dilated_temporal") if how == TRITON else dilated_temporal_ref
     return op(x, weight, bias, bn_weight, bn_bias, bn_running_mean, bn_running_var, dilation=dilation,
               stride=stride, training=training, momentum=momentum, eps=eps)
 
@@ -45,7 +46,8 @@ def dilated_step(frames: Tensor, ring: Tensor, write_pos: int, weight: Tensor, b
     """One streaming step of f_dil (eval-mode BN): writes frames (B, n, C) into ring
     (B, capacity, C) from slot write_pos on (in place; the caller advances its write position by
     n) and returns (B, n, C_out * W) for them, channel-major per frame. n <= capacity - (K - 1) d."""
-    op = launcher("dilated_step") if dispatch.dilated_step(frames) == TRITON else dilated_step_ref
+    how = dispatch.dilated_step(frames, weight.shape[0], weight.shape[2], stride)
+    op = launcher("dilated_step") if how == TRITON else dilated_step_ref
     return op(frames, ring, write_pos, weight, bias, bn_weight, bn_bias, bn_running_mean, bn_running_var,
               dilation=dilation, stride=stride, eps=eps)
 

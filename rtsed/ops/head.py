@@ -87,7 +87,8 @@ def dilated_step_logits(h: Tensor, ring: Tensor, write_pos: int, conv_weight: Te
     -> logits (B, n, n_classes). Writes the frames into ring (B, capacity, C) from write_pos on;
     the caller advances its write position by n. Steps longer than capacity - (K - 1) d run in
     slices."""
-    how = dispatch.dilated_step_logits(h, False, lin_weight, conv_weight)
+    how = dispatch.dilated_step_logits(h, False, lin_weight, conv_weight, out_channels=conv_weight.shape[0],
+                                       kernel=conv_weight.shape[2], stride=stride)
     if how == NATIVE:
         return _step_logits_native(h, ring, write_pos, conv_weight, conv_bias, bn_weight, bn_bias, bn_running_mean,
                                    bn_running_var, lin_weight, lin_bias, dilation, stride, eps, cache)

@@ -34,6 +34,7 @@ step without the masks (all ones then) for the rest. Same inputs, outputs and ar
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -463,7 +464,8 @@ def export_onnx(model: SEDModel, config: DetectorConfig, out: str | Path, stream
     import onnx  # imported here: onnx is only needed to export
 
     check_exportable(model, config)
-    model = model.cpu().eval()
+    # A CPU copy in eval mode: the caller's model stays where it is (on its GPU, in its mode).
+    model = copy.deepcopy(model).cpu().eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     n_mels = config.model.n_mels

@@ -1,8 +1,9 @@
 """Running rtsed ONNX files with onnxruntime: offline graphs and streaming step graphs.
 
 ``OnnxStream`` mirrors ``rtsed.stream.model_stream.ModelStream`` (step / push / flush / end / reset over B
-streams), holding the state tensors as numpy arrays between calls. Providers: CPU by default,
-CUDA where onnxruntime-gpu and a GPU exist (``device="cuda"``; asking for it elsewhere is an error).
+streams), holding the state tensors as numpy arrays between calls on the CPU and as OrtValues on the
+device on CUDA (IO binding). Providers: CPU by default, CUDA where onnxruntime-gpu and a GPU exist
+(``device="cuda"``; asking for it elsewhere, or a session that quietly fell back to the CPU, is an error).
 """
 
 from __future__ import annotations
@@ -50,10 +51,25 @@ def _session(path: Path, device: str, threads: int | None, model: bytes | None =
         options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
-        return ort.InferenceSession(model if model is not None else str(path), sess_options=options,
-                                    providers=providers)
+        session = ort.InferenceSession(model if model is not None else str(path), sess_options=options,
+                                       providers=providers)
     except Exception as exc:
         raise OnnxModelError(f"{path}: onnxruntime cannot load it ({exc})") from None
+    check_providers(session, providers, path)
+    return session
+
+
+def check_providers(session, requested: list[str], path: Path) -> None:
+    """OnnxModelError when the session runs without a provider it was asked for: onnxruntime-gpu
+    that cannot load its CUDA or cuDNN libraries logs an error and quietly builds a CPU session,
+    so a CUDA request is checked on the session itself, not on what the wheel offers."""
+    missing = [p for p in requested if p not in session.get_providers()]
+    if missing:
+        raise OnnxModelError(
+            f"{path}: onnxruntime was asked for {missing} but the session runs on {session.get_providers()}: "
+            "onnxruntime-gpu could not load the CUDA/cuDNN libraries it was built for (its log above names "
+            "the missing one). Install the CUDA runtime and cuDNN that this onnxruntime-gpu version needs "
+            "(onnxruntime.ai's CUDA requirements table), or run on the CPU (--device cpu).")
 
 
 _F32 = np.dtype(np.float32)
@@ -180,8 +196,9 @@ class OnnxStream:
     (``steady_step_model(..., outputs=...)``): positions, frame indices and validity are then
     known without the graph (positions in numpy, frame_index/valid only when read), which takes
     the Sigmoid and the index arithmetic off it. At one frame per step the Python around the run
-    is a large share of the time, hence the lean ``step`` and ``push``. States stay numpy arrays
-    between calls: IOBinding and run_with_ort_values were both slower here.
+    is a large share of the time, hence the lean ``step`` and ``push``. On the CPU states stay numpy
+    arrays between calls (IOBinding and run_with_ort_values were both slower there); on CUDA they
+    stay on the device as OrtValues (``io_binding``, see ``_bound_step``).
 
     With f_dil (``steady-if-1`` files) a steady one-frame step runs a third session, the steady
     branch's one-frame variant: it reads f_dil's K - 1 past taps from the ``dil_history`` ring
@@ -192,8 +209,18 @@ class OnnxStream:
     windows (one stream), saving a Slice per block. The ring is written in place: an array taken
     from ``states`` changes with later steps. Measured effects: benchmarks/README.md."""
 
-    def __init__(self, path: str | Path, batch_size: int = 1, device: str = "cpu", threads: int | None = None):
+    _device_states: dict | None = None  # the states as OrtValues on the session's device, when bound
+
+    def __init__(self, path: str | Path, batch_size: int = 1, device: str = "cpu", threads: int | None = None,
+                 io_binding: bool | None = None):
         self.file = OnnxFile.open(path, device, threads)
+        # IO binding keeps the state tensors on the session's device between steps (OrtValues
+        # bound as the next step's inputs): on CUDA that saves two host-device copies of every
+        # state per step. On the CPU the plain numpy run is faster, so it is on by default only on
+        # CUDA (True forces it anywhere; it then runs the full step graph, never the steady ones).
+        self._bound = device == "cuda" if io_binding is None else bool(io_binding)
+        self._ort_device = "cuda" if device == "cuda" else "cpu"
+        self._binding = self.file.session.io_binding() if self._bound else None
         if self.file.graph != "step":
             raise OnnxModelError(f"{path}: an offline graph; streaming needs one exported with --streaming")
         self.config = self.file.config
@@ -217,7 +244,7 @@ class OnnxStream:
         self._outputs = ["logits", "frame_index", "valid", "position_out", *[f"{n}_out" for n in self._state_names]]
         self._steady_outputs = ["logits", *[f"{n}_out" for n in self._state_names]]
         self._steady_session = self._one_frame_session = None
-        variants = self.file.meta.get("rtsed_step_variants")
+        variants = None if self._bound else self.file.meta.get("rtsed_step_variants")
         if variants in ("steady-if", "steady-if-1"):
             import onnx
 
@@ -256,6 +283,20 @@ class OnnxStream:
         # None: not known, look at positions and ends before the next step. True stays true
         # until reset() or end(): positions only grow.
         self._steady: bool | None = None
+
+    @property
+    def states(self) -> dict[str, np.ndarray]:
+        """The state tensors by name, numpy on the host. With IO binding the first read after a
+        step copies them off the device (and later steps put them back there): reading them each
+        step costs the copies binding saves."""
+        if self._device_states is not None:
+            self._host_states = {name: np.array(value.numpy(), order="C") for name, value in self._device_states.items()}
+            self._device_states = None
+        return self._host_states
+
+    @states.setter
+    def states(self, value: dict[str, np.ndarray]) -> None:
+        self._host_states, self._device_states = value, None
 
     @property
     def positions(self) -> np.ndarray:
@@ -345,12 +386,43 @@ class OnnxStream:
             else:
                 logits, first = self._steady_step(x)
             return OnnxStepOutput(logits, first=first, plan=self.plan)
+        if self._bound:
+            return self._bound_step(x)
         feeds = {"frames": x, "position": self.positions, "end": self.ends, **self.states}
         logits, frame_index, valid, self.positions, *new_states = self._run(self._outputs, feeds)
         # The graph's outputs are fresh arrays: they become the states, no copy.
         self.states = dict(zip(self._state_names, new_states))
         self._steady = None  # the lookahead may have filled with this step
         return OnnxStepOutput(logits, frame_index, valid)
+
+    def _bound_step(self, x: np.ndarray) -> OnnxStepOutput:
+        """A checked (B, n, F) float32 batch through the full step graph with IO binding: the
+        states go in and come out as OrtValues on the session's device (uploaded from the host
+        only after a host read or change of ``states``); frames, positions and ends go in from
+        the host, and logits, frame indices, validity and positions come back to it."""
+        import onnxruntime as ort
+
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        if self._device_states is None:
+            self._device_states = {name: ort.OrtValue.ortvalue_from_numpy(value, self._ort_device, 0)
+                                   for name, value in self._host_states.items()}
+        binding.bind_cpu_input("frames", x)
+        binding.bind_cpu_input("position", np.ascontiguousarray(self.positions))
+        binding.bind_cpu_input("end", np.ascontiguousarray(self.ends))
+        for name in self._state_names:
+            binding.bind_ortvalue_input(name, self._device_states[name])
+        for name in self._outputs[:4]:
+            binding.bind_output(name, "cpu")
+        for name in self._state_names:
+            binding.bind_output(f"{name}_out", self._ort_device, 0)
+        self.file.session.run_with_iobinding(binding)
+        logits, frame_index, valid, positions, *new_states = binding.get_outputs()
+        self._device_states = dict(zip(self._state_names, new_states))
+        self.positions = positions.numpy()
+        self._steady = None
+        return OnnxStepOutput(logits.numpy(), frame_index.numpy(), valid.numpy())
 
     def _steady_step(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A checked (B, n, F) float32 batch through the steady session -> (logits (B, n, C),
