@@ -321,6 +321,12 @@ def _stream_and_spread_tables() -> list[str]:
                 f"{e['ms_per_step']:.3g} | {e['real_time_factor']:.4f} | {e['streams_per_core']:,.1f} |"
             )
 
+    offline_onnx = [r for r in RESULTS if r.figure == "offline_onnx" and "frames_per_second" in r.extra]
+    if offline_onnx:
+        lines += ["", "Offline onnxruntime graph (one minute of frames, batch 1):", "",
+                  "| model | threads | frames/s |", "|---|---|---|"]
+        lines += [f"| {r.model} | {r.extra['threads']} | {r.extra['frames_per_second']:,.0f} |" for r in offline_onnx]
+
     timed = [r for r in RESULTS if r.median_s is not None and r.figure not in ("params", "macs")]
     if timed:
         lines += [

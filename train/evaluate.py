@@ -50,6 +50,7 @@ from rtsed.models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from rtsed.config import ConfigError, DecoderConfig
 from rtsed.serve.decode import decode_offline
 from rtsed.serve.detector import Detector
+from rtsed.stream.onnx_runtime import OnnxModelError
 from rtsed.metrics import (
     event_scores,
     frame_probs_to_events,
@@ -118,8 +119,10 @@ def predict(
     *,
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
+    onnx: str | Path | None = None,
 ) -> list[FileOutput]:
-    """Run every item (DataItem or ``(audio_path, events)``) through the checkpoint's detector."""
+    """Run every item (DataItem or ``(audio_path, events)``) through the checkpoint's detector,
+    or, given ``onnx``, through that exported graph of it (train.inference.onnx_logits)."""
     config = checkpoint.config
     labels = config.labels
     hop_s = config.frontend.hop_s
@@ -136,6 +139,16 @@ def predict(
         if str(path) in seen:
             raise EvaluationError(f"{path}: listed twice in the evaluation split")
         seen.add(str(path))
+    from_onnx = None
+    if onnx is not None:
+        from rtsed.stream.onnx_runtime import OnnxFile
+        from train.inference import onnx_logits
+
+        onnx_labels = list(OnnxFile.open(onnx).config.labels)
+        if onnx_labels != list(labels):
+            raise EvaluationError(f"--onnx {onnx}: its labels {onnx_labels} are not the checkpoint's {list(labels)}; "
+                                  "give the checkpoint it was exported from")
+        from_onnx = onnx_logits(onnx)
     outputs = []
     for path, events, duration_s in pairs:
         key = str(path)
@@ -145,7 +158,7 @@ def predict(
         if feats.shape[0] == 0:
             raise EvaluationError(f"{path}: shorter than one analysis window "
                                   f"({config.frontend.window_s * 1000:.0f} ms): no frames to score")
-        logits = file_logits(detector, feats)
+        logits = file_logits(detector, feats) if from_onnx is None else torch.from_numpy(from_onnx(feats))
         if logits.shape != (feats.shape[0], len(labels)):
             raise EvaluationError(f"{path}: model returned {tuple(logits.shape)} for {feats.shape[0]} frames "
                                   f"and {len(labels)} classes")
@@ -291,6 +304,7 @@ def evaluate(
     device: str | torch.device = "cpu",
     data: str = "",
     split: str = "",
+    onnx: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score a checkpoint on files with reference events; returns a plain dict (JSON-ready).
 
@@ -302,6 +316,8 @@ def evaluate(
         on_thresholds are scored as a second operating point when the checkpoint has them.
     cache_dir: a FeatureCache root (shared with train.fit), or None to compute features in memory.
     data, split: descriptions for the report.
+    onnx: score this exported graph of the checkpoint instead of its torch model (a step graph
+        streamed at 16 frames per step, e.g. an int8 one from ``rtsed.export --quantize int8``).
 
     Keys: ``format``, ``model``, ``data``, ``operating_points`` (one dict per threshold: frame,
     segment, event scores with their ``params``, per_class), ``psds1`` and ``psds2``
@@ -315,7 +331,7 @@ def evaluate(
     config = ckpt.config
     labels = list(config.labels)
     hop_s = config.frontend.hop_s
-    outputs = predict(ckpt, list(items), cache_dir=cache_dir, device=device)
+    outputs = predict(ckpt, list(items), cache_dir=cache_dir, device=device, onnx=onnx)
     inference_s = time.perf_counter() - started
 
     reference = [(o.key, e.onset_s, e.offset_s, e.event_label) for o in outputs for e in o.events]
@@ -352,8 +368,8 @@ def evaluate(
             "n_events": len(reference), "duration_s": duration_s, "hours": duration_s / 3600,
             "n_frames": int(sum(o.probs.shape[0] for o in outputs)), "hop_s": hop_s,
         },
-        "inference": {"mode": "offline, whole file, one forward", "device": str(device),
-                      "seconds": inference_s},
+        "inference": {"mode": "offline, whole file, one forward" if onnx is None else f"onnxruntime: {onnx}",
+                      "device": str(device), "seconds": inference_s},
         "operating_points": points,
         "psds1": psds_1,
         "psds2": psds_2,
@@ -480,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="TUT-SED Synthetic 2016 root, or a folder written by train.synth")
     p.add_argument("--test-data", nargs=2, metavar=("AUDIO_DIR", "TSV"), help="a DCASE-format split")
     p.add_argument("--split", help="split of --data to score (default: test)")
+    p.add_argument("--onnx", metavar="FILE", help="score this graph exported from --model (rtsed.export; a step graph "
+                   "is streamed 16 frames per step) instead of the checkpoint's torch model")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="fixed decision threshold on probabilities (default 0.5, the paper's)")
     p.add_argument("--json", metavar="PATH", help="also write every score, parameter and per-class row as JSON")
@@ -515,7 +533,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.data or args.test_data or not args.false_alarms:
         items, data_name, split = _items_from_args(args)
         results = evaluate(ckpt, items, threshold=args.threshold, device=device, data=data_name, split=split,
-                           cache_dir=None if args.no_cache else args.cache_dir)
+                           cache_dir=None if args.no_cache else args.cache_dir, onnx=args.onnx)
         print(format_report(results))
     if args.false_alarms:
         from train.false_alarms import false_alarms, format_false_alarms
@@ -538,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except (CheckpointError, DatasetError, AnnotationError, AudioFileError, EvaluationError, ConfigError,
-            FalseAlarmError, ImportError, OSError) as exc:
+            FalseAlarmError, OnnxModelError, ImportError, OSError) as exc:
         print(f"train.evaluate: error: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # train.data_sources reports bad --data/--test-data this way

@@ -33,3 +33,21 @@ def file_logits(detector: Detector, features: np.ndarray) -> torch.Tensor:
     device = detector.norm_mean.device
     x = detector.normalize(torch.from_numpy(np.ascontiguousarray(features)).to(device))
     return detector.model.eval()(x[None])[0]
+
+
+def onnx_logits(path: str | Path, frames_per_step: int = 16):
+    """An exported graph as a (T, F) un-normalised log-mel -> (T, C) logits function: an offline
+    graph in one run; a step graph streamed as a user runs it (one stream, ``frames_per_step``
+    frames per step, then flushed), so that what is scored is what rtsed.live computes."""
+    from rtsed.stream.onnx_runtime import OnnxFile, OnnxOffline, OnnxStream
+
+    if OnnxFile.open(path).graph == "offline":
+        graph = OnnxOffline(path)
+        return lambda features: graph.logits(features[None])[0]
+
+    def streamed(features: np.ndarray) -> np.ndarray:
+        stream = OnnxStream(path)
+        parts = [stream.push(features[i:i + frames_per_step]) for i in range(0, len(features), frames_per_step)]
+        return np.concatenate([*parts, stream.flush()])
+
+    return streamed

@@ -20,13 +20,38 @@ from pathlib import Path
 PRECISIONS = ("fp32", "bf16")
 
 
-def cpu_has_bf16_gemm() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16; Linux /proc/cpuinfo)."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty where it cannot be read)."""
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+        return set()
+    return set(flags.split(":", 1)[-1].split())
+
+
+def cpu_has_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16; Linux /proc/cpuinfo)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+# int8 dot-product extensions onnxruntime's integer kernels use (MLAS), fastest first.
+INT8_DOT_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+
+
+def cpu_int8_dot(flags: set[str] | None = None) -> str | None:
+    """This CPU's int8 dot-product extension (the first of INT8_DOT_FLAGS it has), or None:
+    without one, int8 graphs run on plain AVX2/AVX-512 integer code, about as fast as fp32."""
+    flags = cpu_flags() if flags is None else flags
+    return next((f for f in INT8_DOT_FLAGS if f in flags), None)
+
+
+def int8_note(flags: set[str] | None = None) -> str:
+    """One line: which int8 kernels an int8 ONNX graph runs with on this CPU."""
+    dot = cpu_int8_dot(flags)
+    if dot is not None:
+        return f"{dot}: int8 ONNX graphs (rtsed.export --quantize int8) run onnxruntime's VNNI integer kernels"
+    return ("no VNNI (avx512_vnni/avx_vnni): an int8 ONNX graph still runs, on slower integer code that is "
+            "likely no faster than fp32; use an fp32 graph here")
 
 
 def check_precision(precision: str, device: str = "cpu", backend: str = "torch", what: str = "--precision") -> None:

@@ -2,7 +2,7 @@
 
 Prints the environment that rtsed.backends.dispatch decides from (RTSED_KERNELS, RTSED_NATIVE,
 torch, CUDA, triton, the native kernels and their compiler), the allocator and threads,
-onnxruntime's providers and bf16 support, then, for each op and each way of running a model
+onnxruntime's providers, bf16 support and which int8 kernels an int8 ONNX graph gets (VNNI or not), then, for each op and each way of running a model
 (inference, a streaming step, training, bf16 inference, an ONNX export trace), the implementation
 the dispatch module chooses and why. The choices come from calling the dispatch functions
 themselves on a dnd_7_10 (DWS blocks, f_dil) and a base (CNN blocks) model.
@@ -82,6 +82,7 @@ def environment() -> list[tuple[str, str]]:
         ("bf16", "AVX512_BF16 or AMX-BF16: --precision bf16 runs native bf16 GEMMs" if bf16
          else "no AVX512_BF16/AMX-BF16: --precision bf16 would be emulated (slower than fp32)"),
         ("onnxruntime", _onnxruntime_line()),
+        ("int8", precision.int8_note()),
     ]
 
 

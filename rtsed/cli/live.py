@@ -149,6 +149,12 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous_handlers[sig] = signal.signal(sig, on_stop_signal)
     precision = "" if args.precision == "fp32" else f" ({args.precision} GEMMs)"
+    graph = getattr(getattr(stepper, "stream", None), "file", None)  # an ONNX step graph's OnnxFile
+    if graph is not None and graph.precision == "int8":
+        from rtsed.backends.precision import cpu_int8_dot
+
+        dot = cpu_int8_dot()
+        precision = f" (int8 graph, {dot} kernels)" if dot else " (int8 graph, no VNNI: slower integer kernels)"
     print(f"rtsed live: {config.model.name} ({model_path}), backend {args.backend}{precision} on {args.device}, "
           f"{len(config.labels)} classes; algorithmic latency {engine.algorithmic_latency_s * 1000:.0f} ms "
           f"(lookahead {engine.lookahead_frames} frames, smoother {max(engine.decoder.delay_frames)} frames)", file=sys.stderr)

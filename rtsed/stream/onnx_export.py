@@ -459,8 +459,13 @@ def check_exportable(model: SEDModel, config: DetectorConfig) -> None:
 
 
 def export_onnx(model: SEDModel, config: DetectorConfig, out: str | Path, streaming: bool = False,
-                opset: int = OPSET) -> Path:
-    """Write the offline (or, with streaming=True, the step) graph of a model to ``out``."""
+                opset: int = OPSET, transform=None, metadata: dict[str, str] | None = None) -> Path:
+    """Write the offline (or, with streaming=True, the step) graph of a model to ``out``.
+
+    ``transform(proto, variant) -> proto``, when given, rewrites each traced graph before the
+    step variants are joined: variant is "offline", "masked", "steady" or "one_frame" (the
+    one-frame steady variant, n == 1). rtsed.stream.onnx_quantize quantizes them this way.
+    ``metadata``: more (key, value) pairs for the file's metadata."""
     import onnx  # imported here: onnx is only needed to export
 
     check_exportable(model, config)
@@ -528,6 +533,12 @@ def export_onnx(model: SEDModel, config: DetectorConfig, out: str | Path, stream
     with torch.no_grad():
         graph(*args)  # folds the BNs into the weights once (the layers' fold caches): constants in the trace
     proto = trace(graph)
+
+    def rewrite(p, variant: str):
+        return p if transform is None else transform(p, variant)
+
+    if not streaming or opset < 13:
+        proto = rewrite(proto, "offline" if not streaming else "masked")
     if streaming and opset >= 13:  # ReduceMin over int64 and GreaterOrEqual need opset 13
         steady = trace(StepGraph(model, config, steady=True).eval())
         one_frame = None
@@ -536,8 +547,11 @@ def export_onnx(model: SEDModel, config: DetectorConfig, out: str | Path, stream
             args = (args[0][:, :1], *args[1:])  # traced at n = 1: the variant only serves n == 1
             one_frame = trace(StepGraph(model, config, one_frame=True).eval())
             _name_one_frame_values(one_frame)
-        proto = _with_steady_branch(proto, steady, model.lookahead_frames, one_frame)
+            one_frame = rewrite(one_frame, "one_frame")
+        proto = _with_steady_branch(rewrite(proto, "masked"), rewrite(steady, "steady"), model.lookahead_frames,
+                                    one_frame)
         meta["rtsed_step_variants"] = "steady-if" if one_frame is None else "steady-if-1"
+    meta.update(metadata or {})
     meta["rtsed_content_sha256"] = graph_digest(proto)
     for key, value in meta.items():
         entry = proto.metadata_props.add()

@@ -73,6 +73,7 @@ def check_providers(session, requested: list[str], path: Path) -> None:
 
 
 _F32 = np.dtype(np.float32)
+_WARNED_NO_VNNI: set[Path] = set()  # the no-VNNI note is said once per file
 
 
 def _runner(session, device: str):
@@ -114,7 +115,19 @@ class OnnxFile:
                                  f"version {ONNX_FORMAT_VERSION}; re-export it with this rtsed")
         _check_weights(path, meta.get("rtsed_content_sha256"))
         config = DetectorConfig.from_dict(json.loads(meta["rtsed_config"]))
-        return cls(path, session, config, meta["rtsed_graph"], int(meta["rtsed_lookahead_frames"]), meta)
+        opened = cls(path, session, config, meta["rtsed_graph"], int(meta["rtsed_lookahead_frames"]), meta)
+        if opened.precision == "int8" and device == "cpu":
+            from rtsed.backends.precision import cpu_int8_dot, int8_note
+
+            if cpu_int8_dot() is None and path not in _WARNED_NO_VNNI:
+                _WARNED_NO_VNNI.add(path)
+                log.warning("%s: int8 graph on a CPU with %s", path, int8_note())
+        return opened
+
+    @property
+    def precision(self) -> str:
+        """"int8" for a graph from ``rtsed.export --quantize int8``, else "fp32"."""
+        return self.meta.get("rtsed_precision", "fp32")
 
 
 def _check_weights(path: Path, digest: str | None) -> None:

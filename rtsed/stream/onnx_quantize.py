@@ -1,0 +1,285 @@
+"""Static int8 quantization of rtsed ONNX graphs, calibrated on real audio.
+
+    python -m rtsed.export --model M.pt --out M_int8.onnx --streaming --quantize int8 --calibration DIR
+
+onnxruntime.quantization's ``quantize_static`` in QDQ form: signed int8 activations and weights
+(S8S8), weights per output channel, activation ranges from MinMax calibration. onnxruntime fuses
+each DequantizeLinear -> op -> QuantizeLinear group into an integer kernel (QLinearConv, with
+VNNI where the CPU has it). Calibration streams the scenes of DIR through the fp32 step graph
+and records every step's real inputs, carried state included (``CalibrationFeeds``), so that
+each step-graph variant (masked, steady, one-frame: ``rtsed.stream.onnx_export``) sees the
+activations it will see in service. The offline graph is calibrated on the scenes' whole
+log-mel sequences.
+
+What stays fp32, and why:
+- the carried state: the nodes that read a state input or write a state output (the CNN blocks'
+  history Concat/Slice, f_dil's ring Gathers, Reshape and ScatterElements). State inputs and
+  outputs are fp32 tensors holding exactly the values the step computed, so nothing is rounded
+  again on its way through the state and a stream cannot drift from its offline twin;
+- the classifier (the last Conv, whose output is the logits) unless ``quantize_logits``: int8
+  logits with one scale over every class moved probabilities by several hundredths;
+- the normalisation (Sub/Div) and every integer index computation (not quantizable anyway).
+
+The file records its precision (``rtsed_precision`` = ``int8``) and its calibration
+(``rtsed_calibration``: folder, files, SHA-256 of their bytes, frames, steps) in the metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rtsed.config import DetectorConfig
+from rtsed.stream.plan import NO_END
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+PRECISIONS = ("fp32", "int8")
+# Steps of this many frames are what calibration records; the one-frame variant is calibrated on
+# the first frame of each (its state at that position is the same).
+CALIBRATION_FRAMES_PER_STEP = 16
+
+
+class QuantizeError(ValueError):
+    """Calibration audio or a graph that cannot be quantized; the message says why and the fix."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a quantized graph was calibrated on: written into its metadata (``rtsed_calibration``)."""
+
+    folder: str
+    files: tuple[str, ...]  # relative to folder, sorted
+    sha256: str  # of every file's relative name and bytes, in that order
+    frames: int  # log-mel frames streamed (20 ms each at the default hop)
+    steps: int  # step inputs recorded per variant
+    method: str = "MinMax, QDQ S8S8, per-channel weights (onnxruntime.quantization.quantize_static)"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def calibration_files(folder: str | Path) -> list[Path]:
+    """The audio files under ``folder`` (recursively), sorted; QuantizeError when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise QuantizeError(f"--calibration {folder}: no such folder; give a folder of audio scenes "
+                            "from the model's training side (never its test scenes)")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+    if not files:
+        raise QuantizeError(f"--calibration {folder}: no audio files ({', '.join(AUDIO_SUFFIXES)}) in it; "
+                            "give a folder of audio scenes from the model's training side")
+    return files
+
+
+def files_digest(folder: Path, files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def calibration_logmels(files: list[Path], config: DetectorConfig) -> list[np.ndarray]:
+    """Each file as raw log-mel frames (T, n_mels) float32, at the model's rate (the front end's
+    arithmetic, as rtsed.detect computes it)."""
+    from rtsed.audio.files import read_audio
+    from rtsed.audio.frontend import LogMel
+
+    logmel = LogMel(config.frontend)
+    out = []
+    with torch.no_grad():
+        for path in files:
+            samples = read_audio(path, config.frontend.sample_rate_hz)
+            out.append(logmel(torch.from_numpy(samples)).numpy())
+    return out
+
+
+def step_feeds(step_graph: str | Path, logmels: list[np.ndarray], max_steps: int,
+               frames_per_step: int = CALIBRATION_FRAMES_PER_STEP) -> list[dict[str, np.ndarray]]:
+    """Real step inputs: each scene streamed through the fp32 step graph (one stream, steps of
+    ``frames_per_step``, then ended and flushed as a stream is) -> the feeds of every step
+    (frames, position, end and each state tensor as it was before that step), at most
+    ``max_steps`` of them spread evenly over all steps, the flush steps always kept."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(step_graph), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    specs = json.loads(meta["rtsed_state"])
+    lookahead = int(meta["rtsed_lookahead_frames"])
+    names = [s["name"] for s in specs]
+    outputs = ["position_out", *[f"{n}_out" for n in names]]
+    total = sum(-(-len(x) // frames_per_step) for x in logmels)
+    keep_every = max(1, -(-total // max(1, max_steps - 2 * len(logmels))))
+    feeds, step = [], 0
+    for scene in logmels:
+        states = {s["name"]: np.zeros([1 if d == "batch" else d for d in s["shape"]], np.float32) for s in specs}
+        position, end = np.zeros(1, np.int64), np.full(1, NO_END, np.int64)
+        chunks = [scene[i:i + frames_per_step] for i in range(0, len(scene), frames_per_step)]
+        flush = np.zeros((lookahead, scene.shape[1]), np.float32)
+        chunks += [flush] if lookahead else []
+        for i, chunk in enumerate(chunks):
+            last = lookahead and i == len(chunks) - 1
+            if last:
+                end = position.copy()
+            feed = {"frames": np.ascontiguousarray(chunk[None], np.float32), "position": position, "end": end,
+                    **states}
+            if step % keep_every == 0 or last:
+                feeds.append({k: np.array(v) for k, v in feed.items()})
+            step += 1
+            position, *new = session.run(outputs, feed)
+            states = dict(zip(names, new))
+    return feeds
+
+
+class _Reader:
+    """A CalibrationDataReader over recorded feeds, each cut to the inputs a graph has (and to
+    its first frame for the one-frame variant)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]], inputs: set[str], one_frame: bool):
+        self._feeds, self._inputs, self._one_frame = feeds, inputs, one_frame
+        self._i = 0
+
+    def get_next(self):
+        while self._i < len(self._feeds):
+            feed = self._feeds[self._i]
+            self._i += 1
+            if self._one_frame and feed["end"][0] != NO_END:
+                continue  # the one-frame variant serves running streams only
+            out = {k: v for k, v in feed.items() if k in self._inputs}
+            if self._one_frame:
+                out["frames"] = np.ascontiguousarray(out["frames"][:, :1])
+            return out
+        return None
+
+    def rewind(self):
+        self._i = 0
+
+
+def state_nodes(proto) -> list[str]:
+    """Names of the nodes that must stay fp32 to keep the carried state exact: every node that
+    reads a state input (``*_history``) or writes a state output (``*_history_out``), and those
+    between the ring and its Gathers (f_dil's Concat + Reshape of ring and new frames)."""
+    g = proto.graph
+    state_in = {i.name for i in g.input if i.name.endswith("_history")}
+    state_out = {o.name for o in g.output if o.name.endswith("_history_out")}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    keep = []
+    for n in g.node:
+        if state_in & set(n.input) or state_out & set(n.output) or n.op_type == "ScatterElements":
+            keep.append(n.name)
+            # A ring's Concat feeds a Reshape that both Gathers (window and next ring) read.
+            if n.op_type == "Concat":
+                keep += [c.name for c in consumers.get(n.output[0], []) if c.op_type == "Reshape"]
+    return keep
+
+
+def classifier_nodes(proto) -> list[str]:
+    """The node that makes the logits (the last Conv / Gemm / MatMul in graph order) and every
+    node after it on the way to the outputs (layout ops, Sigmoid): quantizing any of those would
+    put the logits themselves on an int8 grid."""
+    g = proto.graph
+    last = [n for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul")][-1:]
+    tail, reached = [n.name for n in last], {x for n in last for x in n.output}
+    for n in g.node:  # topologically sorted: one forward sweep
+        if reached & set(n.input) and n.name not in tail:
+            tail.append(n.name)
+            reached |= set(n.output)
+    return tail
+
+
+def constants_as_initializers(proto):
+    """The model with every floating-point Constant node made an initializer: the exporter leaves
+    the BN-folded weights as Constants, and the quantizer quantizes only initializer weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    nodes = []
+    for node in g.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None and numpy_helper.to_array(value).dtype.kind == "f":
+            g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(value), node.output[0]))
+            continue
+        nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
+
+
+def quantize_proto(proto, feeds: list[dict[str, np.ndarray]], one_frame: bool = False,
+                   quantize_logits: bool = False, exclude: tuple[str, ...] = ()):
+    """An fp32 ModelProto (an offline graph or one step-graph variant, no If) -> its QDQ int8
+    ModelProto, calibrated on ``feeds`` (each cut to the graph's inputs). ``exclude``: more
+    node names to keep in fp32."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_static)
+
+    proto = constants_as_initializers(proto)
+    inputs = {i.name for i in proto.graph.input}
+    excluded = state_nodes(proto) + ([] if quantize_logits else classifier_nodes(proto)) + list(exclude)
+    with tempfile.TemporaryDirectory(prefix="rtsed-quantize-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(proto, str(src))
+        # The quantizer logs advice (pre-processing) on the root logger at WARNING: not the user's concern.
+        root = logging.getLogger()
+        level, root.level = root.level, logging.ERROR
+        try:
+                quantize_static(str(src), str(dst), _Reader(feeds, inputs, one_frame), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
+                            extra_options={"CalibMaxIntermediateOutputs": 64, "ActivationSymmetric": False,
+                                           "WeightSymmetric": True},
+                            calibration_providers=["CPUExecutionProvider"])
+        finally:
+            root.setLevel(level)
+        out = onnx.load(str(dst))
+    # The quantizer drops the value infos of the outputs' dynamic axes only in name; keep the
+    # graph's own interface exactly (names, order).
+    if [o.name for o in out.graph.output] != [o.name for o in proto.graph.output]:
+        raise QuantizeError("quantization changed the graph's outputs (onnxruntime.quantization change?)")
+    return out
+
+
+def export_int8(model, config: DetectorConfig, out: str | Path, calibration: str | Path, streaming: bool = False,
+                max_steps: int = 512, quantize_logits: bool = False, exclude: tuple[str, ...] = ()) -> Path:
+    """Export a model's offline (or step) graph quantized to int8 (see the module docstring),
+    calibrated on the audio files under ``calibration``. Returns the written path."""
+    from rtsed.stream.onnx_export import export_onnx
+
+    folder = Path(calibration)
+    files = calibration_files(folder)
+    logmels = calibration_logmels(files, config)
+    frames = sum(len(x) for x in logmels)
+    if frames == 0:
+        raise QuantizeError(f"--calibration {folder}: its files are shorter than one analysis window")
+    with tempfile.TemporaryDirectory(prefix="rtsed-calibrate-") as tmp:
+        if streaming:
+            fp32 = export_onnx(model, config, Path(tmp) / "fp32_step.onnx", streaming=True)
+            feeds = step_feeds(fp32, logmels, max_steps)
+        else:  # whole scenes, at most max_steps of them
+            every = max(1, -(-len(logmels) // max_steps))
+            feeds = [{"logmel": np.ascontiguousarray(x[None])} for x in logmels[::every]]
+    record = Calibration(str(folder.resolve()), tuple(str(p.relative_to(folder)) for p in files),
+                         files_digest(folder, files), frames, len(feeds))
+
+    def transform(proto, variant: str):
+        return quantize_proto(proto, feeds, one_frame=variant == "one_frame", quantize_logits=quantize_logits,
+                              exclude=exclude)
+
+    meta = {"rtsed_precision": "int8", "rtsed_calibration": record.to_json(),
+            "rtsed_quantized_logits": str(bool(quantize_logits)).lower()}
+    return export_onnx(model, config, out, streaming=streaming, transform=transform, metadata=meta)
