@@ -91,7 +91,7 @@ class TeachConfig:
     val_scenes: int = 8  # validation scenes from the held-out clips (decoder tuning)
     scene_frames: int = 512
     epochs: int = 40  # passes of the head over the cached frame embeddings
-    batch_frames: int = 1024
+    batch_frames: int = 256
     lr: float = 3e-4
     old_l2: float = 1e-2  # pull of the old rows toward the original weights (with --negatives)
     held_out: float = 0.2  # fraction of each new class's clips kept for validation (at least one)
