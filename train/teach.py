@@ -1,0 +1,688 @@
+"""``python -m train.teach``: new classes for a trained detector from a handful of clips, in minutes on a CPU.
+
+    python -m train.teach --from dnd_7_10 --add doorbell=clips/doorbell/ --out my_detector.pt
+    python -m train.teach --from dnd_7_10 --add doorbell=clips/doorbell/ --add kettle=clips/kettle/ \\
+        --negatives clips/not_events/ --world ../pool --out my_detector.pt
+    python -m train.teach --from my_detector.pt --negatives new_false_alarms/ --out my_detector.pt
+
+How (the design, and why):
+
+- **Frozen trunk, new rows on the head.** The detector's CNN blocks and temporal part are kept
+  as they are (eval mode: BatchNorm on its running statistics); the classifier gets one output row
+  per new class appended after the old ones, whose rows are copied. With the trunk frozen, a
+  frame's embedding (the temporal part's output, ``out_features`` per frame: 21,504 for dnd_7_10)
+  does not change during teaching, so every training scene goes through the trunk once and the
+  head is fitted on the cached embeddings: a logistic regression per class, convex, over as many
+  epochs as it likes for the price of one. Training the last block (f_dil) too would need its
+  forward and backward on every scene in every epoch: on dnd_7_10 one such pass costs about 1.6
+  times a trunk forward, times the epochs, which is hours rather than minutes on two cores.
+- **Scenes in context.** Training scenes are mixed by train.mixing over whatever the user gives:
+  the new clips (labelled by their audible extent, train.mixing's rule, or by ``--extents`` TSV
+  rows ``filename onset offset``), ``--negatives`` clips, ``--world`` pools (speech, music,
+  ambience; whole groups held out for validation), ``--distractors`` (an event-pool folder mixed
+  unlabelled) and generated noise beds of a colour and level drawn per scene; pitch, stretch,
+  reverberation and microphone augmentation (train.augment) on by default. Without a world pool the
+  scenes are the clips over noise, which teaches less about the world (more false alarms).
+- **Old classes kept.** With no ``--negatives`` the old rows are not trained at all: old classes
+  output exactly what they did (bit for bit on the same input). With ``--negatives`` the old rows
+  are trained too, by distillation: their target on every frame is the original detector's own
+  probability on that frame (the same scene through the same frozen trunk), except inside the
+  audible extent of a negative clip, where every old class's target is 0 (the user says nothing
+  sounds there that the detector should report); plus an L2 pull of the old rows toward the
+  original weights. Where a negative overlaps a new-class event, the new class keeps its label.
+- **Held-out check and decoder.** ``--held-out`` (20 %, at least one clip) of each new class's clips
+  never enter training scenes: they make fixed validation scenes (with the world pools' held-out
+  groups), on which train.tune's search chooses each new class's decoder (median window, on/off
+  thresholds, minimum duration and gap); old classes keep theirs. The validation event F1 is
+  printed and recorded.
+- **Output.** An ordinary rtsed checkpoint (``rtsed.live``, ``rtsed.detect``, ``rtsed.export``,
+  ``rtsed.serve`` take it as is) whose metadata records the clips used (name, sha256, training or
+  held out, class) and the settings, and a model card ``<out>.md`` beside it.
+
+Bad input fails before any compute with an error that names the fix: fewer than 5 clips for a
+class, a label the detector already has, an unreadable or silent file, an empty folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rtsed.audio.files import AudioFileError, read_audio
+from rtsed.audio.frontend import LogMel
+from rtsed.cli.detect import AUDIO_SUFFIXES
+from rtsed.config import DecoderConfig, DetectorConfig
+from rtsed.models.bundled import ModelNotFoundError, resolve_model
+from rtsed.models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from rtsed.models.model import SEDModel
+from rtsed.serve.decode import decode_offline
+from train.annotations import Event, events_to_frame_targets
+from train.mixing import Clip, MixConfig, MixError, ScenePools, audible_segments, excerpt_start, mix_scene
+from train.tune import default_max_smoothing_s, tune_decoder
+
+MIN_CLIPS = 5
+NEGATIVE = "__negative__"  # the mixer's label for negative clips' extents; never a class
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+NOISES = ("white", "pink", "brown")
+
+
+class TeachError(ValueError):
+    """Input that cannot be taught from; the message names the file or argument and the fix."""
+
+
+@dataclass(frozen=True)
+class TeachConfig:
+    """How much and how to teach. Scenes are ``scene_frames`` frames long (10.26 s at 20 ms)."""
+
+    scenes: int = 48  # training scenes, each through the frozen trunk once
+    val_scenes: int = 8  # validation scenes from the held-out clips (decoder tuning)
+    scene_frames: int = 512
+    epochs: int = 40  # passes of the head over the cached frame embeddings
+    batch_frames: int = 256
+    lr: float = 3e-4
+    old_l2: float = 1e-2  # pull of the old rows toward the original weights (with --negatives)
+    held_out: float = 0.2  # fraction of each new class's clips kept for validation (at least one)
+    background_every: int = 4  # keep every n-th frame that no clip labels (weighted n): bounds memory
+    events_per_minute: tuple[float, float] = (12.0, 36.0)
+    noise_db: tuple[float, float] = (-70.0, -45.0)
+    augment: bool = True
+    world_minutes: float = 30.0  # per world category held in memory
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [(self.scenes >= 1 and self.val_scenes >= 1, "scenes and val_scenes must be >= 1"),
+                  (self.scene_frames >= 64, "scene_frames must be >= 64"),
+                  (self.epochs >= 1 and self.batch_frames >= 1, "epochs and batch_frames must be >= 1"),
+                  (0 < self.held_out < 1, "held_out must lie in (0, 1)"),
+                  (self.background_every >= 1, "background_every must be >= 1")]
+        for ok, message in checks:
+            if not ok:
+                raise TeachError(f"TeachConfig: {message}")
+
+
+@dataclass
+class UserClip:
+    """One of the user's clips, decoded: (n,) float64 at the model's rate, its labelled extents
+    as sample ranges [a, b), and the file's sha256."""
+
+    path: Path
+    label: str  # the new class, or NEGATIVE
+    audio: np.ndarray
+    segments: list[tuple[int, int]]
+    sha256: str
+    extent_source: str  # "audio" (train.mixing's rule) or the TSV it came from
+    held_out: bool = False
+
+    def clip(self, index: int) -> Clip:
+        return Clip(self.path, self.path.name, self.label, 1, f"{self.label}/{index}/{self.path.name}")
+
+    def record(self, rate: int) -> dict[str, Any]:
+        return {"file": self.path.name, "path": str(self.path), "sha256": self.sha256,
+                "class": None if self.label == NEGATIVE else self.label, "seconds": round(len(self.audio) / rate, 3),
+                "extent": self.extent_source, "split": "held_out" if self.held_out else "train"}
+
+
+# ------------------------------------------------------------------------------------- inputs
+
+
+def audio_files(folder: str | Path, what: str) -> list[Path]:
+    """The audio files under ``folder`` (recursively, rtsed.detect's suffixes), sorted."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise TeachError(f"{what} {root}: no such folder; give a folder of audio clips")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+    if not files:
+        raise TeachError(f"{what} {root}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in it")
+    return files
+
+
+def read_extents(tsv: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """``filename onset offset`` rows (tab-separated, header line; seconds) -> {file name: extents}."""
+    path = Path(tsv)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TeachError(f"--extents {path}: cannot read it ({exc})") from None
+    rows = list(csv.DictReader(text.splitlines(), delimiter="\t"))
+    missing = {"filename", "onset", "offset"} - set(rows[0].keys() if rows else ())
+    if missing:
+        raise TeachError(f"--extents {path}: needs a header line 'filename<TAB>onset<TAB>offset' and one row "
+                         f"per event (missing {sorted(missing)})")
+    out: dict[str, list[tuple[float, float]]] = {}
+    for i, row in enumerate(rows, start=2):
+        try:
+            onset, offset = float(row["onset"]), float(row["offset"])
+        except (TypeError, ValueError):
+            raise TeachError(f"--extents {path}: line {i}: onset and offset must be seconds") from None
+        if not 0 <= onset < offset:
+            raise TeachError(f"--extents {path}: line {i}: needs 0 <= onset < offset, got {onset}, {offset}")
+        out.setdefault(Path(row["filename"].strip()).name, []).append((onset, offset))
+    return out
+
+
+def load_clips(files: list[Path], label: str, rate: int, mix: MixConfig,
+               extents: dict[str, list[tuple[float, float]]] | None = None, extents_name: str = "") -> list[UserClip]:
+    """Decode every file (any format and rate, downmixed, resampled to ``rate``) and find its
+    extents; every unreadable or silent file is listed in one error."""
+    clips, problems = [], []
+    for path in files:
+        try:
+            x = read_audio(path, rate).astype(np.float64)
+        except AudioFileError as exc:
+            problems.append(str(exc))
+            continue
+        if extents and path.name in extents:
+            segments = [(round(a * rate), min(round(b * rate), len(x))) for a, b in extents[path.name]]
+            segments = [(a, b) for a, b in segments if a < b]
+            source = extents_name
+        else:
+            segments = audible_segments(x, rate, mix.label_db, mix.min_gap_s)
+            source = "audio"
+        if not segments:
+            problems.append(f"{path}: silent (no sound above the silence floor), or its --extents rows lie past "
+                            "its end: remove it or record it again")
+            continue
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        clips.append(UserClip(path, label, x, segments, digest, source))
+    if problems:
+        raise TeachError(f"{len(problems)} clip(s) for {label if label != NEGATIVE else '--negatives'} cannot be "
+                         "used:\n  " + "\n  ".join(problems) + "\nfix or remove them and run again")
+    return clips
+
+
+def hold_out(clips: list[UserClip], fraction: float, seed: int) -> None:
+    """Mark ceil(fraction x n) clips (at least one, never all) as held out, chosen by a seeded draw over the
+    clips' hashes: the same files give the same split whatever their order on disk."""
+    order = sorted(range(len(clips)), key=lambda i: hashlib.sha256(f"{seed}:{clips[i].sha256}".encode()).hexdigest())
+    for i in order[: min(len(clips) - 1, max(1, math.ceil(fraction * len(clips))))]:
+        clips[i].held_out = True
+
+
+class ClipStore:
+    """train.mixing's Store over the user's decoded clips, and a pool store (MemoryStore) for
+    world and distractor clips."""
+
+    def __init__(self, rate: int, clips: list[UserClip], pool_store=None):
+        self.rate = rate
+        self._clips = {c.path: c for c in clips}
+        self._pool = pool_store
+
+    def get(self, clip: Clip) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        user = self._clips.get(clip.path)
+        if user is not None:
+            return user.audio.copy(), list(user.segments)
+        return self._pool.get(clip)
+
+    def piece(self, clip: Clip, rng: np.random.Generator, max_len: int) -> np.ndarray:
+        if clip.path in self._clips:
+            x = self._clips[clip.path].audio
+            start = excerpt_start(rng, len(x), max_len)
+            return x[start:start + max_len].copy()
+        return self._pool.piece(clip, rng, max_len)
+
+
+# ------------------------------------------------------------------------------------- scenes
+
+
+@dataclass
+class SceneSource:
+    """What one split's scenes are mixed from, and how."""
+
+    mix: MixConfig
+    store: ClipStore
+    pools: ScenePools
+    augmenter: Any = None
+    noise_db: tuple[float, float] = (-70.0, -45.0)
+
+    def scene(self, rng: np.random.Generator):
+        # A generated noise bed of a drawn colour and level under every scene: the world a user's
+        # clips are heard in when no world pool is given, and variety when one is.
+        colour = NOISES[int(rng.integers(len(NOISES)))]
+        mix = self.mix.replace(noise=colour, noise_db=float(rng.uniform(*self.noise_db)))
+        return mix_scene(rng, mix, self.store, self.pools, self.augmenter)
+
+
+def scene_features(source: SceneSource, rng: np.random.Generator, logmel: LogMel, hop_s: float,
+                   columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, list[Event]]:
+    """One scene: log-mel (T, F), targets (T, len(columns)) for ``columns`` (new classes, then
+    NEGATIVE), and its labelled events (seconds)."""
+    scene = source.scene(rng)
+    with torch.no_grad():
+        feats = logmel(torch.from_numpy(scene.audio.astype(np.float32))).numpy()
+    rate = source.mix.sample_rate_hz
+    events = [Event("scene", a / rate, b / rate, label) for label, a, b in scene.labelled]
+    return feats, events_to_frame_targets(events, feats.shape[0], hop_s, columns), events
+
+
+@torch.no_grad()
+def embed(model: SEDModel, x: torch.Tensor) -> torch.Tensor:
+    """Frozen trunk: normalised log-mel x (B, T, F) -> frame embeddings (B, T, D), D =
+    ``model.temporal.out_features``; ``model.classifier`` of them is the model's logits."""
+    return model.temporal(model.features(x))
+
+
+# --------------------------------------------------------------------------------------- head
+
+
+@dataclass
+class FrameBank:
+    """Cached training frames: embeddings (N, D) float16, new-class targets (N, K), negative
+    flags (N,), weights (N,) (a kept background frame stands for ``background_every`` frames)."""
+
+    embeddings: torch.Tensor
+    targets: torch.Tensor
+    negative: torch.Tensor
+    weights: torch.Tensor
+
+
+def fit_head(bank: FrameBank, w_old: torch.Tensor, b_old: torch.Tensor, n_new: int, cfg: TeachConfig,
+             train_old: bool, progress=None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """The classifier (C_old + n_new, D) weight and bias fitted on ``bank``: new rows by BCE on their
+    targets; old rows (only when ``train_old``) by BCE toward the original rows' probabilities,
+    0 on negative frames, plus ``cfg.old_l2`` x the mean squared distance to the original rows.
+    Returns (weight, bias, mean loss per epoch)."""
+    d = bank.embeddings.shape[1]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    w_new = torch.zeros(n_new, d, requires_grad=True)
+    b_new = torch.full((n_new,), -3.0, requires_grad=True)  # events are rare: start near "off"
+    w_o, b_o = w_old.clone().requires_grad_(train_old), b_old.clone().requires_grad_(train_old)
+    params = [w_new, b_new] + ([w_o, b_o] if train_old else [])
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    n, history = bank.embeddings.shape[0], []
+    for _epoch in range(cfg.epochs):
+        order = torch.randperm(n, generator=gen)
+        total, weight_sum = 0.0, 0.0
+        for start in range(0, n, cfg.batch_frames):
+            idx = order[start:start + cfg.batch_frames]
+            e = bank.embeddings[idx].float()
+            w = bank.weights[idx]
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.zeros(())
+            if n_new:
+                per = F.binary_cross_entropy_with_logits(F.linear(e, w_new, b_new), bank.targets[idx], reduction="none")
+                loss = loss + (per.mean(dim=1) * w).sum() / w.sum()
+            if train_old:
+                with torch.no_grad():
+                    target = torch.sigmoid(F.linear(e, w_old, b_old)) * (1.0 - bank.negative[idx, None])
+                per = F.binary_cross_entropy_with_logits(F.linear(e, w_o, b_o), target, reduction="none")
+                loss = loss + (per.mean(dim=1) * w).sum() / w.sum() + cfg.old_l2 * d * (w_o - w_old).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * float(w.sum())
+            weight_sum += float(w.sum())
+        history.append(total / max(weight_sum, 1e-12))
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
+    weight = torch.cat([w_o.detach(), w_new.detach()])
+    bias = torch.cat([b_o.detach(), b_new.detach()])
+    return weight, bias, history
+
+
+# ------------------------------------------------------------------------------------ teaching
+
+
+@dataclass
+class TeachResult:
+    path: Path
+    labels: tuple[str, ...]
+    new_labels: tuple[str, ...]
+    validation: list[dict[str, Any]]
+    negatives_before: int
+    negatives_after: int
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _new_model(teacher: Checkpoint, new_labels: tuple[str, ...]) -> tuple[SEDModel, DetectorConfig]:
+    config = teacher.config
+    labels = tuple(config.labels) + new_labels
+    model_config = config.model.replace(n_classes=len(labels))
+    model = SEDModel(model_config)
+    state = {k: v for k, v in teacher.model.state_dict().items() if not k.startswith("classifier.")}
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    assert sorted(missing) == ["classifier.bias", "classifier.weight"], missing
+    decoder = _merged_decoder(config.decoder, len(config.labels), None, len(new_labels))
+    return model.eval(), config.replace(model=model_config, labels=labels, decoder=decoder)
+
+
+def _merged_decoder(old: DecoderConfig, n_old: int, new: DecoderConfig | None, n_new: int) -> DecoderConfig:
+    """Old classes keep their decoder; the new classes take ``new`` (or the defaults)."""
+    on_old, off_old = old.thresholds(n_old)
+    new = new or DecoderConfig()
+    on_new, off_new = new.thresholds(n_new)
+    return DecoderConfig(
+        on_thresholds=on_old + on_new, off_thresholds=off_old + off_new,
+        min_event_s=old.per_class("min_event_s", n_old) + new.per_class("min_event_s", n_new),
+        min_gap_s=old.per_class("min_gap_s", n_old) + new.per_class("min_gap_s", n_new),
+        smoothing_frames=old.per_class("smoothing_frames", n_old) + new.per_class("smoothing_frames", n_new))
+
+
+@dataclass(frozen=True)
+class ValidationFile:
+    """A validation scene as train.tune reads it: probs and targets (T, K), reference events."""
+
+    probs: np.ndarray
+    targets: np.ndarray
+    events: tuple[Event, ...]
+
+
+def _count_old_events(checkpoint: Checkpoint | tuple, clips: list[UserClip], logmel: LogMel) -> int:
+    """Events of the old classes the detector reports on the negative clips, each run whole."""
+    model, config, n_old = checkpoint
+    mean = torch.tensor(config.normalization.mean) if config.normalization else 0.0
+    std = torch.tensor(config.normalization.std) if config.normalization else 1.0
+    count = 0
+    for clip in clips:
+        feats = logmel(torch.from_numpy(clip.audio.astype(np.float32)))
+        if feats.shape[0] == 0:
+            continue
+        with torch.no_grad():
+            probs = torch.sigmoid(model(((feats - mean) / std)[None])[0]).numpy()
+        labels = config.labels
+        count += sum(1 for e in decode_offline(probs, labels, config.frontend.hop_s, config.decoder)
+                     if labels.index(e.label) < n_old)
+    return count
+
+
+def teach(source_model: str | Path, additions: dict[str, str | Path], out: str | Path, *,
+          negatives: list[str | Path] = (), extents: dict[str, str | Path] | None = None,
+          world: list[str | Path] = (), distractors: str | Path | None = None,
+          cfg: TeachConfig = TeachConfig(), progress: bool = True, log=print, command: str = "") -> TeachResult:
+    """Teach ``additions`` ({new label: folder of clips}) and/or ``negatives`` (folders of
+    recordings of what the detector wrongly fires on) to ``source_model``; write ``out``
+    (checkpoint) and ``out``.md (model card). See the module docstring."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    extents = dict(extents or {})
+    # ---- check everything before any compute
+    try:
+        teacher = load_checkpoint(resolve_model(source_model))
+    except (CheckpointError, ModelNotFoundError) as exc:
+        raise TeachError(f"--from: {exc}") from None
+    if not additions and not negatives:
+        raise TeachError("nothing to teach: give --add LABEL=FOLDER (a new class from its clips) and/or "
+                         "--negatives FOLDER (recordings the detector wrongly fires on)")
+    old_labels = tuple(teacher.config.labels)
+    for label in additions:
+        if not _LABEL.match(label):
+            raise TeachError(f"--add {label}=...: a label is letters, digits, '_', '.' or '-', starting with a "
+                             "letter or digit (it goes into TSV and JSON output)")
+        if label in old_labels:
+            raise TeachError(f"--add {label}: the detector {source_model} already has a class {label!r} (its classes: "
+                             f"{', '.join(old_labels)}); choose another name, or teach it with --negatives "
+                             "to correct that class")
+    unknown = sorted(set(extents) - set(additions))
+    if unknown:
+        raise TeachError(f"--extents {unknown[0]}=...: no --add {unknown[0]}=FOLDER to go with it")
+    out = Path(out)
+    if out.suffix != ".pt":
+        raise TeachError(f"--out {out}: name the checkpoint with a .pt suffix (the model card goes beside it as .md)")
+    frontend = teacher.config.frontend
+    rate, hop_s = frontend.sample_rate_hz, frontend.hop_s
+    from train.augment import AugmentConfig, WaveAugmenter
+    from train.onthefly import scene_seconds
+
+    mix = MixConfig(scene_s=scene_seconds(frontend, cfg.scene_frames), sample_rate_hz=rate,
+                    events_per_minute_range=cfg.events_per_minute,
+                    augment=AugmentConfig() if cfg.augment else None)
+    new_labels = tuple(additions)
+    user: dict[str, list[UserClip]] = {}
+    for label, folder in additions.items():
+        files = audio_files(folder, f"--add {label}=")
+        if len(files) < MIN_CLIPS:
+            raise TeachError(f"--add {label}={folder}: {len(files)} clip(s); a class needs at least {MIN_CLIPS} "
+                             f"(some are held out to check it): record {MIN_CLIPS - len(files)} more")
+        table = read_extents(extents[label]) if label in extents else None
+        user[label] = load_clips(files, label, rate, mix, table, str(extents.get(label, "")))
+        hold_out(user[label], cfg.held_out, cfg.seed)
+    negative_clips = [c for folder in negatives
+                      for c in load_clips(audio_files(folder, "--negatives"), NEGATIVE, rate, mix)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    # ---- pools: the user's clips, world pools (groups held out for validation), distractors
+    from train.pools import MemoryStore, load_pool, load_world, split_world, subset_by_minutes
+
+    pool_rng = np.random.default_rng([cfg.seed, 1])
+    try:
+        world_train, world_held = split_world(load_world(list(map(str, world)))) if world else ([], [])
+        world_train = subset_by_minutes(world_train, cfg.world_minutes, pool_rng)
+        world_held = subset_by_minutes(world_held, cfg.world_minutes / 4, pool_rng)
+        distractor_clips = load_pool(distractors) if distractors else []
+        pool_store = MemoryStore(world_train + world_held + distractor_clips, rate, mix.label_db, mix.min_gap_s)
+    except MixError as exc:
+        raise TeachError(f"--world/--distractors: {exc}") from None
+    store = ClipStore(rate, [c for cs in user.values() for c in cs] + negative_clips, pool_store)
+    distractor_clips = [c for c in distractor_clips if c in pool_store]
+
+    def pools(held: bool) -> ScenePools:
+        events = {label: [c.clip(i) for i, c in enumerate(cs) if c.held_out == held] for label, cs in user.items()}
+        if negative_clips:
+            events[NEGATIVE] = [c.clip(i) for i, c in enumerate(negative_clips)]
+        chosen = world_held if held else world_train
+        by_category = {k: [c for c in chosen if c.label == k and c in pool_store] for k in ("speech", "music", "ambience")}
+        return ScenePools(events, {}, distractor_clips, {k: v for k, v in by_category.items() if v}, ())
+
+    augmenter = WaveAugmenter(mix.augment, rate) if mix.augment is not None else None
+    train_source = SceneSource(mix, store, pools(False), augmenter, cfg.noise_db)
+    columns = new_labels + (NEGATIVE,)
+    logmel = LogMel(frontend)
+    norm = teacher.config.normalization
+    mean = torch.tensor(norm.mean if norm else [0.0] * frontend.n_mels)
+    std = torch.tensor(norm.std if norm else [1.0] * frontend.n_mels)
+    trunk = teacher.model.eval()
+    n_old = len(old_labels)
+    log(f"teaching {source_model} ({n_old} classes) "
+        + (f"new: {', '.join(f'{k} ({sum(not c.held_out for c in v)} clips, {sum(c.held_out for c in v)} held out)' for k, v in user.items())}" if user else "no new class")
+        + f"; negatives: {len(negative_clips)} clips; world: {len(world_train)} clips; "
+          f"{cfg.scenes} scenes of {mix.scene_s:.2f} s")
+
+    # ---- training frames: mix, log-mel, frozen trunk, keep labelled frames and every n-th other
+    timings = {"mix_s": 0.0, "trunk_s": 0.0}
+    chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    bar = tqdm(total=cfg.scenes, desc="scenes through the frozen trunk", disable=not progress, leave=False,
+               dynamic_ncols=True)
+    for i in range(cfg.scenes):
+        t0 = time.perf_counter()
+        feats, targets, _ = scene_features(train_source, np.random.default_rng([cfg.seed, 2, i]), logmel, hop_s, columns)
+        t1 = time.perf_counter()
+        e = embed(trunk, ((torch.from_numpy(feats) - mean) / std)[None])[0]
+        timings["mix_s"] += t1 - t0
+        timings["trunk_s"] += time.perf_counter() - t1
+        labelled = targets.any(axis=1)
+        keep = labelled | (np.arange(len(targets)) % cfg.background_every == i % cfg.background_every)
+        idx = torch.from_numpy(np.flatnonzero(keep))
+        weights = torch.from_numpy(np.where(labelled[keep], 1.0, float(cfg.background_every)).astype(np.float32))
+        t = torch.from_numpy(targets[keep])
+        chunks.append((e[idx].half(), t[:, :-1], t[:, -1], weights))
+        bar.update(1)
+    bar.close()
+    bank = FrameBank(*(torch.cat(parts) for parts in zip(*chunks)))
+    del chunks
+    if not torch.isfinite(bank.embeddings).all():
+        raise TeachError(f"--from {source_model}: its trunk's embeddings overflow float16 on these scenes; "
+                         "this detector cannot be taught with train.teach")
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.epochs, desc="fitting the head", disable=not progress, leave=False, dynamic_ncols=True)
+    weight, bias, history = fit_head(bank, teacher.model.classifier.weight.detach(),
+                                     teacher.model.classifier.bias.detach(), len(new_labels), cfg,
+                                     train_old=bool(negative_clips), progress=bar)
+    bar.close()
+    timings["head_s"] = time.perf_counter() - t0
+    frames = int(bank.embeddings.shape[0])
+    del bank
+
+    student, config = _new_model(teacher, new_labels)
+    with torch.no_grad():
+        student.classifier.weight.copy_(weight)
+        student.classifier.bias.copy_(bias)
+
+    # ---- validation scenes from the held-out clips: tune the new classes' decoders there
+    validation, tuned = [], None
+    if new_labels:
+        t0 = time.perf_counter()
+        val_source = SceneSource(mix.replace(augment=None), store, pools(True), None, cfg.noise_db)
+        files = []
+        for i in range(cfg.val_scenes):
+            feats, targets, events = scene_features(val_source, np.random.default_rng([cfg.seed, 3, i]), logmel,
+                                                    hop_s, columns)
+            with torch.no_grad():
+                logits = student(((torch.from_numpy(feats) - mean) / std)[None])[0]
+            probs = torch.sigmoid(logits[:, n_old:]).numpy()
+            files.append(ValidationFile(probs, targets[:, :-1],
+                                        tuple(e for e in events if e.event_label in new_labels)))
+        tuned, validation = tune_decoder(files, hop_s, new_labels,
+                                         max_smoothing_s=default_max_smoothing_s(student.lookahead_frames))
+        timings["validation_s"] = time.perf_counter() - t0
+    config = config.replace(decoder=_merged_decoder(teacher.config.decoder, n_old, tuned, len(new_labels)))
+
+    before = after = 0
+    if negative_clips:
+        before = _count_old_events((teacher.model, teacher.config, n_old), negative_clips, logmel)
+        after = _count_old_events((student, config, n_old), negative_clips, logmel)
+
+    seconds = time.perf_counter() - started
+    metadata = {
+        "taught": {
+            "from": str(source_model), "from_content_sha256": _content_sha(teacher),
+            "new_classes": list(new_labels),
+            "clips": [c.record(rate) for cs in user.values() for c in cs],
+            "negatives": [c.record(rate) for c in negative_clips],
+            "world": [str(w) for w in world], "distractors": str(distractors) if distractors else None,
+            "settings": asdict(cfg), "training_frames": frames, "head_loss": history,
+            "validation": validation, "negative_events_before": before, "negative_events_after": after,
+            "seconds": round(seconds, 1), "timings_s": {k: round(v, 1) for k, v in timings.items()},
+            "command": command, "torch": str(torch.__version__),
+            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+        "taught_from_metadata": {k: v for k, v in teacher.metadata.items() if k in ("command", "recipe", "data", "taught")},
+    }
+    save_checkpoint(out, student, config, metadata)
+    out.with_suffix(".md").write_text(model_card(out, config, metadata["taught"], n_old), encoding="utf-8")
+    return TeachResult(out, config.labels, new_labels, validation, before, after, seconds, timings)
+
+
+def _content_sha(checkpoint: Checkpoint) -> str | None:
+    try:
+        payload = torch.load(checkpoint.path, weights_only=True)
+        return payload.get("content_sha256")
+    except Exception:  # the hash is a record, not a check: the checkpoint already loaded
+        return None
+
+
+def model_card(path: Path, config: DetectorConfig, taught: dict[str, Any], n_old: int) -> str:
+    """A short markdown model card: classes, clips (name, sha256, split), validation, settings."""
+    lines = [f"# {path.stem}", "",
+             f"Taught with `python -m train.teach` from `{taught['from']}` on {taught['written']}"
+             f" in {taught['seconds']:.0f} s.", "",
+             f"Classes ({len(config.labels)}): {', '.join(config.labels)}. Old classes: the first {n_old}"
+             + (" (unchanged: trunk and their head rows frozen)." if not taught["negatives"] else
+                " (trunk frozen; their head rows distilled from the original, 0 on the negatives)."), ""]
+    if taught["validation"]:
+        lines += ["## New classes on validation scenes (held-out clips)", "",
+                  "| class | event F1 tuned | event F1 at 0.5 | reference events | median | on | off | min event s | min gap s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in taught["validation"]:
+            lines.append(f"| {row['label']} | {row['event_f1_tuned']:.3f} | {row['event_f1_default']:.3f} | "
+                         f"{row['reference_events']} | {row['smoothing_frames']} | {row['on']:.2f} | {row['off']:.2f} | "
+                         f"{row['min_event_s']:.2f} | {row['min_gap_s']:.2f} |")
+        lines.append("")
+    if taught["negatives"]:
+        lines += [f"Old-class events on the negative clips: {taught['negative_events_before']} before, "
+                  f"{taught['negative_events_after']} after.", ""]
+    lines += ["## Clips used", "", "| class | file | split | extent | seconds | sha256 |", "|---|---|---|---|---|---|"]
+    for c in taught["clips"] + taught["negatives"]:
+        lines.append(f"| {c['class'] or '(negative)'} | {c['file']} | {c['split'] if c['class'] else 'train'} | "
+                     f"{c['extent']} | {c['seconds']:.2f} | `{c['sha256']}` |")
+    lines += ["", f"World pools: {', '.join(taught['world']) or 'none (generated noise beds only)'}; "
+              f"distractors: {taught['distractors'] or 'none'}.", "",
+              "Settings: `" + json.dumps(taught["settings"]) + "`", ""]
+    if taught["command"]:
+        lines += ["Command: `" + taught["command"] + "`", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _pairs(items: list[str], option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        label, sep, value = item.partition("=")
+        if not sep or not label.strip() or not value.strip():
+            raise TeachError(f"{option} {item!r}: write {option} LABEL=PATH, e.g. {option} doorbell=clips/doorbell/")
+        if label.strip() in out:
+            raise TeachError(f"{option} {label.strip()} is given twice: put all its clips in one folder")
+        out[label.strip()] = value.strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.teach", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TeachConfig()
+    p.add_argument("--from", dest="source", required=True, help="the detector to extend: a checkpoint path or a "
+                   "bundled name (dnd_7_10)")
+    p.add_argument("--add", action="append", default=[], metavar="LABEL=FOLDER",
+                   help=f"a new class from a folder of at least {MIN_CLIPS} clips (any format and rate); repeatable")
+    p.add_argument("--extents", action="append", default=[], metavar="LABEL=TSV",
+                   help="event extents of LABEL's clips (filename, onset, offset; tab-separated, header line) "
+                        "instead of finding them in the audio")
+    p.add_argument("--negatives", action="append", default=[], metavar="FOLDER",
+                   help="recordings the detector wrongly fires on: mixed in unlabelled, old classes taught 0 there")
+    p.add_argument("--world", action="append", default=[], metavar="FOLDER",
+                   help="world pool(s) of speech, music and ambience (meta.csv: filename, category, group, ...)")
+    p.add_argument("--distractors", help="an event-pool folder (meta.csv or one sub-folder per class) mixed in unlabelled")
+    p.add_argument("--out", required=True, help="output checkpoint (.pt); the model card is written beside it (.md)")
+    p.add_argument("--scenes", type=int, default=d.scenes, help=f"training scenes (default {d.scenes})")
+    p.add_argument("--val-scenes", type=int, default=d.val_scenes)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes of the head over the cached frames")
+    p.add_argument("--held-out", type=float, default=d.held_out, help="fraction of each class's clips for validation")
+    p.add_argument("--no-augment", action="store_true", help="no pitch/stretch/reverb/microphone augmentation")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = TeachConfig(scenes=args.scenes, val_scenes=args.val_scenes, epochs=args.epochs, held_out=args.held_out,
+                          augment=not args.no_augment, seed=args.seed)
+        result = teach(args.source, _pairs(args.add, "--add"), args.out, negatives=args.negatives,
+                       extents=_pairs(args.extents, "--extents"), world=args.world, distractors=args.distractors,
+                       cfg=cfg, progress=not args.quiet,
+                       command="python -m train.teach " + " ".join(sys.argv[1:] if argv is None else argv))
+    except TeachError as exc:
+        print(f"train.teach: {exc}", file=sys.stderr)
+        return 2
+    for row in result.validation:
+        print(f"{row['label']}: validation event F1 {row['event_f1_tuned']:.3f} with its tuned decoder "
+              f"(on {row['on']:.2f}, off {row['off']:.2f}, median {row['smoothing_frames']}), "
+              f"{row['event_f1_default']:.3f} at 0.5; {row['reference_events']} held-out events")
+    if result.negatives_before or result.negatives_after:
+        print(f"old-class events on the negative clips: {result.negatives_before} before, {result.negatives_after} after")
+    print(f"wrote {result.path} ({len(result.labels)} classes: {', '.join(result.labels)}) and "
+          f"{result.path.with_suffix('.md')} in {result.seconds / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
