@@ -23,6 +23,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -38,6 +39,9 @@ from rtsed.serve.protocol import (CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, 
 from rtsed.serve.session import Close, SessionLimits, StreamSession
 from rtsed.serve.telemetry import ServerMetrics
 from rtsed.serve.worker import BatchWorker, ServerFull
+
+if TYPE_CHECKING:
+    from rtsed.serve.mqtt import MqttSettings
 
 log = logging.getLogger("rtsed.serve")
 STATIC = Path(__file__).with_name("static")
@@ -59,6 +63,8 @@ class ServeConfig:
     header_timeout_s: float = 10.0
     send_timeout_s: float = 10.0
     shutdown_timeout_s: float = 10.0
+    mqtt: MqttSettings | None = None  # --mqtt: publish onsets, events, states; Home Assistant discovery
+    webhook_url: str | None = None  # --webhook: POST each finished event
 
 
 class ServerState:
@@ -83,8 +89,9 @@ class ServerState:
                                 threads=config.threads)[0]
 
         self.metrics = ServerMetrics()
+        self.outputs = make_outputs(config, self.detector_config, self.metrics)
         self.worker = BatchWorker(stepper, self.detector_config, self.metrics, config.max_streams,
-                                  config.batch_streams, config.frames_per_step)
+                                  config.batch_streams, config.frames_per_step, self.outputs)
         self.started = time.monotonic()
         self.connections = 0
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -102,18 +109,37 @@ class ServerState:
                 "display_interval_s": session.limits.display_interval_s}
 
 
+def make_outputs(config: ServeConfig, detector_config, metrics: ServerMetrics) -> list:
+    """The event outputs the command line asked for (not started yet)."""
+    outputs = []
+    if config.mqtt is not None:
+        from rtsed.serve.mqtt import MqttPublisher
+
+        outputs.append(MqttPublisher(config.mqtt, detector_config.labels, detector_config.model.name, metrics))
+    if config.webhook_url:
+        from rtsed.serve.webhook import WebhookPoster
+
+        outputs.append(WebhookPoster(config.webhook_url, metrics))
+    return outputs
+
+
 def create_app(config: ServeConfig) -> Starlette:
     state = ServerState(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state.loop = asyncio.get_running_loop()
+        for output in state.outputs:
+            output.start()  # returns at once; a broker that is down is retried in the background
         state.worker.start()
         try:
             yield
         finally:
             # Normally drained already (GracefulServer); this covers other ways of stopping.
             await asyncio.to_thread(state.worker.stop, SHUTDOWN_REASON, CLOSE_GOING_AWAY, config.shutdown_timeout_s)
+            # Every stream has ended (its last events and OFF states queued): send them, then stop.
+            for output in state.outputs:
+                await asyncio.to_thread(output.close, config.shutdown_timeout_s / 2)
 
     async def index(request: Request):
         return FileResponse(STATIC / "index.html")
