@@ -82,6 +82,7 @@ class StreamSession:
         # -- worker half
         self.slot: tuple[int, int] | None = None  # (shard, slot) in the worker's engines
         self.ref: StreamRef | None = None  # the stream as event outputs name it (set when placed)
+        self.details: dict = {}  # where a pulled stream comes from (url, connected, reconnects), for /streams
         self._samples = SampleDecoder(header)
         self._sanitizer = Sanitizer()
         self._resampler = StreamingResampler(header.sample_rate_hz, model_rate_hz)
@@ -254,5 +255,5 @@ class StreamSession:
             "queued_s": round(self.queued_s, 3), "dropped_audio_s": round(self.dropped_s, 3),
             "silent_for_s": round(now - self.last_audio_wall, 1),
             "level_dbfs": round(self.level_dbfs, 1), "events": self.events, "last_event": self.last_event,
-            "top": top, "display_skipped": self.display_skipped,
+            "top": top, "display_skipped": self.display_skipped, **self.details,
         }
