@@ -112,9 +112,9 @@ class Subscriber:
 
 class HookServer:
     """A real HTTP server on loopback recording the JSON bodies POSTed to it; the first
-    ``fail_first`` requests are answered 503 (to make the poster retry)."""
+    ``fail_first`` requests are answered ``fail_status`` (503: the poster retries)."""
 
-    def __init__(self, fail_first: int = 0):
+    def __init__(self, fail_first: int = 0, fail_status: int = 503):
         self.bodies: list[dict] = []
         self.requests = 0
         owner = self
@@ -124,7 +124,7 @@ class HookServer:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 owner.requests += 1
                 if owner.requests <= fail_first:
-                    self.send_response(503)
+                    self.send_response(fail_status)
                     self.end_headers()
                     return
                 owner.bodies.append(json.loads(body))

@@ -50,6 +50,37 @@ def test_mqtt_urls_and_slugs():
     assert slugify("   ", "stream7") == "stream7"
 
 
+def test_webhook_does_not_retry_a_refusal_and_counts_it():
+    """HTTP 400 is the endpoint refusing the event: counted as failed, not retried; the next
+    event is delivered."""
+    from rtsed.serve.decode import SoundEvent
+    from rtsed.serve.outputs import StreamRef
+    from rtsed.serve.telemetry import ServerMetrics
+    from rtsed.serve.webhook import WebhookPoster
+
+    hook = HookServer(fail_first=1, fail_status=400)
+    metrics = ServerMetrics()
+    poster = WebhookPoster(hook.url, metrics, backoff_s=0.01)
+    poster.start()
+    stream = StreamRef(1, "hall", "Hall")
+    try:
+        poster.emit(stream, SoundEvent("dog", 1.0, 2.0, 0.9))
+        poster.emit(stream, SoundEvent("rain", 3.0, 4.5, 0.8))
+        wait_until(lambda: hook.bodies, 10, "the second event")
+    finally:
+        poster.close(5.0)
+        hook.close()
+    assert hook.requests == 2 and [b["label"] for b in hook.bodies] == ["rain"]
+    assert hook.bodies[0] == {"type": "event", "label": "rain", "onset_s": 3.0, "offset_s": 4.5, "score": 0.8,
+                              "stream": "hall", "stream_id": 1, "name": "Hall"}
+    sample = metrics.registry.get_sample_value
+    assert sample("rtsed_webhook_posts_total", {"result": "failed"}) == 1
+    assert sample("rtsed_webhook_posts_total", {"result": "delivered"}) == 1
+    assert sample("rtsed_webhook_retries_total") == 0
+    with pytest.raises(ValueError, match="give an http:// or https:// URL"):
+        WebhookPoster("ftp://x/y", metrics)
+
+
 # ------------------------------------------------------------------------------ a real broker
 @needs_broker
 def test_mqtt_and_webhook_carry_the_events_the_websocket_client_got(scene, tmp_path):

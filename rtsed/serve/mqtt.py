@@ -48,7 +48,6 @@ log = logging.getLogger("rtsed.serve.mqtt")
 
 ONLINE, OFFLINE = "online", "offline"
 ON, OFF = "ON", "OFF"
-_STOP = object()
 
 
 @dataclass(frozen=True)
@@ -114,6 +113,7 @@ class MqttPublisher(EventOutput):
         self._pending = 0  # handed to paho, not yet acknowledged by the broker
         self._pending_lock = threading.Condition()
         self._connected = threading.Event()
+        self._closing = threading.Event()
         self._outage_logged = False
         self._outage_since: float | None = None  # monotonic time the broker became unreachable
         client_id = f"rtsed-{socket.gethostname()}-{os.getpid()}"[:64]
@@ -187,7 +187,7 @@ class MqttPublisher(EventOutput):
         """Publish what is queued and "offline", wait up to ``timeout_s`` for the broker's
         acknowledgements (not at all while it is unreachable), then disconnect."""
         deadline = time.monotonic() + timeout_s
-        self._queue.put(_STOP)
+        self._closing.set()
         self._thread.join(max(0.1, deadline - time.monotonic()))
         self._publish(self.status_topic, OFFLINE, retain=True)
         with self._pending_lock:
@@ -203,9 +203,12 @@ class MqttPublisher(EventOutput):
     # ------------------------------------------------------------------ publisher thread
     def _run(self) -> None:
         while True:
-            entry = self._queue.get()
-            if entry is _STOP:
-                return
+            try:
+                entry = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._closing.is_set():
+                    return  # every stream ended before close(): nothing more will come
+                continue
             kind, stream, item = entry
             try:
                 if kind == "started":

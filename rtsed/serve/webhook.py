@@ -32,7 +32,6 @@ from rtsed.serve.telemetry import ServerMetrics
 log = logging.getLogger("rtsed.serve.webhook")
 
 RETRY_STATUSES = {408, 429}  # and every 5xx
-_STOP = object()
 
 
 def check_webhook_url(url: str) -> str:
@@ -75,14 +74,13 @@ class WebhookPoster(EventOutput):
     def close(self, timeout_s: float = 5.0) -> None:
         """Post what is queued for up to ``timeout_s``; what is left then is counted as dropped."""
         self._deadline = time.monotonic() + timeout_s
-        self._closing.set()
-        self._queue.put(_STOP)
+        self._closing.set()  # also cuts a backoff wait short
         self._thread.join(timeout_s + self.timeout_s)
         left = 0
         while True:
             try:
-                if self._queue.get_nowait() is not _STOP:
-                    left += 1
+                self._queue.get_nowait()
+                left += 1
             except queue.Empty:
                 break
         if left:
@@ -92,9 +90,12 @@ class WebhookPoster(EventOutput):
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
         while True:
-            payload = self._queue.get()
-            if payload is _STOP:
-                return
+            try:
+                payload = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._closing.is_set():
+                    return
+                continue
             if self._closing.is_set() and time.monotonic() > self._deadline:
                 self.metrics.webhook_posts.labels(result="dropped").inc()
                 continue
@@ -116,7 +117,7 @@ class WebhookPoster(EventOutput):
             self.metrics.webhook_retries.inc()
             log.info("webhook: POST of %s to %s failed (%s); retry %d/%d in %.1f s", what, self.url, problem,
                      attempt, self.max_attempts - 1, delay)
-            time.sleep(delay)
+            self._closing.wait(delay)
         self.metrics.webhook_posts.labels(result="failed").inc()
         log.warning("webhook: gave up on %s after %d attempt(s) to %s: %s", what, attempt, self.url, problem)
 
