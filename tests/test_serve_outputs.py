@@ -29,7 +29,8 @@ def scene(tmp_path_factory):
 
 
 def ws_events(got: dict) -> list[tuple[str, float, float, float]]:
-    return sorted((m["label"], m["onset_s"], m["offset_s"], m["score"]) for m in got["messages"] if m["type"] == "event")
+    return sorted((m["label"], m["onset_s"], m["offset_s"], m["score"])
+                  for m in got["messages"] if m["type"] == "event")
 
 
 def metric(text: str, name: str) -> float:

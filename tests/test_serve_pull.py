@@ -107,6 +107,15 @@ def stream_info(server: ServerProcess, stream_id: int) -> dict | None:
     return next((s for s in server.get_json("/streams")["streams"] if s["id"] == stream_id), None)
 
 
+def stop_stream(server: ServerProcess, stream_id: int) -> dict:
+    """DELETE the stream, then its entry among the closed streams once the worker has finished
+    it (the DELETE answers after at most the shutdown timeout, finished or not)."""
+    status, body = request(f"{server.url}/streams/{stream_id}", "DELETE")
+    assert status == 200 and body["id"] == stream_id
+    return wait_until(lambda: next((c for c in server.get_json("/streams")["closed"] if c["id"] == stream_id), None),
+                      120, f"stream {stream_id} to finish")
+
+
 # ------------------------------------------------------------------------------ units
 def test_urls_are_told_from_files_and_checked_for_the_api():
     assert is_url("rtsp://cam/1") and is_url("http://h/a.wav") and not is_url("scene.wav")
@@ -151,8 +160,8 @@ def test_server_pulls_urls_and_reconnects_a_source_killed_mid_stream(scene, expe
         assert first["url"] == f"http://127.0.0.1:{port}/scene.wav" and first["client"] == "pull"
         wait_until(lambda: (stream_info(server, first["id"]) or {}).get("audio_s", 0) >= 10.99, 120,
                    "the whole file to be detected")
-        status, body = request(f"{server.url}/streams/{first['id']}", "DELETE")
-        assert status == 200 and body["ended"] and body["events"] == len(expected)
+        closed = stop_stream(server, first["id"])
+        assert closed["events"] == len(expected) and closed["reason"] == "stopped over the API"
         wait_until(lambda: len(hook.bodies) == len(expected), 30, "the webhook's events")
         same_events([(b["label"], b["onset_s"], b["offset_s"]) for b in hook.bodies], expected)
 
@@ -170,11 +179,11 @@ def test_server_pulls_urls_and_reconnects_a_source_killed_mid_stream(scene, expe
         killed = ffmpeg.wait(10)
         ffmpeg = ffmpeg_http(scene, port, realtime=True)
         after = wait_until(lambda: (s := stream_info(server, sid)) and s["connected"] and s["reconnects"] >= 1
-                           and s["audio_s"] >= before["audio_s"] + 2.0 and s, 60, "the stream to go on after reconnecting")
+                           and s["audio_s"] >= before["audio_s"] + 2.0 and s, 60,
+                           "the stream to go on after reconnecting")
         assert after["state"] == "live"
         assert "reconnecting in" in server.log_path.read_text()
-        status, body = request(f"{server.url}/streams/{sid}", "DELETE")
-        assert status == 200 and body["ended"] and body["audio_s"] >= after["audio_s"]
+        assert stop_stream(server, sid)["audio_s"] >= after["audio_s"]
 
         # 3. The API refuses what it cannot pull, naming the fix.
         status, body = request(f"{server.url}/streams", "POST", {"url": "file:///etc/passwd"})
@@ -209,8 +218,7 @@ def test_server_pulls_an_rtsp_stream(scene, expected, tmp_path):
         assert status == 201
         # The scene's last event ends by 8 s; its 3 s of quiet end before a replay could begin.
         wait_until(lambda: (stream_info(server, body["id"]) or {}).get("audio_s", 0) >= 9.5, 60, "9.5 s of audio")
-        status, ended = request(f"{server.url}/streams/{body['id']}", "DELETE")
-        assert status == 200 and ended["events"] == len(expected)
+        assert stop_stream(server, body["id"])["events"] == len(expected)
         wait_until(lambda: len(hook.bodies) == len(expected), 30, "the webhook's events")
         same_events([(b["label"], b["onset_s"], b["offset_s"]) for b in hook.bodies], expected)
     finally:

@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
             check_webhook_url(args.webhook)
     except ImportError as exc:
-        print(f"rtsed.serve: --mqtt/--input need {exc.name or exc}; install the server's extra: pip install 'rtsed[serve]'",
-              file=sys.stderr)
+        print(f"rtsed.serve: --mqtt/--input need {exc.name or exc}; install the server's extra: "
+              "pip install 'rtsed[serve]'", file=sys.stderr)
         return 2
     except ValueError as exc:
         print(f"rtsed.serve: {exc}", file=sys.stderr)

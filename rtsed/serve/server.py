@@ -234,8 +234,9 @@ def create_app(config: ServeConfig) -> Starlette:
             state.connections -= 1
 
     app = Starlette(routes=[
-        Route("/", index), Route("/grid", grid), Route("/health", health), Route("/streams", streams, methods=["GET"]),
-        Route("/streams", add_stream, methods=["POST"]), Route("/streams/{stream_id:int}", delete_stream, methods=["DELETE"]),
+        Route("/", index), Route("/grid", grid), Route("/health", health),
+        Route("/streams", streams, methods=["GET"]), Route("/streams", add_stream, methods=["POST"]),
+        Route("/streams/{stream_id:int}", delete_stream, methods=["DELETE"]),
         Route("/metrics", metrics), WebSocketRoute("/ws", stream),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ], lifespan=lifespan)
