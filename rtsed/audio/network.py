@@ -122,6 +122,9 @@ class UrlSource(AudioSource):
         if self._done:
             return None
         self.start()
+        if not self._started:  # stopped before it ever started: no reader thread, nothing to come
+            self._done = True
+            return None
         try:
             item = self._queue.get(timeout=max(0.0, timeout_s))
         except queue.Empty:
