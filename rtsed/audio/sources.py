@@ -322,6 +322,7 @@ class SourceStats:
     peak_dbfs: float = LEVEL_FLOOR_DBFS
     silence_s: float = 0.0
     end_reason: str | None = None
+    reconnects: int = 0  # a URL source's attempts to reconnect after a drop (rtsed.audio.network)
 
 
 class AudioSource:

@@ -4,6 +4,7 @@
     python -m rtsed.live --model dnd_7_10.pt --input-device 3     a chosen input (index or name)
     python -m rtsed.live --list-devices
     python -m rtsed.live --model dnd_7_10.pt --input scene.wav --realtime
+    python -m rtsed.live --model dnd_7_10.pt --input rtsp://camera.lan/stream1
     python -m rtsed.live --model dnd_7_10.pt --jsonl - | my-consumer
 
 The PortAudio callback only copies samples into a ring buffer (rtsed.audio.sources); this thread runs
@@ -112,6 +113,10 @@ def open_source(args, rate_hz: int):
     from rtsed.audio import sources
 
     if args.input:
+        from rtsed.audio.network import UrlSource, is_url
+
+        if is_url(args.input):
+            return UrlSource(args.input, rate_hz, reconnect=not args.no_reconnect)
         return sources.FileSource(args.input, rate_hz, realtime=args.realtime)
     device = args.input_device
     if device is not None and device.isdigit():
@@ -207,10 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rtsed.live", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint (.pt), exported step graph (.onnx) or bundled detector name")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--input", metavar="FILE", help="stream a file instead of a microphone")
+    src.add_argument("--input", metavar="FILE|URL",
+                     help="stream a file, or pull a URL (rtsp://, http://, any FFmpeg input; reconnects until "
+                          "Ctrl-C), instead of a microphone")
     src.add_argument("--input-device", metavar="N|NAME", help="input device index or name (default: system default)")
     p.add_argument("--list-devices", action="store_true", help="list input devices and exit")
-    p.add_argument("--realtime", action="store_true", help="with --input: pace the file at real time")
+    p.add_argument("--realtime", action="store_true", help="with --input FILE: pace the file at real time")
+    p.add_argument("--no-reconnect", action="store_true",
+                   help="with --input URL: end when the stream ends or drops instead of reconnecting")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="compute device")
     p.add_argument("--backend", default="torch", choices=("torch", "onnx"))
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,

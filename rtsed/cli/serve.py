@@ -2,10 +2,14 @@
 
     python -m rtsed.serve --model dnd_7_10.pt                         http://127.0.0.1:8000/
     python -m rtsed.serve --model dnd_7_10.pt --host 0.0.0.0 --port 8000 --backend onnx
+    python -m rtsed.serve --model dnd_7_10.pt --mqtt mqtt://broker:1883 --webhook http://host/hook
 
 Clients open a WebSocket per stream at /ws (protocol: rtsed.serve.protocol), the page at / streams
 the browser's microphone, /grid shows every stream, /health and /metrics (Prometheus) watch the
 server. SIGINT/SIGTERM close every stream's open events and send them before the server stops.
+--input URL pulls a stream itself (RTSP, HTTP, any FFmpeg input; rtsed.serve.pull);
+--mqtt publishes onsets, events and on/off states per stream and class, with Home Assistant
+discovery (rtsed.serve.mqtt); --webhook POSTs each finished event (rtsed.serve.webhook).
 """
 
 from __future__ import annotations
@@ -38,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "that does not read can leave unsent before --send-timeout-s starts counting")
     p.add_argument("--display-interval-s", type=float, default=0.1,
                    help="stream time between display messages (probabilities, log-mel, level)")
+    p.add_argument("--input", metavar="URL", action="append", default=[],
+                   help="pull a stream from this URL (rtsp://, http://, any FFmpeg input; repeatable); more can be "
+                        "added with POST /streams")
+    out = p.add_argument_group("detections out")
+    out.add_argument("--mqtt", metavar="URL",
+                     help="publish onsets, events and ON/OFF states to this MQTT broker, with Home Assistant "
+                          "discovery: mqtt://[user:password@]host[:port] (mqtts:// for TLS)")
+    out.add_argument("--mqtt-prefix", default="rtsed", help="topic prefix: PREFIX/STREAM/LABEL/{state,onset,event}")
+    out.add_argument("--mqtt-discovery-prefix", default="homeassistant",
+                     help="Home Assistant's discovery prefix (its MQTT integration's setting)")
+    out.add_argument("--mqtt-reconnect-max-s", type=int, default=30,
+                     help="longest wait between reconnection attempts to the broker (backoff from 1 s)")
+    out.add_argument("--webhook", metavar="URL", help="POST each finished event as JSON to this http(s) URL")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
@@ -62,6 +79,43 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, name) > 0:
             print(f"rtsed.serve: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
             return 2
+    mqtt = None
+    try:
+        if args.mqtt:
+            from rtsed.serve.mqtt import parse_mqtt_url
+
+            if args.mqtt_reconnect_max_s < 1:
+                raise ValueError("--mqtt-reconnect-max-s must be >= 1")
+            bad = [name for name, value in (("--mqtt-prefix", args.mqtt_prefix),
+                                            ("--mqtt-discovery-prefix", args.mqtt_discovery_prefix))
+                   if not value.strip("/") or any(c in value for c in "+#")]
+            if bad:
+                raise ValueError(f"{', '.join(bad)}: give a topic without + or # (e.g. rtsed)")
+            mqtt = parse_mqtt_url(args.mqtt, topic_prefix=args.mqtt_prefix,
+                                  discovery_prefix=args.mqtt_discovery_prefix,
+                                  reconnect_max_s=args.mqtt_reconnect_max_s)
+        if args.input:
+            from rtsed.audio.network import is_url
+
+            import av  # noqa: F401  (PyAV: a clear message now rather than in the server)
+
+            files = [x for x in args.input if not is_url(x)]
+            if files:
+                raise ValueError(f"--input {files[0]!r}: give a URL (rtsp://, http://, ...); a file streams through "
+                                 "a WebSocket client, or is detected offline by rtsed.detect")
+            if len(args.input) > args.max_streams:
+                raise ValueError(f"{len(args.input)} --input URLs but --max-streams {args.max_streams}: raise it")
+        if args.webhook:
+            from rtsed.serve.webhook import check_webhook_url
+
+            check_webhook_url(args.webhook)
+    except ImportError as exc:
+        print(f"rtsed.serve: --mqtt/--input need {exc.name or exc}; install the server's extra: "
+              "pip install 'rtsed[serve]'", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"rtsed.serve: {exc}", file=sys.stderr)
+        return 2
     if argv is None:
         from rtsed.backends.allocator import ensure_caching_allocator
 
@@ -71,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                            idle_timeout_s=args.idle_timeout_s, display_interval_s=args.display_interval_s)
     config = ServeConfig(model=args.model, backend=args.backend, device=args.device, threads=args.threads,
                          max_streams=args.max_streams, batch_streams=args.batch_streams,
-                         frames_per_step=args.frames_per_step, limits=limits, send_timeout_s=args.send_timeout_s)
+                         frames_per_step=args.frames_per_step, limits=limits, send_timeout_s=args.send_timeout_s,
+                         mqtt=mqtt, webhook_url=args.webhook, inputs=args.input)
     try:
         return serve(config, args.host, args.port, args.log_level, args.send_buffer_bytes)
     except (ModelNotFoundError, CheckpointError, ValueError, OSError, RuntimeError) as exc:

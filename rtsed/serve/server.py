@@ -5,6 +5,8 @@ Routes:
     GET /            the live page (microphone -> stream -> lanes, event roll, level, log-mel)
     GET /grid        every live stream and its health
     GET /streams     the same as JSON (live streams and the last closed ones)
+    POST /streams    pull a stream from a URL: {"url": "rtsp://...", "name": "porch"} -> 201 {"id", ...}
+    DELETE /streams/{id}  stop a pulled stream (its open events closed and emitted)
     GET /health      JSON: status, model, streams, steps/s (503 when the worker has failed)
     GET /metrics     Prometheus text
     WS  /ws          one stream (protocol: rtsed.serve.protocol)
@@ -23,6 +25,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -38,6 +41,9 @@ from rtsed.serve.protocol import (CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, 
 from rtsed.serve.session import Close, SessionLimits, StreamSession
 from rtsed.serve.telemetry import ServerMetrics
 from rtsed.serve.worker import BatchWorker, ServerFull
+
+if TYPE_CHECKING:
+    from rtsed.serve.mqtt import MqttSettings
 
 log = logging.getLogger("rtsed.serve")
 STATIC = Path(__file__).with_name("static")
@@ -59,6 +65,9 @@ class ServeConfig:
     header_timeout_s: float = 10.0
     send_timeout_s: float = 10.0
     shutdown_timeout_s: float = 10.0
+    mqtt: MqttSettings | None = None  # --mqtt: publish onsets, events, states; Home Assistant discovery
+    webhook_url: str | None = None  # --webhook: POST each finished event
+    inputs: list[str] = field(default_factory=list)  # --input: URLs the server pulls itself
 
 
 class ServerState:
@@ -83,11 +92,23 @@ class ServerState:
                                 threads=config.threads)[0]
 
         self.metrics = ServerMetrics()
+        self.outputs = make_outputs(config, self.detector_config, self.metrics)
         self.worker = BatchWorker(stepper, self.detector_config, self.metrics, config.max_streams,
-                                  config.batch_streams, config.frames_per_step)
+                                  config.batch_streams, config.frames_per_step, self.outputs)
         self.started = time.monotonic()
         self.connections = 0
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.pulled: dict = {}  # stream id -> PulledStream
+
+    def pull(self, url: str, name: str = ""):
+        """Start pulling ``url`` (ServerFull when the server is full); returns the PulledStream."""
+        from rtsed.serve.pull import PulledStream
+
+        fe = self.detector_config.frontend
+        pulled = PulledStream(url, name, fe.sample_rate_hz, fe.hop_s, self.config.limits, self.loop, self.worker)
+        pulled.start()
+        self.pulled[pulled.id] = pulled
+        return pulled
 
     def ready_message(self, session: StreamSession) -> dict:
         c = self.detector_config
@@ -102,18 +123,42 @@ class ServerState:
                 "display_interval_s": session.limits.display_interval_s}
 
 
+def make_outputs(config: ServeConfig, detector_config, metrics: ServerMetrics) -> list:
+    """The event outputs the command line asked for (not started yet)."""
+    outputs = []
+    if config.mqtt is not None:
+        from rtsed.serve.mqtt import MqttPublisher
+
+        outputs.append(MqttPublisher(config.mqtt, detector_config.labels, detector_config.model.name, metrics))
+    if config.webhook_url:
+        from rtsed.serve.webhook import WebhookPoster
+
+        outputs.append(WebhookPoster(config.webhook_url, metrics))
+    return outputs
+
+
 def create_app(config: ServeConfig) -> Starlette:
     state = ServerState(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state.loop = asyncio.get_running_loop()
+        for output in state.outputs:
+            output.start()  # returns at once; a broker that is down is retried in the background
         state.worker.start()
+        for url in config.inputs:
+            pulled = state.pull(url)
+            log.info("pulling stream %d from %s", pulled.id, pulled.session.details["url"])
         try:
             yield
         finally:
             # Normally drained already (GracefulServer); this covers other ways of stopping.
             await asyncio.to_thread(state.worker.stop, SHUTDOWN_REASON, CLOSE_GOING_AWAY, config.shutdown_timeout_s)
+            for pulled in list(state.pulled.values()):
+                pulled.stop(SHUTDOWN_REASON)
+            # Every stream has ended (its last events and OFF states queued): send them, then stop.
+            for output in state.outputs:
+                await asyncio.to_thread(output.close, config.shutdown_timeout_s / 2)
 
     async def index(request: Request):
         return FileResponse(STATIC / "index.html")
@@ -137,6 +182,47 @@ def create_app(config: ServeConfig) -> Starlette:
         return JSONResponse({"streams": state.worker.snapshot(), "closed": list(state.worker.closed_recently),
                              "max_streams": config.max_streams, "labels": list(state.detector_config.labels)})
 
+    async def add_stream(request: Request):
+        from rtsed.serve.pull import check_api_url
+
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError
+        except ValueError:
+            return JSONResponse({"error": 'send a JSON object: {"url": "rtsp://camera/stream", "name": "porch"}'},
+                                status_code=400)
+        unknown = sorted(set(body) - {"url", "name"})
+        name = body.get("name", "")
+        try:
+            if unknown:
+                raise ValueError(f"unknown field(s) {unknown}; the fields are url and name")
+            if not isinstance(name, str) or len(name) > 100:
+                raise ValueError("name: give a string of at most 100 characters")
+            url = check_api_url(body.get("url"))
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        try:
+            pulled = state.pull(url, name)
+        except ServerFull as exc:
+            return JSONResponse({"error": f"{exc}; stop a stream (DELETE /streams/ID) or start the server with a "
+                                          "larger --max-streams"}, status_code=503)
+        return JSONResponse({"id": pulled.id, "name": pulled.session.name, "url": pulled.session.details["url"]},
+                            status_code=201)
+
+    async def delete_stream(request: Request):
+        stream_id = request.path_params["stream_id"]
+        pulled = state.pulled.pop(stream_id, None)
+        if pulled is None:
+            return JSONResponse({"error": f"no pulled stream {stream_id}: GET /streams lists the streams (a "
+                                          'WebSocket stream ends when its client sends {"type": "end"})'},
+                                status_code=404)
+        pulled.stop()
+        ended = await asyncio.to_thread(pulled.session.finished.wait, config.shutdown_timeout_s)
+        s = pulled.session
+        return JSONResponse({"id": s.id, "ended": ended, "events": s.events,
+                             "audio_s": round(s.model_samples / s.model_rate_hz, 3)})
+
     async def metrics(request: Request):
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -148,7 +234,9 @@ def create_app(config: ServeConfig) -> Starlette:
             state.connections -= 1
 
     app = Starlette(routes=[
-        Route("/", index), Route("/grid", grid), Route("/health", health), Route("/streams", streams),
+        Route("/", index), Route("/grid", grid), Route("/health", health),
+        Route("/streams", streams, methods=["GET"]), Route("/streams", add_stream, methods=["POST"]),
+        Route("/streams/{stream_id:int}", delete_stream, methods=["DELETE"]),
         Route("/metrics", metrics), WebSocketRoute("/ws", stream),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ], lifespan=lifespan)

@@ -28,6 +28,7 @@ import numpy as np
 
 from rtsed.audio.sources import Sanitizer, StreamingResampler, level_dbfs
 from rtsed.serve.decode import OnsetNotice, SoundEvent, event_to_json
+from rtsed.serve.outputs import StreamRef
 from rtsed.serve.protocol import CLOSE_POLICY, ProtocolError, SampleDecoder, StreamHeader, dumps
 
 _ids = itertools.count(1)
@@ -80,6 +81,8 @@ class StreamSession:
         self.client_gone = False
         # -- worker half
         self.slot: tuple[int, int] | None = None  # (shard, slot) in the worker's engines
+        self.ref: StreamRef | None = None  # the stream as event outputs name it (set when placed)
+        self.details: dict = {}  # where a pulled stream comes from (url, connected, reconnects), for /streams
         self._samples = SampleDecoder(header)
         self._sanitizer = Sanitizer()
         self._resampler = StreamingResampler(header.sample_rate_hz, model_rate_hz)
@@ -243,7 +246,7 @@ class StreamSession:
             top = [[labels[i], round(float(self.latest_probs[i]), 3)] for i in order]
         now = time.monotonic()
         return {
-            "id": self.id, "name": self.name, "client": self.client,
+            "id": self.id, "name": self.name, "slug": self.ref.slug if self.ref else None, "client": self.client,
             "sample_rate": self.header.sample_rate_hz, "channels": self.header.channels,
             "format": self.header.sample_format,
             "state": "ending" if self.end_code is not None else ("live" if self.slot is not None else "joining"),
@@ -252,5 +255,5 @@ class StreamSession:
             "queued_s": round(self.queued_s, 3), "dropped_audio_s": round(self.dropped_s, 3),
             "silent_for_s": round(now - self.last_audio_wall, 1),
             "level_dbfs": round(self.level_dbfs, 1), "events": self.events, "last_event": self.last_event,
-            "top": top, "display_skipped": self.display_skipped,
+            "top": top, "display_skipped": self.display_skipped, **self.details,
         }

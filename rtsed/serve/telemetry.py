@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 class ServerMetrics:
     """Streams, steps (rate() of the counter gives steps/s), step latency, dropped audio, queue
-    depth, closes by reason, events."""
+    depth, closes by reason, events; the event outputs (MQTT, webhook) and the pulled inputs."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -29,3 +29,11 @@ class ServerMetrics:
         self.events = Counter("rtsed_events", "Finished sound events sent", registry=r)
         self.display_skipped = Counter("rtsed_display_frames_skipped",
                                        "Display messages skipped for slow readers", registry=r)
+        self.mqtt_connected = Gauge("rtsed_mqtt_connected", "1 while connected to the MQTT broker", registry=r)
+        self.mqtt_messages = Counter("rtsed_mqtt_messages",
+                                     "MQTT messages: published (acknowledged by the broker) or dropped (queue full)",
+                                     ["result"], registry=r)
+        self.webhook_posts = Counter("rtsed_webhook_posts",
+                                     "Events for the webhook: delivered, failed (refused or out of retries) or "
+                                     "dropped (queue full, or unsent at shutdown)", ["result"], registry=r)
+        self.webhook_retries = Counter("rtsed_webhook_retries", "Webhook POSTs retried after a failure", registry=r)

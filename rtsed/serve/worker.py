@@ -25,6 +25,7 @@ import numpy as np
 
 from rtsed.config import DetectorConfig
 from rtsed.serve.engine import MultiStreamEngine
+from rtsed.serve.outputs import EventOutput, StreamRef, slugify
 from rtsed.serve.protocol import CLOSE_INTERNAL, CLOSE_NORMAL
 from rtsed.serve.session import StreamSession
 from rtsed.serve.steppers import Stepper
@@ -46,7 +47,8 @@ class BatchWorker(threading.Thread):
     ``request_end``. ``stop()`` ends every stream (events closed and sent) and the thread."""
 
     def __init__(self, make_stepper: Callable[[int], Stepper], config: DetectorConfig, metrics: ServerMetrics,
-                 max_streams: int = 64, batch_streams: int = 16, frames_per_step: int = 4):
+                 max_streams: int = 64, batch_streams: int = 16, frames_per_step: int = 4,
+                 outputs: list[EventOutput] | None = None):
         super().__init__(name="rtsed-serve-worker", daemon=True)
         if max_streams < 1 or batch_streams < 1:
             raise ValueError("--max-streams and --batch-streams must be >= 1")
@@ -56,6 +58,9 @@ class BatchWorker(threading.Thread):
         self.max_streams = max_streams
         self.batch_streams = min(batch_streams, max_streams)
         self.frames_per_step = frames_per_step
+        # Told of every stream's start, onsets, events and end, on this thread (they only queue).
+        self.outputs = list(outputs or [])
+        self._slugs: set[str] = set()  # slugs of the streams in the engines (unique among them)
         self.shards: list[MultiStreamEngine] = []
         self.owner: list[list[StreamSession | None]] = []  # [shard][slot] -> session
         self._lock = threading.Lock()
@@ -190,6 +195,12 @@ class BatchWorker(threading.Thread):
         self.shards[shard].start(slot, s.header.thresholds or None)
         self.owner[shard][slot] = s
         s.slot = (shard, slot)
+        slug = slugify(s.header.name, f"stream{s.id}")
+        if slug in self._slugs:
+            slug = f"{slug}-{s.id}"
+        self._slugs.add(slug)
+        s.ref = StreamRef(s.id, slug, s.name)
+        self._tell("stream_started", s.ref)
 
     def _push(self, s: StreamSession, engine: MultiStreamEngine, slot: int, audio: np.ndarray) -> None:
         if audio.size:
@@ -219,12 +230,24 @@ class BatchWorker(threading.Thread):
             if items:
                 s.emit(items)
                 self.metrics.events.inc(sum(1 for i in items if hasattr(i, "offset_s")))
+                for item in items:
+                    self._tell("emit", s.ref, item)
             if not engine.active[slot]:
                 self.owner[shard][slot] = None
                 self._release(s)
 
+    def _tell(self, method: str, *args) -> None:
+        """Call ``method`` on every output; an output's bug is logged, never the worker's end."""
+        for output in self.outputs:
+            try:
+                getattr(output, method)(*args)
+            except Exception:
+                log.exception("event output %s.%s failed", type(output).__name__, method)
+
     def _release(self, s: StreamSession) -> None:
         s.finish()
+        self._tell("stream_ended", s.ref)
+        self._slugs.discard(s.ref.slug)
         self.metrics.dropped_audio.inc(s.dropped_s)
         self.metrics.closed.labels(reason=_reason_kind(s.end_code, s.end_reason)).inc()
         with self._lock:
