@@ -112,7 +112,7 @@ def test_bf16_matches_fp32_on_the_bundled_detector_and_a_real_error_would_not(na
     assert bf16_calls, "the offline forward ran its GEMMs in bf16"
     assert bf16.dtype == torch.float32
     # The scene drives the detector across its range, so a gap is measured where decisions are made.
-    assert 0.03 < (fp32 > 0.5).float().mean().item() < 0.5 and fp32.max() > 0.9
+    assert 0.01 < (fp32 > 0.5).float().mean().item() < 0.5 and fp32.max() > 0.9
     worst, mean = _gaps(bf16, fp32)
     print(f"{name}: bf16 - fp32 probabilities: max {worst:.4f}, mean {mean:.2e}, decisions flipped at 0.5: "
           f"{((bf16 > 0.5) != (fp32 > 0.5)).float().mean().item():.3%}")
