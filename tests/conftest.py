@@ -1,6 +1,10 @@
-"""Fixtures the native-kernel tests share (tests/test_native_*.py)."""
+"""Fixtures several test files share: the native-kernel switch (tests/test_native_*.py), the thread
+count, and where the shared clip data lives (tests/test_bundled.py, tests/test_synth.py)."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,3 +26,35 @@ def threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+SHARED_DATA_ENV = "RTSED_SHARED_DATA"
+# ../shared/data beside the checkout: the layout of a development machine that holds the data.
+DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def find_shared_data(required: str = "esc10/meta.csv") -> Path:
+    """The root of the shared clip data (esc10/, esc50-fold4/, ...; see its README).
+
+    RTSED_SHARED_DATA names it. When that variable is set the data is expected: a root without
+    `required` fails the test, so a CI run that was pointed at the data can never pass by skipping.
+    When it is unset, ../shared/data beside the checkout is used if it holds `required`, and the
+    test is skipped with the reason otherwise (a fresh clone on a machine without the data)."""
+    named = os.environ.get(SHARED_DATA_ENV)
+    if named:
+        root = Path(named).expanduser()
+        if not (root / required).is_file():
+            pytest.fail(f"{SHARED_DATA_ENV}={named} is set but {root / required} does not exist: point "
+                        f"{SHARED_DATA_ENV} at the folder that holds esc10/ and esc50-fold4/, or unset it "
+                        f"to skip the tests that need the shared data", pytrace=False)
+        return root
+    if not (DEFAULT_SHARED_DATA / required).is_file():
+        pytest.skip(f"shared data not found: {DEFAULT_SHARED_DATA / required} is absent and "
+                    f"{SHARED_DATA_ENV} is unset (set it to the folder that holds esc10/)")
+    return DEFAULT_SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """find_shared_data() as a fixture: the data root, or a skip / failure as it explains."""
+    return find_shared_data()

@@ -91,3 +91,44 @@ def write_world_pool(root: Path, rate: int = 16000, seed: int = 0,
                 rows.append(f"{name},{category},train,src_{group},{group},{len(x) / rate:.3f},CC0,test audio")
     (root / "meta.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+# ------------------------------------------------------------------------------ scenes
+def sound_scene(rate: int, seconds: float, seed: int = 0) -> np.ndarray:
+    """(N,) float32 mono at `rate`: a scene of man-made sounds over a pink-noise bed, for tests that
+    need a detector to respond with the whole range of probabilities (not only near 0): tones and
+    harmonic "syllables", chirps, noise bursts (white and low-passed, like rain or an engine), click
+    trains (like a clock), each 0.3-3 s long, a few overlapping, at levels from -40 to -6 dBFS."""
+    rng = np.random.default_rng(seed)
+    n = round(seconds * rate)
+    white = rng.standard_normal(n)
+    spectrum = np.fft.rfft(white) / np.sqrt(np.maximum(np.arange(n // 2 + 1), 1))  # 1/f power: pink
+    x = 0.01 * np.fft.irfft(spectrum, n) / np.std(np.fft.irfft(spectrum, n))
+    start = 0.0
+    while start < seconds - 0.5:
+        length = min(rng.uniform(0.3, 3.0), seconds - start)
+        m = round(length * rate)
+        t = np.arange(m) / rate
+        kind = rng.integers(5)
+        if kind == 0:
+            s = tone(rate, length, rng.uniform(200, 3000))[:m]
+        elif kind == 1:
+            f0 = rng.uniform(90, 300)
+            s = sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))
+        elif kind == 2:
+            f_lo, f_hi = rng.uniform(200, 1000), rng.uniform(1500, 6000)
+            s = np.sin(2 * np.pi * (f_lo * t + (f_hi - f_lo) * t * t / (2 * length)))
+        elif kind == 3:
+            s = rng.standard_normal(m)
+            if rng.random() < 0.5:
+                s = np.convolve(s, np.hanning(32) / 16, "same")
+        else:
+            s = np.zeros(m)
+            s[:: round(rate * rng.uniform(0.1, 0.5))] = 1.0
+            s = np.convolve(s, np.hanning(48), "same")
+        s = s * np.minimum(1.0, np.minimum(t, t[::-1]) / 0.01)  # 10 ms fades
+        level = 10 ** (rng.uniform(-40, -6) / 20)
+        i = round(start * rate)
+        x[i:i + m] += level * s / max(np.abs(s).max(), 1e-9)
+        start += length * rng.uniform(0.5, 1.5)  # overlap some, leave gaps after others
+    return np.clip(x, -1, 1).astype(np.float32)

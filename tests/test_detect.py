@@ -52,6 +52,8 @@ def test_single_file_json_and_plot(checkpoint, folder, tmp_path_factory):
     assert code == 0
     data = json.loads((out_dir / "e.json").read_text())
     assert data["labels"] == ["tone", "noise", "click"]
+    expected, _ = offline_events(checkpoint, scene(seed=0))
+    assert expected and len(data["events"]) == len(expected)  # something to check, and all of it
     assert all(e["filename"] == "a.wav" for e in data["events"])
     png = (out_dir / "a.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -1,6 +1,7 @@
 """train.evaluate on a tiny procedurally made DCASE data set: an oracle model (logits +/-10 from the
 true frame targets) must score perfectly, an oracle that never outputs one class must score exactly
-what hand counting predicts, and the CLI writes JSON with parameters and fails cleanly (exit 2) on
+what hand counting predicts, a model whose frames are written down literally scores the counts
+worked out by hand (no rasteriser involved), and the CLI writes JSON with parameters and fails cleanly (exit 2) on
 bad input. No shared data set is needed."""
 
 from __future__ import annotations
@@ -185,6 +186,49 @@ def test_oracle_without_one_class_scores_as_counted(dataset_dir, checkpoint, ora
     ps = res["psds1"]
     assert ps["per_class"]["tone"] > 0.99 and ps["per_class"]["noise"] == pytest.approx(0.0)
     assert ps["psds"] == pytest.approx(0.0, abs=0.01)
+
+
+def test_scores_match_counts_made_by_hand(tmp_path, checkpoint, monkeypatch):
+    """An oracle independent of evaluate's rasteriser: the model's frames are written down literally
+    and every expected count below is worked out by hand from the frame-time rule (docs: frame t's
+    label cell is [t * 20 ms, (t + 1) * 20 ms); an event activates every cell it overlaps).
+
+    One 2 s file: 99 frames (1 + (32000 - 640) // 320).
+      reference  tone  [0.513, 0.995) -> cells 25..49 (0.50 <= 0.513 < 0.52; 0.98 < 0.995 <= 1.00): 25
+                 noise [1.21, 1.47)   -> cells 60..73 (1.20 <= 1.21; 1.46 < 1.47 <= 1.48): 14
+      model      tone  frames 20..44, noise frames 60..73 and 80..84 (a false alarm)
+      frames     tone: 25..44 hit (20), 20..24 false (5), 45..49 missed (5); noise: 14 hit, 5 false
+                 tp 34, fp 10, fn 5: F1 = 68 / 83, precision 34 / 44, recall 34 / 39
+      events     tone [0.40, 0.90) vs [0.513, 0.995): onset 0.113 s, offset 0.095 s off, inside the
+                 200 ms collars; noise [1.20, 1.48) matches; [1.60, 1.70) is an insertion:
+                 tp 2, fp 1, fn 0: F1 = 4 / 5
+    """
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    reference = [(0.513, 0.995, "tone"), (1.21, 1.47, "noise")]
+    sf.write(audio / "d.wav", _scene(2.0, reference, 7), RATE, subtype="PCM_16")
+    write_dcase_tsv(tmp_path / "d.tsv", [Event("d.wav", *e) for e in reference])
+    active = {"tone": [range(20, 45)], "noise": [range(60, 74), range(80, 85)]}
+
+    def forward(self, x):
+        assert x.shape == (1, 99, FRONTEND.n_mels)
+        logits = torch.full((1, 99, len(LABELS)), -10.0)
+        for label, spans in active.items():
+            for frames in spans:
+                logits[0, frames.start:frames.stop, LABELS.index(label)] = 10.0
+        return logits
+
+    monkeypatch.setattr(SEDModel, "forward", forward)
+    items = DcaseDataset(audio, tmp_path / "d.tsv", LABELS, split="test").split("test")
+    point = ev.evaluate(checkpoint, items)["operating_points"][0]
+    fr = point["frame"]
+    assert (fr["tp"], fr["fp"], fr["fn"]) == (34, 10, 5)
+    assert fr["f1"] == pytest.approx(68 / 83) and fr["precision"] == pytest.approx(34 / 44)
+    assert fr["recall"] == pytest.approx(34 / 39)
+    assert point["per_class"]["noise"]["frame"]["f1"] == pytest.approx(28 / 33)  # 2 * 14 / (28 + 5)
+    assert point["per_class"]["tone"]["frame"]["f1"] == pytest.approx(40 / 50)  # 2 * 20 / (40 + 10)
+    assert point["event"]["f1"] == pytest.approx(4 / 5)
+    assert point["n_estimated_events"] == 3
 
 
 def test_decoder_thresholds_are_a_second_operating_point(dataset_dir, tmp_path, oracle):

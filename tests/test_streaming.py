@@ -1,9 +1,10 @@
 """Streaming == offline (the streaming contract and parity rule of docs/streaming.md), tested, not hoped for.
 
-Every model family (base, dws, dil_K_d, dnd_K_d) in both paddings, small and large dilations,
-is streamed through ``rtsed.stream.model_stream.ModelStream`` in random chunkings (1-frame chunks, odd sizes,
-one whole chunk, chunks longer than ``max_step_frames``) and compared with the offline forward
-``model(x[None])[0]`` under the parity rule |a - b| <= 1e-5 + 1e-4 |b| on logits.
+All 52 models of the paper's grid (base, dws, dil_K_d, dnd_K_d; K 3, 5, 7; d 1, 10, 50, 100; both
+paddings) are streamed through ``rtsed.stream.model_stream.ModelStream`` in explicit chunkings
+(1-frame chunks, prime sizes, chunks longer than ``max_step_frames``, the whole signal) and in
+random ones, and compared with the offline forward ``model(x[None])[0]`` under the parity rule
+|a - b| <= 1e-5 + 1e-4 |b| on logits.
 
 The models are untrained but not trivial: their BatchNorm layers get random running statistics
 and affine parameters (BN of zero is not zero), so a frame that streaming fails to mask, or masks
@@ -11,17 +12,19 @@ too much, moves the logits far outside the tolerance. Every comparison also chec
 offline logits vary across frames, so an all-zero or constant output cannot pass.
 
 Broad sweeps use narrow models (``channels=32``) to stay fast; the paper's dnd_7_10, base and
-dnd_7_10_causal also run at full size (256 channels). Hypothesis runs derandomised and without an
-example database, so every run (and CI) tries the same examples.
+dnd_7_10_causal also run at full size (256 channels). Hypothesis runs without an example database
+and seeded (derandomised, or by the model's name in the grid sweep, so that models do not all get
+the same examples): every run (and CI) tries the same examples.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -165,11 +168,13 @@ def run_stream(stream: ModelStream, x: Tensor, chunks: list[int]) -> Tensor:
     return torch.cat(outs)
 
 
-def chunk_lists(max_chunk: int, max_size: int = 25):
-    """Chunkings: [] (one whole chunk), all ones, or a mix of 1, odd sizes and large chunks."""
+def chunk_lists(max_chunk: int, max_size: int = 25, whole: bool = True):
+    """Chunkings: a mix of 1, odd sizes, large chunks and empty pushes; with ``whole`` also []
+    (the whole signal in one chunk)."""
     size = st.one_of(st.just(1), st.integers(0, 8).map(lambda k: 2 * k + 1), st.integers(1, max_chunk),
                      st.just(0))
-    return st.one_of(st.just([]), st.lists(size, min_size=1, max_size=max_size))
+    mixed = st.lists(size, min_size=1, max_size=max_size)
+    return st.one_of(st.just([]), mixed) if whole else mixed
 
 
 def check_stream_equals_offline(model: SEDModel, x: Tensor, chunks: list[int], max_step: int, what: str) -> ModelStream:
@@ -185,18 +190,59 @@ def check_stream_equals_offline(model: SEDModel, x: Tensor, chunks: list[int], m
 # Streaming == offline over random chunkings
 # ----------------------------------------------------------------------------------------------
 
-# Every family in both paddings, small and moderate dilations (narrow models).
-SWEEP = ["base", "base_causal", "dws", "dws_causal",
-         "dil_3_1", "dil_3_1_causal", "dil_5_10", "dil_7_10_causal",
-         "dnd_3_1", "dnd_7_10", "dnd_7_10_causal", "dnd_5_50_causal"]
+def grid_names() -> list[str]:
+    """The paper's 52 models: base, dws, dil_K_d and dnd_K_d (K in 3, 5, 7; d in 1, 10, 50, 100),
+    each with same and causal padding."""
+    names = ["base", "dws"] + [f"{family}_{k}_{d}" for family in ("dil", "dnd") for k in (3, 5, 7)
+                               for d in (1, 10, 50, 100)]
+    return [name + padding for name in names for padding in ("", "_causal")]
 
 
-@pytest.mark.parametrize("name", SWEEP)
-@_settings(6)
-@given(n_frames=st.integers(2, 160), seed=st.integers(0, 2**16), chunks=chunk_lists(90),
-       max_step=st.sampled_from([1, 2, 5, 16, 64]))
-def test_stream_equals_offline(name, n_frames, seed, chunks, max_step):
-    check_stream_equals_offline(get_model(name), signal(n_frames, seed), chunks, max_step, name)
+GRID = grid_names()
+PRIMES = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37]
+# Explicit chunkings (chunk sizes, max_step_frames): every push one frame (the live case); prime
+# sizes around a step of 5 (so chunks are split into steps with remainders); chunks of 3 steps + 1
+# (longer than max_step_frames); the whole signal at once.
+CHUNKINGS = {"ones": (lambda n: [1] * n, 4), "primes": (lambda n: PRIMES * (n // sum(PRIMES) + 1), 5),
+             "beyond_a_step": (lambda n: [3 * 16 + 1] * (n // 49 + 1), 16), "whole": (lambda n: [], 64)}
+
+
+def grid_signal_frames(model: SEDModel) -> int:
+    """Long enough that frames come out of push (past the lookahead) before flush adds the rest,
+    short enough that one-frame chunks stay quick for the d = 100 models (lookahead up to 306)."""
+    return model.lookahead_frames + 30
+
+
+def test_the_grid_is_the_papers_52_models():
+    assert len(GRID) == len(set(GRID)) == 52
+    assert {get_model(name).name for name in GRID} == set(GRID)
+
+
+@pytest.mark.parametrize("chunking", list(CHUNKINGS))
+@pytest.mark.parametrize("name", GRID)
+def test_every_grid_model_streams_explicit_chunkings(name, chunking):
+    model = get_model(name)
+    n = grid_signal_frames(model)
+    chunks, max_step = CHUNKINGS[chunking]
+    check_stream_equals_offline(model, signal(n, seed=GRID.index(name)), chunks(n), max_step, f"{name} {chunking}")
+
+
+@pytest.mark.parametrize("name", GRID)
+def test_every_grid_model_streams_random_chunkings(name):
+    """Hypothesis's random chunkings (1, odd sizes, up to 90, and empty pushes), seeded by the
+    model's name: each model gets examples of its own, the same on every run."""
+    model = get_model(name)
+
+    @seed(zlib.crc32(name.encode()))
+    @settings(max_examples=3, deadline=None, derandomize=False, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(past_lookahead=st.integers(-30, 60), signal_seed=st.integers(0, 2**16),
+           chunks=chunk_lists(90, whole=False), max_step=st.sampled_from([1, 2, 5, 16, 64]))
+    def check(past_lookahead, signal_seed, chunks, max_step):
+        n = max(2, model.lookahead_frames + past_lookahead)  # some end inside the lookahead
+        check_stream_equals_offline(model, signal(n, signal_seed), chunks, max_step, name)
+
+    check()
 
 
 @pytest.mark.parametrize("name", ["dnd_7_10", "base", "dnd_7_10_causal"])

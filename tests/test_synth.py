@@ -1,11 +1,11 @@
-"""Scene synthesis from procedurally made clip pools (one test also uses the shared ESC-10 data, RTSED_SHARED_DATA, when present)."""
+"""Scene synthesis from procedurally made clip pools (one test also uses the shared ESC-10 data: the
+shared_data fixture in conftest.py finds it from RTSED_SHARED_DATA or ../shared/data)."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +20,6 @@ from train.synth import SynthConfig, SynthError, audible_segments, load_pool, ma
 
 POOL_RATE = 22050  # the scenes run at 8 kHz: every clip goes through soxr
 SCENE_RATE = 8000
-SHARED = Path(os.environ.get("RTSED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 LICENSES = ("CC0", "CC-BY", "CC-BY-NC")
 
 
@@ -216,10 +215,9 @@ def test_cli_runs_and_output_loads(pools, tmp_path, capsys):
     assert exit_info.value.code == 2 and "no clips" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (SHARED / "esc10" / "meta.csv").is_file(), reason="the shared esc10 data set (RTSED_SHARED_DATA) is not present")
-def test_real_clips_permitted_licences_only(tmp_path):
-    distractors = SHARED / "esc50-fold4"
-    cfg = SynthConfig(pool=str(SHARED / "esc10"), distractors=str(distractors) if distractors.is_dir() else None,
+def test_real_clips_permitted_licences_only(tmp_path, shared_data):
+    distractors = shared_data / "esc50-fold4"
+    cfg = SynthConfig(pool=str(shared_data / "esc10"), distractors=str(distractors) if distractors.is_dir() else None,
                       scene_s=10.0, scenes=(1, 1, 1), licenses=("CC0", "CC-BY"), bed_classes=("rain",))
     manifest = synthesize(cfg, tmp_path)
     clips = [c for s in manifest["splits"].values() for c in s["clips"]]
@@ -230,10 +228,10 @@ def test_real_clips_permitted_licences_only(tmp_path):
     ds = SynthScenes(tmp_path)
     assert "rain" not in ds.labels and len(ds.labels) == 9
     # The envelope rule agrees with the pool's own core extents (within 30 dB of the peak) for most clips.
-    rows = list(csv.DictReader(open(SHARED / "esc10" / "meta.csv")))[::16]
+    rows = list(csv.DictReader(open(shared_data / "esc10" / "meta.csv")))[::16]
     agree = 0
     for row in rows:
-        x, rate = sf.read(SHARED / "esc10" / row["filename"])
+        x, rate = sf.read(shared_data / "esc10" / row["filename"])
         segments = audible_segments(x, rate, 30.0, min_gap_s=1e9)
         agree += abs(segments[0][0] / rate - float(row["core_start_s"])) <= 0.05
     assert agree >= 0.8 * len(rows)
