@@ -44,22 +44,30 @@ RING_FRAMES = (1, 16)
 DIL_MODELS = ("dnd_3_10", "dnd_5_10", "dnd_7_10")
 CASES = ("train", "eval", "ring")
 
-# Spill stores allowed per kernel (bytes per thread). Zero for TF32 and fp16 dots; fp32 IEEE dots
-# keep three fp32 operands per product term in registers and may spill where listed here (measured
-# on sm_90/sm_80 with triton 3.9; re-tiling these is open work).
-SPILL_BUDGET_IEEE = {
-    "_dilated_temporal_kernel": 1024,
-    "_dilated_temporal_stats_kernel": 1024,
-    "_dilated_temporal_bwd_stats_kernel": 1024,
-    "_dilated_temporal_bwd_dw_kernel": 20480,
-    "_dilated_temporal_bwd_dpatch_kernel": 20480,
-    "_dilated_step_kernel": 4096,
+# Spill stores allowed per kernel (bytes per thread): zero unless listed. The listed allowances are
+# spills that the current tiles cannot avoid, rounded up from an offline compile with triton 3.9 (or,
+# for f_dil in fp32 IEEE, from the figures of issue 17's review: 100-600 B in the forward and stats
+# kernels, 16-17 KB in the backward dpatch/dw, 1-3 KB in the ring step). fp32 IEEE dots are emulated
+# with several fp32 products per term, which is what pushes these kernels past 255 registers.
+# Re-tiling them (smaller BLOCK_R/BLOCK_CO or more warps, timed on a GPU) is open work.
+SPILL_ALLOWANCE = {
+    "fp32-ieee": {
+        "_dilated_temporal_kernel": 1024,
+        "_dilated_temporal_stats_kernel": 1024,
+        "_dilated_temporal_bwd_stats_kernel": 1024,
+        "_dilated_temporal_bwd_dw_kernel": 20480,
+        "_dilated_temporal_bwd_dpatch_kernel": 20480,
+        "_dilated_step_kernel": 4096,
+        "_dws_stats2_kernel": 64,  # blocks 2-3 (C_in = C): 128 registers, 48 B
+    },
+    "fp32-tf32": {},
+    "fp16": {},
 }
 
 
 def spill_budget(kernel: str, dtype: str) -> int:
     """Spill stores (bytes per thread) allowed for ``kernel`` compiled with dots in ``dtype``."""
-    return SPILL_BUDGET_IEEE.get(kernel, 0) if dtype == "fp32-ieee" else 0
+    return SPILL_ALLOWANCE[dtype].get(kernel, 0)
 
 
 @dataclasses.dataclass
