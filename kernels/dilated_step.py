@@ -132,7 +132,7 @@ def dilated_step(frames, ring, write_pos: int, weight, bias, bn_weight, bn_bias,
         ring, w2, b, gamma, beta, bn_running_mean.detach(), bn_running_var.detach(), out,
         n_rows, n, W, C_out, ring.shape[1], write_pos, srb, srt, src, stride, dilation, float(eps),
         K=K, KK_PAD=_dt._kk_pad(K), PREC=_dt._dot_precision(ring), BLOCK_R=block_r,
-        BLOCK_CO=cfg.block_co, num_warps=4)
+        BLOCK_CO=cfg.block_co, num_warps=cfg.warps)
     return out
 
 

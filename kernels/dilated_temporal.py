@@ -332,13 +332,18 @@ _SM_COUNT: dict[int, int] = {}
 
 
 def _config(x: torch.Tensor, c_out: int) -> _Config:
-    block_co = min(64, max(16, _next_pow2(c_out)))
     if not x.is_cuda:  # interpreter: small tiles, and at least two programs to exercise the merges
         return _Config(block_r=32, block_co=16, block_x=128, programs=2, warps=4)
     idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _Config(block_r=128, block_co=block_co, block_x=512, programs=4 * _SM_COUNT[idx], warps=8)
+    return _gpu_config(c_out, _SM_COUNT[idx])
+
+
+def _gpu_config(c_out: int, sm_count: int) -> _Config:
+    """The tiles on a GPU with ``sm_count`` SMs (benchmarks/kernel_resources.py compiles them offline)."""
+    block_co = min(64, max(16, _next_pow2(c_out)))
+    return _Config(block_r=128, block_co=block_co, block_x=512, programs=4 * sm_count, warps=8)
 
 
 def _dot_precision(x: torch.Tensor) -> str:

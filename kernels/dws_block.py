@@ -501,7 +501,12 @@ _INTERPRETER_ROW_PROGRAMS = 3
 
 def _tiles(x: torch.Tensor, name: str, channels: int) -> dict:
     """Keyword arguments (BLOCK_* and num_warps) for launching kernel ``name``."""
-    table = _INTERPRETER_TILES if not x.is_cuda else _GPU_TILES
+    return _table_tiles(_INTERPRETER_TILES if not x.is_cuda else _GPU_TILES, name, channels)
+
+
+def _table_tiles(table: dict, name: str, channels: int) -> dict:
+    """Kernel ``name``'s entry of a tile table, channel blocks capped for ``channels`` channels
+    (benchmarks/kernel_resources.py compiles the GPU table's entries without a GPU)."""
     tiles = dict(table[name])
     cap = max(16, _next_pow2(channels))
     for key in ("BLOCK_C", "BLOCK_O"):
@@ -516,7 +521,11 @@ def _row_programs(x: torch.Tensor) -> int:
     """Target number of programs for the kernels that reduce over rows (a few waves of SMs)."""
     if not x.is_cuda:
         return _INTERPRETER_ROW_PROGRAMS
-    return 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    return _gpu_row_programs(torch.cuda.get_device_properties(x.device).multi_processor_count)
+
+
+def _gpu_row_programs(sm_count: int) -> int:
+    return 4 * sm_count
 
 
 def _dot_precision(x: torch.Tensor) -> str:

@@ -1,0 +1,109 @@
+"""The Triton kernels compile for sm_90 and sm_80 without a GPU, within their spill budgets.
+
+benchmarks/kernel_resources.py records the launchers' real launches (GPU tile tables, training,
+eval and ring-step shapes) and compiles them offline. A compile takes 10-90 s on 2 cores, so by
+default this file compiles a representative few; RTSED_KERNEL_COMPILE=all compiles every recorded
+launch for both targets and all dot precisions (what ``python -m benchmarks.kernel_resources``
+does, its table in benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+try:
+    from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401  (the bundled ptxas)
+except ImportError:  # a triton without its NVIDIA backend cannot target sm_90
+    pytest.skip("triton has no NVIDIA backend", allow_module_level=True)
+
+from benchmarks.kernel_resources import Resources, over_budget, spill_budget
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL = os.environ.get("RTSED_KERNEL_COMPILE", "") == "all"
+
+# Run in a child: the kernels must be imported as JIT functions (TRITON_INTERPRET unset), while
+# the rest of the suite imports them interpreted.
+_CHILD = r"""
+import dataclasses, json, sys
+from benchmarks.kernel_resources import CASES, DTYPES, compile_launches, record_launches
+spec = json.loads(sys.argv[1])
+out = {"rows": [], "recorded": {}}
+for arch, dtype, case, kernels in spec:
+    launches = record_launches(arch, dtype, (case,))
+    out["recorded"][f"{arch} {dtype} {case}"] = sorted({l.name for l in launches})
+    if kernels is not None:  # the first launch of each named kernel only
+        launches = [next(l for l in launches if l.name == k) for k in kernels]
+    out["rows"] += [dataclasses.asdict(r) for r in compile_launches(launches, arch, dtype)]
+print(json.dumps(out))
+"""
+
+# sm_90 ring step in fp16 and TF32 at 1 stream x 1 frame (the launch a live stream makes every
+# hop), the eval-mode fused DWS block, and sm_80's ring step in fp16.
+_SUBSET = [
+    (90, "fp16", "ring", ["_dilated_step_kernel", "_dws_fwd_kernel"]),
+    (90, "fp32-tf32", "ring", ["_dilated_step_kernel"]),
+    (80, "fp16", "ring", ["_dilated_step_kernel"]),
+]
+_FULL = [(arch, dtype, case, None) for arch in (90, 80) for dtype in ("fp32-ieee", "fp32-tf32", "fp16")
+         for case in ("train", "eval", "ring")]
+
+
+def _compile(spec) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"offline compile failed:\n{proc.stderr[-6000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    return _compile(_FULL if FULL else _SUBSET)
+
+
+def test_every_kernel_is_launched_by_some_workload(compiled):
+    """A kernel no recorded workload launches would never be compiled here: the workloads must
+    reach every @triton.jit kernel of kernels/ (training reaches all but the ring step)."""
+    import ast
+
+    defined = set()
+    for path in (ROOT / "kernels").glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel") and any(
+                    "jit" in ast.unparse(d) for d in node.decorator_list):
+                defined.add(node.name)
+    recorded = set().union(*map(set, compiled["recorded"].values()))
+    if not FULL:  # the subset records the ring workload only; record training too (no compile)
+        recorded |= set(_compile([(90, "fp32-ieee", "train", [])])["recorded"]["90 fp32-ieee train"])
+    assert defined, "no kernels found in kernels/"
+    assert defined <= recorded, f"kernels no workload launches: {sorted(defined - recorded)}"
+
+
+def test_compiled_kernels_fit_the_target_and_their_spill_budget(compiled):
+    rows = [Resources(**r) for r in compiled["rows"]]
+    expected = sum(len(k) for *_, k in _SUBSET) if not FULL else None
+    if expected is not None:
+        assert len(rows) == expected
+    assert {r.arch for r in rows} == {90, 80}
+    for r in rows:
+        assert 0 < r.registers <= 255, r
+        # dynamic shared memory per block: 227 KB on sm_90, 163 KB on sm_80
+        assert r.shared <= (227 if r.arch == 90 else 163) * 1024, r
+    assert over_budget(rows) == []
+
+
+def test_the_budget_check_flags_a_spill():
+    row = Resources("_dws_fwd_kernel", 90, "fp16", "eval", "BLOCK_R=32", 255, 8, 8, 0)
+    assert spill_budget("_dws_fwd_kernel", "fp16") == 0
+    assert len(over_budget([row])) == 1 and "_dws_fwd_kernel" in over_budget([row])[0]
+    allowed = spill_budget("_dilated_step_kernel", "fp32-ieee")
+    assert allowed > 0
+    assert over_budget([Resources("_dilated_step_kernel", 90, "fp32-ieee", "ring", "", 255, allowed, allowed, 0)]) == []
