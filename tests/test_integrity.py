@@ -74,9 +74,12 @@ def test_files_without_a_hash_load_but_absurd_weights_are_refused(checkpoint, tm
         load_checkpoint(bad)
     message = str(exc.value)
     assert str(bad) in message and "absurd magnitude" in message and name in message
-    for bundled in ("dnd_7_10", "dnd_7_10_causal"):  # shipped without a hash: they must keep loading
-        assert "content_sha256" not in torch.load(rtsed.models.bundled.resolve_model(bundled), weights_only=True)
-        load_checkpoint(rtsed.models.bundled.resolve_model(bundled))
+    # dnd_7_10_causal was bundled before the hash existed, dnd_7_10 after: both load.
+    hashed = {name: "content_sha256" in torch.load(rtsed.models.bundled.resolve_model(name), weights_only=True)
+              for name in ("dnd_7_10", "dnd_7_10_causal")}
+    assert hashed == {"dnd_7_10": True, "dnd_7_10_causal": False}
+    for name in hashed:
+        load_checkpoint(rtsed.models.bundled.resolve_model(name))
 
 
 def test_onnx_file_with_a_flipped_byte_is_refused(checkpoint, tmp_path):
