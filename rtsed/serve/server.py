@@ -84,7 +84,7 @@ class ServerState:
 
         self.metrics = ServerMetrics()
         self.worker = BatchWorker(stepper, self.detector_config, self.metrics, config.max_streams,
-                                  config.batch_streams, config.frames_per_step)
+                                  config.batch_streams, config.frames_per_step, config.limits)
         self.started = time.monotonic()
         self.connections = 0
         self.loop: asyncio.AbstractEventLoop | None = None
