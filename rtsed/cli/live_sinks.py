@@ -85,7 +85,7 @@ class EventSinks:
         except OSError as exc:
             self._fail("jsonl", f"--jsonl {self.jsonl_path}: writing failed ({exc.strerror or exc}); JSONL output "
                                 "stopped, the other outputs go on")
-            self._close_jsonl()
+            self._discard_jsonl()
 
     def tick(self, now: float | None = None) -> None:
         """Save the TSV/Audacity files when new events wait and save_interval_s has passed."""
@@ -136,6 +136,16 @@ class EventSinks:
         if self.failed.get(key) != message:  # each new problem once, as it happens
             self.report(message)
         self.failed[key] = message
+
+    def _discard_jsonl(self) -> None:
+        """Stop the JSONL output after a failed write: the line that failed stays unwritten (a
+        close would only retry it and fail again)."""
+        jsonl, self.jsonl = self.jsonl, None
+        if jsonl is not None and jsonl is not sys.stdout:
+            try:
+                jsonl.close()
+            except OSError:
+                pass
 
     def _close_jsonl(self) -> None:
         jsonl, self.jsonl = self.jsonl, None
