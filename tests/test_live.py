@@ -534,3 +534,191 @@ def test_ten_minutes_of_digital_silence_give_no_events(detector, tmp_path, capsy
     assert code == 0, err
     assert jsonl.read_text() == ""
     assert "0 events" in err and "stream ended: end of file" in err and "dropped blocks 0," in err
+
+
+# ------------------------------------------- a frozen audio server, failing outputs, exit codes
+
+
+def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"rtsed.live exited with {proc.returncode} before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def _jsonl_has(path: Path, kind: str, label: str) -> bool:
+    if not path.exists():
+        return False
+    try:
+        return any(x["type"] == kind and x["label"] == label for x in read_jsonl(path))
+    except json.JSONDecodeError:  # a line being written
+        return False
+
+
+def test_frozen_audio_server_is_reported_and_ctrl_c_still_writes_every_output(detector, scene, tmp_path):
+    """A real PulseAudio server SIGSTOPped while rtsed.live records from it and a hiss is sounding:
+    the watchdog reports the missing audio (stderr), Ctrl-C ends the session although closing the
+    device blocks for good in PortAudio, the JSONL, TSV and Audacity files hold the same events
+    (the finished beep and the hiss closed by the interrupt), and the exit code is 1 (the device
+    failed). 15 s is a bound for a hang, not a speed claim: the session ends in about a second."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from pulse import PulseUnavailable, pulse_server
+    finally:
+        sys.path.pop(0)
+    jsonl, tsv, aud, err_path = (tmp_path / n for n in ("f.jsonl", "f.tsv", "f.txt", "f.err"))
+    try:
+        server_cm = pulse_server(tmp_path / "pulse")
+        server = server_cm.__enter__()
+    except PulseUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"no PulseAudio for the frozen-server test: {exc} (CI is set: this test must run there)")
+        pytest.skip(f"no PulseAudio for the frozen-server test: {exc}")
+    proc = player = None
+    frozen = False
+    try:
+        with open(err_path, "w") as err_file:
+            proc = subprocess.Popen([sys.executable, "-m", "rtsed.live", "--model", str(detector.path), "--no-view",
+                                     "--jsonl", str(jsonl), "--tsv", str(tsv), "--audacity", str(aud),
+                                     "--watchdog-s", "1"],
+                                    cwd=REPO, env=_env(server.env), stdout=subprocess.DEVNULL, stderr=err_file,
+                                    text=True)
+        _wait_for_capture(server, proc, timeout_s=180)  # a loaded machine may take a while to import torch
+        player = server.play(scene)
+        _wait_for(lambda: _jsonl_has(jsonl, "event", "beep"), proc, "beep event (2.0-3.2 s)")
+        _wait_for(lambda: _jsonl_has(jsonl, "onset", "hiss"), proc, "hiss onset (4.0 s)")
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        frozen = True
+        # The report that counts is one after the freeze (a server starved by a loaded machine may
+        # have tripped the 1 s watchdog before; its "resumed" line then follows).
+        reports_before = err_path.read_text().count("no audio from")
+        _wait_for(lambda: err_path.read_text().count("no audio from") > reports_before, proc,
+                  "watchdog report after the freeze", timeout_s=30)
+        assert proc.poll() is None, "the watchdog reports; it does not end the session"
+        interrupted = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rtsed.live hung after SIGINT with the audio server frozen: {err_path.read_text()}")
+        ended_s = time.monotonic() - interrupted
+    finally:
+        if frozen:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        for p in (player, proc):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        server_cm.__exit__(None, None, None)
+    err = err_path.read_text()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err, err
+    assert "did not close within" in err and re.search(r"audio stalled \d+ time\(s\)", err), err
+    lines = read_jsonl(jsonl)
+    assert_onsets_precede_events(lines)
+    got = events_of(lines)
+    assert [e["label"] for e in got] == ["beep", "hiss"], (got, err)
+    assert got[1]["offset_s"] < 5.5 + 1.0, "the hiss is closed by the interrupt, not by its end in the scene"
+    assert_same_events(read_tsv(tsv), got)
+    labels = [line.split("\t") for line in aud.read_text().splitlines()]
+    assert [(round(float(a), 3), round(float(b), 3), c) for a, b, c in labels] == \
+        [(round(e["onset_s"], 3), round(e["offset_s"], 3), e["label"]) for e in got]
+    print(f"ended {ended_s:.2f} s after SIGINT")
+
+
+def test_an_unwritable_output_is_refused_before_the_session(detector, scene, tmp_path, capsys):
+    missing = tmp_path / "no_such_folder" / "events.tsv"
+    code, _, err = run_live(["--model", str(detector.path), "--input", str(scene), "--no-view", "--tsv", str(missing)],
+                            capsys)
+    assert code == live.EXIT_NOT_RUN
+    assert f"--tsv {missing}" in err and "does not exist" in err and "mkdir -p" in err
+
+
+@contextlib.contextmanager
+def _small_tmpfs(path: Path):
+    """A real 64 KiB tmpfs at ``path`` (root only; skips where mounting is not permitted)."""
+    path.mkdir(parents=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (a full disk is simulated by nothing else)")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "rtsed-live-test", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"mount -t tmpfs not permitted here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_disk_fails_one_output_as_it_happens_and_the_others_are_written(detector, scene, offline, tmp_path):
+    """The TSV on a tmpfs filled to the last page, JSONL and Audacity labels on a good disk, the
+    scene paced in real time: the full disk is reported while the session runs (at the first
+    event's save, not at exit), the JSONL and Audacity files get every event, the TSV's rows go
+    to stdout instead, and the exit code is 3."""
+    with _small_tmpfs(tmp_path / "full") as disk:
+        with contextlib.suppress(OSError), open(disk / "filler", "wb", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 4096)
+        jsonl, aud, err_path = tmp_path / "d.jsonl", tmp_path / "d.txt", tmp_path / "d.err"
+        with open(err_path, "w") as err_file:
+            proc = subprocess.Popen([sys.executable, "-m", "rtsed.live", "--model", str(detector.path), "--no-view",
+                                     "--input", str(scene), "--realtime", "--jsonl", str(jsonl),
+                                     "--tsv", str(disk / "events.tsv"), "--audacity", str(aud)],
+                                    cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=err_file, text=True)
+        try:
+            _wait_for(lambda: "disk is full" in err_path.read_text(), proc, "full-disk report during the session",
+                      timeout_s=180)
+            assert proc.poll() is None and not _jsonl_has(jsonl, "event", "hiss"), \
+                "reported at the first event's save, while the scene still plays"
+            out, _ = proc.communicate(timeout=SCENE_S + 60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"], "no partial TSV, no temporary file"
+    err = err_path.read_text()
+    assert proc.returncode == live.EXIT_OUTPUT_FAILED, err
+    assert "Traceback" not in err and "follow on stdout" in err, err
+    got = events_of(read_jsonl(jsonl))
+    assert_same_events(got, offline)
+    assert_same_events(read_tsv_text(out), offline)
+    assert len(aud.read_text().splitlines()) == len(offline)
+
+
+def read_tsv_text(text: str) -> list[dict]:
+    rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
+    return [{"label": r["event_label"], "onset_s": float(r["onset"]), "offset_s": float(r["offset"])} for r in rows]
+
+
+def test_a_jsonl_on_a_full_device_stops_alone(detector, scene, offline, tmp_path, capsys):
+    """--jsonl /dev/full (every write: no space left): reported once, the TSV and the Audacity
+    file still get every event, exit code 3."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    tsv, aud = tmp_path / "j.tsv", tmp_path / "j.txt"
+    code, _, err = run_live(["--model", str(detector.path), "--input", str(scene), "--no-view", "--jsonl", "/dev/full",
+                             "--tsv", str(tsv), "--audacity", str(aud)], capsys)
+    assert code == live.EXIT_OUTPUT_FAILED, err
+    assert err.count("--jsonl /dev/full: writing failed") == 1, err
+    assert_same_events(read_tsv(tsv), offline)
+    assert len(aud.read_text().splitlines()) == len(offline)
+
+
+def test_a_file_that_fails_to_decode_partway_exits_1_with_its_events_written(detector, tmp_path, capsys):
+    """A FLAC whose second half is overwritten: the events before the damage are written, the
+    failure is named, exit code 1."""
+    flac = tmp_path / "scrambled.flac"
+    sf.write(flac, render([(0.5, 1.5, "beep"), (2.0, 3.0, "hiss")], 8.0, seed=4), RATE)
+    data = bytearray(flac.read_bytes())
+    cut = int(len(data) * 0.6)
+    data[cut:cut + 4000] = np.random.default_rng(1).integers(0, 256, 4000, np.uint8).tobytes()
+    flac.write_bytes(bytes(data))
+    tsv = tmp_path / "s.tsv"
+    code, _, err = run_live(["--model", str(detector.path), "--input", str(flac), "--no-view", "--tsv", str(tsv)],
+                            capsys)
+    assert code == live.EXIT_INPUT_FAILED, err
+    assert "the audio input failed" in err and "scrambled.flac: decoding failed at" in err, err
+    assert [r["label"] for r in read_tsv(tsv)] == ["beep", "hiss"]

@@ -132,8 +132,11 @@ def test_health_streams_and_metrics(server):
     assert {"reason", "events", "audio_s"} <= set(listing["closed"][0])
     text = server.get_text("/metrics")
     for name in ("rtsed_streams ", "rtsed_steps_total", "rtsed_step_seconds_bucket", "rtsed_dropped_audio_seconds_total",
-                 "rtsed_queued_audio_seconds", "rtsed_streams_closed_total", "rtsed_events_total"):
+                 "rtsed_queued_audio_seconds", "rtsed_streams_closed_total", "rtsed_events_total",
+                 "rtsed_queue_dropped_audio_seconds_total"):
         assert name in text, name
+    # The streams so far were paced within the bounds: nothing was dropped from a full queue.
+    assert "rtsed_queue_dropped_audio_seconds_total 0.0" in text
     steps = [line for line in text.splitlines() if line.startswith("rtsed_steps_total")]
     assert float(steps[0].split()[-1]) > 0
 

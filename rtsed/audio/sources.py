@@ -303,7 +303,9 @@ class SourceStats:
     drops (consumer too slow), ``overflows`` PortAudio's input-overflow flags (host too slow);
     ``nonfinite_replaced`` / ``clipped_samples`` count values over all channels; levels are of the
     last block (mono, before resampling); ``silence_s`` is how long the input has stayed below
-    SILENCE_DBFS (a muted or dead microphone); ``end_reason`` is set when the stream has ended."""
+    SILENCE_DBFS (a muted or dead microphone); ``end_reason`` is set when the stream has ended;
+    ``failure`` says what went wrong when it ended because the input failed (a decoding error, a
+    device that stopped by itself), None when it ended normally (end of file, stopped)."""
 
     device_name: str = ""
     device_rate_hz: float = 0.0
@@ -323,6 +325,7 @@ class SourceStats:
     silence_s: float = 0.0
     end_reason: str | None = None
     reconnects: int = 0  # a URL source's attempts to reconnect after a drop (rtsed.audio.network)
+    failure: str | None = None
 
 
 class AudioSource:
@@ -409,6 +412,24 @@ class AudioSource:
             self._stopped = True
             if self._started:
                 self._close()
+
+    def stop_async(self) -> threading.Event:
+        """Begin ``stop()`` on a daemon thread -> an Event set once it has returned.
+
+        Closing an audio device can block for good (PortAudio's stop waits on an audio server that
+        was frozen or hangs); a caller that must finish anyway waits on the Event with a timeout
+        and goes on without the device when it stays unset. Such a process should end with
+        ``os._exit``: PortAudio's exit handler would block on the same device."""
+        done = threading.Event()
+
+        def stop_then_signal() -> None:
+            try:
+                self.stop()
+            finally:
+                done.set()
+
+        threading.Thread(target=stop_then_signal, name="rtsed-audio-close", daemon=True).start()
+        return done
 
     def __enter__(self) -> "AudioSource":
         self.start()
@@ -509,8 +530,8 @@ class FileSource(AudioSource):
         try:
             block = self._file.read(self.block_frames, dtype="float32", always_2d=True)
         except Exception as exc:
-            self._stats.end_reason = (f"{self.path}: decoding failed at "
-                                      f"{self._frames_read / self._file.samplerate:.2f} s ({exc})")
+            self._stats.end_reason = self._stats.failure = (
+                f"{self.path}: decoding failed at {self._frames_read / self._file.samplerate:.2f} s ({exc})")
             return None
         if block.shape[0] == 0:
             self._stats.end_reason = "end of file"
@@ -697,7 +718,8 @@ class MicrophoneSource(AudioSource):
 
     def _finished(self) -> None:
         if not self._stopping and self._stats.end_reason is None:
-            self._stats.end_reason = f"the input stream stopped ({self._describe()}: unplugged or failed?)"
+            self._stats.end_reason = self._stats.failure = (
+                f"the input stream stopped ({self._describe()}: unplugged or failed?)")
         self._ring.close()
 
     def _open(self) -> None:

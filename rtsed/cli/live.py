@@ -10,22 +10,36 @@
 The PortAudio callback only copies samples into a ring buffer (rtsed.audio.sources); this thread runs
 front end, model and decoder (rtsed.serve.engine). Ctrl-C (or the end of a file) closes open events and
 writes the DCASE TSV and Audacity label files. Times count from the stream's first sample.
+
+No audio for ``--watchdog-s`` seconds (a frozen audio server, an unplugged device) is reported in
+the view and on stderr. Stop, Ctrl-C, SIGTERM and ``--duration`` end the session within about a
+second whatever the device does: the device is closed on a thread of its own while the outputs
+are written, and one that does not close within DEVICE_CLOSE_TIMEOUT_S is left behind (said so,
+exit code 1).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import signal
 import sys
 import threading
 import time
-from collections import deque
 from pathlib import Path
-from typing import TextIO
 
-from rtsed.serve.decode import OnsetNotice, SoundEvent, event_to_json, write_audacity_labels, write_dcase_tsv
+from rtsed.atomic import OutputError
+from rtsed.audio.watchdog import InputWatchdog
 from rtsed.backends.precision import PRECISIONS
+from rtsed.cli.live_sinks import EventSinks
+
+__all__ = ["EventSinks", "build_parser", "main", "parse_thresholds", "render_view", "run"]
+
+# Exit codes (also in --help).
+EXIT_OK, EXIT_INPUT_FAILED, EXIT_NOT_RUN, EXIT_OUTPUT_FAILED = 0, 1, 2, 3
+# How long the end of a session waits for the audio device to close. The outputs are written
+# meanwhile; a device still closing after this (a frozen audio server) is left behind.
+DEVICE_CLOSE_TIMEOUT_S = 1.0
 
 
 def parse_thresholds(items: list[str]) -> dict[str, float | tuple[float, float]]:
@@ -43,48 +57,7 @@ def parse_thresholds(items: list[str]) -> dict[str, float | tuple[float, float]]
     return out
 
 
-class EventSinks:
-    """Where events go: JSONL (stdout or a file) as they happen; TSV and Audacity labels at exit."""
-
-    def __init__(self, jsonl: str | None, tsv: str | None, audacity: str | None, stream_name: str):
-        self.jsonl: TextIO | None = None
-        if jsonl == "-":
-            self.jsonl = sys.stdout
-        elif jsonl:
-            self.jsonl = open(jsonl, "a", encoding="utf-8")
-        self.tsv, self.audacity, self.stream_name = tsv, audacity, stream_name
-        self.events: list[SoundEvent] = []
-        self.recent: deque[str] = deque(maxlen=8)
-
-    def emit(self, item: OnsetNotice | SoundEvent) -> None:
-        if isinstance(item, SoundEvent):
-            self.events.append(item)
-            self.recent.appendleft(f"{item.onset_s:8.2f}-{item.offset_s:8.2f} s  {item.label}  ({item.score:.2f})")
-        if self.jsonl is not None:
-            try:
-                self.jsonl.write(json.dumps(event_to_json(item)) + "\n")
-                self.jsonl.flush()
-            except BrokenPipeError:
-                # The consumer went away (e.g. `| head`): stop writing JSONL, keep detecting so
-                # the TSV/Audacity files still get every event.
-                print("rtsed.live: JSONL reader closed the pipe; JSONL output stopped", file=sys.stderr)
-                self.jsonl = None
-
-    def close(self) -> None:
-        if self.tsv:
-            write_dcase_tsv(self.tsv, [(self.stream_name, e) for e in self.events])
-        if self.audacity:
-            write_audacity_labels(self.audacity, self.events)
-        if self.jsonl is not None and self.jsonl is not sys.stdout:
-            self.jsonl.close()
-        elif self.jsonl is sys.stdout:
-            try:
-                sys.stdout.flush()
-            except BrokenPipeError:
-                pass
-
-
-def render_view(engine, source, sinks: EventSinks, elapsed_s: float):
+def render_view(engine, source, sinks: EventSinks, elapsed_s: float, watchdog: InputWatchdog | None = None):
     """The terminal view: activity bars, recent events, input level, latency, drops."""
     from rich.console import Group
     from rich.panel import Panel
@@ -103,7 +76,10 @@ def render_view(engine, source, sinks: EventSinks, elapsed_s: float):
               f"(RTF {compute / (engine.hop_s * 1000):.3f})   dropped blocks {stats.dropped_blocks}  "
               f"overflows {stats.overflows}  non-finite fixed {stats.nonfinite_replaced}  "
               f"clipped {stats.clipped_samples}")
-    if stats.silence_s > 10:
+    warning = watchdog.status() if watchdog is not None else None
+    if warning:
+        status += f"\n[bold red]{warning}[/]"
+    elif stats.silence_s > 10:
         status += f"\n[yellow]input silent for {stats.silence_s:.0f} s: is the microphone muted?[/]"
     recent = "\n".join(sinks.recent) or "(no events yet)"
     return Panel(Group(bars, "", recent, "", status), title=f"rtsed live: {engine.config.model.name}")
@@ -124,10 +100,27 @@ def open_source(args, rate_hz: int):
     return sources.MicrophoneSource(rate_hz, device=device)
 
 
+class Session:
+    """The result of ``run``: the exit code, and whether the audio device was left closing (the
+    process should then end with ``os._exit``: PortAudio's exit handler would block on it)."""
+
+    def __init__(self, code: int, device_abandoned: bool):
+        self.code, self.device_abandoned = code, device_abandoned
+
+
 def run(args: argparse.Namespace) -> int:
+    """The session; its exit code (see ``build_parser``'s epilog)."""
+    return run_session(args).code
+
+
+def run_session(args: argparse.Namespace) -> Session:
     from rtsed.models.bundled import resolve_model
     from rtsed.serve.engine import DetectionEngine, make_stepper
 
+    EventSinks.check(args.jsonl, args.tsv, args.audacity)  # before any model or device is opened
+    watchdog_s = args.watchdog_s
+    if not watchdog_s > 0:
+        raise SystemExit(f"rtsed.live: --watchdog-s must be > 0 seconds, got {watchdog_s}")
     model_path = resolve_model(args.model)
     stepper, config, _ = make_stepper(model_path, args.backend, args.device, threads=args.threads,
                                       precision=args.precision)
@@ -136,15 +129,28 @@ def run(args: argparse.Namespace) -> int:
     engine = DetectionEngine(stepper, config, frames_per_step=args.frames_per_step, decoder_overrides=overrides,
                              extra_latency_s=source.delay_s)
     name = Path(args.input).name if args.input else "live"
-    sinks = EventSinks(args.jsonl, args.tsv, args.audacity, name)
     interactive = not args.no_view and sys.stderr.isatty()
-    stop = {"now": False}
+    view = None
+
+    def report(message: str) -> None:
+        """A problem, the moment it happens: above the view when there is one, else stderr."""
+        if view is not None:
+            view.console.print(f"[bold red]rtsed.live: {message}[/]")
+        else:
+            print(f"rtsed.live: {message}", file=sys.stderr, flush=True)
+
+    sinks = EventSinks(args.jsonl, args.tsv, args.audacity, name, report=report)
+    watchdog = InputWatchdog(watchdog_s, source.stats.device_name or name)
+    stop = {"now": False, "finishing": False}
 
     def on_stop_signal(signum, frame):
         # Ctrl-C / SIGTERM ask the loop to stop after the block in hand: a KeyboardInterrupt
         # raised mid-block could land between the model step and the decoder (frames replayed
         # at flush) or between emitting a block's events (finished events lost). A second
-        # Ctrl-C interrupts at once.
+        # Ctrl-C interrupts the loop at once; once the session is finishing (within a second,
+        # writing the outputs) further signals are ignored so that the outputs get written.
+        if stop["finishing"]:
+            return
         if stop["now"] and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop["now"] = True
@@ -164,52 +170,85 @@ def run(args: argparse.Namespace) -> int:
           f"{len(config.labels)} classes; algorithmic latency {engine.algorithmic_latency_s * 1000:.0f} ms "
           f"(lookahead {engine.lookahead_frames} frames, smoother {max(engine.decoder.delay_frames)} frames)", file=sys.stderr)
     started = time.monotonic()
-    view = None
     try:
-        with source:
-            if interactive:
-                from rich.console import Console
-                from rich.live import Live
+        source.start()
+    except BaseException:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        raise
+    try:
+        if interactive:
+            from rich.console import Console
+            from rich.live import Live
 
-                view = Live(console=Console(stderr=True), refresh_per_second=8, transient=False)
-                view.start()
-            while not stop["now"]:
-                block = source.read(timeout_s=0.5)
-                if block is None:
-                    break
-                for item in engine.push_audio(block):
-                    sinks.emit(item)
-                elapsed = time.monotonic() - started
-                if view is not None:
-                    view.update(render_view(engine, source, sinks, elapsed))
-                if args.duration and elapsed >= args.duration:
-                    break
+            view = Live(console=Console(stderr=True), refresh_per_second=8, transient=False)
+            view.start()
+        while not stop["now"]:
+            # Bounded wait: a device that delivers nothing (frozen server) leaves the loop free
+            # to see the stop flag, the duration and the watchdog.
+            block = source.read(timeout_s=0.25)
+            if block is None:
+                break
+            for item in engine.push_audio(block):
+                sinks.emit(item)
+            alarm = watchdog.feed(source.stats.samples_in)
+            if alarm:
+                report(alarm)
+            sinks.tick()
+            elapsed = time.monotonic() - started
+            if view is not None:
+                view.update(render_view(engine, source, sinks, elapsed, watchdog))
+            if args.duration and elapsed >= args.duration:
+                break
     except KeyboardInterrupt:
         pass
     finally:
+        stop["finishing"] = True
+        closing_started = time.monotonic()
+        device_closed = source.stop_async()  # off the critical path: it may never return
         for item in engine.flush():
             sinks.emit(item)
         if view is not None:
-            view.update(render_view(engine, source, sinks, time.monotonic() - started))
+            view.update(render_view(engine, source, sinks, time.monotonic() - started, watchdog))
             view.stop()
-        sinks.close()
+            view = None
+        outputs_ok = sinks.close()
+        closed = device_closed.wait(max(0.0, closing_started + DEVICE_CLOSE_TIMEOUT_S - time.monotonic()))
+        if not closed:
+            report(f"the audio device did not close within {DEVICE_CLOSE_TIMEOUT_S:g} s (a frozen or hung audio "
+                   "server?); exiting without it. Every output was written before.")
+        stats = source.stats
         summary = (f"{len(sinks.events)} events; compute {engine.stats.compute_ms_per_hop():.3f} ms per "
-                   f"{engine.hop_s * 1000:.0f} ms hop; " + _source_summary(source))
-        print(summary, file=sys.stderr)
+                   f"{engine.hop_s * 1000:.0f} ms hop; " + _source_summary(stats)
+                   + (f"; audio stalled {watchdog.stalls} time(s)" if watchdog.stalls else ""))
+        print(summary, file=sys.stderr, flush=True)
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-    return 0
+    if not outputs_ok:
+        code = EXIT_OUTPUT_FAILED
+    elif stats.failure or not closed:
+        if stats.failure:
+            report(f"the audio input failed: {stats.failure}")
+        code = EXIT_INPUT_FAILED
+    else:
+        code = EXIT_OK
+    return Session(code, device_abandoned=not closed)
 
 
-def _source_summary(source) -> str:
-    stats = source.stats
+def _source_summary(stats) -> str:
     return (f"dropped blocks {stats.dropped_blocks}, overflows {stats.overflows}, "
             f"non-finite samples replaced {stats.nonfinite_replaced}, clipped samples {stats.clipped_samples}"
             + (f"; stream ended: {stats.end_reason}" if stats.end_reason else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rtsed.live", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m rtsed.live", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 the session ended (stop, Ctrl-C, SIGTERM, --duration, end of file); 1 the audio "
+               "input failed (decoding error, device stopped or did not close), every output still written; 2 "
+               "nothing run (arguments, model, device, an output that cannot be written); 3 an output could "
+               "not be written at the end (the others were)")
     p.add_argument("--model", help="checkpoint (.pt), exported step graph (.onnx) or bundled detector name")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", metavar="FILE|URL",
@@ -230,9 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", action="append", default=[], metavar="LABEL=ON[:OFF]",
                    help="override a class's decoder thresholds")
     p.add_argument("--jsonl", metavar="PATH|-", help="write onset/event lines as JSON (- for stdout)")
-    p.add_argument("--tsv", metavar="PATH", help="DCASE TSV of the events, written at exit")
-    p.add_argument("--audacity", metavar="PATH", help="Audacity label file of the events, written at exit")
+    p.add_argument("--tsv", metavar="PATH", help="DCASE TSV of the events, kept current (atomic rewrites) and "
+                                                 "complete at exit")
+    p.add_argument("--audacity", metavar="PATH", help="Audacity label file of the events, kept current and "
+                                                      "complete at exit")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--watchdog-s", type=float, default=3.0, metavar="S",
+                   help="report when no audio has arrived for this many seconds (default 3)")
     p.add_argument("--no-view", action="store_true", help="no terminal view")
     return p
 
@@ -256,13 +299,24 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.model:
             raise SystemExit("rtsed.live: --model is required (a checkpoint path or a bundled detector name)")
-        return run(args)
+        session = run_session(args)
     except (ModelNotFoundError, CheckpointError) as exc:
         print(f"rtsed.live: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_NOT_RUN
     except (RuntimeError, ValueError, OSError, ImportError) as exc:
         print(f"rtsed.live: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_NOT_RUN
+    if session.device_abandoned and argv is None:
+        # As a command: a device thread is still blocked in PortAudio, and PortAudio's exit
+        # handler (sounddevice's atexit) would block on the same device: leave at once, the
+        # outputs are written and flushed.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:
+                pass
+        os._exit(session.code)
+    return session.code
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -36,6 +37,10 @@ class EngineStats:
     frames: int = 0  # output frames produced
     steps: int = 0
     compute_s: float = 0.0  # front end + model + decoder
+    # MultiStreamEngine only: log-mel frames dropped from full queues (oldest first), and streams
+    # ended for want of audio.
+    dropped_frames: int = 0
+    idle_ended: int = 0
 
     def compute_ms_per_hop(self) -> float:
         return 1000.0 * self.compute_s / self.frames if self.frames else float("nan")
@@ -191,11 +196,36 @@ class MultiStreamEngine:
     ``end(slot)`` completes a stream exactly as ``DetectionEngine.flush`` does: its queued
     frames, then the lookahead's padding, then the decoder's flush, over the next steps; the slot
     is free (``active[slot]`` false) after the step that returns its last events.
+
+    Two bounds keep one stream from costing the others:
+
+    - ``idle_timeout_s`` (wall seconds, ``clock``): a started stream that has been pushed no audio
+      for this long is stalled; ``step()`` ends it (``end_idle``), so its queued frames are
+      stepped, its open events closed and returned with its last step, and its slot freed.
+      ``timed_out[slot]`` says it ended that way. Wall time, not stream time: a stalled stream
+      is one whose audio stopped coming, whatever the others do. None: streams never time out.
+    - ``max_queue_s`` (seconds of audio): a stream's queue of frames waiting for a step holds at
+      most this much. Beyond it the **oldest** frames are dropped (the stream stays as close to
+      real time as it can; later audio moves earlier on its timeline by what was dropped),
+      counted per slot in ``dropped_frames`` and in ``stats.dropped_frames``. None: unbounded.
     """
 
-    def __init__(self, stepper: Stepper, config: DetectorConfig, frames_per_step: int = 16):
+    def __init__(self, stepper: Stepper, config: DetectorConfig, frames_per_step: int = 16,
+                 idle_timeout_s: float | None = None, max_queue_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         if frames_per_step < 1:
             raise ValueError("frames_per_step must be >= 1")
+        if idle_timeout_s is not None and not idle_timeout_s > 0:
+            raise ValueError(f"idle_timeout_s must be > 0 seconds (or None: never), got {idle_timeout_s}")
+        hop_s = config.frontend.hop_s
+        if max_queue_s is not None and not max_queue_s >= frames_per_step * hop_s:
+            raise ValueError(f"max_queue_s must hold at least one step ({frames_per_step * hop_s:g} s), "
+                             f"got {max_queue_s}")
+        self.idle_timeout_s = idle_timeout_s
+        self.max_queue_s = max_queue_s
+        # A queue of max_queue_s holds this many frames (one step at least, so a stream can run).
+        self.max_queue_frames = None if max_queue_s is None else max(frames_per_step, int(max_queue_s / hop_s))
+        self.clock = clock
         self.stepper, self.config = stepper, config
         self.n = stepper.batch_size
         self.frames_per_step = frames_per_step
@@ -211,6 +241,9 @@ class MultiStreamEngine:
         # {slot: (m, C) probabilities of the valid output frames of the last step}, for displays.
         self.last_rows: dict[int, np.ndarray] = {}
         self.stats = EngineStats()
+        self.last_audio_at = np.zeros(self.n, np.float64)  # clock() when each slot last got audio
+        self.timed_out = np.zeros(self.n, bool)  # ended by end_idle (kept until the slot restarts)
+        self.dropped_frames = np.zeros(self.n, np.int64)  # per slot, since its start
 
     def start(self, slot: int, decoder_overrides: dict | None = None) -> None:
         """Start a stream in a free slot; ``decoder_overrides`` as ``EventDecoder``'s
@@ -220,6 +253,7 @@ class MultiStreamEngine:
             self.decoders[slot] = EventDecoder(self.config.labels, self.config.frontend.hop_s, self.config.decoder,
                                                decoder_overrides)
         self.active[slot] = True
+        self.last_audio_at[slot] = self.clock()
 
     def end(self, slot: int) -> None:
         """End a stream: it completes over the next steps (see the class docstring). Audio
@@ -241,6 +275,8 @@ class MultiStreamEngine:
         self.queues[slot], self.queued[slot] = [], 0
         self.active[slot] = self.ending[slot] = self._ended[slot] = False
         self.latest_probs[slot] = 0.0
+        self.timed_out[slot] = False
+        self.dropped_frames[slot] = 0
 
     def push_audio(self, slot: int, samples: np.ndarray) -> np.ndarray:
         """Queue a slot's mono samples at the model's rate -> the (n, F) raw log-mel frames they
@@ -250,23 +286,53 @@ class MultiStreamEngine:
         if self.ending[slot]:
             raise RuntimeError(f"slot {slot} is ending: no more audio")
         frames = self.logmel[slot].push(samples).numpy()
+        if np.shape(samples)[0]:
+            self.last_audio_at[slot] = self.clock()
         if frames.shape[0]:
             self.queues[slot].append(frames)
             self.queued[slot] += frames.shape[0]
+            if self.max_queue_frames is not None and self.queued[slot] > self.max_queue_frames:
+                self._drop_oldest(slot, int(self.queued[slot]) - self.max_queue_frames)
         return frames
+
+    def _drop_oldest(self, slot: int, n: int) -> None:
+        queue = np.concatenate(self.queues[slot])[n:]
+        self.queues[slot] = [queue]
+        self.queued[slot] = queue.shape[0]
+        self.dropped_frames[slot] += n
+        self.stats.dropped_frames += n
+
+    def idle_slots(self, now: float | None = None) -> np.ndarray:
+        """(N,) bool: running streams (started, not ending) without audio for idle_timeout_s."""
+        if self.idle_timeout_s is None:
+            return np.zeros(self.n, bool)
+        now = self.clock() if now is None else now
+        return self.active & ~self.ending & (now - self.last_audio_at >= self.idle_timeout_s)
+
+    def end_idle(self, now: float | None = None) -> list[int]:
+        """End every stalled stream (``idle_slots``) -> their slots. Each completes over the next
+        steps like ``end``: queued frames, lookahead padding, then its open events closed."""
+        slots = [int(s) for s in np.flatnonzero(self.idle_slots(now))]
+        for slot in slots:
+            self.end(slot)
+            self.timed_out[slot] = True
+            self.stats.idle_ended += 1
+        return slots
 
     def runnable(self) -> np.ndarray:
         """(N,) bool: the slots that would take part in the next step."""
         return self.active & ((self.queued >= self.frames_per_step) | self.ending)
 
     def ready(self) -> bool:
-        """Whether some slot can step."""
-        return bool(self.runnable().any())
+        """Whether some slot can step (a stalled stream past idle_timeout_s can: it ends)."""
+        return bool(self.runnable().any() or self.idle_slots().any())
 
     def step(self) -> dict[int, list[OnsetNotice | SoundEvent]]:
         """One batched model call for the slots that can step -> {slot: its onset notices and
         finished events}; {} when none can. A slot that completed its ``end`` in this step is
-        inactive afterwards and its last events are in the result."""
+        inactive afterwards and its last events are in the result. Stalled streams are ended
+        first (``end_idle``)."""
+        self.end_idle()
         run = self.runnable()
         if not run.any():
             return {}

@@ -94,7 +94,7 @@ class ServerState:
         self.metrics = ServerMetrics()
         self.outputs = make_outputs(config, self.detector_config, self.metrics)
         self.worker = BatchWorker(stepper, self.detector_config, self.metrics, config.max_streams,
-                                  config.batch_streams, config.frames_per_step, self.outputs)
+                                  config.batch_streams, config.frames_per_step, self.outputs, config.limits)
         self.started = time.monotonic()
         self.connections = 0
         self.loop: asyncio.AbstractEventLoop | None = None

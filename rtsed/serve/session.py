@@ -133,6 +133,11 @@ class StreamSession:
             self.end_code, self.end_reason = code, reason
             return True
 
+    def has_audio(self) -> bool:
+        """Whether audio waits in the inbox (received, not yet taken by the worker)."""
+        with self._lock:
+            return bool(self._inbox)
+
     @property
     def queued_s(self) -> float:
         return self.queued_bytes / self.header.bytes_per_second

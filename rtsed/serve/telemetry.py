@@ -23,7 +23,10 @@ class ServerMetrics:
         self.held_streams = Counter("rtsed_held_streams", "Stream-steps sat out for want of audio", registry=r)
         self.dropped_audio = Counter("rtsed_dropped_audio_seconds", "Audio dropped because the server was behind",
                                      registry=r)
-        self.queued_audio = Gauge("rtsed_queued_audio_seconds", "Audio waiting for the worker, all streams",
+        self.queue_dropped_audio = Counter(
+            "rtsed_queue_dropped_audio_seconds",
+            "Audio dropped, oldest first, from streams' frame queues because the model fell behind", registry=r)
+        self.queued_audio = Gauge("rtsed_queued_audio_seconds", "Audio waiting for the worker or the model, all streams",
                                   registry=r)
         self.closed = Counter("rtsed_streams_closed", "Streams closed, by reason", ["reason"], registry=r)
         self.events = Counter("rtsed_events", "Finished sound events sent", registry=r)

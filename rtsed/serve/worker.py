@@ -27,7 +27,7 @@ from rtsed.config import DetectorConfig
 from rtsed.serve.engine import MultiStreamEngine
 from rtsed.serve.outputs import EventOutput, StreamRef, slugify
 from rtsed.serve.protocol import CLOSE_INTERNAL, CLOSE_NORMAL
-from rtsed.serve.session import StreamSession
+from rtsed.serve.session import SessionLimits, StreamSession
 from rtsed.serve.steppers import Stepper
 from rtsed.serve.telemetry import ServerMetrics
 
@@ -48,7 +48,7 @@ class BatchWorker(threading.Thread):
 
     def __init__(self, make_stepper: Callable[[int], Stepper], config: DetectorConfig, metrics: ServerMetrics,
                  max_streams: int = 64, batch_streams: int = 16, frames_per_step: int = 4,
-                 outputs: list[EventOutput] | None = None):
+                 outputs: list[EventOutput] | None = None, limits: SessionLimits | None = None):
         super().__init__(name="rtsed-serve-worker", daemon=True)
         if max_streams < 1 or batch_streams < 1:
             raise ValueError("--max-streams and --batch-streams must be >= 1")
@@ -61,6 +61,10 @@ class BatchWorker(threading.Thread):
         # Told of every stream's start, onsets, events and end, on this thread (they only queue).
         self.outputs = list(outputs or [])
         self._slugs: set[str] = set()  # slugs of the streams in the engines (unique among them)
+        # The engines enforce the streams' idle timeout and bound their queues of frames (drop
+        # oldest, counted): the inboxes are drained every round, so a worker that falls behind
+        # builds its backlog there.
+        self.limits = limits or SessionLimits()
         self.shards: list[MultiStreamEngine] = []
         self.owner: list[list[StreamSession | None]] = []  # [shard][slot] -> session
         self._lock = threading.Lock()
@@ -147,8 +151,10 @@ class BatchWorker(threading.Thread):
             # Placed even when already ending: a fast client may send its audio and its end
             # before the worker's next round, and that audio is still the stream's.
             self._place(s)
-        now = time.monotonic()
+        idle = [engine.idle_slots() for engine in self.shards]
         queued = 0.0
+        hop_s = self.config.frontend.hop_s
+        dropped_before = sum(engine.stats.dropped_frames for engine in self.shards)
         for s in sessions:
             if s.slot is None:
                 continue
@@ -156,16 +162,18 @@ class BatchWorker(threading.Thread):
             engine = self.shards[shard]
             if not engine.active[slot] or engine.ending[slot]:
                 continue
-            if s.end_code is None and now - s.last_audio_wall > s.limits.idle_timeout_s:
-                s.request_end(CLOSE_NORMAL, f"no audio for {s.limits.idle_timeout_s:g} s: stream ended "
-                                            "(send audio continuously, or {\"type\": \"end\"} when done)")
+            if s.end_code is None and idle[shard][slot] and not s.has_audio():
+                s.request_end(CLOSE_NORMAL, _idle_reason(engine.idle_timeout_s))
             if s.end_code is not None:
                 self._push(s, engine, slot, s.flush_audio())
                 engine.end(slot)
             else:
                 self._push(s, engine, slot, s.take_audio())
-            queued += s.queued_s
+            queued += s.queued_s + engine.queued[slot] * hop_s
         self.metrics.queued_audio.set(queued)
+        dropped = sum(engine.stats.dropped_frames for engine in self.shards) - dropped_before
+        if dropped:
+            self.metrics.queue_dropped_audio.inc(dropped * hop_s)
         for _ in range(STEPS_PER_ROUND):
             stepped = False
             for shard, engine in enumerate(self.shards):
@@ -186,7 +194,8 @@ class BatchWorker(threading.Thread):
                 self._start(s, shard, int(free[0]))
                 return
         # A new shard: a batch of its own (max_streams bounds the total through ``add``).
-        engine = MultiStreamEngine(self.make_stepper(self.batch_streams), self.config, self.frames_per_step)
+        engine = MultiStreamEngine(self.make_stepper(self.batch_streams), self.config, self.frames_per_step,
+                                   idle_timeout_s=self.limits.idle_timeout_s, max_queue_s=self.limits.max_queue_s)
         self.shards.append(engine)
         self.owner.append([None] * self.batch_streams)
         self._start(s, len(self.shards) - 1, 0)
@@ -233,6 +242,8 @@ class BatchWorker(threading.Thread):
                 for item in items:
                     self._tell("emit", s.ref, item)
             if not engine.active[slot]:
+                if engine.timed_out[slot]:  # crossed the timeout between the round's check and this step
+                    s.request_end(CLOSE_NORMAL, _idle_reason(engine.idle_timeout_s))
                 self.owner[shard][slot] = None
                 self._release(s)
 
@@ -258,6 +269,11 @@ class BatchWorker(threading.Thread):
                                          "audio_s": round(s.model_samples / s.model_rate_hz, 2),
                                          "events": s.events, "dropped_audio_s": round(s.dropped_s, 3)})
         log.info("stream %d (%s) closed: %s %s", s.id, s.name, s.end_code, s.end_reason)
+
+
+def _idle_reason(timeout_s: float) -> str:
+    return (f"no audio for {timeout_s:g} s: stream ended "
+            "(send audio continuously, or {\"type\": \"end\"} when done)")
 
 
 def _reason_kind(code: int | None, reason: str) -> str:
