@@ -75,21 +75,24 @@ class ServerProcess:
 
 
 def make_scene(seconds: float = 8.0, rate: int = 16000, seed: int = 0) -> np.ndarray:
-    """A procedural scene (clicks, a noise swell, a buzz, a warble) on which the bundled detector
-    reports several classes; float32 (N,) in [-1, 1]."""
+    """A procedural scene (two noise swells, two warbles, a buzz) on which the bundled detector
+    reports several events of several classes (rain, speech, sneezing); float32 (N,) in [-1, 1]."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * rate)) / rate
     x = 0.003 * rng.standard_normal(t.shape)
-    clicks = np.zeros_like(t)
-    clicks[(t > 0.8) & (t < 2.4) & (np.arange(t.size) % (rate // 2) == 0)] = 0.9
-    x += np.convolve(clicks, np.hanning(40), "same")
     spectrum = np.fft.rfft(rng.standard_normal(t.size))
     spectrum /= np.sqrt(np.maximum(np.fft.rfftfreq(t.size, 1 / rate), 20.0))  # pink-ish
     noise = np.fft.irfft(spectrum, t.size)
-    x += 0.25 * noise / np.abs(noise).max() * ((t > 2.8) & (t < 4.8))
-    x += 0.3 * ((t * 120) % 1 - 0.5) * ((t > 5.2) & (t < 6.6))
+    noise = 0.25 * noise / np.abs(noise).max()
     f = 500 + 150 * np.sin(2 * np.pi * 3 * t)
-    x += 0.3 * np.sin(2 * np.pi * np.cumsum(f) / rate) * ((t > 6.9) & (t < 7.7))
+    warble = 0.3 * np.sin(2 * np.pi * np.cumsum(f) / rate)
+    buzz = 0.3 * ((t * 120) % 1 - 0.5)
+
+    def span(a: float, b: float) -> np.ndarray:
+        return (t > a) & (t < b)
+
+    x += noise * span(0.3, 1.8) + warble * span(2.4, 3.2) + noise * span(3.9, 5.2)
+    x += warble * span(6.0, 6.8) + buzz * span(7.0, 7.8)
     return x.astype(np.float32)
 
 

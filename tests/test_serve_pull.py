@@ -50,7 +50,7 @@ def scene(tmp_path_factory) -> Path:
     import soxr
 
     x = soxr.resample(make_scene(), 16000, 48000, quality="VHQ").astype(np.float32)
-    x = np.concatenate([x, 0.003 * np.random.default_rng(1).standard_normal(3 * 48000).astype(np.float32)])
+    x = np.concatenate([x, 0.0005 * np.random.default_rng(1).standard_normal(3 * 48000).astype(np.float32)])
     path = tmp_path_factory.mktemp("scene") / "scene48.wav"
     sf.write(path, np.stack([x, 0.8 * x], axis=1), 48000, subtype="FLOAT")
     return path
