@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from rtsed.cli.detect import EXIT_CODES, STEP_FRAMES, build_parser, detect_file,
 from rtsed.serve.decode import SoundEvent
 from rtsed.serve.engine import DetectionEngine, make_stepper
 
+from mounts import tmpfs  # tests/ is on sys.path (not a package)
 from test_engine import RATE, checkpoint, scene  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,20 +109,6 @@ def test_output_path_is_checked_before_any_compute(checkpoint, mixed_folder, tmp
     assert not missing.parent.exists()
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, options: str):
-    """A real tmpfs at ``path`` (root only); skips the test where mounting is not permitted."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (full and read-only disks are simulated by nothing else)")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, f"rtsed-test-{uuid.uuid4().hex[:8]}", str(path)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"mount -t tmpfs not permitted here: {proc.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_read_only_output_folder_is_refused_before_compute(checkpoint, mixed_folder, tmp_path, capsys, monkeypatch):

@@ -45,6 +45,7 @@ from rtsed.models.checkpoint import load_checkpoint, save_checkpoint
 from rtsed.config import DecoderConfig
 from rtsed.serve.decode import DCASE_TSV_HEADER
 from rtsed.audio.sources import CLIP_LEVEL, MicrophoneSource
+from mounts import tmpfs  # tests/ is on sys.path (not a package)
 from procedural import write_dcase_split  # tests/ is on sys.path (not a package)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -637,28 +638,12 @@ def test_an_unwritable_output_is_refused_before_the_session(detector, scene, tmp
     assert f"--tsv {missing}" in err and "does not exist" in err and "mkdir -p" in err
 
 
-@contextlib.contextmanager
-def _small_tmpfs(path: Path):
-    """A real 64 KiB tmpfs at ``path`` (root only; skips where mounting is not permitted)."""
-    path.mkdir(parents=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (a full disk is simulated by nothing else)")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "rtsed-live-test", str(path)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"mount -t tmpfs not permitted here: {proc.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def test_a_full_disk_fails_one_output_as_it_happens_and_the_others_are_written(detector, scene, offline, tmp_path):
     """The TSV on a tmpfs filled to the last page, JSONL and Audacity labels on a good disk, the
     scene paced in real time: the full disk is reported while the session runs (at the first
     event's save, not at exit), the JSONL and Audacity files get every event, the TSV's rows go
     to stdout instead, and the exit code is 3."""
-    with _small_tmpfs(tmp_path / "full") as disk:
+    with tmpfs(tmp_path / "full", "size=64k") as disk:
         with contextlib.suppress(OSError), open(disk / "filler", "wb", buffering=0) as f:
             while True:
                 f.write(b"\0" * 4096)

@@ -11,15 +11,7 @@ import pytest
 import torch
 
 import train.fit as fit
-from test_fit import TINY, make_scenes  # tests/ is on sys.path (not a package)
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_fit import TINY, make_scenes, one_thread  # noqa: F401  (fixture; tests/ is on sys.path)
 
 
 def _fit(data, out, cache, *extra: str) -> None:
