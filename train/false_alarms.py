@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from rtsed.cli.detect import AUDIO_SUFFIXES  # the files rtsed.detect reads
+from rtsed.audio.files import AUDIO_SUFFIXES, audio_files_under  # the files rtsed.detect reads
 from rtsed.models.checkpoint import Checkpoint
 from rtsed.serve.decode import decode_offline
 from rtsed.serve.detector import Detector
@@ -39,7 +39,7 @@ def categorised_audio(folder: str | Path) -> list[tuple[Path, str]]:
     root = Path(folder)
     if not root.is_dir():
         raise FalseAlarmError(f"--false-alarms {root}: no such folder; give a folder of audio files")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+    files = audio_files_under(root)
     if not files:
         raise FalseAlarmError(f"--false-alarms {root}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) under it")
     categories: dict[Path, str] = {}

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from rtsed.audio.files import AudioFileError, read_audio
 from rtsed.audio.frontend import LogMel
-from rtsed.cli.detect import AUDIO_SUFFIXES
+from rtsed.audio.files import AUDIO_SUFFIXES, audio_files_under
 from rtsed.config import DecoderConfig, DetectorConfig
 from rtsed.models.bundled import ModelNotFoundError, resolve_model
 from rtsed.models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
@@ -143,7 +143,7 @@ def audio_files(folder: str | Path, what: str) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise TeachError(f"{what} {root}: no such folder; give a folder of audio clips")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+    files = audio_files_under(root)
     if not files:
         raise TeachError(f"{what} {root}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in it")
     return files

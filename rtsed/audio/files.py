@@ -32,6 +32,14 @@ CLIP_WARN_FRACTION = 1e-3
 # Samples per channel decoded at a time: 1 s at 64 kHz, 0.5 MB of stereo float32.
 READ_BLOCK_FRAMES = 65536
 
+# The suffixes of the audio files a folder is searched for (rtsed.detect, train.teach, false alarms).
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".aifc", ".au", ".mp3", ".opus"})
+
+
+def audio_files_under(folder: Path) -> list[Path]:
+    """Every audio file (AUDIO_SUFFIXES, any case) under ``folder``, recursively, sorted; [] when none."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+
 
 class AudioFileError(ValueError):
     """An audio file that cannot be used; the message names the file and the fix."""

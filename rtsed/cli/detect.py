@@ -27,11 +27,10 @@ from typing import IO, Iterable, Iterator
 import numpy as np
 
 from rtsed.atomic import OutputError, check_writable, write_atomically
-from rtsed.audio.files import AudioFileError, AudioFileReader
+from rtsed.audio.files import AUDIO_SUFFIXES, AudioFileError, AudioFileReader, audio_files_under
 from rtsed.serve.decode import SoundEvent, write_dcase_tsv
 from rtsed.backends.precision import PRECISIONS
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".aifc", ".au", ".mp3", ".opus"}
 STEP_FRAMES = 256  # frames per model call offline: large steps amortise per-call overhead
 
 # Exit codes (also in --help).
@@ -53,7 +52,7 @@ def find_audio(target: Path) -> tuple[Path, list[Path]]:
     if target.is_file():
         return target.parent, [target]
     if target.is_dir():
-        files = sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+        files = audio_files_under(target)
         if not files:
             raise AudioFileError(f"{target} holds no audio files ({', '.join(sorted(AUDIO_SUFFIXES))})")
         return target, files
