@@ -326,3 +326,17 @@ def test_live_decoder_point_merges_flicker_that_a_plain_threshold_splits():
     assert live["n_estimated_events"] == 2 and live["event"]["f1"] == pytest.approx(1.0)
     assert live["frame"]["f1"] > plain["frame"]["f1"]
     assert "min gap 0.1 s" in live["event"]["params"]["decode"]
+
+
+def test_cli_takes_a_bundled_detectors_name(tmp_path, capsys):
+    quiet = tmp_path / "quiet"
+    quiet.mkdir()
+    rng = np.random.default_rng(3)
+    sf.write(quiet / "hum.wav", (0.001 * rng.standard_normal(2 * RATE)).astype(np.float32), RATE)
+    code = ev.main(["--model", "dnd_7_10", "--false-alarms", str(quiet), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and "false alarms" in out.lower()
+    code = ev.main(["--model", "dnd_7_1O", "--false-alarms", str(quiet)])  # a typo: letter O for zero
+    err = capsys.readouterr().err
+    assert code == 2 and "dnd_7_1O" in err and "Bundled detectors: dnd_7_10" in err
+    assert err.count("\n") == 1 and "Traceback" not in err

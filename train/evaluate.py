@@ -46,6 +46,7 @@ import torch
 
 from rtsed.backends.allocator import ensure_caching_allocator
 from rtsed.audio.files import AudioFileError
+from rtsed.models.bundled import ModelNotFoundError, resolve_model
 from rtsed.models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from rtsed.config import ConfigError, DecoderConfig
 from rtsed.serve.decode import decode_offline
@@ -492,7 +493,8 @@ def format_report(results: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint file (e.g. runs/dnd_7_10/best.pt)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint file (e.g. runs/dnd_7_10/best.pt) or a bundled detector's name (dnd_7_10)")
     p.add_argument("--data", help="TUT-SED Synthetic 2016 root, or a folder written by train.synth")
     p.add_argument("--test-data", nargs=2, metavar=("AUDIO_DIR", "TSV"), help="a DCASE-format split")
     p.add_argument("--split", help="split of --data to score (default: test)")
@@ -528,7 +530,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise EvaluationError("--device cuda: no CUDA device is available to this torch")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    ckpt = load_checkpoint(args.model, "cpu")  # first: a broken model file fails before data work
+    ckpt = load_checkpoint(resolve_model(args.model), "cpu")  # first: a broken model file fails before data work
     results: dict[str, Any] = {}
     if args.data or args.test_data or not args.false_alarms:
         items, data_name, split = _items_from_args(args)
@@ -555,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_caching_allocator()
     try:
         run(args)
-    except (CheckpointError, DatasetError, AnnotationError, AudioFileError, EvaluationError, ConfigError,
+    except (ModelNotFoundError, CheckpointError, DatasetError, AnnotationError, AudioFileError, EvaluationError, ConfigError,
             FalseAlarmError, OnnxModelError, ImportError, OSError) as exc:
         print(f"train.evaluate: error: {exc}", file=sys.stderr)
         return 2
