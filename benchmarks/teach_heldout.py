@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 def summary(r: dict[str, Any]) -> str:
     counts = ", ".join(f"{k}: {len(v['teach'])} clips to teach, {len(v['test'])} held out" for k, v in r["split"].items())
     t = r["teach_time"]
-    lines = [f"teach ({counts}): " + (f"{t['wall_s'] / 60:.1f} min wall, {t['cpu_s'] / 60:.1f} min CPU" if t else "reused"), "",
+    lines = [f"teach ({counts}): " + (f"{t['wall_s'] / 60:.1f} min wall, {t['cpu_s'] / 60:.1f} min CPU" if "wall_s" in t else "reused"), "",
              "| new class | held-out events | event F1 | onset-only F1 | frame F1 (decoder) | frame F1 (0.5) |",
              "|---|---|---|---|---|---|"]
     for label, s in r["new_classes_heldout"].items():
