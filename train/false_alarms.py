@@ -18,9 +18,11 @@ from __future__ import annotations
 import csv
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rtsed.audio.files import AUDIO_SUFFIXES, audio_files_under  # the files rtsed.detect reads
@@ -60,9 +62,14 @@ def categorised_audio(folder: str | Path) -> list[tuple[Path, str]]:
 
 
 @torch.no_grad()
-def false_alarms(checkpoint: Checkpoint, folder: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+def false_alarms(checkpoint: Checkpoint, folder: str | Path, device: str | torch.device = "cpu",
+                 logits: Callable[[Path, np.ndarray], torch.Tensor] | None = None) -> dict[str, Any]:
     """Score ``folder`` (see the module docstring); returns a JSON-ready dict with the rate per
-    minute overall, per category and per label, and the counts behind them."""
+    minute overall, per category and per label, and the counts behind them.
+
+    ``logits``: (file, un-normalised log-mel (T, F)) -> logits (T, C) in place of the checkpoint's
+    own forward, for callers that compute several detectors' outputs in one pass (detectors that
+    share a frozen trunk, e.g. train.teach's); the checkpoint's labels and decoder still apply."""
     started = time.perf_counter()
     config = checkpoint.config
     labels = list(config.labels)
@@ -81,7 +88,8 @@ def false_alarms(checkpoint: Checkpoint, folder: str | Path, device: str | torch
         minutes[category] += feats.shape[0] * hop_s / 60.0
         if feats.shape[0] == 0:
             continue
-        probs = torch.sigmoid(file_logits(detector, feats).float()).cpu().numpy()
+        out = file_logits(detector, feats) if logits is None else logits(path, feats)
+        probs = torch.sigmoid(out.float()).cpu().numpy()
         events = decode_offline(probs, labels, hop_s, config.decoder)
         n_false = 0
         for e in events:
