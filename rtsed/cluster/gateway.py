@@ -78,6 +78,7 @@ class GatewayRelay(BatchWorker):
         if settings.sample_format not in ("f32le", "s16le"):
             raise ValueError(f"--nats-format {settings.sample_format!r}: use f32le or s16le")
         self.settings = settings
+        self.end_grace_s = settings.end_timeout_s
         self.rate_hz = config.frontend.sample_rate_hz
         self.hop_s = config.frontend.hop_s
         self.block_samples = max(1, round(settings.block_s * self.rate_hz))
@@ -243,3 +244,8 @@ class GatewayRelay(BatchWorker):
             return
         self.by_key.pop(r.key, None)
         self._release(s)
+        # Which workers ran the stream, in order (more than one: a takeover), for GET /streams.
+        for closed in self.closed_recently:
+            if closed["id"] == s.id:
+                closed["workers"] = list(r.workers)
+                break

@@ -296,7 +296,8 @@ async def _serve_stream(ws: WebSocket, state: ServerState) -> None:
     if receiver in done and not session.client_gone:
         # The stream is ending (end message, flood): its last events are on their way.
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(sender), config.shutdown_timeout_s + config.send_timeout_s)
+            await asyncio.wait_for(asyncio.shield(sender), config.shutdown_timeout_s + config.send_timeout_s
+                                   + state.worker.end_grace_s)
     for task in (sender, receiver):
         task.cancel()
     await asyncio.gather(sender, receiver, return_exceptions=True)
