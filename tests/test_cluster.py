@@ -123,3 +123,19 @@ def test_partitions_and_the_server_mapping():
     assert "listen: 0.0.0.0:4222" in config and 'store_dir: "/data"' in config and server_mapping(4)[1] in config
     assert stream_of("rtsed.audio.3.gw.12") == "gw.12" == stream_of("rtsed.events.gw.12")
 
+
+
+def test_worker_command_line_names_the_problem_and_the_fix(capsys):
+    from rtsed.cli.worker import main
+
+    base = ["--model", "dnd_7_10", "--nats", "nats://127.0.0.1:4222"]
+    cases = [
+        (["--partition", "2/2"], "K must lie in 0..N-1"),
+        (["--partition", "0/2", "--partition", "1/3"], "every partition must be of the same N"),
+        (["--partition", "0/2", "--retention-s", "2"], "a takeover needs at least the receptive field (1.48 s)"),
+    ]
+    for extra, expected in cases:
+        assert main(base + extra) == 2
+        assert expected in capsys.readouterr().err, extra
+    assert main(["--model", "dnd_7_10", "--nats", "127.0.0.1:4222", "--partition", "0/1"]) == 2
+    assert "give a NATS URL, e.g. nats://127.0.0.1:4222" in capsys.readouterr().err

@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         partitions = [Partition.parse(text) for text in args.partition]
+        if len({p.count for p in partitions}) != 1:
+            raise ValueError(f"--partition {' '.join(args.partition)}: every partition must be of the same N (the N "
+                             "of the server's mapping)")
         for name in ("max_streams", "frames_per_step", "threads"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
