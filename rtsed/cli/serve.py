@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--nats-gateway-id", metavar="NAME",
                          help="this gateway's name in subjects (letters, digits, _ and -; default: random)")
     cluster.add_argument("--nats-block-s", type=float, default=0.04, help="audio per NATS message (default 0.04 s)")
-    cluster.add_argument("--nats-end-timeout-s", type=float, default=10.0,
+    cluster.add_argument("--nats-end-timeout-s", type=float, default=30.0,
                          help="how long an ended stream waits for its worker's last events before it closes")
     cluster.add_argument("--nats-format", default="f32le", choices=("f32le", "s16le"),
                          help="sample format on NATS (s16le: half the bytes)")

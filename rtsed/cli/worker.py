@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-streams", type=int, default=16,
                    help="streams of the partition run at once, batched in one model call (default 16)")
     p.add_argument("--frames-per-step", type=int, default=4, help="hops per model step (latency vs cost)")
-    p.add_argument("--retention-s", type=float, default=8.0,
-                   help="audio JetStream keeps per stream for a takeover (a few receptive fields; default 8)")
-    p.add_argument("--lease-s", type=float, default=2.0,
+    p.add_argument("--retention-s", type=float, default=10.0,
+                   help="audio JetStream keeps per stream for a takeover (a few receptive fields; default 10)")
+    p.add_argument("--lease-s", type=float, default=3.0,
                    help="how long a dead worker's partition stays orphaned before a standby takes it")
     p.add_argument("--checkpoint-s", type=float, default=0.5,
                    help="stream time between the resume points written per stream")

@@ -10,8 +10,8 @@ its own asyncio loop for the NATS client; the server's event loop still only mov
 
 A worker that takes a partition over decides again the events since its resume point: the relay
 passes each (kind, label, onset frame) of a stream once. A stream ends when its worker says so,
-after its last events (or after ``end_timeout_s`` when no worker answers: said in the close
-reason).
+after its last events (or once no worker has answered nor reported progress, which workers send
+with every resume point, for ``end_timeout_s``: said in the close reason).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from rtsed.serve.worker import BatchWorker, _idle_reason
 
 log = logging.getLogger("rtsed.serve")
 
-DEFAULT_RETENTION_S = 8.0  # the audio stream's retention when the gateway is first to create it
+DEFAULT_RETENTION_S = 10.0  # the audio stream's retention when the gateway is first to create it
 SEEN_PER_STREAM = 512  # (kind, label, onset frame) kept per stream to drop a takeover's repeats
 
 
@@ -50,7 +50,7 @@ class NatsSettings:
     gateway_id: str = field(default_factory=lambda: secrets.token_hex(3))
     block_s: float = 0.04  # audio per message
     sample_format: str = "f32le"  # or s16le: half the bytes, 16-bit resolution
-    end_timeout_s: float = 10.0  # how long an ended stream waits for its worker's last events
+    end_timeout_s: float = 30.0  # how long an ended stream waits for its worker's last events
 
 
 @dataclass
@@ -63,6 +63,8 @@ class RelayedStream:
     pending: list[np.ndarray] = field(default_factory=list)
     pending_samples: int = 0
     end_published_at: float | None = None
+    last_progress_at: float = 0.0  # when the worker last said how far it has decoded
+    decoded_s: float = 0.0  # how far, in stream time
     seen: deque = field(default_factory=lambda: deque(maxlen=SEEN_PER_STREAM))
     workers: list[str] = field(default_factory=list)
 
@@ -148,9 +150,10 @@ class GatewayRelay(BatchWorker):
             if r is None:
                 continue
             if r.end_published_at is not None:
-                if now - r.end_published_at > self.settings.end_timeout_s:
-                    s.end_reason += (f"; no worker confirmed the end within {self.settings.end_timeout_s:g} s "
-                                     "(is a worker running for every partition?)")
+                # A worker behind real time still reports progress: the wait counts from its last word.
+                if now - max(r.end_published_at, r.last_progress_at) > self.settings.end_timeout_s:
+                    s.end_reason += (f"; no worker confirmed the end nor made progress for "
+                                     f"{self.settings.end_timeout_s:g} s (is a worker running for every partition?)")
                     self._finish(s)
                 continue
             idle_s = self.limits.idle_timeout_s
@@ -232,6 +235,10 @@ class GatewayRelay(BatchWorker):
                 item = OnsetNotice(data["label"], data["onset_s"], data.get("score", 0.0))
             s.emit([item])
             self._tell("emit", s.ref, item)
+        elif kind == "progress":
+            r.last_progress_at = time.monotonic()
+            r.decoded_s = data.get("t_s", r.decoded_s)
+            s.details["decoded_s"] = r.decoded_s
         elif kind == "end":
             if r.end_published_at is not None:
                 self._finish(s)

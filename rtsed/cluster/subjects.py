@@ -7,7 +7,8 @@ Subjects (a stream is named ``<gateway>.<n>``: the gateway's id and its stream c
     rtsed.audio.<K>.<gateway>.<n>   the same message after the server's mapping: K = partition,
                                     {{partition(N,1,2)}} of the two stream tokens (the server
                                     hashes, never our code); JetStream keeps it ``retention_s``
-    rtsed.events.<gateway>.<n>      JSON from the owning worker: onset, event, end
+    rtsed.events.<gateway>.<n>      JSON from the owning worker: onset, event, progress (how far
+                                    it has decoded, with each resume point), end
 
 An audio message is a block of mono samples at the model's rate (16 kHz for the bundled
 detectors), little-endian float32 or int16, with headers: ``Rtsed-Seq`` (0, 1, ...),

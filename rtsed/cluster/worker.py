@@ -20,7 +20,7 @@ decided again, identically; the gateway drops the repeats by (kind, label, onset
 
 Retention must cover the resume point's age (up to ``checkpoint_s`` plus the lookahead and a step
 behind the head), P frames, and the time a takeover takes (a lease plus a start-up), with room for
-a backlog: 8 s by default for dnd_7_10.
+a backlog: 10 s by default for dnd_7_10 (a 3 s lease).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class PartitionWorker:
     """
 
     def __init__(self, stepper, config, past_frames: int, nats_url: str, partitions: list[Partition],
-                 worker_id: str, frames_per_step: int = 4, retention_s: float = 8.0, lease_s: float = 2.0,
+                 worker_id: str, frames_per_step: int = 4, retention_s: float = 10.0, lease_s: float = 3.0,
                  checkpoint_s: float = 0.5):
         if not partitions:
             raise ValueError("give at least one --partition K/N")
@@ -387,6 +387,11 @@ class PartitionWorker:
                 self.streams.pop(st.key, None)
                 self.finished.add(st.key)
                 log.info("stream %s ended: %d events", st.key, st.events)
+        for st, state in points:
+            if st.key not in ended:  # a sign of life for the gateway, which waits on it at a stream's end
+                await self.nc.publish(events_subject(st.key), json.dumps(
+                    {"type": "progress", "t_s": round(state["next"] * self.config.frontend.hop_s, 6),
+                     "worker": self.worker_id}).encode())
         puts = [self.resume.put(st.key, json.dumps({"frame": state["next"], "decoder": state}).encode())
                 for st, state in points if st.key not in ended]
         puts += [self.resume.put(key, b'{"ended": true}') for key in ended]
