@@ -108,7 +108,7 @@ def _summary(mode: str, results: list[dict], scenes: list) -> dict:
             "end_median_s": round(statistics.median(ends), 3) if ends else None}
 
 
-def run(streams: int, workers: list[int], seconds: float, folder: Path) -> list[dict]:
+def run(streams: int, workers: list[int], seconds: float, folder: Path, report=print) -> None:
     import soundfile as sf
 
     from cluster_helpers import WorkerProcess, start_nats
@@ -120,10 +120,9 @@ def run(streams: int, workers: list[int], seconds: float, folder: Path) -> list[
         path = folder / f"scene{i}.wav"
         sf.write(path, audio, RATE, subtype="FLOAT")
         scenes.append((audio, detect_events(path)))
-    rows = []
     server = ServerProcess("--max-streams", str(streams), log_path=folder / "inproc.log")
     try:
-        rows.append(_summary("in-process", _run_clients(server.ws_url, scenes), scenes))
+        report(_summary("in-process", _run_clients(server.ws_url, scenes), scenes))
     finally:
         server.stop()
     for n in workers:
@@ -135,16 +134,15 @@ def run(streams: int, workers: list[int], seconds: float, folder: Path) -> list[
             procs = [WorkerProcess(nats.url, [f"{k}/{n}"], f"w{k}", run_dir / f"w{k}.log", "--max-streams",
                                    str(streams)) for k in range(n)]
             for k, w in enumerate(procs):
-                w.wait_for(f"owns partition {k}/{n}")
+                w.wait_for(f"owns partition {k}/{n}", timeout_s=600)
             gateway = ServerProcess("--nats", nats.url, "--max-streams", str(streams), log_path=run_dir / "gw.log")
-            rows.append(_summary(f"nats, {n} worker(s)", _run_clients(gateway.ws_url, scenes), scenes))
+            report(_summary(f"nats, {n} worker(s)", _run_clients(gateway.ws_url, scenes), scenes))
         finally:
             if gateway is not None:
                 gateway.stop()
             for w in procs:
                 w.stop()
             nats.stop()
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,12 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     print("| mode | streams | sustained | events match | dropped s | notice latency median / p95 s | end s |")
     print("|---|---|---|---|---|---|---|")
+
+    def row(r: dict) -> None:
+        print(f"| {r['mode']} | {r['streams']} | {'yes' if r['sustained'] else 'no'} | "
+              f"{r['matched']}/{r['streams']} | {r['dropped_s']} | {r['notice_median_s']} / "
+              f"{r['notice_p95_s']} | {r['end_median_s']} |", flush=True)
+
     for n in args.streams:
         with tempfile.TemporaryDirectory() as tmp:
-            for r in run(n, args.workers, args.seconds, Path(tmp)):
-                print(f"| {r['mode']} | {r['streams']} | {'yes' if r['sustained'] else 'no'} | "
-                      f"{r['matched']}/{r['streams']} | {r['dropped_s']} | {r['notice_median_s']} / "
-                      f"{r['notice_p95_s']} | {r['end_median_s']} |", flush=True)
+            run(n, args.workers, args.seconds, Path(tmp), row)
     return 0
 
 
