@@ -19,8 +19,10 @@ LAYERS: dict[str, int] = {
     "rtsed.export": 8,
     "rtsed.doctor": 8,
     "rtsed.serve.__main__": 8,  # python -m rtsed.serve (its command line is rtsed.cli.serve)
+    "rtsed.worker": 8,          # python -m rtsed.worker (its command line is rtsed.cli.worker)
     "rtsed.cli": 7,             # the command lines behind them
     "rtsed": 6,                 # the public API (rtsed/__init__.py)
+    "rtsed.cluster": 6,         # gateway and workers on NATS: built on rtsed.serve, which never imports it
     "rtsed.serve": 5,           # engines, steppers, Detector, decoder
     "rtsed.stream": 4,          # torch stream, ONNX export and runtime
     "rtsed.models": 3,          # layers, model, checkpoints, bundled detectors

@@ -3,6 +3,7 @@
     python -m rtsed.serve --model dnd_7_10.pt                         http://127.0.0.1:8000/
     python -m rtsed.serve --model dnd_7_10.pt --host 0.0.0.0 --port 8000 --backend onnx
     python -m rtsed.serve --model dnd_7_10.pt --mqtt mqtt://broker:1883 --webhook http://host/hook
+    python -m rtsed.serve --model dnd_7_10.pt --nats nats://nats:4222     gateway to rtsed.worker processes
 
 Clients open a WebSocket per stream at /ws (protocol: rtsed.serve.protocol), the page at / streams
 the browser's microphone, /grid shows every stream, /health and /metrics (Prometheus) watch the
@@ -10,6 +11,8 @@ server. SIGINT/SIGTERM close every stream's open events and send them before the
 --input URL pulls a stream itself (RTSP, HTTP, any FFmpeg input; rtsed.serve.pull);
 --mqtt publishes onsets, events and on/off states per stream and class, with Home Assistant
 discovery (rtsed.serve.mqtt); --webhook POSTs each finished event (rtsed.serve.webhook).
+--nats makes the server a gateway: it runs no model, publishes every stream's audio to NATS and
+relays the events of the ``python -m rtsed.worker`` processes back (rtsed.cluster, docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -55,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--mqtt-reconnect-max-s", type=int, default=30,
                      help="longest wait between reconnection attempts to the broker (backoff from 1 s)")
     out.add_argument("--webhook", metavar="URL", help="POST each finished event as JSON to this http(s) URL")
+    cluster = p.add_argument_group("gateway to NATS workers (docs/cluster.md)")
+    cluster.add_argument("--nats", metavar="URL",
+                         help="run no model here: publish each stream's audio to this NATS server (nats://host:4222) "
+                              "for python -m rtsed.worker processes, and relay their events")
+    cluster.add_argument("--nats-gateway-id", metavar="NAME",
+                         help="this gateway's name in subjects (letters, digits, _ and -; default: random)")
+    cluster.add_argument("--nats-block-s", type=float, default=0.04, help="audio per NATS message (default 0.04 s)")
+    cluster.add_argument("--nats-end-timeout-s", type=float, default=30.0,
+                         help="how long an ended stream waits for its worker's last events before it closes")
+    cluster.add_argument("--nats-format", default="f32le", choices=("f32le", "s16le"),
+                         help="sample format on NATS (s16le: half the bytes)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
@@ -109,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
             from rtsed.serve.webhook import check_webhook_url
 
             check_webhook_url(args.webhook)
+        make_worker = None
+        if args.nats:
+            make_worker = _gateway(args)
     except ImportError as exc:
-        print(f"rtsed.serve: --mqtt/--input need {exc.name or exc}; install the server's extra: "
-              "pip install 'rtsed[serve]'", file=sys.stderr)
+        extra = "cluster" if args.nats else "serve"
+        print(f"rtsed.serve: --mqtt/--input/--nats need {exc.name or exc}; install the extra: "
+              f"pip install 'rtsed[{extra}]'", file=sys.stderr)
         return 2
     except ValueError as exc:
         print(f"rtsed.serve: {exc}", file=sys.stderr)
@@ -128,10 +146,34 @@ def main(argv: list[str] | None = None) -> int:
                          frames_per_step=args.frames_per_step, limits=limits, send_timeout_s=args.send_timeout_s,
                          mqtt=mqtt, webhook_url=args.webhook, inputs=args.input)
     try:
-        return serve(config, args.host, args.port, args.log_level, args.send_buffer_bytes)
+        return serve(config, args.host, args.port, args.log_level, args.send_buffer_bytes, make_worker)
     except (ModelNotFoundError, CheckpointError, ValueError, OSError, RuntimeError) as exc:
         print(f"rtsed.serve: {exc}", file=sys.stderr)
         return 2
+
+
+def _gateway(args):
+    """The hook that makes this server a gateway (rtsed.cluster imports the server, not the
+    reverse): a factory of the relay that replaces the local batching worker."""
+    import nats  # noqa: F401  (a clear message now rather than in the server)
+
+    from rtsed.cluster.gateway import GatewayRelay, NatsSettings
+    from rtsed.cluster.subjects import check_token
+
+    if not args.nats.startswith(("nats://", "tls://")):
+        raise ValueError(f"--nats {args.nats!r}: give a NATS URL, e.g. nats://127.0.0.1:4222")
+    for name in ("nats_block_s", "nats_end_timeout_s"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+    options = dict(block_s=args.nats_block_s, sample_format=args.nats_format, end_timeout_s=args.nats_end_timeout_s)
+    if args.nats_gateway_id:
+        options["gateway_id"] = check_token(args.nats_gateway_id, "--nats-gateway-id")
+    settings = NatsSettings(args.nats, **options)
+
+    def make_worker(detector_config, metrics, outputs, config):
+        return GatewayRelay(settings, detector_config, metrics, config.max_streams, outputs, config.limits)
+
+    return make_worker
 
 
 if __name__ == "__main__":

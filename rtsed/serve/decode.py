@@ -199,6 +199,41 @@ class EventDecoder:
         self._sb = [0.0] * n  # csum at b
         self._noticed = [False] * n
 
+    def snapshot(self) -> dict[str, Any]:
+        """The decoder's whole state after the frames pushed so far, as plain JSON-able data:
+        ``restore`` on a decoder built with the same labels, config and overrides continues the
+        stream exactly (same events, same scores: floats survive JSON's round trip). A stream can
+        so move to another process between two pushes."""
+        return {
+            "origin": self._origin, "next": self._next,
+            "hist": None if self._hist is None else self._hist.tolist(),
+            "csum": self._csum.tolist(), "active": self._active.tolist(), "phase": list(self._phase),
+            "a": list(self._a), "sa": list(self._sa), "b": list(self._b), "sb": list(self._sb),
+            "noticed": list(self._noticed),
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from a ``snapshot`` (ValueError if it was taken with other labels)."""
+        n = len(self.labels)
+        if len(state["csum"]) != n:
+            raise ValueError(f"EventDecoder.restore: the snapshot has {len(state['csum'])} classes, this decoder {n} "
+                             f"({list(self.labels)}); restore a snapshot of the same model")
+        self._origin = None if state["origin"] is None else int(state["origin"])
+        self._next = int(state["next"])
+        self._hist = None if state["hist"] is None else np.asarray(state["hist"], dtype=np.float64).reshape(-1, n)
+        self._csum = np.asarray(state["csum"], dtype=np.float64)
+        self._active = np.asarray(state["active"], dtype=bool)
+        self._phase = [int(x) for x in state["phase"]]
+        self._a, self._b = [int(x) for x in state["a"]], [int(x) for x in state["b"]]
+        self._sa, self._sb = [float(x) for x in state["sa"]], [float(x) for x in state["sb"]]
+        self._noticed = [bool(x) for x in state["noticed"]]
+
+    @property
+    def next_frame(self) -> int:
+        """Index of the next frame expected (counted from the stream's first frame, 0 unless
+        the first push said otherwise or a snapshot was restored)."""
+        return self._next
+
     @property
     def frames_seen(self) -> int:
         """Frames pushed since the stream started."""

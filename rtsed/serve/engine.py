@@ -244,14 +244,26 @@ class MultiStreamEngine:
         self.last_audio_at = np.zeros(self.n, np.float64)  # clock() when each slot last got audio
         self.timed_out = np.zeros(self.n, bool)  # ended by end_idle (kept until the slot restarts)
         self.dropped_frames = np.zeros(self.n, np.int64)  # per slot, since its start
+        self.skip_frames = np.zeros(self.n, np.int64)  # output frames still to compute but not decode (start)
 
-    def start(self, slot: int, decoder_overrides: dict | None = None) -> None:
+    def start(self, slot: int, decoder_overrides: dict | None = None, decoder_state: dict | None = None,
+              skip_frames: int = 0) -> None:
         """Start a stream in a free slot; ``decoder_overrides`` as ``EventDecoder``'s
-        (``{label: on}`` or ``{label: (on, off)}``), for this stream only."""
+        (``{label: on}`` or ``{label: (on, off)}``), for this stream only.
+
+        Resuming a stream elsewhere (rtsed.cluster): its audio is fed again from a hop boundary
+        some frames before where it left off, ``skip_frames`` output frames are computed (they
+        refill the model's state, which a finite receptive field bounds) but not decoded, and
+        the decoder continues from ``decoder_state`` (``EventDecoder.snapshot``)."""
+        if skip_frames < 0:
+            raise ValueError(f"skip_frames must be >= 0, got {skip_frames}")
         self.reset(slot)
         if decoder_overrides:
             self.decoders[slot] = EventDecoder(self.config.labels, self.config.frontend.hop_s, self.config.decoder,
                                                decoder_overrides)
+        if decoder_state is not None:
+            self.decoders[slot].restore(decoder_state)
+        self.skip_frames[slot] = skip_frames
         self.active[slot] = True
         self.last_audio_at[slot] = self.clock()
 
@@ -277,6 +289,7 @@ class MultiStreamEngine:
         self.latest_probs[slot] = 0.0
         self.timed_out[slot] = False
         self.dropped_frames[slot] = 0
+        self.skip_frames[slot] = 0
 
     def push_audio(self, slot: int, samples: np.ndarray) -> np.ndarray:
         """Queue a slot's mono samples at the model's rate -> the (n, F) raw log-mel frames they
@@ -360,6 +373,10 @@ class MultiStreamEngine:
         self.last_rows = {}
         for slot in np.flatnonzero(run):
             rows = probs[slot][valid[slot]]
+            if self.skip_frames[slot] and rows.shape[0]:
+                skipped = min(int(self.skip_frames[slot]), rows.shape[0])
+                rows = rows[skipped:]
+                self.skip_frames[slot] -= skipped
             items: list[OnsetNotice | SoundEvent] = []
             if rows.shape[0]:
                 self.last_rows[int(slot)] = rows

@@ -25,7 +25,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -71,9 +71,13 @@ class ServeConfig:
 
 
 class ServerState:
-    """What the routes share: the model's config, the worker, the metrics."""
+    """What the routes share: the model's config, the worker, the metrics.
 
-    def __init__(self, config: ServeConfig):
+    make_worker: builds what runs the streams in place of the local ``BatchWorker``, from
+    (detector config, metrics, event outputs, ServeConfig), with its interface (rtsed.cluster's
+    gateway relays them to NATS workers); the model is then loaded for its config only."""
+
+    def __init__(self, config: ServeConfig, make_worker: Callable | None = None):
         from rtsed.models.bundled import resolve_model
         from rtsed.serve.steppers import make_stepper
 
@@ -81,7 +85,8 @@ class ServerState:
         self.model_path = resolve_model(config.model)
         # Loaded once here (a bad model fails before the server listens), then per shard.
         first, self.detector_config, _ = make_stepper(self.model_path, config.backend, config.device,
-                                                      batch_size=config.batch_streams, threads=config.threads)
+                                                      batch_size=1 if make_worker else config.batch_streams,
+                                                      threads=config.threads)
         spare = [first]
         self.lookahead_frames = first.lookahead_frames
 
@@ -93,8 +98,12 @@ class ServerState:
 
         self.metrics = ServerMetrics()
         self.outputs = make_outputs(config, self.detector_config, self.metrics)
-        self.worker = BatchWorker(stepper, self.detector_config, self.metrics, config.max_streams,
-                                  config.batch_streams, config.frames_per_step, self.outputs, config.limits)
+        if make_worker is None:
+            self.worker = BatchWorker(stepper, self.detector_config, self.metrics, config.max_streams,
+                                      config.batch_streams, config.frames_per_step, self.outputs, config.limits)
+        else:
+            spare.clear()
+            self.worker = make_worker(self.detector_config, self.metrics, self.outputs, config)
         self.started = time.monotonic()
         self.connections = 0
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -137,8 +146,8 @@ def make_outputs(config: ServeConfig, detector_config, metrics: ServerMetrics) -
     return outputs
 
 
-def create_app(config: ServeConfig) -> Starlette:
-    state = ServerState(config)
+def create_app(config: ServeConfig, make_worker: Callable | None = None) -> Starlette:
+    state = ServerState(config, make_worker)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -287,7 +296,8 @@ async def _serve_stream(ws: WebSocket, state: ServerState) -> None:
     if receiver in done and not session.client_gone:
         # The stream is ending (end message, flood): its last events are on their way.
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(sender), config.shutdown_timeout_s + config.send_timeout_s)
+            await asyncio.wait_for(asyncio.shield(sender), config.shutdown_timeout_s + config.send_timeout_s
+                                   + state.worker.end_grace_s)
     for task in (sender, receiver):
         task.cancel()
     await asyncio.gather(sender, receiver, return_exceptions=True)
@@ -363,7 +373,7 @@ async def _send_loop(ws: WebSocket, session: StreamSession, state: ServerState) 
 
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-          send_buffer_bytes: int = 65536) -> int:
+          send_buffer_bytes: int = 65536, make_worker: Callable | None = None) -> int:
     """Run the server until SIGINT/SIGTERM; every stream's open events are closed and sent
     before the sockets close.
 
@@ -373,7 +383,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_le
     does not read blocks a send (--send-timeout-s counts from then)."""
     import socket
 
-    app = create_app(config)
+    app = create_app(config, make_worker)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

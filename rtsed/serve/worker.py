@@ -46,6 +46,10 @@ class BatchWorker(threading.Thread):
     """Owns the engines; sessions join with ``add`` (any thread) and leave through their
     ``request_end``. ``stop()`` ends every stream (events closed and sent) and the thread."""
 
+    # How much longer than the server's own timeouts a stream may take to complete once it is
+    # ending: none here (the engines are in this process); a relay to remote workers waits for them.
+    end_grace_s = 0.0
+
     def __init__(self, make_stepper: Callable[[int], Stepper], config: DetectorConfig, metrics: ServerMetrics,
                  max_streams: int = 64, batch_streams: int = 16, frames_per_step: int = 4,
                  outputs: list[EventOutput] | None = None, limits: SessionLimits | None = None):
