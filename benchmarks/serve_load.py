@@ -393,7 +393,7 @@ def rss_slope(trials: list[dict]) -> float | None:
 
 def soak(args, backend: str) -> dict:
     record = trial(args, backend, args.streams, args.soak, check_events=True, rss_every_s=5.0)
-    samples = [(t, rss) for t, rss in record["rss_samples"] if t >= min(60.0, args.soak / 4)]
+    samples = [(t, rss) for t, rss in record["rss_samples"] if min(60.0, args.soak / 4) <= t <= args.soak - 1.0]
     growth = None
     if len(samples) >= 2:
         t, rss = np.array(samples).T
