@@ -307,13 +307,23 @@ async def _serve_stream(ws: WebSocket, state: ServerState) -> None:
     sender = asyncio.create_task(_send_loop(ws, session, state))
     receiver = asyncio.create_task(_receive_loop(ws, session, state))
     done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+    behind = None
     if receiver in done and not session.client_gone:
         # The stream is ending (end message, flood): its last events are on their way.
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(sender), config.shutdown_timeout_s + config.send_timeout_s)
+        wait_s = config.shutdown_timeout_s + config.send_timeout_s
+        try:
+            await asyncio.wait_for(asyncio.shield(sender), wait_s)
+        except asyncio.TimeoutError:
+            behind = f"server behind: last events not ready {wait_s:g} s after the stream's end; retry later"
+            session.client_gone = True  # nothing more is queued for this socket
     for task in (sender, receiver):
         task.cancel()
     await asyncio.gather(sender, receiver, return_exceptions=True)
+    if behind is not None:
+        # A close frame with the reason: returning without one would drop the TCP connection
+        # (the client would see 1006 and no reason).
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(CLOSE_TRY_LATER, close_reason(behind)), 2.0)
 
 
 async def _watch_stream(ws: WebSocket, state: ServerState, stream_id: int) -> None:
