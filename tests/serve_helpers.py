@@ -109,13 +109,13 @@ def write_scene_files(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def detect_events(path: Path) -> list[tuple[str, float, float]]:
-    """What ``python -m rtsed.detect`` reports for the file (its library call)."""
+def detect_events(path: Path, backend: str = "torch") -> list[tuple[str, float, float]]:
+    """What ``python -m rtsed.detect --backend BACKEND`` reports for the file (its library call)."""
     from rtsed.cli.detect import detect_file
     from rtsed.models.bundled import resolve_model
     from rtsed.serve.engine import make_stepper
 
-    stepper, config, _ = make_stepper(resolve_model(MODEL), "torch")
+    stepper, config, _ = make_stepper(resolve_model(MODEL), backend)
     events, _ = detect_file(path, stepper, config)
     return sorted((e.label, e.onset_s, e.offset_s) for e in events)
 
@@ -138,7 +138,9 @@ async def stream_file(ws_url: str, header: dict, payload: bytes, chunk_bytes: in
     import websockets
 
     out: dict = {"messages": [], "events": [], "onsets": [], "frames": 0, "close_code": None, "close_reason": None}
-    async with websockets.connect(ws_url, max_size=None, open_timeout=30) as ws:
+    # No keepalive pings: on a machine loaded by other jobs the server may not answer one within
+    # websockets' 20 s, and the test is about what the stream returns (timeout_s still bounds it).
+    async with websockets.connect(ws_url, max_size=None, open_timeout=30, ping_interval=None) as ws:
         await ws.send(json.dumps(header))
 
         async def send():

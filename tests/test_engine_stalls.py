@@ -264,6 +264,14 @@ def test_idle_timeout_counts_wall_time_since_the_last_audio(checkpoint):
     assert not engine.active[0] and engine.active[1]
     clock.now = 3.5
     assert engine.idle_slots().tolist() == [False, True, False]
+    # A stream started never_idle (a pulled source that reconnects) is not ended however long
+    # it is silent; a slot restarted without it times out again.
+    engine.start(2, never_idle=True)
+    clock.now = 100.0
+    assert engine.idle_slots().tolist() == [False, True, False]
+    engine.start(2)
+    clock.now = 102.0
+    assert engine.idle_slots().tolist() == [False, True, True]
     with pytest.raises(ValueError, match="idle_timeout_s must be > 0"):
         MultiStreamEngine(stepper, config, idle_timeout_s=0)
     with pytest.raises(ValueError, match="max_queue_s must hold at least one step"):

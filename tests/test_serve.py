@@ -102,6 +102,31 @@ def test_concurrent_streams_at_different_rates_get_the_events_of_rtsed_detect(se
         assert all(len(row) == 40 and all(0 <= v <= 255 for v in row) for m in frames for row in m["mel"])
 
 
+def test_onnx_backend_gets_the_events_of_rtsed_detect_with_onnx(scenes, tmp_path):
+    """``--backend onnx``: the exported step graph in onnxruntime steps every stream; two
+    concurrent clients get the events ``rtsed.detect --backend onnx`` finds in their files."""
+    pytest.importorskip("onnxruntime", reason="--backend onnx needs onnxruntime: pip install -e '.[cpu]'")
+    srv = ServerProcess("--backend", "onnx", "--max-ahead-s", "30", log_path=tmp_path / "server.log")
+    try:
+        assert srv.get_json("/health")["backend"] == "onnx"
+        h48, p48 = file_payload(scenes["48k_stereo_f32"], "f32le")
+        h16, p16 = file_payload(scenes["16k_mono_s16"], "s16le")
+
+        async def both():
+            return await asyncio.gather(stream_file(srv.ws_url, h48, p48, chunk_bytes=7681),
+                                        stream_file(srv.ws_url, h16, p16, chunk_bytes=1001))
+
+        results = asyncio.run(both())
+    finally:
+        srv.stop()
+    for got, path in zip(results, (scenes["48k_stereo_f32"], scenes["16k_mono_s16"])):
+        expected = detect_events(path, backend="onnx")
+        assert len(expected) >= 5
+        assert got["close_code"] == 1000
+        assert_same_events(got["events"], expected)
+        assert got["messages"][-1]["type"] == "end" and got["messages"][-1]["events"] == len(expected)
+
+
 def test_threshold_overrides_apply_to_one_stream(server, scenes):
     header, payload = file_payload(scenes["16k_mono_s16"], "s16le")
     strict = {**header, "thresholds": {"rain": 0.99, "speech": [0.9, 0.8]}}

@@ -54,6 +54,13 @@ def test_the_page_streams_a_scene_and_shows_the_events_of_rtsed_detect(tmp_path)
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"{server.url}/?autostart=1&record=1&name=chromium")
             page.wait_for_function("window.rtsed.ready !== null", timeout=30_000)
+            # A second page watches the same stream read-only (/?watch=ID, as the grid links it):
+            # it shows the same events as the page that streams.
+            stream_id = page.evaluate("window.rtsed.ready.stream")
+            viewer = browser.new_page(viewport={"width": 1400, "height": 900})
+            viewer.on("pageerror", lambda exc: errors.append(str(exc)))
+            viewer.goto(f"{server.url}/?watch={stream_id}")
+            viewer.wait_for_function("window.rtsed.ready !== null && window.rtsed.ready.watching", timeout=30_000)
             # The whole file and a little silence, in stream time, then the Stop button (the
             # server closes the open events and sends them).
             page.wait_for_function(f"window.rtsed.now >= {SCENE_S + 1.0}", timeout=60_000)
@@ -61,12 +68,18 @@ def test_the_page_streams_a_scene_and_shows_the_events_of_rtsed_detect(tmp_path)
             grid.goto(f"{server.url}/grid")
             grid.wait_for_selector("#live tbody tr", timeout=10_000)
             assert "chromium" in grid.inner_text("#live tbody")
+            assert grid.get_attribute("#live tbody a.watch", "href") == f"/?watch={stream_id}"
             grid.screenshot(path=str(tmp_path / "serve-grid.png"))
             page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
             page.click("#stop")
             page.wait_for_function("window.rtsed.closed !== null", timeout=30_000)
             rows = page.eval_on_selector_all(
                 "#events tbody tr.event", "rows => rows.map(r => [r.dataset.label, +r.dataset.onset, +r.dataset.offset])")
+            viewer.wait_for_function("window.rtsed.closed !== null", timeout=30_000)
+            watched = viewer.eval_on_selector_all(
+                "#events tbody tr.event", "rows => rows.map(r => [r.dataset.label, +r.dataset.onset, +r.dataset.offset])")
+            watch_close = viewer.evaluate("[window.rtsed.closed.code, window.rtsed.closed.reason]")
+            start_hidden = viewer.is_hidden("#start")
             rate = page.evaluate("window.rtsed.ready && window.rtsed.closed && window.rtsed.closed.code")
             context_rate = page.evaluate("window.rtsed.contextRate")
             sent = np.frombuffer(base64.b64decode(page.evaluate("window.rtsed.sentBase64()")), "<f4")
@@ -75,6 +88,7 @@ def test_the_page_streams_a_scene_and_shows_the_events_of_rtsed_detect(tmp_path)
         server.stop()
     assert not errors, errors
     assert rate == 1000
+    assert sorted(watched) == sorted(rows) and watch_close == [1000, "the stream ended"] and start_hidden
     # What the page streamed is the scene as chromium's fake microphone delivered it: from a
     # little into the file (capture starts when the AudioWorklet first hears the device) and
     # resampled on the way (its samples are not the file's). rtsed.detect runs on exactly that

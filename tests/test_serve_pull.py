@@ -227,3 +227,69 @@ def test_server_pulls_an_rtsp_stream(scene, expected, tmp_path):
         rtsp.kill()
         rtsp.wait()
         hook.close()
+
+
+async def watch_stream(ws_url: str, timeout_s: float = 120.0) -> dict:
+    """A viewer on /watch/ID (what the page's ?watch=ID opens): every message until the close."""
+    import asyncio
+
+    import websockets
+
+    out: dict = {"messages": []}
+    async with websockets.connect(ws_url, max_size=None, open_timeout=30, ping_interval=None) as ws:
+        async def read():
+            try:
+                async for text in ws:
+                    out["messages"].append(json.loads(text))
+            except websockets.ConnectionClosed:
+                pass
+
+        await asyncio.wait_for(read(), timeout_s)
+        out["close_code"], out["close_reason"] = ws.close_code, ws.close_reason
+    return out
+
+
+@needs_ffmpeg
+def test_a_pulled_stream_is_watched_and_forgotten_once_its_source_ends(scene, expected, tmp_path):
+    """POST /streams with "reconnect": false, ffmpeg serving the file at real time: a viewer of
+    the stream (/watch/ID, the page's view) gets its ready message, display frames, the events of
+    rtsed.detect and its end, then a 1000 close. The stream ends with its source: it is no longer
+    live, it is listed among the closed streams with its URL, and DELETE says it has ended."""
+    import asyncio
+
+    port = free_port()
+    ffmpeg = ffmpeg_http(scene, port, realtime=True)
+    server = ServerProcess(log_path=tmp_path / "server.log")
+    try:
+        url = f"http://127.0.0.1:{port}/scene.wav"
+        status, body = request(f"{server.url}/streams", "POST", {"url": url, "name": "porch", "reconnect": False})
+        assert status == 201
+        sid = body["id"]
+        ws_base = server.ws_url.rsplit("/", 1)[0]
+        got = asyncio.run(watch_stream(f"{ws_base}/watch/{sid}"))
+        closed = wait_until(lambda: next((c for c in server.get_json("/streams")["closed"] if c["id"] == sid), None),
+                            60, "the stream among the closed ones")
+        assert all(s["id"] != sid for s in server.get_json("/streams")["streams"])
+        status, gone = request(f"{server.url}/streams/{sid}", "DELETE")
+        unknown = asyncio.run(watch_stream(f"{ws_base}/watch/{sid + 100}"))
+        bad_status, bad = request(f"{server.url}/streams", "POST", {"url": url, "reconnect": "no"})
+    finally:
+        server.stop()
+        ffmpeg.kill()
+        ffmpeg.wait()
+    ready = got["messages"][0]
+    assert ready["type"] == "ready" and ready["watching"] and ready["stream"] == sid and ready["name"] == "porch"
+    assert ready["source"] == url and len(ready["labels"]) == 12
+    # Display frames up to the stream's end (one message may carry several rows when the worker
+    # steps a backlog at once), a probability per class in each row.
+    frames = [m for m in got["messages"] if m["type"] == "frames" and m["probs"]]
+    assert frames and all(len(row) == 12 for m in frames for row in m["probs"])
+    assert frames[-1]["t_s"] + len(frames[-1]["probs"]) * ready["hop_s"] >= 10.9
+    events = [(m["label"], m["onset_s"], m["offset_s"]) for m in got["messages"] if m["type"] == "event"]
+    same_events(events, expected)
+    assert got["messages"][-1]["type"] == "end"
+    assert (got["close_code"], got["close_reason"]) == (1000, "the stream ended")
+    assert closed["url"] == url and closed["events"] == len(expected) and closed["audio_s"] >= 10.9
+    assert status == 404 and f"stream {sid} has already ended" in gone["error"]
+    assert unknown["close_code"] == 4404 and f"no live stream {sid + 100}" in unknown["close_reason"]
+    assert bad_status == 400 and "reconnect: give true" in bad["error"]

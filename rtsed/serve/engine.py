@@ -203,7 +203,8 @@ class MultiStreamEngine:
       for this long is stalled; ``step()`` ends it (``end_idle``), so its queued frames are
       stepped, its open events closed and returned with its last step, and its slot freed.
       ``timed_out[slot]`` says it ended that way. Wall time, not stream time: a stalled stream
-      is one whose audio stopped coming, whatever the others do. None: streams never time out.
+      is one whose audio stopped coming, whatever the others do. None: streams never time out;
+      ``start(slot, never_idle=True)``: that stream never does (a source that reconnects).
     - ``max_queue_s`` (seconds of audio): a stream's queue of frames waiting for a step holds at
       most this much. Beyond it the **oldest** frames are dropped (the stream stays as close to
       real time as it can; later audio moves earlier on its timeline by what was dropped),
@@ -243,13 +244,16 @@ class MultiStreamEngine:
         self.stats = EngineStats()
         self.last_audio_at = np.zeros(self.n, np.float64)  # clock() when each slot last got audio
         self.timed_out = np.zeros(self.n, bool)  # ended by end_idle (kept until the slot restarts)
+        self.never_idle = np.zeros(self.n, bool)  # slots exempt from idle_timeout_s
         self.dropped_frames = np.zeros(self.n, np.int64)  # per slot, since its start
         self.skip_frames = np.zeros(self.n, np.int64)  # output frames still to compute but not decode (start)
 
     def start(self, slot: int, decoder_overrides: dict | None = None, decoder_state: dict | None = None,
-              skip_frames: int = 0) -> None:
+              skip_frames: int = 0, never_idle: bool = False) -> None:
         """Start a stream in a free slot; ``decoder_overrides`` as ``EventDecoder``'s
-        (``{label: on}`` or ``{label: (on, off)}``), for this stream only.
+        (``{label: on}`` or ``{label: (on, off)}``), for this stream only. ``never_idle``: the
+        stream is not ended for want of audio (its source paces itself and may be silent while
+        it reconnects); it ends only through ``end``.
 
         Resuming a stream elsewhere (rtsed.cluster): its audio is fed again from a hop boundary
         some frames before where it left off, ``skip_frames`` output frames are computed (they
@@ -258,6 +262,7 @@ class MultiStreamEngine:
         if skip_frames < 0:
             raise ValueError(f"skip_frames must be >= 0, got {skip_frames}")
         self.reset(slot)
+        self.never_idle[slot] = never_idle
         if decoder_overrides:
             self.decoders[slot] = EventDecoder(self.config.labels, self.config.frontend.hop_s, self.config.decoder,
                                                decoder_overrides)
@@ -320,7 +325,7 @@ class MultiStreamEngine:
         if self.idle_timeout_s is None:
             return np.zeros(self.n, bool)
         now = self.clock() if now is None else now
-        return self.active & ~self.ending & (now - self.last_audio_at >= self.idle_timeout_s)
+        return self.active & ~self.ending & ~self.never_idle & (now - self.last_audio_at >= self.idle_timeout_s)
 
     def end_idle(self, now: float | None = None) -> list[int]:
         """End every stalled stream (``idle_slots``) -> their slots. Each completes over the next

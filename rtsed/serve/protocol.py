@@ -23,7 +23,12 @@ One WebSocket per stream (``/ws``):
 Close codes: 1000 the stream ended (client's end, no audio for the idle timeout); 1001 the
 server is shutting down (events closed and sent first); 1003 binary before the header; 1007 a
 malformed header; 1008 a policy was broken (flood faster than real time, a client that does not
-read, no header in time); 1011 an internal error; 1013 the server is full.
+read, no header in time); 1011 an internal error; 1013 the server is full, or too far behind to
+send an ended stream's last events within the shutdown and send timeouts.
+
+Watching (``/watch/{id}``, the page's ``/?watch=ID``): a read-only WebSocket gets the stream's
+``ready`` message (with ``"watching": true`` and its ``source``) and then what its client gets
+from that moment on, up to ``end`` (then 1000); 4404 when no live stream has that id.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ CLOSE_BAD_DATA = 1007
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_LATER = 1013
+CLOSE_NO_STREAM = 4404  # /watch/{id}: no live stream with that id (an application code, 4000-4999)
 MAX_REASON_BYTES = 123  # RFC 6455: a close frame's reason fits in 125 bytes with its code
 
 

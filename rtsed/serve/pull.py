@@ -6,9 +6,10 @@ Each pulled stream is a ``StreamSession`` with no client: its events go to the e
 (MQTT, webhook) and to ``GET /streams``, nothing is queued for a socket. A thread per stream
 moves the source's blocks (already mono at the model's rate) into the session. A source may
 run faster than real time (a file over HTTP): the thread waits while the worker has more than
-``max_queued_s`` of it queued, so nothing is dropped and nothing floods. The stream ends only
-when asked (``stop()``: ``DELETE /streams/{id}``, server shutdown): a dropped connection is
-reconnected by the source, and the stream's timeline goes on.
+``max_queued_s`` of it queued, so nothing is dropped and nothing floods. The stream ends when
+asked (``stop()``: ``DELETE /streams/{id}``, server shutdown): a dropped connection is
+reconnected by the source, and the stream's timeline goes on. With ``reconnect=False`` (a
+recording rather than a camera) it also ends when the source ends or drops.
 """
 
 from __future__ import annotations
@@ -48,11 +49,12 @@ class PulledStream:
     full) and starts the reader thread; ``stop()`` ends the stream (events closed and emitted)."""
 
     def __init__(self, url: str, name: str, model_rate_hz: int, hop_s: float, limits: SessionLimits,
-                 loop: asyncio.AbstractEventLoop, worker, max_queued_s: float = 2.0, **source_options):
+                 loop: asyncio.AbstractEventLoop, worker, max_queued_s: float = 2.0, reconnect: bool = True,
+                 **source_options):
         self.url = url
         self.worker = worker
         self.max_queued_s = max_queued_s
-        self.source = UrlSource(url, model_rate_hz, **source_options)
+        self.source = UrlSource(url, model_rate_hz, reconnect=reconnect, **source_options)
         header = StreamHeader(model_rate_hz, 1, "f32le", {}, name or redact(url)[:100])
         # Pacing is the source's (live) or this thread's backpressure (faster inputs): neither
         # the flood limit nor the idle timeout of a client applies; a reconnecting source is silent.

@@ -3,13 +3,16 @@ health and metrics (starlette; run by uvicorn, see ``serve``).
 
 Routes:
     GET /            the live page (microphone -> stream -> lanes, event roll, level, log-mel)
+    GET /?watch=ID   the live page watching stream ID (any stream: a pulled one, another browser's)
     GET /grid        every live stream and its health
     GET /streams     the same as JSON (live streams and the last closed ones)
-    POST /streams    pull a stream from a URL: {"url": "rtsp://...", "name": "porch"} -> 201 {"id", ...}
+    POST /streams    pull a stream from a URL: {"url": "rtsp://...", "name": "porch"} -> 201 {"id", ...};
+                     "reconnect": false ends it when the source ends or drops (a recording over HTTP)
     DELETE /streams/{id}  stop a pulled stream (its open events closed and emitted)
     GET /health      JSON: status, model, streams, steps/s (503 when the worker has failed)
     GET /metrics     Prometheus text
     WS  /ws          one stream (protocol: rtsed.serve.protocol)
+    WS  /watch/{id}  a stream's messages, read-only: ``ready``, then what its client gets, up to ``end``
 
 The event loop only moves bytes: each connection queues its audio in its session and drains
 its outbox; decoding, resampling, the model and the decoder run on the worker thread
@@ -36,8 +39,8 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from rtsed.serve.protocol import (CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_LATER, CLOSE_UNSUPPORTED,
-                                  HEADER_EXAMPLE, ProtocolError, close_reason, dumps, parse_header)
+from rtsed.serve.protocol import (CLOSE_GOING_AWAY, CLOSE_NO_STREAM, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_LATER,
+                                  CLOSE_UNSUPPORTED, HEADER_EXAMPLE, ProtocolError, close_reason, dumps, parse_header)
 from rtsed.serve.session import Close, SessionLimits, StreamSession
 from rtsed.serve.telemetry import ServerMetrics
 from rtsed.serve.worker import BatchWorker, ServerFull
@@ -107,14 +110,18 @@ class ServerState:
         self.started = time.monotonic()
         self.connections = 0
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.pulled: dict = {}  # stream id -> PulledStream
+        self.pulled: dict = {}  # stream id -> PulledStream, while it runs
 
-    def pull(self, url: str, name: str = ""):
-        """Start pulling ``url`` (ServerFull when the server is full); returns the PulledStream."""
+    def pull(self, url: str, name: str = "", reconnect: bool = True):
+        """Start pulling ``url`` (ServerFull when the server is full); returns the PulledStream.
+        It is forgotten once it has finished (stopped, or its source ended): it then appears
+        among the closed streams only. Call on the event loop."""
         from rtsed.serve.pull import PulledStream
 
         fe = self.detector_config.frontend
-        pulled = PulledStream(url, name, fe.sample_rate_hz, fe.hop_s, self.config.limits, self.loop, self.worker)
+        pulled = PulledStream(url, name, fe.sample_rate_hz, fe.hop_s, self.config.limits, self.loop, self.worker,
+                              reconnect=reconnect)
+        pulled.session.on_finished.append(lambda: self.pulled.pop(pulled.id, None))
         pulled.start()
         self.pulled[pulled.id] = pulled
         return pulled
@@ -201,18 +208,22 @@ def create_app(config: ServeConfig, make_worker: Callable | None = None) -> Star
         except ValueError:
             return JSONResponse({"error": 'send a JSON object: {"url": "rtsp://camera/stream", "name": "porch"}'},
                                 status_code=400)
-        unknown = sorted(set(body) - {"url", "name"})
+        unknown = sorted(set(body) - {"url", "name", "reconnect"})
         name = body.get("name", "")
+        reconnect = body.get("reconnect", True)
         try:
             if unknown:
-                raise ValueError(f"unknown field(s) {unknown}; the fields are url and name")
+                raise ValueError(f"unknown field(s) {unknown}; the fields are url, name and reconnect")
             if not isinstance(name, str) or len(name) > 100:
                 raise ValueError("name: give a string of at most 100 characters")
+            if not isinstance(reconnect, bool):
+                raise ValueError("reconnect: give true (reconnect after a drop, the default) or false (end the "
+                                 "stream when the source ends or drops)")
             url = check_api_url(body.get("url"))
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         try:
-            pulled = state.pull(url, name)
+            pulled = state.pull(url, name, reconnect)
         except ServerFull as exc:
             return JSONResponse({"error": f"{exc}; stop a stream (DELETE /streams/ID) or start the server with a "
                                           "larger --max-streams"}, status_code=503)
@@ -223,6 +234,10 @@ def create_app(config: ServeConfig, make_worker: Callable | None = None) -> Star
         stream_id = request.path_params["stream_id"]
         pulled = state.pulled.pop(stream_id, None)
         if pulled is None:
+            closed = next((c for c in state.worker.closed_recently if c["id"] == stream_id), None)
+            if closed is not None:
+                return JSONResponse({"error": f"stream {stream_id} has already ended ({closed['reason']}): GET "
+                                              "/streams lists it among the closed streams"}, status_code=404)
             return JSONResponse({"error": f"no pulled stream {stream_id}: GET /streams lists the streams (a "
                                           'WebSocket stream ends when its client sends {"type": "end"})'},
                                 status_code=404)
@@ -242,11 +257,19 @@ def create_app(config: ServeConfig, make_worker: Callable | None = None) -> Star
         finally:
             state.connections -= 1
 
+    async def watch(ws: WebSocket):
+        state.connections += 1
+        try:
+            await _watch_stream(ws, state, ws.path_params["stream_id"])
+        finally:
+            state.connections -= 1
+
     app = Starlette(routes=[
         Route("/", index), Route("/grid", grid), Route("/health", health),
         Route("/streams", streams, methods=["GET"]), Route("/streams", add_stream, methods=["POST"]),
         Route("/streams/{stream_id:int}", delete_stream, methods=["DELETE"]),
         Route("/metrics", metrics), WebSocketRoute("/ws", stream),
+        WebSocketRoute("/watch/{stream_id:int}", watch),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ], lifespan=lifespan)
     app.state.rtsed = state
@@ -293,14 +316,65 @@ async def _serve_stream(ws: WebSocket, state: ServerState) -> None:
     sender = asyncio.create_task(_send_loop(ws, session, state))
     receiver = asyncio.create_task(_receive_loop(ws, session, state))
     done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+    behind = None
     if receiver in done and not session.client_gone:
         # The stream is ending (end message, flood): its last events are on their way.
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(sender), config.shutdown_timeout_s + config.send_timeout_s
-                                   + state.worker.end_grace_s)
+        wait_s = config.shutdown_timeout_s + config.send_timeout_s + state.worker.end_grace_s
+        try:
+            await asyncio.wait_for(asyncio.shield(sender), wait_s)
+        except asyncio.TimeoutError:
+            behind = f"server behind: last events not ready {wait_s:g} s after the stream's end; retry later"
+            session.client_gone = True  # nothing more is queued for this socket
     for task in (sender, receiver):
         task.cancel()
     await asyncio.gather(sender, receiver, return_exceptions=True)
+    if behind is not None:
+        # A close frame with the reason: returning without one would drop the TCP connection
+        # (the client would see 1006 and no reason).
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(CLOSE_TRY_LATER, close_reason(behind)), 2.0)
+
+
+async def _watch_stream(ws: WebSocket, state: ServerState, stream_id: int) -> None:
+    """A read-only view of one stream: its ``ready`` message (``"watching": true``), then every
+    message its client gets from now on, up to ``end``; then a 1000 close. The viewer's messages
+    are ignored; a viewer that does not read is closed as a client that does not read."""
+    await ws.accept()
+    session = state.worker.sessions.get(stream_id)
+    if session is None or session.finished.is_set():
+        closed = next((c for c in state.worker.closed_recently if c["id"] == stream_id), None)
+        why = (f"stream {stream_id} has ended ({closed['reason']})" if closed is not None
+               else f"no live stream {stream_id}")
+        await _refuse(ws, ProtocolError(CLOSE_NO_STREAM, f"{why}: GET /streams lists the live streams"))
+        return
+    watcher = session.watch()
+    try:
+        await ws.send_text(dumps({**state.ready_message(session), "watching": True,
+                                  "source": session.details.get("url") or session.client}))
+
+        async def forward():
+            timeout = state.config.send_timeout_s
+            while True:
+                text = await watcher.queue.get()
+                await asyncio.wait_for(ws.send_text(text), timeout)
+                if text.startswith('{"type":"end"'):
+                    await asyncio.wait_for(ws.close(CLOSE_NORMAL, "the stream ended"), 2.0)
+                    return
+
+        async def drain():
+            while (await ws.receive())["type"] != "websocket.disconnect":
+                pass
+
+        tasks = {asyncio.create_task(forward()), asyncio.create_task(drain())}
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if any(isinstance(t.exception(), asyncio.TimeoutError) for t in done if not t.cancelled()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(CLOSE_POLICY, "not reading: read the messages as they arrive"), 1.0)
+    finally:
+        session.watchers.discard(watcher)
 
 
 async def _receive_loop(ws: WebSocket, session: StreamSession, state: ServerState) -> None:

@@ -53,6 +53,23 @@ class Close:
     reason: str
 
 
+class Watcher:
+    """One onlooker of a stream (``GET /watch/{id}``): a queue of the stream's JSON messages on
+    the event loop. Display frames are skipped while ``backlog`` messages wait unsent (a slow
+    viewer sees fewer frames, never fewer events, and holds no memory beyond that)."""
+
+    def __init__(self, backlog: int):
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.backlog = backlog
+        self.skipped = 0
+
+    def offer(self, text: str) -> None:
+        if self.queue.qsize() > self.backlog and text.startswith('{"type":"frames"'):
+            self.skipped += 1
+            return
+        self.queue.put_nowait(text)
+
+
 class StreamSession:
     """A stream from its header to its close. ``outbox`` is an asyncio.Queue on ``loop`` that the
     connection's sender drains: JSON strings, then one ``Close``."""
@@ -100,6 +117,9 @@ class StreamSession:
         self._level_n = 0
         self.latest_probs: np.ndarray | None = None
         self.finished = threading.Event()
+        # -- read-only onlookers (the page's view of a stream, /watch/{id}): event-loop side
+        self.watchers: set[Watcher] = set()
+        self.on_finished: list = []  # callables run on the event loop once the stream has finished
 
     # ------------------------------------------------------------------ event-loop half
     def offer(self, data: bytes, now: float | None = None) -> None:
@@ -226,11 +246,27 @@ class StreamSession:
             self.send(message)
 
     def send(self, message: dict | str) -> None:
-        """Queue a message for the client (any thread); dropped once the client is gone."""
-        if self.client_gone:
+        """Queue a message for the client and the watchers (any thread); a client that is gone
+        gets nothing."""
+        if self.client_gone and not self.watchers:
             return
         text = message if isinstance(message, str) else dumps(message)
-        self.loop.call_soon_threadsafe(self.outbox.put_nowait, text)
+        self.loop.call_soon_threadsafe(self._deliver, text)
+
+    def _deliver(self, text: str) -> None:
+        """On the event loop: the message into the client's outbox and every watcher's."""
+        if not self.client_gone:
+            self.outbox.put_nowait(text)
+        for watcher in list(self.watchers):
+            watcher.offer(text)
+
+    def watch(self, backlog: int | None = None) -> Watcher:
+        """A new watcher of this stream's messages (on the event loop): from now on it gets
+        what the client gets (display frames skipped while it has ``backlog`` unsent), up to
+        the ``end`` message."""
+        watcher = Watcher(self.limits.display_backlog if backlog is None else backlog)
+        self.watchers.add(watcher)
+        return watcher
 
     def finish(self) -> None:
         """The stream is complete: last display frames, the ``end`` message, then the close."""
@@ -242,6 +278,8 @@ class StreamSession:
         if not self.client_gone:
             self.loop.call_soon_threadsafe(self.outbox.put_nowait, Close(code, reason))
         self.finished.set()
+        for callback in self.on_finished:
+            self.loop.call_soon_threadsafe(callback)
 
     # ------------------------------------------------------------------ for /streams
     def describe(self, labels: tuple[str, ...]) -> dict:

@@ -16,6 +16,7 @@ padding, the decoder's flush; its last events go out before its socket closes.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -205,7 +206,8 @@ class BatchWorker(threading.Thread):
         self._start(s, len(self.shards) - 1, 0)
 
     def _start(self, s: StreamSession, shard: int, slot: int) -> None:
-        self.shards[shard].start(slot, s.header.thresholds or None)
+        # A pulled stream (infinite idle timeout) may be silent while its source reconnects.
+        self.shards[shard].start(slot, s.header.thresholds or None, never_idle=math.isinf(s.limits.idle_timeout_s))
         self.owner[shard][slot] = s
         s.slot = (shard, slot)
         slug = slugify(s.header.name, f"stream{s.id}")
@@ -271,7 +273,8 @@ class BatchWorker(threading.Thread):
         self.metrics.streams.set(n)
         self.closed_recently.appendleft({"id": s.id, "name": s.name, "code": s.end_code, "reason": s.end_reason,
                                          "audio_s": round(s.model_samples / s.model_rate_hz, 2),
-                                         "events": s.events, "dropped_audio_s": round(s.dropped_s, 3)})
+                                         "events": s.events, "dropped_audio_s": round(s.dropped_s, 3),
+                                         **({"url": s.details["url"]} if "url" in s.details else {})})
         log.info("stream %d (%s) closed: %s %s", s.id, s.name, s.end_code, s.end_reason)
 
 

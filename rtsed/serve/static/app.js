@@ -4,6 +4,9 @@
 // in 20 ms messages; the server resamples to the model's rate. The log-mel spectrogram is the
 // server's: the very frames the model sees (its mel bands, its rate, its window), quantised to
 // 0-255, so the page computes no FFT and shows what the detector hears, not an approximation.
+//
+// With ?watch=ID the page captures nothing: it shows stream ID (one the server pulls from a URL,
+// another browser's) from the read-only socket /watch/ID, from the moment it connects.
 
 const WINDOW_S = 10;  // seconds of history shown
 const $ = (s) => document.querySelector(s);
@@ -81,6 +84,18 @@ async function start() {
   };
 }
 
+function watch(id) {
+  $("#start").hidden = $("#stop").hidden = true;
+  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/watch/${id}`);
+  state.ws = ws;
+  setStatus(`watching stream ${id}`, "ok");
+  ws.onmessage = ({ data }) => handle(JSON.parse(data));
+  ws.onclose = (e) => {
+    state.closed = { code: e.code, reason: e.reason };
+    setStatus(`closed (${e.code}) ${e.reason}`, e.code === 1000 ? "" : "bad");
+  };
+}
+
 function stopAudio() {
   if (state.node) state.node.disconnect();
   if (state.stream) state.stream.getTracks().forEach((t) => t.stop());
@@ -100,7 +115,8 @@ function handle(m) {
   if (m.type === "ready") {
     state.ready = m;
     $("#info").innerHTML = "";
-    const lines = [`stream ${m.stream} (${m.name})`, `model ${m.model}: ${m.labels.length} classes`,
+    const lines = [`stream ${m.stream} (${m.name})`, ...(m.watching ? [`watching: ${m.source}`] : []),
+      `model ${m.model}: ${m.labels.length} classes`,
       `model rate ${m.model_rate} Hz, hop ${m.hop_s * 1000} ms`, `lookahead ${m.lookahead_s} s`];
     for (const l of lines) { const d = document.createElement("div"); d.textContent = l; $("#info").append(d); }
   } else if (m.type === "frames") {
@@ -224,4 +240,5 @@ function frame() { drawMeter(); drawSpectrogram(); drawLanes(); drawRoll(); requ
 $("#start").onclick = start;
 $("#stop").onclick = stop;
 requestAnimationFrame(frame);
-if (params.get("autostart")) start();
+if (params.get("watch")) watch(params.get("watch"));
+else if (params.get("autostart")) start();
