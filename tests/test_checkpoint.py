@@ -1,6 +1,8 @@
 """Checkpoints: round trip, weights_only loading, rebuild from own config, and every broken file
 giving an error that names the file and the problem."""
 
+import os
+import re
 import zipfile
 
 import pytest
@@ -112,11 +114,30 @@ class Unsafe:
     """Any class that is not a tensor or plain type: weights_only loading must refuse it."""
 
 
+class RunsACommand:
+    """A pickle that would call os.system when loaded without weights_only."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
 def test_unsafe_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": "rtsed-checkpoint", "format_version": 1, "obj": Unsafe()}, path)
     with pytest.raises(CheckpointError, match="evil.pt"):
         load_checkpoint(path)
+
+
+def test_code_executing_pickle_is_refused_naming_the_blocked_call(tmp_path):
+    """The message names the call torch blocked (os.system is posix.system), not torch's preamble
+    about its changed default."""
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "rtsed-checkpoint", "format_version": 1, "obj": RunsACommand()}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "evil.pt" in message and re.search(r"(posix|os)\.system", message), message
+    assert "PyTorch 2.6" not in message and "re-save it with rtsed.save_checkpoint" in message, message
 
 
 def test_other_format_version(tmp_path):

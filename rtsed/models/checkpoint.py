@@ -131,7 +131,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        unsupported = [line.strip() for line in str(exc).splitlines() if "Unsupported" in line]
+        # The line naming the refused call ("Unsupported global: GLOBAL ..." in older torch,
+        # "Trying to load unsupported GLOBAL posix.system ..." in 2.13), not torch's preamble.
+        unsupported = [line.strip() for line in str(exc).splitlines() if "unsupported" in line.lower()]
         raise CheckpointError(
             f"{path}: holds Python objects that safe loading (weights_only=True) refuses "
             f"({unsupported[0] if unsupported else _first_line(exc)}); rtsed checkpoints contain only "
