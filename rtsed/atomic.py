@@ -95,3 +95,46 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO], None], binar
                               f"{_reason(exc)}") from None
         raise
     return path
+
+
+def lock_temporary(fd: int) -> None:
+    """Mark a temporary file as being written by a live process (an exclusive ``flock`` on its
+    descriptor, released by the kernel when the process dies), so that
+    ``remove_stale_temporaries`` leaves it alone. A no-op where flock does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: only the age guard protects a writer
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, pattern: str, min_age_s: float = 0.0) -> list[Path]:
+    """Delete the temporary files matching ``pattern`` (a glob) in ``folder`` that a killed
+    writer left behind -> the paths removed.
+
+    A file is left alone while it is younger than ``min_age_s`` (a writer that has created it
+    but not yet locked it) or while a live process holds its ``lock_temporary`` lock (another
+    run sharing the folder, mid-write). Files that vanish meanwhile are skipped."""
+    import time
+
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    removed = []
+    now = time.time()
+    for path in sorted(Path(folder).glob(pattern)):
+        try:
+            if now - path.stat().st_mtime < min_age_s:
+                continue
+            with open(path, "rb") as f:
+                if fcntl is not None:
+                    try:
+                        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live writer holds it
+                path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            continue
+    return removed
