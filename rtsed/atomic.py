@@ -32,7 +32,8 @@ _REASONS = {
 }
 
 
-def _reason(exc: OSError) -> str:
+def os_error_reason(exc: OSError) -> str:
+    """What an OSError of a write means for the user, and the fix (a full disk, a read-only one, ...)."""
     return _REASONS.get(exc.errno, f"{exc.strerror or exc}: choose another path")
 
 
@@ -57,7 +58,7 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise OutputError(f"{what} {path}: cannot write in {folder}: {_reason(exc)}") from None
+        raise OutputError(f"{what} {path}: cannot write in {folder}: {os_error_reason(exc)}") from None
     os.close(fd)
     os.unlink(tmp)
     return path
@@ -79,7 +80,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO], None], binar
         raise OutputError(f"{what} {path}: the folder {path.parent} does not exist: create it "
                           f"(mkdir -p {path.parent}) or choose another path") from None
     except OSError as exc:
-        raise OutputError(f"{what} {path}: cannot write in {path.parent}: {_reason(exc)}") from None
+        raise OutputError(f"{what} {path}: cannot write in {path.parent}: {os_error_reason(exc)}") from None
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
             write(f)
@@ -92,7 +93,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO], None], binar
             os.unlink(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             raise OutputError(f"{what} {path}: writing failed, so it was left as it was (no partial file): "
-                              f"{_reason(exc)}") from None
+                              f"{os_error_reason(exc)}") from None
         raise
     return path
 

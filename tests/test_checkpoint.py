@@ -227,3 +227,22 @@ def test_checkpoint_files_get_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_problem(tmp_path):
+    """A real 256 KiB tmpfs: a state that does not fit is refused with a message naming the file
+    and the full disk (torch's own is "[enforce fail at inline_container.cc] unexpected pos"),
+    the previous file stays whole and no temporary file is left."""
+    from mounts import tmpfs  # tests/ is on sys.path (not a package)
+    from rtsed.atomic import OutputError
+    from rtsed.models.checkpoint import atomic_torch_save
+
+    with tmpfs(tmp_path / "small", "size=256k") as disk:
+        path = disk / "last.pt"
+        atomic_torch_save({"w": torch.arange(1000.0)}, path)
+        with pytest.raises(OutputError) as info:
+            atomic_torch_save({"w": torch.zeros(200_000)}, path)  # 800 kB
+        message = str(info.value)
+        assert str(path) in message and "disk is full" in message, message
+        assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(1000.0))
+        assert [p.name for p in disk.iterdir()] == ["last.pt"]

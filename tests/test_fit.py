@@ -221,6 +221,23 @@ def test_feature_cache_removes_the_temporaries_of_killed_runs_only(tmp_path):
     assert not list(folder.glob("*.tmp"))
 
 
+def test_a_full_cache_disk_warns_and_still_returns_the_features(tmp_path):
+    """The feature cache on a real tmpfs too small for an entry: the features are computed and
+    returned all the same, a warning names the file and the full disk, and no temporary file
+    is left behind."""
+    from mounts import tmpfs  # tests/ is on sys.path (not a package)
+
+    fe = FrontendConfig.for_rate(RATE)
+    audio = tmp_path / "long.wav"
+    x = _tone_file(audio, 20.0, 440.0)  # 1000 frames of float32 log-mel bands: well over 64 kB
+    with tmpfs(tmp_path / "small", "size=64k") as disk:
+        cache = FeatureCache(disk, fe)
+        with pytest.warns(RuntimeWarning, match=r"long\.wav not cached: the disk is full"):
+            feats = cache.get(audio)
+        np.testing.assert_array_equal(feats, LogMel(fe)(torch.from_numpy(x)).numpy())
+        assert not list(cache.folder.glob("*.npy*"))
+
+
 # ----------------------------------------------------------------------- sequences, normalisation
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rtsed.atomic import lock_temporary, remove_stale_temporaries
+from rtsed.atomic import lock_temporary, os_error_reason, remove_stale_temporaries
 from rtsed.audio.files import read_audio
 from rtsed.config import FrontendConfig, NormalizationStats
 from rtsed.audio.frontend import LogMel
@@ -83,9 +85,18 @@ class FeatureCache:
         self.misses += 1
         fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".npy.tmp")
         lock_temporary(fd)  # held until the file is closed: another run's cleanup skips it
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, feats)
-        os.replace(tmp, entry)  # atomic: parallel workers or a killed run never leave half a file
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, feats)
+            os.replace(tmp, entry)  # atomic: parallel workers or a killed run never leave half a file
+        except OSError as exc:  # a full disk: the features are still good for this run
+            Path(tmp).unlink(missing_ok=True)
+            # np.save reports a short write without an errno ("N requested and M written").
+            full = exc.errno is None and shutil.disk_usage(self.folder).free < feats.nbytes
+            reason = ("the disk is full: free some space or give --cache-dir on another disk" if full
+                      else os_error_reason(exc))
+            warnings.warn(f"feature cache {self.folder}: {path.name} not cached: {reason}", RuntimeWarning,
+                          stacklevel=2)
         return feats
 
 
