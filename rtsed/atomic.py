@@ -32,7 +32,8 @@ _REASONS = {
 }
 
 
-def _reason(exc: OSError) -> str:
+def os_error_reason(exc: OSError) -> str:
+    """What an OSError of a write means for the user, and the fix (a full disk, a read-only one, ...)."""
     return _REASONS.get(exc.errno, f"{exc.strerror or exc}: choose another path")
 
 
@@ -57,7 +58,7 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise OutputError(f"{what} {path}: cannot write in {folder}: {_reason(exc)}") from None
+        raise OutputError(f"{what} {path}: cannot write in {folder}: {os_error_reason(exc)}") from None
     os.close(fd)
     os.unlink(tmp)
     return path
@@ -79,7 +80,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO], None], binar
         raise OutputError(f"{what} {path}: the folder {path.parent} does not exist: create it "
                           f"(mkdir -p {path.parent}) or choose another path") from None
     except OSError as exc:
-        raise OutputError(f"{what} {path}: cannot write in {path.parent}: {_reason(exc)}") from None
+        raise OutputError(f"{what} {path}: cannot write in {path.parent}: {os_error_reason(exc)}") from None
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
             write(f)
@@ -92,6 +93,49 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO], None], binar
             os.unlink(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, OutputError):
             raise OutputError(f"{what} {path}: writing failed, so it was left as it was (no partial file): "
-                              f"{_reason(exc)}") from None
+                              f"{os_error_reason(exc)}") from None
         raise
     return path
+
+
+def lock_temporary(fd: int) -> None:
+    """Mark a temporary file as being written by a live process (an exclusive ``flock`` on its
+    descriptor, released by the kernel when the process dies), so that
+    ``remove_stale_temporaries`` leaves it alone. A no-op where flock does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: only the age guard protects a writer
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, pattern: str, min_age_s: float = 0.0) -> list[Path]:
+    """Delete the temporary files matching ``pattern`` (a glob) in ``folder`` that a killed
+    writer left behind -> the paths removed.
+
+    A file is left alone while it is younger than ``min_age_s`` (a writer that has created it
+    but not yet locked it) or while a live process holds its ``lock_temporary`` lock (another
+    run sharing the folder, mid-write). Files that vanish meanwhile are skipped."""
+    import time
+
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    removed = []
+    now = time.time()
+    for path in sorted(Path(folder).glob(pattern)):
+        try:
+            if now - path.stat().st_mtime < min_age_s:
+                continue
+            with open(path, "rb") as f:
+                if fcntl is not None:
+                    try:
+                        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live writer holds it
+                path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            continue
+    return removed

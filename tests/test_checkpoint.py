@@ -1,6 +1,8 @@
 """Checkpoints: round trip, weights_only loading, rebuild from own config, and every broken file
 giving an error that names the file and the problem."""
 
+import os
+import re
 import zipfile
 
 import pytest
@@ -112,11 +114,30 @@ class Unsafe:
     """Any class that is not a tensor or plain type: weights_only loading must refuse it."""
 
 
+class RunsACommand:
+    """A pickle that would call os.system when loaded without weights_only."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
 def test_unsafe_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": "rtsed-checkpoint", "format_version": 1, "obj": Unsafe()}, path)
     with pytest.raises(CheckpointError, match="evil.pt"):
         load_checkpoint(path)
+
+
+def test_code_executing_pickle_is_refused_naming_the_blocked_call(tmp_path):
+    """The message names the call torch blocked (os.system is posix.system), not torch's preamble
+    about its changed default."""
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "rtsed-checkpoint", "format_version": 1, "obj": RunsACommand()}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "evil.pt" in message and re.search(r"(posix|os)\.system", message), message
+    assert "PyTorch 2.6" not in message and "re-save it with rtsed.save_checkpoint" in message, message
 
 
 def test_other_format_version(tmp_path):
@@ -206,3 +227,22 @@ def test_checkpoint_files_get_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_problem(tmp_path):
+    """A real 256 KiB tmpfs: a state that does not fit is refused with a message naming the file
+    and the full disk (torch's own is "[enforce fail at inline_container.cc] unexpected pos"),
+    the previous file stays whole and no temporary file is left."""
+    from mounts import tmpfs  # tests/ is on sys.path (not a package)
+    from rtsed.atomic import OutputError
+    from rtsed.models.checkpoint import atomic_torch_save
+
+    with tmpfs(tmp_path / "small", "size=256k") as disk:
+        path = disk / "last.pt"
+        atomic_torch_save({"w": torch.arange(1000.0)}, path)
+        with pytest.raises(OutputError) as info:
+            atomic_torch_save({"w": torch.zeros(200_000)}, path)  # 800 kB
+        message = str(info.value)
+        assert str(path) in message and "disk is full" in message, message
+        assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(1000.0))
+        assert [p.name for p in disk.iterdir()] == ["last.pt"]

@@ -175,6 +175,69 @@ def test_feature_cache_hits_invalidation_and_repair(tmp_path):
         np.testing.assert_array_equal(np.load(entry), good)  # and the entry is whole again
 
 
+_WRITER = """
+import os, sys, tempfile
+from rtsed.atomic import lock_temporary
+fd, tmp = tempfile.mkstemp(dir=sys.argv[1], suffix=".npy.tmp")
+lock_temporary(fd)
+os.write(fd, b"half of an entry")
+print(tmp, flush=True)
+sys.stdin.read()  # writing until told otherwise
+"""
+
+
+def test_feature_cache_removes_the_temporaries_of_killed_runs_only(tmp_path):
+    """Two real writer processes each hold a half-written ``*.npy.tmp`` in the cache folder, as
+    FeatureCache.get does (mkstemp + lock); one is SIGKILLed. Opening the cache removes the dead
+    writer's file and keeps the live one's (another run sharing the cache, mid-write) and a fresh
+    one not yet locked; once the live writer is killed too, the next start removes its file."""
+    fe = FrontendConfig.for_rate(RATE)
+    folder = FeatureCache(tmp_path / "cache", fe).folder
+    writers, temps = [], []
+    for _ in range(2):
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(folder)], cwd=REPO, env=_env(),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        writers.append(proc)
+        temps.append(Path(proc.stdout.readline().strip()))
+    dead, live = temps
+    try:
+        writers[0].send_signal(signal.SIGKILL)
+        writers[0].wait(timeout=30)
+        fresh = folder / "fresh.npy.tmp"  # created a moment ago: its writer may not hold the lock yet
+        fresh.write_bytes(b"x")
+        old = time.time() - 3600
+        for path in (dead, live):
+            os.utime(path, (old, old))
+        cache = FeatureCache(tmp_path / "cache", fe)
+        assert cache.removed_temporaries == [dead]
+        assert not dead.exists() and live.exists() and fresh.exists()
+    finally:
+        for proc in writers:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+    os.utime(fresh, (old, old))
+    assert sorted(FeatureCache(tmp_path / "cache", fe).removed_temporaries) == sorted([fresh, live])
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_a_full_cache_disk_warns_and_still_returns_the_features(tmp_path):
+    """The feature cache on a real tmpfs too small for an entry: the features are computed and
+    returned all the same, a warning names the file and the full disk, and no temporary file
+    is left behind."""
+    from mounts import tmpfs  # tests/ is on sys.path (not a package)
+
+    fe = FrontendConfig.for_rate(RATE)
+    audio = tmp_path / "long.wav"
+    x = _tone_file(audio, 20.0, 440.0)  # 1000 frames of float32 log-mel bands: well over 64 kB
+    with tmpfs(tmp_path / "small", "size=64k") as disk:
+        cache = FeatureCache(disk, fe)
+        with pytest.warns(RuntimeWarning, match=r"long\.wav not cached: the disk is full"):
+            feats = cache.get(audio)
+        np.testing.assert_array_equal(feats, LogMel(fe)(torch.from_numpy(x)).numpy())
+        assert not list(cache.folder.glob("*.npy*"))
+
+
 # ----------------------------------------------------------------------- sequences, normalisation
 
 
@@ -443,6 +506,9 @@ def test_resume_after_sigkill_is_bit_identical_to_an_uninterrupted_run(tmp_path,
     resumed = run_fit([*common, "--out", str(part), "--resume"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
+    assert not list(part.glob(".*.tmp")), "the killed save's temporary file is removed when the run resumes"
+    if when == "during a save":
+        assert f"removed {leftovers[0].name}" in resumed.stdout
     assert [r["epoch"] for r in epoch_lines(resumed.stdout)][-1] == RESUME_EPOCHS
 
     _assert_bit_identical(torch.load(_finished(uninterrupted_run), weights_only=True),

@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -214,10 +215,11 @@ def assert_same_events(live_events: list[dict], reference: list[dict], tol_s: fl
 
 
 def assert_onsets_precede_events(lines: list[dict]) -> None:
-    """Every event line has exactly one onset line (same label and onset) before it, and every
-    onset line is followed by its event."""
+    """The first line is the session marker and no other is; every event line has exactly one
+    onset line (same label and onset) before it, and every onset line is followed by its event."""
+    assert lines and lines[0]["type"] == "session", lines[:1]
     open_notices: list[tuple[str, float]] = []
-    for line in lines:
+    for line in lines[1:]:
         key = (line["label"], line["onset_s"])
         if line["type"] == "onset":
             assert key not in open_notices, line
@@ -246,6 +248,10 @@ def run_live(argv: list[str], capsys) -> tuple[int, str, str]:
 def _env(base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # A PulseAudio environment moves HOME into its temporary folder: keep this user's build of the
+    # native kernels instead of compiling them again there.
+    env.setdefault("RTSED_NATIVE_CACHE", os.environ.get("RTSED_NATIVE_CACHE",
+                                                        str(Path.home() / ".cache" / "rtsed" / "native")))
     return env
 
 
@@ -263,7 +269,7 @@ def test_file_mode_outputs_equal_detect(detector, scene, offline, tmp_path, caps
 
     lines = read_jsonl(jsonl)
     assert all(set(x) == ({"type", "label", "onset_s"} if x["type"] == "onset"
-                          else {"type", "label", "onset_s", "offset_s", "score"}) for x in lines), lines
+                          else {"type", "label", "onset_s", "offset_s", "score"}) for x in lines[1:]), lines
     assert_onsets_precede_events(lines)
     assert_same_events(events_of(lines), offline)
 
@@ -281,6 +287,30 @@ def test_file_mode_outputs_equal_detect(detector, scene, offline, tmp_path, caps
         assert len(fields) == 3 and all(re.fullmatch(r"\d+\.\d{6}", f) for f in fields[:2]), line
         parsed.append({"onset_s": float(fields[0]), "offset_s": float(fields[1]), "label": fields[2]})
     assert_same_events(sorted(parsed, key=lambda r: (r["onset_s"], r["label"])), offline)
+
+
+def test_appended_sessions_are_separated_by_their_session_lines(detector, scene, offline, tmp_path, capsys):
+    """Two sessions appending to one JSONL: each starts with a session line (start time, model,
+    devices, rates, labels) and the events after each marker are that session's, whole."""
+    jsonl = tmp_path / "events.jsonl"
+    for _ in range(2):
+        code, _, err = run_live(["--model", str(detector.path), "--input", str(scene), "--no-view",
+                                 "--jsonl", str(jsonl)], capsys)
+        assert code == 0, err
+    lines = read_jsonl(jsonl)
+    starts = [i for i, x in enumerate(lines) if x["type"] == "session"]
+    assert len(starts) == 2 and starts[0] == 0, lines
+    for a, b in zip(starts, starts[1:] + [len(lines)]):
+        session = lines[a:b]
+        assert_onsets_precede_events(session)
+        assert_same_events(events_of(session), offline)
+        marker = session[0]
+        assert marker["model"] == load_checkpoint(detector.path).config.model.name
+        assert marker["model_path"] == str(detector.path) and marker["device"] == "cpu"
+        assert marker["input"] == scene.name and marker["input_rate_hz"] == RATE
+        assert marker["sample_rate_hz"] == RATE and marker["labels"] == list(LABELS)
+        datetime.fromisoformat(marker["started_utc"])  # a parsable time
+    assert lines[starts[0]]["started_utc"] <= lines[starts[1]]["started_utc"]
 
 
 def test_jsonl_to_stdout_is_pure_json(detector, scene, offline, tmp_path):
@@ -533,7 +563,7 @@ def test_ten_minutes_of_digital_silence_give_no_events(detector, tmp_path, capsy
     code, _, err = run_live(["--model", str(detector.path), "--input", str(silence), "--no-view", "--jsonl", str(jsonl),
                              "--frames-per-step", "64"], capsys)
     assert code == 0, err
-    assert jsonl.read_text() == ""
+    assert [x["type"] for x in read_jsonl(jsonl)] == ["session"]  # the session's marker, and no event
     assert "0 events" in err and "stream ended: end of file" in err and "dropped blocks 0," in err
 
 
@@ -628,6 +658,46 @@ def test_frozen_audio_server_is_reported_and_ctrl_c_still_writes_every_output(de
     assert [(round(float(a), 3), round(float(b), 3), c) for a, b, c in labels] == \
         [(round(e["onset_s"], 3), round(e["offset_s"], 3), e["label"]) for e in got]
     print(f"ended {ended_s:.2f} s after SIGINT")
+
+
+def test_a_frozen_audio_server_at_start_fails_the_open_in_bounded_time(detector, tmp_path):
+    """A real PulseAudio server SIGSTOPped before rtsed.live starts: PortAudio's initialisation
+    blocks on it (seen: two minutes, then no device listed at all). The session and
+    --list-devices give up after --open-timeout-s with a message naming the frozen audio server
+    and the fix, and exit 1 (the audio input failed), instead of hanging or claiming there is no
+    device. The subprocess timeout is a bound for a hang, not a speed claim."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from pulse import PulseUnavailable, pulse_server
+    finally:
+        sys.path.pop(0)
+    try:
+        server_cm = pulse_server(tmp_path / "pulse")
+        server = server_cm.__enter__()
+    except PulseUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"no PulseAudio for the frozen-server test: {exc} (CI is set: this test must run there)")
+        pytest.skip(f"no PulseAudio for the frozen-server test: {exc}")
+    jsonl = tmp_path / "f.jsonl"
+    results = []
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        for argv in (["--model", str(detector.path), "--no-view", "--jsonl", str(jsonl)], ["--list-devices"]):
+            try:
+                proc = subprocess.run([sys.executable, "-m", "rtsed.live", *argv, "--open-timeout-s", "2"], cwd=REPO,
+                                      env=_env(server.env), capture_output=True, text=True, timeout=300)
+            except subprocess.TimeoutExpired as exc:
+                pytest.fail(f"rtsed.live {' '.join(argv)} hung on the frozen audio server: {exc.stderr}")
+            results.append(proc)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server_cm.__exit__(None, None, None)
+    for proc in results:
+        assert proc.returncode == live.EXIT_INPUT_FAILED, proc.stderr
+        assert "the audio system did not answer within 2 s" in proc.stderr, proc.stderr
+        assert "frozen or hung" in proc.stderr and "pactl info" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and "no audio input device found" not in proc.stderr, proc.stderr
+    assert not jsonl.exists() or all(x["type"] == "session" for x in read_jsonl(jsonl))
 
 
 def test_an_unwritable_output_is_refused_before_the_session(detector, scene, tmp_path, capsys):

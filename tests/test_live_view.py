@@ -327,7 +327,8 @@ def test_run_draws_the_view_only_on_a_terminal_and_jsonl_flows_either_way(checkp
 
     lines = [json.loads(line) for line in out.splitlines()]  # raises on any non-JSON line
     events = [x for x in lines if x["type"] == "event"]
-    assert events and len(lines) == 2 * len(events), lines  # an onset line and an event line each
+    assert lines[0]["type"] == "session", lines[0]
+    assert events and len(lines) == 1 + 2 * len(events), lines  # the session line, then an onset and an event line each
     assert "rtsed live: dnd_3_10 (" in err and f"{len(events)} events; compute" in err  # banner, summary
 
     if tty and not no_view:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from rtsed.atomic import lock_temporary, os_error_reason, remove_stale_temporaries
 from rtsed.audio.files import read_audio
 from rtsed.config import FrontendConfig, NormalizationStats
 from rtsed.audio.frontend import LogMel
@@ -34,14 +37,23 @@ def config_digest(frontend: FrontendConfig) -> str:
     return hashlib.sha1(blob).hexdigest()[:16]
 
 
+# A cache entry's temporary file older than this, and not locked by a live writer, was left by a
+# killed run (an entry takes well under a second to write).
+STALE_TEMPORARY_S = 60.0
+
+
 class FeatureCache:
     """Log-mel features of audio files, computed once and stored as .npy under
-    ``root/<config digest>/``. ``get(path)`` -> (T, n_mels) float32."""
+    ``root/<config digest>/``. ``get(path)`` -> (T, n_mels) float32.
+
+    Opening the cache deletes the ``*.npy.tmp`` files that runs killed mid-write left behind;
+    runs sharing the folder keep theirs (each writer locks its temporary file)."""
 
     def __init__(self, root: str | Path, frontend: FrontendConfig):
         self.frontend = frontend
         self.folder = Path(root) / config_digest(frontend)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.removed_temporaries = remove_stale_temporaries(self.folder, "*.npy.tmp", STALE_TEMPORARY_S)
         meta = self.folder / "frontend.json"
         if not meta.exists():
             meta.write_text(json.dumps(frontend.to_dict(), indent=1, sort_keys=True))
@@ -72,9 +84,19 @@ class FeatureCache:
             feats = self._logmel(torch.from_numpy(samples)).numpy()
         self.misses += 1
         fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".npy.tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, feats)
-        os.replace(tmp, entry)  # atomic: parallel workers or a killed run never leave half a file
+        lock_temporary(fd)  # held until the file is closed: another run's cleanup skips it
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, feats)
+            os.replace(tmp, entry)  # atomic: parallel workers or a killed run never leave half a file
+        except OSError as exc:  # a full disk: the features are still good for this run
+            Path(tmp).unlink(missing_ok=True)
+            # np.save reports a short write without an errno ("N requested and M written").
+            full = exc.errno is None and shutil.disk_usage(self.folder).free < feats.nbytes
+            reason = ("the disk is full: free some space or give --cache-dir on another disk" if full
+                      else os_error_reason(exc))
+            warnings.warn(f"feature cache {self.folder}: {path.name} not cached: {reason}", RuntimeWarning,
+                          stacklevel=2)
         return feats
 
 

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from rtsed.backends.allocator import ensure_caching_allocator, loaded_allocator
 from rtsed.audio.files import AudioFileError
+from rtsed.atomic import OutputError, remove_stale_temporaries
 from rtsed.models.checkpoint import atomic_torch_save, save_checkpoint
 from rtsed.config import ConfigError, DecoderConfig, DetectorConfig, FrontendConfig, ModelConfig
 from rtsed.metrics import frame_scores
@@ -380,6 +381,11 @@ def run(args: argparse.Namespace) -> Path | None:
     progress = Progress()
     last_path = out / "last.pt"
     scheduler = plateau_scheduler(optimizer, recipe)
+    if ddp.main and out.is_dir():
+        # The temporary files of a save that a kill interrupted (atomic_torch_save: .last.pt.*.tmp,
+        # .best.pt.*.tmp): the folder is this run's, so no other writer can own them.
+        for stale in remove_stale_temporaries(out, ".*.pt.*.tmp"):
+            log(f"removed {stale.name} (left by a run killed while saving)")
     if args.resume:
         progress = resume_from(last_path, model, optimizer, config, recipe, log, onthefly_meta, scheduler)
     elif last_path.exists():
@@ -759,6 +765,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"data error: {exc}") from None
     except ConfigError as exc:  # e.g. an unknown --model name, or --set n_mels the pools do not fit
         raise SystemExit(f"config error: {exc}") from None
+    except OutputError as exc:  # a checkpoint that could not be saved, e.g. on a full disk
+        raise SystemExit(f"train.fit stopped: {exc}. {Path(args.out) / 'last.pt'} holds the last state saved "
+                         "whole: make room, then continue with --resume") from None
 
 
 if __name__ == "__main__":

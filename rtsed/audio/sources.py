@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import importlib
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -53,6 +54,55 @@ class AudioSourceError(RuntimeError):
 class AudioDeviceError(AudioSourceError):
     """No usable audio input device, an unknown/ambiguous name, a busy or failing device,
     or a missing PortAudio/sounddevice; the message names the device and lists the alternatives."""
+
+
+class AudioDeviceTimeout(AudioDeviceError):
+    """The audio system did not answer while a device was being listed or opened (a frozen or
+    hung audio server). The call that waited is left blocked on a daemon thread, so the process
+    should end with ``os._exit``: PortAudio's exit handler would block on the same server."""
+
+
+# How long listing and opening an input device may take. PortAudio answers in well under a
+# second when the audio server is alive; a SIGSTOPped PulseAudio kept `import sounddevice`
+# (PortAudio's initialisation, which probes every ALSA device) blocked for about two minutes,
+# after which it listed no device at all.
+DEVICE_OPEN_TIMEOUT_S = 10.0
+
+
+def _bounded(call, timeout_s: float, what: str):
+    """call() on a daemon thread, waited for at most timeout_s -> its result (or its exception).
+    AudioDeviceTimeout naming ``what`` when it has not returned by then."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = call()
+        except BaseException as exc:  # handed to the waiting thread
+            box["error"] = exc
+
+    # sounddevice points file descriptor 2 at /dev/null while PortAudio initialises (to hide
+    # ALSA's chatter); when that never returns, stderr stays silenced unless it is put back.
+    try:
+        stderr_fd = os.dup(2)
+    except OSError:
+        stderr_fd = None
+    worker = threading.Thread(target=run, name="rtsed-audio-open", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    alive = worker.is_alive()
+    if stderr_fd is not None:
+        if alive:
+            os.dup2(stderr_fd, 2)
+        os.close(stderr_fd)
+    if alive:
+        raise AudioDeviceTimeout(
+            f"the audio system did not answer within {timeout_s:g} s while {what}: the audio server "
+            "(PulseAudio, PipeWire, JACK) may be frozen or hung. Check it (e.g. `pactl info`), restart it "
+            "(`systemctl --user restart pulseaudio` or pipewire), or raise --open-timeout-s on a very busy "
+            "machine; --input FILE streams a file without it")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,9 +620,12 @@ def _import_sounddevice():
         ) from None
 
 
-def list_input_devices() -> list[dict]:
+def list_input_devices(timeout_s: float | None = DEVICE_OPEN_TIMEOUT_S) -> list[dict]:
     """Input devices PortAudio sees: dicts with index, name, hostapi, max_input_channels,
-    default_samplerate_hz, is_default."""
+    default_samplerate_hz, is_default. AudioDeviceTimeout when the audio system does not answer
+    within timeout_s (None: wait as long as it takes)."""
+    if timeout_s is not None:
+        return _bounded(lambda: list_input_devices(None), timeout_s, "listing the audio input devices")
     sd = _import_sounddevice()
     try:
         devices = sd.query_devices()
@@ -662,18 +715,30 @@ class MicrophoneSource(AudioSource):
     PortAudio callback only copies into a SampleRing of ring_s seconds (drop-newest when full) and
     counts input overflows; downmix, resampling and sanitising run in ``read()``.
     ``latency`` is PortAudio's suggested latency ("high" tolerates a busy machine best).
+    Finding the device (here) and opening it (``start()``) each wait at most ``open_timeout_s``
+    for the audio system, then raise AudioDeviceTimeout (see there).
     """
 
     def __init__(self, target_rate_hz: int, device: int | str | None = None, block_s: float = 0.02,
                  ring_s: float = 10.0, channels: int | None = None, latency: str | float = "high",
-                 quality: str = "VHQ"):
-        self._sd = sd = _import_sounddevice()
-        dev = resolve_input_device(device)
+                 quality: str = "VHQ", open_timeout_s: float = DEVICE_OPEN_TIMEOUT_S):
+        if not open_timeout_s > 0:
+            raise ValueError(f"open_timeout_s must be > 0 seconds, got {open_timeout_s}")
+        self.open_timeout_s = float(open_timeout_s)
+
+        def find() -> tuple[Any, dict, float]:
+            sd = _import_sounddevice()
+            dev = resolve_input_device(device, list_input_devices(None))
+            n_channels = int(channels) if channels else min(dev["max_input_channels"], MAX_CHANNELS)
+            return sd, dev, n_channels
+
+        what = "finding the audio input device" if device is None else f"finding audio input device {device!r}"
+        self._sd, dev, self.channels = _bounded(find, self.open_timeout_s, what)
         self.device = dev
         self.device_index = dev["index"]
-        self.channels = int(channels) if channels else min(dev["max_input_channels"], MAX_CHANNELS)
         self.latency = latency
-        self.rate_hz = self._pick_rate(dev, target_rate_hz)
+        self.rate_hz = _bounded(lambda: self._pick_rate(dev, target_rate_hz), self.open_timeout_s,
+                                f"checking the sample rates of {dev['name']!r}")
         self._ring = SampleRing(max(1, round(ring_s * self.rate_hz)), self.channels)
         self._overflows = 0
         self._callback_errors = 0
@@ -723,6 +788,10 @@ class MicrophoneSource(AudioSource):
         self._ring.close()
 
     def _open(self) -> None:
+        _bounded(self._open_stream, self.open_timeout_s, f"opening {self._describe()}")
+        self._stats.device_latency_s = float(self._stream.latency)
+
+    def _open_stream(self) -> None:
         sd = self._sd
         try:
             self._stream = sd.InputStream(
@@ -741,7 +810,6 @@ class MicrophoneSource(AudioSource):
                 f"cannot open {self._describe()}: {exc}. The device may be busy (another program "
                 "holds it), unplugged, or refuse this format; pick another with --input-device "
                 "(see --list-devices)") from None
-        self._stats.device_latency_s = float(self._stream.latency)
 
     def _read_raw(self, timeout_s: float) -> np.ndarray | None:
         return self._ring.read(self._read_max, timeout_s, min_frames=self.block_frames)

@@ -83,19 +83,27 @@ def detect_file(path: Path, stepper, config, overrides=None, keep=False, warning
     """Run one file through a fresh engine stream -> (events, engine), reading it block by block.
     One-line warnings about the input (truncated, below the model's rate, clipped) are appended to
     ``warnings``. AudioFileError for a file that cannot be used."""
+    rate = config.frontend.sample_rate_hz
+    with AudioFileReader(path, rate) as reader:
+        events, engine = detect_blocks(reader, stepper, config, overrides, keep)
+    if warnings is not None:
+        warnings += reader.notes.warnings(rate)
+    return events, engine
+
+
+def detect_blocks(blocks: Iterable[np.ndarray], stepper, config, overrides=None, keep=False):
+    """One stream of mono float32 blocks at the model's rate, in any sizes, through a fresh
+    engine stream -> (events sorted by onset then label, engine): what ``rtsed.detect`` reports
+    for a file holding those samples (the engine steps at the same samples however they are cut)."""
     from rtsed.serve.engine import DetectionEngine
 
     stepper.reset()
     engine = DetectionEngine(stepper, config, frames_per_step=STEP_FRAMES, decoder_overrides=overrides,
                              keep_probabilities=keep)
-    rate = config.frontend.sample_rate_hz
     items = []
-    with AudioFileReader(path, rate) as reader:
-        for block in exact_blocks(reader, config.frontend.hop_samples * STEP_FRAMES):
-            items += engine.push_audio(block)
-        items += engine.flush()
-    if warnings is not None:
-        warnings += reader.notes.warnings(rate)
+    for block in exact_blocks(blocks, config.frontend.hop_samples * STEP_FRAMES):
+        items += engine.push_audio(block)
+    items += engine.flush()
     events = sorted((e for e in items if isinstance(e, SoundEvent)), key=lambda e: (e.onset_s, e.label))
     return events, engine
 

@@ -15,7 +15,12 @@ No audio for ``--watchdog-s`` seconds (a frozen audio server, an unplugged devic
 the view and on stderr. Stop, Ctrl-C, SIGTERM and ``--duration`` end the session within about a
 second whatever the device does: the device is closed on a thread of its own while the outputs
 are written, and one that does not close within DEVICE_CLOSE_TIMEOUT_S is left behind (said so,
-exit code 1).
+exit code 1). Listing and opening the device wait at most ``--open-timeout-s`` for the audio
+system (an audio server frozen before the session starts blocks PortAudio's initialisation);
+then the session ends with exit code 1, naming the frozen server.
+
+``--jsonl`` starts each session with a ``{"type": "session", ...}`` line (start time, model,
+compute device, input and rates, labels): sessions appended to one file stay separable.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ import signal
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from rtsed.atomic import OutputError
+from rtsed.audio.sources import DEVICE_OPEN_TIMEOUT_S, AudioDeviceTimeout
 from rtsed.audio.watchdog import InputWatchdog
 from rtsed.backends.precision import PRECISIONS
 from rtsed.cli.live_sinks import EventSinks
@@ -97,7 +104,7 @@ def open_source(args, rate_hz: int):
     device = args.input_device
     if device is not None and device.isdigit():
         device = int(device)
-    return sources.MicrophoneSource(rate_hz, device=device)
+    return sources.MicrophoneSource(rate_hz, device=device, open_timeout_s=args.open_timeout_s)
 
 
 class Session:
@@ -169,6 +176,12 @@ def run_session(args: argparse.Namespace) -> Session:
     print(f"rtsed live: {config.model.name} ({model_path}), backend {args.backend}{precision} on {args.device}, "
           f"{len(config.labels)} classes; algorithmic latency {engine.algorithmic_latency_s * 1000:.0f} ms "
           f"(lookahead {engine.lookahead_frames} frames, smoother {max(engine.decoder.delay_frames)} frames)", file=sys.stderr)
+    stats = source.stats
+    sinks.begin({"started_utc": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                 "model": config.model.name, "model_path": str(model_path), "backend": args.backend,
+                 "device": args.device, "input": stats.device_name or name,
+                 "input_rate_hz": stats.device_rate_hz, "sample_rate_hz": config.frontend.sample_rate_hz,
+                 "labels": list(config.labels)})
     started = time.monotonic()
     try:
         source.start()
@@ -246,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m rtsed.live", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit codes: 0 the session ended (stop, Ctrl-C, SIGTERM, --duration, end of file); 1 the audio "
-               "input failed (decoding error, device stopped or did not close), every output still written; 2 "
+               "input failed (decoding error, device stopped, or did not open or close in time), every output "
+               "still written; 2 "
                "nothing run (arguments, model, device, an output that cannot be written); 3 an output could "
                "not be written at the end (the others were)")
     p.add_argument("--model", help="checkpoint (.pt), exported step graph (.onnx) or bundled detector name")
@@ -276,12 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--watchdog-s", type=float, default=3.0, metavar="S",
                    help="report when no audio has arrived for this many seconds (default 3)")
+    p.add_argument("--open-timeout-s", type=float, default=DEVICE_OPEN_TIMEOUT_S, metavar="S",
+                   help="give up (exit 1) when the audio system does not list or open the input device within "
+                        f"this many seconds, e.g. a frozen audio server (default {DEVICE_OPEN_TIMEOUT_S:g})")
     p.add_argument("--no-view", action="store_true", help="no terminal view")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.open_timeout_s > 0:
+        raise SystemExit(f"rtsed.live: --open-timeout-s must be > 0 seconds, got {args.open_timeout_s}")
     if argv is None and not args.list_devices:
         # As a command: each step allocates ~1.4 MB (f_dil's patches), which glibc serves with
         # fresh page faults every time; a caching allocator keeps them (rtsed.backends.allocator).
@@ -293,9 +312,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.list_devices:
-            from rtsed.audio.sources import format_device_list
+            from rtsed.audio.sources import format_device_list, list_input_devices
 
-            print(format_device_list())
+            print(format_device_list(list_input_devices(args.open_timeout_s)))
             return 0
         if not args.model:
             raise SystemExit("rtsed.live: --model is required (a checkpoint path or a bundled detector name)")
@@ -303,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelNotFoundError, CheckpointError) as exc:
         print(f"rtsed.live: {exc}", file=sys.stderr)
         return EXIT_NOT_RUN
+    except AudioDeviceTimeout as exc:
+        print(f"rtsed.live: {exc}", file=sys.stderr, flush=True)
+        if argv is None:  # a thread is still blocked in PortAudio: see the end of this function
+            os._exit(EXIT_INPUT_FAILED)
+        return EXIT_INPUT_FAILED
     except (RuntimeError, ValueError, OSError, ImportError) as exc:
         print(f"rtsed.live: {exc}", file=sys.stderr)
         return EXIT_NOT_RUN

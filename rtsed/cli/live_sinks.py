@@ -68,14 +68,23 @@ class EventSinks:
                 continue
             check_writable(path, flag)
 
+    def begin(self, session: dict) -> None:
+        """Start the JSONL with a ``{"type": "session", ...}`` line (start time, model, devices,
+        rates): appends from several sessions to one file stay separable, and each session's
+        ``onset_s`` values count from its own start."""
+        self._write_jsonl({"type": "session", **session})
+
     def emit(self, item: OnsetNotice | SoundEvent) -> None:
         if isinstance(item, SoundEvent):
             self.events.append(item)
             self.recent.appendleft(f"{item.onset_s:8.2f}-{item.offset_s:8.2f} s  {item.label}  ({item.score:.2f})")
+        self._write_jsonl(event_to_json(item))
+
+    def _write_jsonl(self, line: dict) -> None:
         if self.jsonl is None:
             return
         try:
-            self.jsonl.write(json.dumps(event_to_json(item)) + "\n")
+            self.jsonl.write(json.dumps(line) + "\n")
             self.jsonl.flush()
         except BrokenPipeError:
             # The consumer went away (e.g. `| head`): stop writing JSONL, keep detecting so

@@ -22,10 +22,11 @@ import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
+from rtsed.atomic import OutputError, os_error_reason
 from rtsed.config import ConfigError, DetectorConfig
 from rtsed.models.integrity import MAX_ABS_WEIGHT, absurd_message, content_digest, modified_message
 from rtsed.models.model import SEDModel
@@ -103,22 +104,59 @@ def _umask() -> int:
     return mask
 
 
+class _RecordedWrites:
+    """The temporary file as torch.save sees it, remembering the OSError a write hit: torch's zip
+    writer turns it into "[enforce fail at inline_container.cc] unexpected pos ...", which names
+    neither the file nor the full disk."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``: a
-    reader (or a run killed mid-write) sees the old file or the new one, never half of one."""
+    reader (or a run killed mid-write) sees the old file or the new one, never half of one.
+    A write that fails (a full disk) removes the temporary file, leaves ``path`` as it was and
+    raises OutputError naming the file and the fix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write in {path.parent}: {os_error_reason(exc)}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            sink = _RecordedWrites(f)
+            try:
+                torch.save(obj, sink)
+            except RuntimeError:
+                if sink.error is None:
+                    raise
+                raise sink.error from None
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a checkpoint is for sharing
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{path}: writing failed, so it was left as it was (no partial file): "
+                              f"{os_error_reason(exc)}") from None
         raise
     return path
 
@@ -131,7 +169,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        unsupported = [line.strip() for line in str(exc).splitlines() if "Unsupported" in line]
+        # The line naming the refused call ("Unsupported global: GLOBAL ..." in older torch,
+        # "Trying to load unsupported GLOBAL posix.system ..." in 2.13), not torch's preamble.
+        unsupported = [line.strip() for line in str(exc).splitlines() if "unsupported" in line.lower()]
         raise CheckpointError(
             f"{path}: holds Python objects that safe loading (weights_only=True) refuses "
             f"({unsupported[0] if unsupported else _first_line(exc)}); rtsed checkpoints contain only "
