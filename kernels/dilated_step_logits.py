@@ -126,7 +126,7 @@ class _Config:
     block_f: int  # frames (b, j) per program
     block_co: int  # output channels per conv tile
     programs: int  # fewer programs than this split the W axis
-    warps: int
+    warps: int  # for a full frame tile (block_f frames)
     stages: int  # software pipelining of the w loop's gathers
 
 
@@ -186,6 +186,9 @@ def dilated_step_logits(frames, ring, write_pos: int, weight, bias, bn_weight, b
         return torch.zeros(B, n, n_classes, device=ring.device, dtype=ring.dtype)
     cfg = _config(ring, C_out)
     block_f = min(cfg.block_f, max(16, triton.next_power_of_2(n_frames)))
+    # Warps in proportion to the frame tile, at least 4 (one warpgroup): a 16-frame tile at 8 warps
+    # was held to 128 registers and spilled in TF32 on sm_90.
+    warps = min(cfg.warps, max(4, cfg.warps * block_f // cfg.block_f))
     block_k = min(MAX_CLASS_BLOCK, max(16, triton.next_power_of_2(n_classes)))
     frame_tiles, class_blocks = triton.cdiv(n_frames, block_f), triton.cdiv(n_classes, block_k)
     splits, w_per_program = _w_split(frame_tiles, class_blocks, W, cfg.programs)
@@ -202,7 +205,7 @@ def dilated_step_logits(frames, ring, write_pos: int, weight, bias, bn_weight, b
         n_frames, n, W, C_out, n_classes, ring.shape[1], write_pos, srb, srt, src, lin.stride(0), lin.stride(1),
         w_per_program, stride, dilation, float(eps),
         K=K, KK_PAD=_dt._kk_pad(K), PREC=_dt._dot_precision(ring), BLOCK_F=block_f, BLOCK_CO=cfg.block_co,
-        BLOCK_K=block_k, num_warps=cfg.warps, num_stages=cfg.stages)
+        BLOCK_K=block_k, num_warps=warps, num_stages=cfg.stages)
     logits = out[0] if splits == 1 else out.sum(0).to(ring.dtype)
     return logits.view(B, n, n_classes)
 

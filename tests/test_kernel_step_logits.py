@@ -223,3 +223,57 @@ def test_streaming_model_through_the_fused_step(monkeypatch):
         assert_close(out["triton"].logits, out["ref"].logits, f"streamed logits at frame {i}")
         assert torch.equal(out["triton"].valid, out["ref"].valid)
     assert len(fused_calls) == 6 and not unfused_calls
+
+
+_GPU_PARITY_SCRIPT = r"""
+import sys, torch
+import kernels.dilated_step as ks
+import kernels.dilated_step_logits as ksl
+assert not ksl._INTERPRETED
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+dev = "cuda"
+C, C_OUT, K, D, S, CLASSES = 256, 256, 7, 10, 3, 16  # dnd_7_10's f_dil and classifier
+W = (C - K) // S + 1
+g = torch.Generator().manual_seed(0)
+ops = [torch.randn(C_OUT, 1, K, K, generator=g) / K, 0.1 * torch.randn(C_OUT, generator=g),
+       1 + 0.3 * torch.randn(C_OUT, generator=g), 0.1 * torch.randn(C_OUT, generator=g),
+       0.3 + 0.1 * torch.randn(C_OUT, generator=g), 0.5 + torch.rand(C_OUT, generator=g),
+       torch.randn(CLASSES, C_OUT * W, generator=g) / (C_OUT * W) ** 0.5, 0.1 * torch.randn(CLASSES, generator=g)]
+ops[2][::7] *= -1
+worst_all = 0.0
+# 1 and 3 streams split W over programs; 300 streams x 4 frames fill the GPU with frame tiles.
+for streams, n, pos in ((1, 1, 0), (3, 5, 63), (300, 4, 30)):
+    cap = (K - 1) * D + n + 3
+    ring0 = torch.randn(streams, cap, C, generator=g)
+    frames0 = torch.randn(streams, n, C, generator=g)
+    want = ksl.dilated_step_logits_ref(frames0.to(dev, torch.float64), ring0.to(dev, torch.float64), pos,
+                                       *(t.to(dev, torch.float64) for t in ops), dilation=D, stride=S)
+    for dtype, fn, name in ((torch.float32, ksl.dilated_step_logits, "fused fp32"),
+                            (torch.float32, lambda *a, **k: torch.nn.functional.linear(
+                                ks.dilated_step(*a[:9], **k), a[9], a[10]), "step then linear fp32"),
+                            (torch.float16, ksl.dilated_step_logits, "fused fp16")):
+        ring = ring0.to(dev, dtype)
+        got = fn(frames0.to(dev, dtype), ring, pos, *(t.to(dev, dtype) for t in ops), dilation=D, stride=S)
+        if dtype == torch.float32:
+            ratio = ((got.double() - want).abs() / (1e-5 + 1e-4 * want.abs())).max().item()
+        else:
+            ratio = ((got.double() - want).abs() / (5e-3 * (want.abs().max() + want.abs()))).max().item()
+        if name.startswith("fused"):
+            worst_all = max(worst_all, ratio)
+        print(streams, n, name, "max|a-b| %.3g, ratio to the allowed error %.3f" % ((got.double() - want).abs().max().item(), ratio))
+sys.exit(0 if worst_all <= 1.0 else 1)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernels)")
+def test_compiled_on_gpu_matches_fp64_reference():
+    """The compiled kernel (a fresh process without TRITON_INTERPRET) at dnd_7_10's shapes, the W
+    axis split and not, against the fp64 reference: fp32 (TF32 off) within the parity rule, fp16
+    within 5e-3 (max|b| + |b|); the unfused fp32 step's error is printed beside it."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _GPU_PARITY_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
