@@ -60,8 +60,10 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAX_CLASS_BLOCK = 64
 
 
-# write_pos changes every step, N and W_PER_PROGRAM with the step's size: one compiled variant for all
-@triton.jit(do_not_specialize=["write_pos", "N", "W_PER_PROGRAM"])
+# write_pos changes every step, n_frames, N and W_PER_PROGRAM with the step's size and the number of
+# streams in it: one compiled variant for all (n_frames == 1, a live stream's step, specialised,
+# also spilled 4 B in fp32 IEEE on sm_90)
+@triton.jit(do_not_specialize=["write_pos", "n_frames", "N", "W_PER_PROGRAM"])
 def _dilated_step_logits_kernel(ring_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, lin_ptr, lin_b_ptr,
                                 out_ptr, n_frames, N, W, C_out, n_classes, CAP, write_pos, srb, srt, src,
                                 slk, sli, W_PER_PROGRAM, S, DIL, eps,
@@ -127,7 +129,7 @@ class _Config:
     block_co: int  # output channels per conv tile
     programs: int  # fewer programs than this split the W axis
     warps: int  # for a full frame tile (block_f frames)
-    stages: int  # software pipelining of the w loop's gathers
+    stages: int  # software pipelining of the w loop's gathers (full frame tiles)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -186,9 +188,12 @@ def dilated_step_logits(frames, ring, write_pos: int, weight, bias, bn_weight, b
         return torch.zeros(B, n, n_classes, device=ring.device, dtype=ring.dtype)
     cfg = _config(ring, C_out)
     block_f = min(cfg.block_f, max(16, triton.next_power_of_2(n_frames)))
-    # Warps in proportion to the frame tile, at least 4 (one warpgroup): a 16-frame tile at 8 warps
-    # was held to 128 registers and spilled in TF32 on sm_90.
-    warps = min(cfg.warps, max(4, cfg.warps * block_f // cfg.block_f))
+    # Small steps (fewer frames than a full tile): warps in proportion to the frame tile, at least
+    # 4 (one warpgroup), and no software pipelining of the w loop. A 16-frame tile at 8 warps, or
+    # at 4 warps with 2 stages, was held to 128 registers and spilled 4-20 B in TF32 on sm_90.
+    small = block_f < cfg.block_f
+    warps = max(4, cfg.warps * block_f // cfg.block_f) if small else cfg.warps
+    stages = 1 if small else cfg.stages
     block_k = min(MAX_CLASS_BLOCK, max(16, triton.next_power_of_2(n_classes)))
     frame_tiles, class_blocks = triton.cdiv(n_frames, block_f), triton.cdiv(n_classes, block_k)
     splits, w_per_program = _w_split(frame_tiles, class_blocks, W, cfg.programs)
@@ -205,7 +210,7 @@ def dilated_step_logits(frames, ring, write_pos: int, weight, bias, bn_weight, b
         n_frames, n, W, C_out, n_classes, ring.shape[1], write_pos, srb, srt, src, lin.stride(0), lin.stride(1),
         w_per_program, stride, dilation, float(eps),
         K=K, KK_PAD=_dt._kk_pad(K), PREC=_dt._dot_precision(ring), BLOCK_F=block_f, BLOCK_CO=cfg.block_co,
-        BLOCK_K=block_k, num_warps=warps, num_stages=cfg.stages)
+        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     logits = out[0] if splits == 1 else out.sum(0).to(ring.dtype)
     return logits.view(B, n, n_classes)
 
