@@ -32,7 +32,9 @@ GPU_TRAIN, GPU_INFER = "gpu_train_step", "gpu_infer"
 GPU_STREAM, GPU_STREAMS = "gpu_stream", "gpu_streams_per_gpu"
 KERNEL_DWS = "kernel_dws"
 DIL_INFER, DIL_TRAIN, DIL_STEP = "gpu_dilated_inference", "gpu_dilated_training", "gpu_dilated_step"
-GPU_FIGURES = frozenset({GPU_TRAIN, GPU_INFER, GPU_STREAM, GPU_STREAMS, KERNEL_DWS, DIL_INFER, DIL_TRAIN, DIL_STEP})
+DIL_STEP_LOGITS = "gpu_dilated_step_logits"
+GPU_FIGURES = frozenset({GPU_TRAIN, GPU_INFER, GPU_STREAM, GPU_STREAMS, KERNEL_DWS, DIL_INFER, DIL_TRAIN, DIL_STEP,
+                         DIL_STEP_LOGITS})
 TRAIN_SPEEDUP_TARGET = 4.5  # issue #5: base / dnd_7_10 triton training step (the paper: 4.45x on a V100)
 STREAMS_TARGET = 10_000  # issue #4: real-time dnd_7_10 streams on one H100
 
@@ -394,7 +396,7 @@ def _gpu_section() -> list[str]:
         )
     lines.append("- every round ends with torch.cuda.synchronize(); ratios below are computed from the medians")
     for table in (_gpu_model_table, _gpu_stream_table, _gpu_streams_table, _kernel_dws_table,
-                  _kernel_dilated_table, _kernel_dilated_step_table):
+                  _kernel_dilated_table, _kernel_dilated_step_table, _kernel_dilated_step_logits_table):
         lines += table()
     return lines
 
@@ -580,4 +582,27 @@ def _kernel_dilated_step_table() -> list[str]:
             per_frame = tri / (streams * n)
         lines.append(f"| {streams} | {n} | {_fmt_t(torch_t)} | {_fmt_t(tri)} | {_ratio(torch_t, tri)} | "
                      f"{_fmt_t(per_frame)} |")
+    return lines
+
+
+def _kernel_dilated_step_logits_table() -> list[str]:
+    rows = _grouped((DIL_STEP_LOGITS,),
+                    lambda r: (r.extra.get("streams", "-"), r.extra.get("frames_per_step", "-")),
+                    lambda r: r.extra.get("impl", _model_part(r, 0)))
+    if not rows:
+        return []
+    lines = [
+        "",
+        "f_dil 7|10 ring step + 16-class classifier, fused (kernels/dilated_step_logits.py) vs the ring step "
+        "then F.linear, fp32 (TF32 off); memory: the step's peak beyond the ring and its input:",
+        "",
+        "| streams | frames/step | step then linear | fused | unfused / fused | memory, step then linear | memory, fused |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (streams, n), cols in rows.items():
+        unfused, fused = cols.get("step_then_linear"), cols.get("fused")
+        memory = [_extra(r, "peak_step_memory_gb") for r in (unfused, fused)]
+        lines.append(f"| {_fmt_int(streams) if isinstance(streams, int) else streams} | {n} | "
+                     f"{_fmt_t(_median(unfused))} | {_fmt_t(_median(fused))} | {_ratio(_median(unfused), _median(fused))} | "
+                     + " | ".join("-" if m is None else f"{m:.3g} GB" for m in memory) + " |")
     return lines

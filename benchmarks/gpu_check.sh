@@ -137,7 +137,8 @@ step nvidia-smi 20 "nvidia-smi.txt" bash -c 'nvidia-smi > "$OUT/nvidia-smi.txt" 
     nvidia-smi -q -d CLOCK,POWER,MEMORY,PERFORMANCE >> "$OUT/nvidia-smi.txt" 2>&1'
 
 # ----------------------------------------------------------------------------- compiled tests
-TESTS=(tests/test_kernel_dws.py tests/test_kernel_dilated.py tests/test_frontend.py tests/test_ops.py)
+TESTS=(tests/test_kernel_dws.py tests/test_kernel_dilated.py tests/test_kernel_step_logits.py tests/test_frontend.py
+       tests/test_ops.py)
 if (( DRY )); then
     # Collect only: the selection must exist and import, or the GPU run would find out too late.
     step tests 120 "collect only (dry run)" "$VPY" -m pytest -q -p no:cacheprovider --collect-only \

@@ -3,10 +3,12 @@
     python -m benchmarks.kernel_resources                      # sm_90 and sm_80, every launch, table to stdout
     python -m benchmarks.kernel_resources --write-readme       # ... and into benchmarks/README.md
     python -m benchmarks.kernel_resources --arch 90 --dtype fp32-tf32 --case ring
+    python -m benchmarks.kernel_resources --case ring --kernel _dilated_step_logits_kernel
 
 How: the launchers (kernels.dws_block.dws_block, kernels.dilated_temporal.dilated_temporal,
-kernels.dilated_step.dilated_step) run on CPU tensors of the real shapes with their GPU tile
-choices (``_GPU_TILES``, ``_gpu_config``, ``_gpu_row_programs``: the functions the launchers call
+kernels.dilated_step.dilated_step, kernels.dilated_step_logits.dilated_step_logits) run on CPU
+tensors of the real shapes with their GPU tile choices (``_GPU_TILES``, ``_gpu_config``,
+``_gpu_row_programs``: the functions the launchers call
 on CUDA, fed the SM count of the target) while every ``kernel[grid](...)`` is recorded instead of
 launched. Each distinct launch (kernel, argument types and specialisation, constexprs, warps,
 stages) is then compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
@@ -102,6 +104,7 @@ def _gpu_choices(sm_count: int, tf32: bool, launches: list, case: list):
     from triton.runtime.jit import JITFunction
 
     from kernels import dilated_step as ds
+    from kernels import dilated_step_logits as dsl
     from kernels import dilated_temporal as dt
     from kernels import dws_block as dws
 
@@ -114,10 +117,12 @@ def _gpu_choices(sm_count: int, tf32: bool, launches: list, case: list):
     patches = [
         (dt, "_config", lambda x, c_out: dt._gpu_config(c_out, sm_count)),
         (dt, "_dot_precision", precision),
+        (dsl, "_config", lambda ring, c_out: dsl._gpu_config(c_out, sm_count)),
         (dws, "_tiles", lambda x, name, channels: dws._table_tiles(dws._GPU_TILES, name, channels)),
         (dws, "_row_programs", lambda x: dws._gpu_row_programs(sm_count)),
         (dws, "_dot_precision", precision),
-        (dt, "_INTERPRETED", True), (ds, "_INTERPRETED", True), (dws, "_INTERPRETED", True),  # pass the device checks
+        (dt, "_INTERPRETED", True), (ds, "_INTERPRETED", True), (dsl, "_INTERPRETED", True),
+        (dws, "_INTERPRETED", True),  # pass the device checks
         (JITFunction, "run", record),
     ]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
@@ -176,6 +181,19 @@ def _ring_step(cfg, streams: int, frames: int, dtype) -> None:
                  torch.ones(C), dilation=d, stride=S)
 
 
+def _ring_step_logits(cfg, streams: int, frames: int, dtype) -> None:
+    """The ring step fused with the classifier (what a streaming model runs on CUDA)."""
+    from kernels.dilated_step_logits import dilated_step_logits
+
+    K, d, S, C = cfg.dil_kernel, cfg.dil_dilation, cfg.dil_stride, cfg.channels
+    W = (C - K) // S + 1
+    ring = torch.zeros(streams, (K - 1) * d + frames, C, dtype=dtype)
+    w, b, g, beta = (_param(s, torch.float32, False) for s in ((C, 1, K, K), (C,), (C,), (C,)))
+    lin, lin_b = _param((cfg.n_classes, C * W), dtype, False), _param((cfg.n_classes,), dtype, False)
+    dilated_step_logits(torch.zeros(streams, frames, C, dtype=dtype), ring, 0, w, b, g, beta, torch.zeros(C),
+                        torch.ones(C), lin, lin_b, dilation=d, stride=S)
+
+
 def record_launches(arch: int, dtype: str, cases=CASES) -> list[Launch]:
     """Every kernel launch of ``cases`` with the GPU choices for ``arch`` and dots in ``dtype``."""
     from rtsed.config import ModelConfig
@@ -203,6 +221,7 @@ def record_launches(arch: int, dtype: str, cases=CASES) -> list[Launch]:
                             if with_dws:
                                 _dws_blocks(cfg, streams, frames, tensor_dtype, False)
                             _ring_step(cfg, streams, frames, tensor_dtype)
+                            _ring_step_logits(cfg, streams, frames, tensor_dtype)
                 else:
                     raise ValueError(f"unknown case {name!r}: choose from {CASES}")
     return launches
@@ -321,14 +340,23 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, action="append", choices=sorted(ARCHS), help="compute capability (repeat)")
     ap.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="dot precision (repeat)")
     ap.add_argument("--case", action="append", choices=CASES, help="workload (repeat)")
+    ap.add_argument("--kernel", action="append", help="compile only the launches of this @triton.jit kernel (repeat)")
     ap.add_argument("--write-readme", action="store_true", help="replace the table in benchmarks/README.md")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         ap.error("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")
+    if args.kernel and args.write_readme:
+        ap.error("--write-readme writes the whole table: run it without --kernel")
     rows = []
     for arch in args.arch or sorted(ARCHS, reverse=True):
         for dtype in args.dtype or list(DTYPES):
             launches = record_launches(arch, dtype, tuple(args.case or CASES))
+            if args.kernel:
+                unknown = set(args.kernel) - {launch.name for launch in launches}
+                if unknown:
+                    ap.error(f"no recorded launch of {sorted(unknown)} in {args.case or CASES} "
+                             f"(kernels launched: {sorted({launch.name for launch in launches})})")
+                launches = [launch for launch in launches if launch.name in args.kernel]
             rows += compile_launches(launches, arch, dtype, progress=True)
             print(f"sm_{arch} {dtype}: {len(launches)} launches compiled", file=sys.stderr, flush=True)
     text = table(rows)

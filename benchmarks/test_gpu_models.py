@@ -38,7 +38,9 @@ Figures (the ``record`` names; the session summary tabulates them in its GPU sec
   full cycles of the ring.
 - ``gpu_streams_per_gpu``: N in ``STREAM_COUNTS`` dnd_7_10 streams stepped together in one batched
   ``ModelStream.step`` of 16 new frames each (eager: launch overhead is negligible at this size),
-  RTSED_KERNELS=ref or triton. Batch RTF = step time / (16 x 20 ms of audio): the N streams keep up
+  RTSED_KERNELS=ref or triton (f_dil and the classifier then run as one fused ring step,
+  kernels/dilated_step_logits.py, whose memory beyond the ring is the logits: under ref, 10,000
+  streams make a 13.8 GB f_dil output). Batch RTF = step time / (16 x 20 ms of audio): the N streams keep up
   with real time when RTF <= 1; real-time streams per GPU (estimate) = N / RTF (issue #4 target:
   10,000 on an H100). A case that does not fit in GPU memory is skipped with a message.
 

@@ -9,7 +9,10 @@ BatchNorm of dnd_7_10, at the paper's batch: x (16, 1, 1024 + 60, 256) -> y (16,
   ``y.backward(cotangent)`` with x and every parameter requiring grad (x does in the model: it is the
   CNN's output); no optimizer;
 - streaming: one ring step of ``dilated_step`` (1 or 16 new frames, 1 or 16 streams) against the
-  stock-torch ``dilated_step_ref``: microseconds per step.
+  stock-torch ``dilated_step_ref``: microseconds per step; and the ring step fused with the
+  16-class classifier (``dilated_step_logits``, what a streaming model runs on CUDA) against the
+  unfused step then ``F.linear``, up to 10,000 streams x 16 frames: microseconds per step and
+  the step's peak memory.
 
 Implementations: ``triton`` (kernels.dilated_temporal), ``cudnn_nchw`` (F.conv2d -> relu ->
 F.batch_norm on NCHW tensors, what ``DilatedTemporal.conv_relu_bn`` runs), ``cudnn_channels_last``
@@ -39,7 +42,7 @@ import pytest
 import torch
 
 from benchmarks._gpu import TF32
-from benchmarks._report import RESULTS, measure, record
+from benchmarks._report import DIL_STEP_LOGITS, HOP_S, RESULTS, measure, record
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -299,3 +302,73 @@ def test_dilated_step(benchmark, impl, streams, frames):
     record(benchmark, "gpu_dilated_step", f"{impl} x{streams} n{frames}", impl=impl, streams=streams,
            frames_per_step=frames, device=torch.cuda.get_device_name(),
            derive=lambda t: {"us_per_step": 1e6 * t, "us_per_frame": 1e6 * t / (frames * streams)})
+
+
+N_CLASSES = 16
+STEP_LOGITS_CASES = [(1, 1), (16, 16), (10_000, 1), (10_000, 16)]
+
+
+@pytest.mark.parametrize("streams, frames", STEP_LOGITS_CASES, ids=[f"x{s}-n{n}" for s, n in STEP_LOGITS_CASES])
+@pytest.mark.parametrize("impl", ["step_then_linear", "fused"])
+def test_dilated_step_logits(benchmark, impl, streams, frames):
+    """One ring step of f_dil 7|10 and the 16-class classifier (fp32, TF32 off) on `streams`
+    streams: ``fused`` (kernels.dilated_step_logits: the logits straight from the ring) against
+    ``step_then_linear`` (kernels.dilated_step's (streams, frames, 21,504) output, then F.linear:
+    13.8 GB at 10,000 x 16). Records us per step and the step's peak GPU memory beyond the ring
+    and its input; a case that does not fit is skipped with the reason (benchmarks/conftest.py)."""
+    benchmark.group = f"f_dil 7|10 + classifier ring step, {streams} stream(s) x {frames} frame(s), fp32"
+    _kd()
+    import torch.nn.functional as F
+
+    import kernels.dilated_step as ks
+    import kernels.dilated_step_logits as ksl
+
+    p = _params("fp32", requires_grad=False)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    lin_w = torch.randn(N_CLASSES, C_OUT * W, device="cuda", generator=g) / (C_OUT * W) ** 0.5
+    lin_b = torch.randn(N_CLASSES, device="cuda", generator=g) * 0.1
+    args = [p[n] for n in ("weight", "bias", "bn_weight", "bn_bias", "bn_running_mean", "bn_running_var")]
+
+    def run(x, ring, pos):
+        if impl == "fused":
+            return ksl.dilated_step_logits(x, ring, pos, *args, lin_w, lin_b, dilation=D, stride=S)
+        return F.linear(ks.dilated_step(x, ring, pos, *args, dilation=D, stride=S), lin_w, lin_b)
+
+    capacity = (K - 1) * D + 16
+    ring = torch.randn(streams, capacity, C, device="cuda")
+    with TF32(False), torch.inference_mode():
+        small = torch.randn(2, frames, C, device="cuda")
+        got = ksl.dilated_step_logits(small, ring[:2].clone(), 5, *args, lin_w, lin_b, dilation=D, stride=S)
+        want = ksl.dilated_step_logits_ref(small, ring[:2].clone(), 5, *args, lin_w, lin_b, dilation=D, stride=S)
+        assert float(((got - want).abs() / (1e-5 + 1e-4 * want.abs())).max()) <= 1.0
+        # The step's own memory: what it allocates beyond the ring and its input (an out-of-memory
+        # here is a skip that names the case: benchmarks/conftest.py).
+        x = torch.randn(streams, frames, C, device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run(x, ring, 0)
+        torch.cuda.synchronize()
+        peak_gb = (torch.cuda.max_memory_allocated() - base) / 1e9
+        del x
+    pos = {"write": 0}
+
+    def setup():
+        x = torch.randn(streams, frames, C, device="cuda")
+        torch.cuda.synchronize()
+        return (x,), {}
+
+    def step(x):
+        with torch.inference_mode():
+            y = run(x, ring, pos["write"])
+        pos["write"] = (pos["write"] + frames) % capacity
+        torch.cuda.synchronize()
+        return y
+
+    with TF32(False):
+        measure(benchmark, step, setup, budget_s=2, min_rounds=5, max_rounds=2000, warmup_rounds=3)
+    record(benchmark, DIL_STEP_LOGITS, f"{impl} x{streams} n{frames}", impl=impl, streams=streams,
+           frames_per_step=frames, classes=N_CLASSES, peak_step_memory_gb=peak_gb,
+           device=torch.cuda.get_device_name(),
+           derive=lambda t: {"us_per_step": 1e6 * t, "us_per_frame": 1e6 * t / (frames * streams),
+                             "real_time_factor": t / (frames * HOP_S)})

@@ -49,10 +49,11 @@ print(json.dumps(out))
 """
 
 # sm_90 ring step in fp16 and TF32 at 1 stream x 1 frame (the launch a live stream makes every
-# hop), the eval-mode fused DWS block, and sm_80's ring step in fp16.
+# hop), alone and fused with the classifier (what a streaming model runs), the eval-mode fused DWS
+# block, and sm_80's ring step in fp16.
 _SUBSET = [
     (90, "fp16", "ring", ["_dilated_step_kernel", "_dws_fwd_kernel"]),
-    (90, "fp32-tf32", "ring", ["_dilated_step_kernel"]),
+    (90, "fp32-tf32", "ring", ["_dilated_step_kernel", "_dilated_step_logits_kernel"]),
     (80, "fp16", "ring", ["_dilated_step_kernel"]),
 ]
 _FULL = [(arch, dtype, case, None) for arch in (90, 80) for dtype in ("fp32-ieee", "fp32-tf32", "fp16")

@@ -1,4 +1,5 @@
-"""f_dil's kernels (kernels/dilated_temporal.py, kernels/dilated_step.py) against their stock-torch twins.
+"""f_dil's kernels (kernels/dilated_temporal.py, kernels/dilated_step.py) against their stock-torch twins
+(the ring step fused with the classifier, kernels/dilated_step_logits.py: tests/test_kernel_step_logits.py).
 
 Runs on CPU under the Triton interpreter on tiny shapes: odd C, W with unused trailing channels
 (C - K not a multiple of S), S = 1..3, K = 3 and 5, d = 1..3, C_out = 20 spanning two 16-channel
@@ -38,6 +39,10 @@ try:
         kd = importlib.reload(kd)
     if not ks._INTERPRETED or ks._conv_tile is not kd._conv_tile:
         ks = importlib.reload(ks)
+    import kernels.dilated_step_logits as ksl
+
+    if not ksl._INTERPRETED or ksl.dilated_step_ref is not ks.dilated_step_ref:
+        ksl = importlib.reload(ksl)
 finally:
     if _previous is None:
         os.environ.pop("TRITON_INTERPRET", None)
@@ -389,8 +394,9 @@ def test_dispatch_in_a_model_eval_and_one_training_step(monkeypatch):
 
 def test_dispatch_streaming_model(monkeypatch):
     """ModelStream over a tiny "same"-padded dil model with RTSED_KERNELS=triton (the ring step
-    through kernels.dilated_step) equals the offline model under RTSED_KERNELS=ref, ring wraps included."""
-    calls = _spy(monkeypatch, ks, "dilated_step")
+    and the classifier through kernels.dilated_step_logits) equals the offline model under
+    RTSED_KERNELS=ref, ring wraps included."""
+    calls = _spy(monkeypatch, ksl, "dilated_step_logits")
     torch.manual_seed(0)
     model = build_model("dil_3_2", channels=16, n_classes=3).eval()
     _randomize_bn(model, seed=12)

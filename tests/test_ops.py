@@ -75,8 +75,10 @@ def test_cuda_shapes_outside_the_kernels_and_int32_overflow_fall_back():
 
 def test_the_ops_hand_their_real_shapes_to_the_decision(monkeypatch):
     """The facts the dispatch functions gather (a stand-in decision records them): the ring step
-    of 10,000 streams x 16 frames into f_dil 7|10 (C_out 256, W 84) is 3.4e9 elements, past int32."""
+    of 10,000 streams x 16 frames into f_dil 7|10 (C_out 256, W 84) alone is 3.4e9 elements, past
+    int32; fused with the 16-class classifier it indexes 10,000 x 16 x 16 logits, so it runs in Triton."""
     seen = []
+    decide = dispatch.triton_decision
 
     def stand_in(op, requested, device_type, dtype, **facts):
         seen.append((op, dtype, facts))
@@ -85,7 +87,11 @@ def test_the_ops_hand_their_real_shapes_to_the_decision(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_decision", stand_in)
     monkeypatch.setenv("RTSED_KERNELS", "triton")  # so that CPU tensors reach the decision
     h = torch.empty(10_000, 256, 16, 1)
-    assert dispatch.dilated_step_logits(h, False, out_channels=256, kernel=7, stride=3) == dispatch.REFERENCE
+    assert dispatch.dilated_step_logits(h, False, kernel=7, classes=16) == dispatch.REFERENCE
+    op, dtype, facts = seen[-1]
+    assert op == "dilated_step_logits" and facts["elements"] == h.numel()  # the input: more than the logits
+    assert decide(op, "auto", "cuda", dtype, elements=facts["elements"], **CUDA_FACTS) == "triton"
+    dispatch.dilated_step(h[..., 0].transpose(1, 2), 256, 7, 3)
     op, dtype, facts = seen[-1]
     assert op == "dilated_step" and facts["elements"] == 10_000 * 16 * 256 * 84 > dispatch.TRITON_MAX_ELEMENTS
     x = torch.empty(2, 1, 64, 40, dtype=torch.float64)

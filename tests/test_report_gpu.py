@@ -179,6 +179,21 @@ def test_kernel_tables():
     assert "| figure | base | dnd_7_10 |" not in text
 
 
+def test_fused_ring_step_table():
+    """The fused ring step's rows: times, their ratio and each side's step memory; a case the
+    unfused step could not fit (skipped, so no result) leaves its cells empty."""
+    _add(R.DIL_STEP_LOGITS, "step_then_linear x16 n16", 40e-6, impl="step_then_linear", streams=16,
+         frames_per_step=16, peak_step_memory_gb=0.022, device=DEVICE)
+    _add(R.DIL_STEP_LOGITS, "fused x16 n16", 25e-6, impl="fused", streams=16, frames_per_step=16,
+         peak_step_memory_gb=0.000016, device=DEVICE)
+    _add(R.DIL_STEP_LOGITS, "fused x10000 n16", 9e-3, impl="fused", streams=10_000, frames_per_step=16,
+         peak_step_memory_gb=0.0102, device=DEVICE)
+    text = _render()
+    assert _row(text, "16", "16")[2:] == ["40 us", "25 us", _ratio(40e-6, 25e-6), "0.022 GB", "1.6e-05 GB"]
+    assert _row(text, "10,000", "16")[2:] == ["-", _ms(9e-3), "-", "-", "0.0102 GB"]
+    assert "| figure | base | dnd_7_10 |" not in text  # a GPU figure: no CPU table
+
+
 def test_cpu_only_results_render_no_gpu_section():
     _add("offline", "base", 11.3, threads=2, frames_per_second=1448.0, seconds_per_batch=11.3)
     _add("offline", "dnd_7_10", 28.1, threads=2, frames_per_second=583.0, seconds_per_batch=28.1)

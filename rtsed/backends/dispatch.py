@@ -51,7 +51,7 @@ NATIVE = "native"
 CPU_TRAIN = "cpu-train"
 BACKENDS = ("auto", "ref", "triton")
 
-OPS = ("dws_block", "dilated_temporal", "dilated_step")
+OPS = ("dws_block", "dilated_temporal", "dilated_step", "dilated_step_logits")
 
 CPU_FAST_DTYPES = (torch.float32, torch.float64)  # dtypes the CPU fast paths take
 
@@ -349,19 +349,19 @@ def dilated_head(h: Tensor, training: bool, *params: Tensor) -> str:
     return REFERENCE
 
 
-def dilated_step_logits(h: Tensor, training: bool, *params: Tensor, out_channels: int = 0, kernel: int = 1,
-                        stride: int = 1) -> str:
+def dilated_step_logits(h: Tensor, training: bool, *params: Tensor, kernel: int = 1, classes: int = 0) -> str:
     """A streaming step of f_dil and the classifier, h (B, C, n, 1) new CNN frames (``training``:
-    the layer's mode; ``params``: the weights autograd may record through): triton
-    (``dilated_step``'s kernel, then the classifier), native (eval on the CPU, one pass from the
-    ring to logits), cpu-folded (BN folded into the classifier, two GEMMs; also in exported
-    graphs), else reference. ``out_channels``, ``kernel``, ``stride``: f_dil's C_out, K and S."""
+    the layer's mode; ``params``: the weights autograd may record through): triton (one kernel
+    from the ring to logits, kernels.dilated_step_logits), native (eval on the CPU, one pass from
+    the ring to logits), cpu-folded (BN folded into the classifier, two GEMMs; also in exported
+    graphs), else reference. ``kernel``: f_dil's K; ``classes``: the classifier's outputs. The
+    fused kernel never writes f_dil's output, so the largest tensor it indexes with a frame
+    offset is the logits, B n x classes (its ring offsets are int64)."""
     if h.is_cuda or requested_backend() == "triton":  # (no shape facts on the CPU's hot path)
         problem = "" if h.dim() == 4 and kernel <= h.shape[1] else \
-            f"dilated_step takes h (B, C, n, 1) with C >= K={kernel}, not {tuple(h.shape)}"
+            f"dilated_step_logits takes h (B, C, n, 1) with C >= K={kernel}, not {tuple(h.shape)}"
         rows = h.shape[0] * h.shape[2] if h.dim() == 4 else 0
-        if backend_for("dilated_step", h, problem,
-                       _dilated_elements(rows, h.shape[1], out_channels, kernel, stride)) == "triton":
+        if backend_for("dilated_step_logits", h, problem, rows * classes) == "triton":
             return TRITON
     if _eval_fast(h, training):
         return NATIVE if native_eval(h, *params) else FOLDED

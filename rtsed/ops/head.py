@@ -1,5 +1,8 @@
 """f_dil and the per-frame classifier as one op, offline (``dilated_head``) and per streaming step
-(``dilated_step_logits``), as functions of tensors beside their stock-torch ``_ref`` twins.
+(``dilated_step_logits``), as functions of tensors beside their stock-torch ``_ref`` twins. The
+streaming step's fast paths never write f_dil's (frames, C_out * W) output: on the CPU BN is folded into the
+classifier (native or two GEMMs), on CUDA the Triton ring step adds each block of it into the
+logits as it is computed (kernels.dilated_step_logits).
 
 The layer (rtsed.models.layers.DilatedTemporal) passes f_dil's conv weight and bias, its BN's
 affine and statistics (with the bookkeeping nn.BatchNorm2d would do), the classifier's weight and
@@ -19,9 +22,10 @@ from torch import Tensor
 
 from rtsed.backends import cpu_eval, cpu_head, dispatch
 from rtsed.backends.cpu import fused_linear
-from rtsed.backends.dispatch import CPU_TRAIN, FOLDED, NATIVE
+from rtsed.backends.dispatch import CPU_TRAIN, FOLDED, NATIVE, TRITON
 from rtsed.ops.dilated import dilated_step, dilated_step_ref, dilated_temporal, dilated_temporal_ref, ring_window
 from rtsed.ops.fold import bn_affine, cached_fold
+from rtsed.ops.launch import launcher
 
 
 def _flatten(y: Tensor) -> Tensor:
@@ -87,8 +91,11 @@ def dilated_step_logits(h: Tensor, ring: Tensor, write_pos: int, conv_weight: Te
     -> logits (B, n, n_classes). Writes the frames into ring (B, capacity, C) from write_pos on;
     the caller advances its write position by n. Steps longer than capacity - (K - 1) d run in
     slices."""
-    how = dispatch.dilated_step_logits(h, False, lin_weight, conv_weight, out_channels=conv_weight.shape[0],
-                                       kernel=conv_weight.shape[2], stride=stride)
+    how = dispatch.dilated_step_logits(h, False, lin_weight, conv_weight, kernel=conv_weight.shape[2],
+                                       classes=lin_weight.shape[0])
+    if how == TRITON:
+        return _step_logits_fused(h, ring, write_pos, conv_weight, conv_bias, bn_weight, bn_bias, bn_running_mean,
+                                  bn_running_var, lin_weight, lin_bias, dilation, stride, eps)
     if how == NATIVE:
         return _step_logits_native(h, ring, write_pos, conv_weight, conv_bias, bn_weight, bn_bias, bn_running_mean,
                                    bn_running_var, lin_weight, lin_bias, dilation, stride, eps, cache)
@@ -131,6 +138,18 @@ def _step_logits_composed(step: Callable, h, ring, write_pos, conv_weight, conv_
                     dilation=dilation, stride=stride, eps=eps)
                for part, pos in _slices(h, ring, write_pos, context)]
     return F.linear(_cat(outputs), lin_weight, lin_bias)
+
+
+def _step_logits_fused(h, ring, write_pos, conv_weight, conv_bias, bn_weight, bn_bias, bn_running_mean,
+                       bn_running_var, lin_weight, lin_bias, dilation, stride, eps) -> Tensor:
+    """f_dil's ring step and the classifier in one Triton launch per slice
+    (kernels.dilated_step_logits): f_dil's (B, n, C_out * W) output is never written, so beyond
+    the ring a step allocates O(B n n_classes) (10,000 streams x 16 frames: 10 MB, not 13.8 GB)."""
+    step_logits = launcher("dilated_step_logits")
+    context = (conv_weight.shape[2] - 1) * dilation
+    return _cat([step_logits(part, ring, pos, conv_weight, conv_bias, bn_weight, bn_bias, bn_running_mean,
+                             bn_running_var, lin_weight, lin_bias, dilation=dilation, stride=stride, eps=eps)
+                 for part, pos in _slices(h, ring, write_pos, context)])
 
 
 def _step_logits_native(h, ring, write_pos, conv_weight, conv_bias, bn_weight, bn_bias, bn_running_mean,
