@@ -319,14 +319,15 @@ class _Config:
     programs: int  # target number of programs of the row-reducing kernels (stats, bwd_stats, bwd_dw)
     warps: int
     # (rows, channels) per tile of the other kernels. Each holds more (rows, channels) fp32 tiles at
-    # once than the forward (the row-reducing kernels p, g and dp, bwd_dw also a second dot's operands
-    # and its (KK_PAD, channels) accumulator, dpatch a (rows, KK_PAD) accumulator): at the forward's
-    # 128 x 64 they need more than 255 registers per thread and spill to local memory. These sizes
-    # compile without spills in fp16, TF32 and fp32 IEEE on sm_90 and sm_80 (benchmarks/README.md,
-    # kernel resources); ptxas does not simply spill less on smaller tiles
-    # (bwd_stats spills 4 B in TF32 at 16 x 32 but not at 32 x 64). Smaller tiles of the row-reducing
-    # kernels mean more iterations of their row loop, not more programs; dpatch gets more programs,
-    # each re-reading the small weight.
+    # once than the forward (the backward's row-reducing kernels p, g and dp, bwd_dw also a second
+    # dot's operands and its (KK_PAD, channels) accumulator, dpatch a (rows, KK_PAD) accumulator): at
+    # the forward's 128 x 64 they need more than 255 registers per thread and spill to local memory.
+    # These sizes compile without spills in fp16, TF32 and fp32 IEEE on sm_90 and sm_80
+    # (benchmarks/README.md, kernel resources). A smaller tile does not always spill less: ptxas may
+    # then aim at 64 or 128 registers and spill a few bytes (bwd_stats did at 16 x 32 and 32 x 64, not
+    # at 64 x 64), so each size is one that compiled clean, not a bound to shrink below. Smaller tiles
+    # of the row-reducing kernels mean more iterations of their row loop, not more programs; dpatch
+    # gets more programs, each re-reading the small weight.
     stats_tile: tuple[int, int]
     bwd_stats_tile: tuple[int, int]
     bwd_dw_tile: tuple[int, int]
@@ -363,7 +364,7 @@ def _gpu_config(c_out: int, sm_count: int) -> _Config:
         return rows, min(channels, cap)
 
     return _Config(block_r=128, block_co=min(64, cap), block_x=512, programs=4 * sm_count, warps=8,
-                   stats_tile=tile(16, 32), bwd_stats_tile=tile(32, 64), bwd_dw_tile=tile(16, 32),
+                   stats_tile=tile(16, 32), bwd_stats_tile=tile(64, 64), bwd_dw_tile=tile(16, 32),
                    dpatch_tile=tile(32, 32))
 
 
