@@ -9,7 +9,8 @@
 # failure recorded and the run going on:
 #   env        a virtual environment .venv-gpu: with the machine's own CUDA torch when its system
 #              python has one (--system-site-packages: no multi-GB download), else torch==2.13.0
-#              from PyPI (the CUDA 13 build, which pins triton 3.7.1); then `.[gpu,triton,test]`.
+#              from PyPI (the CUDA 13 build, which pins triton 3.7.1); then `.[gpu,test]`: the triton
+#              that torch pins comes with it (torch 2.11's 3.6.0 is below the `triton` extra's floor).
 #              GPU_CHECK_TORCH=2.13.0 forces the fresh torch.
 #   versions   python, torch (+ CUDA, cuDNN), triton, numpy, onnxruntime and its providers, git commit;
 #   nvidia-smi the driver's view of the device;
@@ -86,7 +87,7 @@ make_env() {
         "$PY" -m venv .venv-gpu || return 1
         .venv-gpu/bin/pip install -q "torch==${GPU_CHECK_TORCH:-2.13.0}" || return 1
     fi
-    .venv-gpu/bin/pip install -q -e '.[gpu,triton,test]'
+    .venv-gpu/bin/pip install -q -e '.[gpu,test]'
 }
 export -f make_env
 export PY OUT

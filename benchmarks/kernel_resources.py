@@ -4,6 +4,7 @@
     python -m benchmarks.kernel_resources --write-readme       # ... and into benchmarks/README.md
     python -m benchmarks.kernel_resources --arch 90 --dtype fp32-tf32 --case ring
     python -m benchmarks.kernel_resources --case ring --kernel _dilated_step_logits_kernel
+    python -m benchmarks.kernel_resources --jobs 6 --write-readme   # each (arch, dtype) in its own process
 
 How: the launchers (kernels.dws_block.dws_block, kernels.dilated_temporal.dilated_temporal,
 kernels.dilated_step.dilated_step, kernels.dilated_step_logits.dilated_step_logits) run on CPU
@@ -46,21 +47,18 @@ RING_FRAMES = (1, 16)
 DIL_MODELS = ("dnd_3_10", "dnd_5_10", "dnd_7_10")
 CASES = ("train", "eval", "ring")
 
-# Spill stores allowed per kernel (bytes per thread): zero unless listed. The listed allowances are
-# spills that the current tiles cannot avoid, rounded up from an offline compile with triton 3.9 (or,
-# for f_dil in fp32 IEEE, from the figures of issue 17's review: 100-600 B in the forward and stats
-# kernels, 16-17 KB in the backward dpatch/dw, 1-3 KB in the ring step). fp32 IEEE dots are emulated
-# with several fp32 products per term, which is what pushes these kernels past 255 registers.
-# Re-tiling them (smaller BLOCK_R/BLOCK_CO or more warps, timed on a GPU) is open work.
+# Spill stores allowed per kernel (bytes per thread) and dot precision: zero unless listed. Each
+# listed allowance is a spill that the current tiles do not avoid, rounded up from the offline compile
+# for sm_90 and sm_80 (table in benchmarks/README.md). All are fp32 IEEE, which the parity tests ask
+# for (TF32 off) while fp32 on CUDA otherwise runs TF32 (torch.backends.cudnn.allow_tf32 defaults to
+# on): the f_dil forward and the ring step share one 128 x 64 tile (kernels.dilated_temporal._Config:
+# block_r, block_co), sized for TF32 and fp16, where it does not spill.
 SPILL_ALLOWANCE = {
     "fp32-ieee": {
-        "_dilated_temporal_kernel": 1024,
-        "_dilated_temporal_stats_kernel": 1024,
-        "_dilated_temporal_bwd_stats_kernel": 1024,
-        "_dilated_temporal_bwd_dw_kernel": 20480,
-        "_dilated_temporal_bwd_dpatch_kernel": 20480,
+        "_dilated_temporal_kernel": 512,
         "_dilated_step_kernel": 4096,
         "_dws_stats2_kernel": 64,  # blocks 2-3 (C_in = C): 128 registers, 48 B
+        "_dws_fwd_kernel": 32,  # block 1 on sm_80: 128 registers, 16 B
     },
     "fp32-tf32": {},
     "fp16": {},
@@ -94,6 +92,7 @@ class Resources:
     config: str  # the constexprs and warps/stages that distinguish the variant
     registers: int  # per thread
     spill_stores: int  # bytes per thread
+    spill_loads: int  # bytes per thread
     stack: int  # bytes per thread
     shared: int  # bytes per program
 
@@ -235,19 +234,20 @@ def _specialise(launch: Launch, backend):
     fn = launch.fn
     kwargs = dict(launch.kwargs)
     kwargs.setdefault("debug", fn.debug or knobs.runtime.debug)
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # launch options of newer triton only
+        if hasattr(knobs.compilation, knob):
+            kwargs[knob] = getattr(knobs.compilation, knob)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound_args, specialization, options = binder(*launch.args, **kwargs)
     return fn._pack_args(backend, kwargs, bound_args, specialization, options)
 
 
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
-_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def _ptxas_report(ptx: str, arch_name: str) -> tuple[int, int, int]:
-    """(registers, spill stores, stack frame) from the bundled ptxas's -v report, Triton's flags."""
+def _ptxas_report(ptx: str, arch_name: str) -> tuple[int, int, int, int]:
+    """(registers, spill stores, spill loads, stack frame) from the bundled ptxas's -v report, Triton's flags."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -259,7 +259,7 @@ def _ptxas_report(ptx: str, arch_name: str) -> tuple[int, int, int]:
     regs, spill = _PTXAS_USED.search(log), _PTXAS_SPILL.search(log)
     if regs is None or spill is None:
         raise RuntimeError(f"unexpected ptxas report:\n{log}")
-    return int(regs.group(1)), int(spill.group(2)), int(spill.group(1))
+    return int(regs.group(1)), int(spill.group(2)), int(spill.group(3)), int(spill.group(1))
 
 
 def compile_launches(launches: list[Launch], arch: int, dtype: str, progress: bool = False) -> list[Resources]:
@@ -284,17 +284,36 @@ def compile_launches(launches: list[Launch], arch: int, dtype: str, progress: bo
                                     options=options.__dict__)
         except Exception as e:
             raise RuntimeError(f"{launch.name} ({launch.case}, {dtype}) does not compile for sm_{arch}: {e}") from e
-        regs, spills, stack = _ptxas_report(kernel.asm["ptx"], sm_arch_from_capability(arch))
+        regs, spills, loads, stack = _ptxas_report(kernel.asm["ptx"], sm_arch_from_capability(arch))
         names = [p.name for p in launch.fn.params]
         config = " ".join(f"{names[path[0]]}={value}" for path, value in sorted(constexprs.items())
                           if names[path[0]].isupper() or names[path[0]] in ("K", "P"))
         config += f" warps={options.num_warps} stages={options.num_stages}"
-        out.append(Resources(launch.name, arch, dtype, launch.case, config, regs, spills, stack,
+        out.append(Resources(launch.name, arch, dtype, launch.case, config, regs, spills, loads, stack,
                              kernel.metadata.shared))
         if progress:
             print(f"sm_{arch} {dtype} {launch.case} {launch.name} [{config}]: {regs} registers, {spills} B spill "
                   f"stores, {kernel.metadata.shared} B shared", file=sys.stderr, flush=True)
     return out
+
+
+class UnknownKernelError(ValueError):
+    """--kernel named a kernel that none of the recorded launches runs."""
+
+
+def sweep(arch: int, dtype: str, cases: tuple, kernels: tuple | None = None) -> tuple[list[Resources], int]:
+    """Record and compile the launches of ``cases`` for one target and dot precision, only those of
+    ``kernels`` (@triton.jit names) when given: (rows, launches)."""
+    launches = record_launches(arch, dtype, cases)
+    if kernels:
+        unknown = set(kernels) - {launch.name for launch in launches}
+        if unknown:
+            raise UnknownKernelError(f"no recorded launch of {sorted(unknown)} in {cases} "
+                                     f"(kernels launched: {sorted({launch.name for launch in launches})})")
+        launches = [launch for launch in launches if launch.name in kernels]
+    rows = compile_launches(launches, arch, dtype, progress=True)
+    print(f"sm_{arch} {dtype}: {len(launches)} launches compiled", file=sys.stderr, flush=True)
+    return rows, len(launches)
 
 
 def over_budget(rows: list[Resources]) -> list[str]:
@@ -312,12 +331,13 @@ def table(rows: list[Resources]) -> str:
         if k not in worst or (r.spill_stores, r.registers, r.shared) > (worst[k].spill_stores, worst[k].registers,
                                                                          worst[k].shared):
             worst[k] = r
-    lines = ["| kernel | arch | dots | variants | worst: registers | spill stores (B) | stack (B) | shared (B) "
-             "| budget (B) | worst variant |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | arch | dots | variants | worst: registers | spill stores (B) | spill loads (B) | stack (B) "
+             "| shared (B) | budget (B) | worst variant |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in sorted(worst, key=lambda k: (k[0], -k[1], k[2])):
         r = worst[k]
         lines.append(f"| `{r.kernel}` | sm_{r.arch} | {r.dtype} | {variants[k]} | {r.registers} | {r.spill_stores} "
-                     f"| {r.stack} | {r.shared} | {spill_budget(r.kernel, r.dtype)} | {r.case}: {r.config} |")
+                     f"| {r.spill_loads} | {r.stack} | {r.shared} | {spill_budget(r.kernel, r.dtype)} "
+                     f"| {r.case}: {r.config} |")
     return "\n".join(lines)
 
 
@@ -342,30 +362,51 @@ def main(argv=None) -> int:
     ap.add_argument("--case", action="append", choices=CASES, help="workload (repeat)")
     ap.add_argument("--kernel", action="append", help="compile only the launches of this @triton.jit kernel (repeat)")
     ap.add_argument("--write-readme", action="store_true", help="replace the table in benchmarks/README.md")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="(arch, dtype) sweeps run in parallel processes (compiles are single-threaded)")
+    ap.add_argument("--save", type=Path, help="also write the compiled rows to this JSON file")
+    ap.add_argument("--load", type=Path, help="report rows saved by --save instead of compiling (budgets as now)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         ap.error("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")
+    if args.jobs < 1:
+        ap.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.kernel and args.write_readme:
         ap.error("--write-readme writes the whole table: run it without --kernel")
+    cases = tuple(args.case or CASES)
+    kernels = tuple(args.kernel) if args.kernel else None
+    work = [(arch, dtype, cases, kernels) for arch in args.arch or sorted(ARCHS, reverse=True)
+            for dtype in args.dtype or list(DTYPES)]
     rows = []
-    for arch in args.arch or sorted(ARCHS, reverse=True):
-        for dtype in args.dtype or list(DTYPES):
-            launches = record_launches(arch, dtype, tuple(args.case or CASES))
-            if args.kernel:
-                unknown = set(args.kernel) - {launch.name for launch in launches}
-                if unknown:
-                    ap.error(f"no recorded launch of {sorted(unknown)} in {args.case or CASES} "
-                             f"(kernels launched: {sorted({launch.name for launch in launches})})")
-                launches = [launch for launch in launches if launch.name in args.kernel]
-            rows += compile_launches(launches, arch, dtype, progress=True)
-            print(f"sm_{arch} {dtype}: {len(launches)} launches compiled", file=sys.stderr, flush=True)
+    if args.load:
+        import json
+        rows = [Resources(**r) for r in json.loads(args.load.read_text())]
+        work = []
+    try:
+        if args.jobs == 1:
+            for item in work:
+                rows += sweep(*item)[0]
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            from benchmarks import kernel_resources  # by its importable name: this file may run as __main__
+
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for part, _ in pool.map(kernel_resources.sweep, *zip(*work)):
+                    rows += part
+    except UnknownKernelError as exc:
+        ap.error(str(exc))
+    if args.save:
+        import json
+        args.save.write_text(json.dumps([dataclasses.asdict(r) for r in rows]))
     text = table(rows)
     print(text)
     if args.write_readme:
         import triton
         write_readme(text, f"`python -m benchmarks.kernel_resources --write-readme` (triton {triton.__version__}, "
                            f"torch {torch.__version__}): {len(rows)} distinct compiled variants of the launches of "
-                           f"{', '.join(args.case or CASES)}. Registers and spill stores/stack per thread, shared "
+                           f"{', '.join(cases)}. Registers and spill stores/stack per thread, shared "
                            "memory per program; each line shows the variant with the most spill stores.")
     bad = over_budget(rows)
     for line in bad:

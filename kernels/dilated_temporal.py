@@ -313,11 +313,25 @@ def _dilated_temporal_bwd_dx_kernel(dpt_ptr, dx_ptr, n_x, n_rows, T, Tp, W, C, S
 
 @dataclass(frozen=True)
 class _Config:
-    block_r: int  # output rows (b, t, w) per tile
-    block_co: int  # output channels per tile
+    block_r: int  # output rows (b, t, w) per tile of the forward kernel (and kernels.dilated_step)
+    block_co: int  # output channels per tile of the forward kernel
     block_x: int  # input positions per program of the dx gather
-    programs: int  # target number of programs of the row-reducing kernels (stats, dweight)
+    programs: int  # target number of programs of the row-reducing kernels (stats, bwd_stats, bwd_dw)
     warps: int
+    # (rows, channels) per tile of the other kernels. Each holds more (rows, channels) fp32 tiles at
+    # once than the forward (the backward's row-reducing kernels p, g and dp, bwd_dw also a second
+    # dot's operands and its (KK_PAD, channels) accumulator, dpatch a (rows, KK_PAD) accumulator): at
+    # the forward's 128 x 64 they need more than 255 registers per thread and spill to local memory.
+    # These sizes compile without spills in fp16, TF32 and fp32 IEEE on sm_90 and sm_80
+    # (benchmarks/README.md, kernel resources). A smaller tile does not always spill less: ptxas may
+    # then aim at 64 or 128 registers and spill a few bytes (bwd_stats did at 16 x 32 and 32 x 64, not
+    # at 64 x 64), so each size is one that compiled clean, not a bound to shrink below. Smaller tiles
+    # of the row-reducing kernels mean more iterations of their row loop, not more programs; dpatch
+    # gets more programs, each re-reading the small weight.
+    stats_tile: tuple[int, int]
+    bwd_stats_tile: tuple[int, int]
+    bwd_dw_tile: tuple[int, int]
+    dpatch_tile: tuple[int, int]
 
 
 def _next_pow2(n: int) -> int:
@@ -333,7 +347,9 @@ _SM_COUNT: dict[int, int] = {}
 
 def _config(x: torch.Tensor, c_out: int) -> _Config:
     if not x.is_cuda:  # interpreter: small tiles, and at least two programs to exercise the merges
-        return _Config(block_r=32, block_co=16, block_x=128, programs=2, warps=4)
+        tile = (32, 16)
+        return _Config(block_r=32, block_co=16, block_x=128, programs=2, warps=4, stats_tile=tile,
+                       bwd_stats_tile=tile, bwd_dw_tile=tile, dpatch_tile=tile)
     idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
@@ -342,8 +358,14 @@ def _config(x: torch.Tensor, c_out: int) -> _Config:
 
 def _gpu_config(c_out: int, sm_count: int) -> _Config:
     """The tiles on a GPU with ``sm_count`` SMs (benchmarks/kernel_resources.py compiles them offline)."""
-    block_co = min(64, max(16, _next_pow2(c_out)))
-    return _Config(block_r=128, block_co=block_co, block_x=512, programs=4 * sm_count, warps=8)
+    cap = max(16, _next_pow2(c_out))  # no channel block wider than C_out needs
+
+    def tile(rows, channels):
+        return rows, min(channels, cap)
+
+    return _Config(block_r=128, block_co=min(64, cap), block_x=512, programs=4 * sm_count, warps=8,
+                   stats_tile=tile(16, 32), bwd_stats_tile=tile(64, 64), bwd_dw_tile=tile(16, 32),
+                   dpatch_tile=tile(32, 32))
 
 
 def _dot_precision(x: torch.Tensor) -> str:
@@ -357,6 +379,14 @@ def _row_split(n_rows: int, block_r: int, target_programs: int) -> tuple[int, in
     n_tiles = triton.cdiv(n_rows, block_r)
     tiles = triton.cdiv(n_tiles, max(1, min(n_tiles, target_programs)))
     return triton.cdiv(n_tiles, tiles), tiles
+
+
+def _reduce_split(cfg: _Config, tile: tuple[int, int], n_rows: int, c_out: int):
+    """((BLOCK_R, BLOCK_CO), channel blocks, programs per channel block, row tiles per program) of a
+    row-reducing kernel with ``tile``: about cfg.programs programs in all."""
+    n_cb = triton.cdiv(c_out, tile[1])
+    progs, tiles = _row_split(n_rows, tile[0], max(1, cfg.programs // n_cb))
+    return tile, n_cb, progs, tiles
 
 
 def _program_rows(n_rows: int, programs: int, rows_per_program: int, device) -> torch.Tensor:
@@ -401,14 +431,14 @@ class _DilatedTemporalFn(torch.autograd.Function):
             if n_rows <= 1:
                 raise ValueError(f"Expected more than 1 value per channel when training, got {n_rows} "
                                  f"rows (B={B} x T={T} x W={W})")
-            progs, tiles = _row_split(n_rows, cfg.block_r, max(1, cfg.programs // triton.cdiv(C_out, cfg.block_co)))
+            (block_r, block_co), n_cb, progs, tiles = _reduce_split(cfg, cfg.stats_tile, n_rows, C_out)
             means = torch.empty(progs, C_out, device=dev, dtype=torch.float32)
             m2s = torch.empty_like(means)
-            _dilated_temporal_stats_kernel[(progs, triton.cdiv(C_out, cfg.block_co))](
+            _dilated_temporal_stats_kernel[(progs, n_cb)](
                 x, w2, b, means, m2s, *geom, stride, dilation, tiles,
-                K=K, KK_PAD=kk_pad, PREC=prec, BLOCK_R=cfg.block_r, BLOCK_CO=cfg.block_co, num_warps=cfg.warps,
+                K=K, KK_PAD=kk_pad, PREC=prec, BLOCK_R=block_r, BLOCK_CO=block_co, num_warps=cfg.warps,
                 num_stages=2)
-            counts = _program_rows(n_rows, progs, tiles * cfg.block_r, dev)
+            counts = _program_rows(n_rows, progs, tiles * block_r, dev)
             mean64 = (counts * means.double()).sum(0) / n_rows
             var64 = (m2s.double() + counts * (means.double() - mean64) ** 2).sum(0) / n_rows
             mean, var = mean64.float(), var64.float()
@@ -453,20 +483,19 @@ class _DilatedTemporalFn(torch.autograd.Function):
         sxb, _, sxt, sxc = x.stride()
         sgb, sgc, sgt, sgw = g.stride()
         geom = (n_rows, T, W, C_out, sxb, sxt, sxc, sgb, sgc, sgt, sgw, stride, dilation)
-        n_cb = triton.cdiv(C_out, cfg.block_co)
-        progs, tiles = _row_split(n_rows, cfg.block_r, max(1, cfg.programs // n_cb))
         # num_stages=2: the row loops gather (BLOCK_R, KK_PAD) patch tiles; deeper software pipelining
         # of those would multiply their shared memory for little gain (an untuned, cautious choice).
-        meta = dict(K=K, KK_PAD=kk_pad, PREC=prec, BLOCK_R=cfg.block_r, BLOCK_CO=cfg.block_co, num_warps=cfg.warps,
-                    num_stages=2)
+        meta = dict(K=K, KK_PAD=kk_pad, PREC=prec, num_warps=cfg.warps, num_stages=2)
 
         zeros = torch.zeros(C_out, device=dev, dtype=torch.float32)
         d_gamma = d_beta = None
         c1 = c2 = zeros
         if training or need_gamma or need_beta:
+            (block_r, block_co), n_cb, progs, tiles = _reduce_split(cfg, cfg.bwd_stats_tile, n_rows, C_out)
             sg = torch.empty(progs, C_out, device=dev, dtype=torch.float32)
             sgx = torch.empty_like(sg)
-            _dilated_temporal_bwd_stats_kernel[(progs, n_cb)](x, w2, b, g, mean, rstd, sg, sgx, *geom, tiles, **meta)
+            _dilated_temporal_bwd_stats_kernel[(progs, n_cb)](x, w2, b, g, mean, rstd, sg, sgx, *geom, tiles,
+                                                               BLOCK_R=block_r, BLOCK_CO=block_co, **meta)
             d_beta, d_gamma = sg.double().sum(0).float(), sgx.double().sum(0).float()
             if training:
                 c1, c2 = d_beta / n_rows, d_gamma / n_rows
@@ -474,18 +503,20 @@ class _DilatedTemporalFn(torch.autograd.Function):
 
         d_w = d_b = None
         if need_w or need_b:
+            (block_r, block_co), n_cb, progs, tiles = _reduce_split(cfg, cfg.bwd_dw_tile, n_rows, C_out)
             dws = torch.empty(progs, K * K, C_out, device=dev, dtype=torch.float32)
             dbs = torch.empty(progs, C_out, device=dev, dtype=torch.float32)
             _dilated_temporal_bwd_dw_kernel[(progs, n_cb)](x, w2, b, g, mean, rstd, gs, c1, c2, dws, dbs,
-                                                           *geom, tiles, **meta)
+                                                           *geom, tiles, BLOCK_R=block_r, BLOCK_CO=block_co, **meta)
             d_w = dws.sum(0).t().reshape(C_out, 1, K, K)
             d_b = dbs.sum(0)
 
         d_x = None
         if need_x:
             dpt = torch.empty(K * K, n_rows, device=dev, dtype=torch.float32)
-            _dilated_temporal_bwd_dpatch_kernel[(triton.cdiv(n_rows, cfg.block_r),)](
-                x, w2, b, g, mean, rstd, gs, c1, c2, dpt, *geom, **meta)
+            block_r, block_co = cfg.dpatch_tile
+            _dilated_temporal_bwd_dpatch_kernel[(triton.cdiv(n_rows, block_r),)](
+                x, w2, b, g, mean, rstd, gs, c1, c2, dpt, *geom, BLOCK_R=block_r, BLOCK_CO=block_co, **meta)
             d_x = torch.empty(B, 1, Tp, C, device=dev, dtype=x.dtype)
             n_x = B * Tp * C
             _dilated_temporal_bwd_dx_kernel[(triton.cdiv(n_x, cfg.block_x),)](
