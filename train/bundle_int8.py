@@ -51,7 +51,7 @@ def int8_section(name: str, graph: Path, commands: list[str], accuracy: dict | N
     if accuracy:
         f, q = accuracy["scores"]["fp32"], accuracy["scores"]["int8"]
         points = list(f["frame_f1"])
-        lines += [f"On the test scenes (`{accuracy['data']}`, split {accuracy['split']}, {accuracy['frames']} "
+        lines += [f"On the test scenes (`{Path(accuracy['data']).name}`, split {accuracy['split']}, {accuracy['frames']} "
                   "frames; `python -m benchmarks.int8_accuracy`), fp32 / int8:", "",
                   "| " + " | ".join([*(f"frame F1, {p}" for p in points), "event F1 (decoder)", "PSDS1",
                                      "max abs prob. deviation", "mean abs prob. deviation"]) + " |",
