@@ -138,3 +138,49 @@ def test_bundle_writes_card_attribution_and_checkpoint(tmp_path, monkeypatch):
     assert shipped.metadata["false_alarms_per_minute"] >= 0
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert set(scores) == {"test", "test_world", "false_alarms"}
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_bundled_int8_graph_ships_beside_its_detector_with_the_calibration_in_the_card(name, tmp_path, monkeypatch):
+    """<name>_int8.onnx resolves by name, opens (its content hash checks), describes the same
+    detector, stores each weight once, was calibrated on training-side audio that the model
+    card records, and detects through rtsed.detect --backend onnx."""
+    import numpy as np
+    import soundfile as sf
+
+    from rtsed.cli.detect import main as detect_main
+    from rtsed.stream.onnx_runtime import OnnxFile
+
+    monkeypatch.chdir(tmp_path)  # no file of that name here: the bundled one is found
+    path = resolve_model(f"{name}_int8.onnx")
+    assert path == BUNDLED_DIR / f"{name}_int8.onnx"
+    graph = OnnxFile.open(path)
+    assert graph.precision == "int8" and graph.graph == "step"
+    ckpt = load_checkpoint(BUNDLED_DIR / f"{name}.pt")
+    assert graph.config.labels == ckpt.config.labels and graph.config.decoder == ckpt.config.decoder
+    # Three fp32 copies of the classifier made these files 3.5 MB; int8 weights stored once: well under 1 MB.
+    assert path.stat().st_size < 1e6
+    calibration = json.loads(graph.meta["rtsed_calibration"])
+    assert calibration["files"] and "test" not in calibration["folder"].lower()
+    card = (BUNDLED_DIR / f"{name}.md").read_text()
+    section = card[card.index("## int8 graph"):]
+    assert f"{name}_int8.onnx" in section and calibration["sha256"] in section
+    assert f"{len(calibration['files'])} files" in section and f"{calibration['frames']} frames" in section
+    rng = np.random.default_rng(0)
+    t = np.arange(16000 * 6) / 16000
+    audio = (0.01 * rng.standard_normal(t.size) + 0.3 * np.sin(2 * np.pi * 700 * t) * (t > 2)).astype(np.float32)
+    sf.write(tmp_path / "scene.wav", audio, 16000)
+    assert detect_main(["scene.wav", "--model", f"{name}_int8.onnx", "--backend", "onnx",
+                        "--output", "events.tsv"]) == 0
+    assert (tmp_path / "events.tsv").read_text().startswith("filename\tonset\toffset\tevent_label")
+
+
+def test_int8_card_section_is_added_once_and_replaced_on_a_new_calibration():
+    from train.bundle_int8 import SECTION, with_section
+
+    card = "# m: model card\n\n## Latency\n\n- 40 ms\n\nWritten by `python -m train.bundle` on 2026-12-07."
+    first = with_section(card, f"{SECTION}\n\ncalibrated on A\n")
+    assert first.index("## Latency") < first.index(SECTION) < first.index("Written by")
+    second = with_section(first, f"{SECTION}\n\ncalibrated on B\n")
+    assert second.count(SECTION) == 1 and "on B" in second and "on A" not in second
+    assert second.endswith("Written by `python -m train.bundle` on 2026-12-07.") and "- 40 ms" in second

@@ -19,7 +19,7 @@ from rtsed.cli.export import main as export_main
 from rtsed.models.checkpoint import load_checkpoint
 from rtsed.serve.engine import DetectionEngine, MultiStreamEngine, make_stepper
 from rtsed.stream import onnx_runtime
-from rtsed.stream.onnx_export import steady_step_model
+from rtsed.stream.onnx_export import SHARED_MIN_BYTES, steady_step_model
 from rtsed.stream.onnx_quantize import export_int8, files_digest
 from rtsed.stream.onnx_runtime import OnnxFile, OnnxOffline, OnnxStream
 
@@ -101,15 +101,29 @@ def test_int8_graph_is_quantized_keeps_state_fp32_and_records_its_calibration(in
         producer = {o: n for n in branch.node for o in n.output}
         convs = [n for n in branch.node if n.op_type == "Conv"]
         inits = {i.name: i for i in branch.initializer}
-        weights = [producer[c.input[1]].input[0] for c in convs if c.input[1] in producer]
-        # Every conv but the classifier reads int8 weights through a DequantizeLinear.
-        assert len(weights) == len(convs) - 1
+        (classifier,) = [n for n in branch.node if n.op_type == "MatMul"]  # the channels-last head
+        reads = [producer[x] for c in [*convs, classifier] for x in c.input[:2] if x in producer]
+        # Every conv and the classifier read int8 activations and int8 weights through DequantizeLinear.
+        assert len(reads) == 2 * (len(convs) + 1) and all(n.op_type == "DequantizeLinear" for n in reads)
+        weights = [producer[c.input[1]].input[0] for c in [*convs, classifier]]
         assert all(inits[w].data_type == onnx.TensorProto.INT8 for w in weights)
         for out in branch.output:
             if out.name.endswith("_history_out"):
-                assert producer[out.name].op_type not in ("QuantizeLinear", "DequantizeLinear"), out.name
-        # The logits come out of fp32 arithmetic, not off an int8 grid.
+                node = producer[out.name]
+                assert node.op_type not in ("QuantizeLinear", "DequantizeLinear"), out.name
+                # ... nor does the node that makes it read a dequantized value (no rounding on the way round).
+                assert all(producer[x].op_type != "DequantizeLinear" for x in node.input if x in producer), out.name
+        # The logits come out of fp32 arithmetic (the classifier's output is not quantized).
+        assert all(n.input[0] != classifier.output[0] for n in branch.node if n.op_type == "QuantizeLinear")
         assert producer["logits"].op_type not in ("DequantizeLinear",)
+    # Each weight is stored once, though three step variants (masked, steady, one-frame) read it.
+    stored, graphs = [], [proto.graph]
+    while graphs:
+        g = graphs.pop()
+        stored += [i.raw_data for i in g.initializer if len(i.raw_data) >= SHARED_MIN_BYTES]
+        graphs += [a.g for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    assert len(stored) == len(set(stored)) and len(stored) >= 8
+    assert sum(i.name.startswith("shared/") for i in proto.graph.initializer) >= 8
     # The file still opens as an rtsed graph whose content hash checks.
     assert OnnxFile.open(int8_graphs["step"]).precision == "int8"
 
@@ -172,3 +186,30 @@ def test_no_vnni_is_said_once_and_doctor_names_the_precision(int8_graphs, monkey
     from rtsed.cli.doctor import environment
 
     assert dict(environment())["int8"].startswith("no VNNI")
+
+
+def test_calibration_takes_the_range_of_every_feed():
+    """The activation ranges cover every calibration feed: a loud first step among 129 quiet
+    ones sets the input's scale (onnxruntime's calibrator, given CalibMaxIntermediateOutputs,
+    kept only the last len(feeds) mod N feeds' ranges, and failed on a multiple of N)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rtsed.stream.onnx_quantize import quantize_proto
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1], name="conv"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "w2"], ["logits"], name="classifier")],
+        "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.standard_normal((2, 4, 1, 1)).astype(np.float32), "w2")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": rng.uniform(-1, 1, (1, 1, 6, 6)).astype(np.float32) * (100.0 if i == 0 else 1.0)}
+             for i in range(129)]
+    for count in (129, 128):
+        out = quantize_proto(proto, feeds[:count])
+        (q,) = [n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x"]
+        scale = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}[q.input[1]]
+        assert float(scale) * 255 >= 150, (count, float(scale))  # the loud feed's range (about -100..100)

@@ -11,7 +11,8 @@ and music), and counts false alarms per minute on ``--false-alarms`` (audio in w
 class sounds). It measures the streaming compute per hop on this machine, and writes
 ``rtsed/models/<name>.pt`` plus ``rtsed/models/<name>.md`` (classes, data sources and licences, the
 command lines of the recipe, training progress, the decoder, every score, latency). The audio the
-weights derive from is credited in ``rtsed/models/ATTRIBUTION.md``.
+weights derive from is credited in ``rtsed/models/ATTRIBUTION.md``. With ``--int8-calibration DIR``
+it also ships the int8 step graph beside them (``train.bundle_int8``).
 """
 
 from __future__ import annotations
@@ -320,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--last", help="the run's last-state file (train.fit's last.pt): epochs run for the card")
     p.add_argument("--json", help="also write every evaluation as JSON here")
+    p.add_argument("--int8-calibration", metavar="DIR",
+                   help="also ship the int8 step graph, calibrated on this training-side audio (train.bundle_int8)")
     args = p.parse_args(argv)
     ckpt = load_checkpoint(args.model)
 
@@ -369,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     (BUNDLED_DIR / "ATTRIBUTION.md").write_text(attribution(event_clips(onthefly, manifests), world))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.int8_calibration:
+        from train.bundle_int8 import ship
+
+        ship(args.name, args.int8_calibration)
     summary = results["test"]["summary"]
     print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB) and its model card; test: "
           + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float))

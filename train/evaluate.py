@@ -306,6 +306,7 @@ def evaluate(
     data: str = "",
     split: str = "",
     onnx: str | Path | None = None,
+    outputs: Sequence[FileOutput] | None = None,
 ) -> dict[str, Any]:
     """Score a checkpoint on files with reference events; returns a plain dict (JSON-ready).
 
@@ -319,6 +320,8 @@ def evaluate(
     data, split: descriptions for the report.
     onnx: score this exported graph of the checkpoint instead of its torch model (a step graph
         streamed at 16 frames per step, e.g. an int8 one from ``rtsed.export --quantize int8``).
+    outputs: ``predict(checkpoint, items, onnx=onnx)`` already computed for these items (a caller
+        that also compares the probabilities themselves need not run the detector twice).
 
     Keys: ``format``, ``model``, ``data``, ``operating_points`` (one dict per threshold: frame,
     segment, event scores with their ``params``, per_class), ``psds1`` and ``psds2``
@@ -332,7 +335,8 @@ def evaluate(
     config = ckpt.config
     labels = list(config.labels)
     hop_s = config.frontend.hop_s
-    outputs = predict(ckpt, list(items), cache_dir=cache_dir, device=device, onnx=onnx)
+    if outputs is None:
+        outputs = predict(ckpt, list(items), cache_dir=cache_dir, device=device, onnx=onnx)
     inference_s = time.perf_counter() - started
 
     reference = [(o.key, e.onset_s, e.offset_s, e.event_label) for o in outputs for e in o.events]

@@ -96,11 +96,21 @@ class StepGraph(nn.Module):
     ``steady=True`` is the same step for a batch whose streams are all past their lookahead and
     none ended: every start/end mask is then all ones, so it is left out (``export_onnx`` puts
     both variants in one file behind an If on position and end). The masks were ~35 of the 113
-    nodes onnxruntime ran per step."""
+    nodes onnxruntime ran per step.
 
-    def __init__(self, model: SEDModel, config: DetectorConfig, steady: bool = False, one_frame: bool = False):
+    ``channels_last_head=True`` (f_dil models; the int8 export) writes the classifier as a MatMul
+    over f_dil's output taken channels-last, (B, n, W C_out) with index w C_out + c, where fp32
+    graphs use a (1, W) Conv over (B, C_out, n, W): onnxruntime runs int8 convolutions
+    channels-last, so the quantized f_dil output is already in that order (the layout Transpose
+    it would insert cancels against this one), and a MatMul with int8 inputs and an fp32 output
+    runs as one integer kernel (MatMulIntegerToFloat). The Conv form made onnxruntime dequantize
+    f_dil's whole (B, C_out, n, W) output to fp32 and reorder it for an fp32 convolution."""
+
+    def __init__(self, model: SEDModel, config: DetectorConfig, steady: bool = False, one_frame: bool = False,
+                 channels_last_head: bool = False):
         super().__init__()
         self.model, self.normalize = model, _Normalize(config)
+        self.channels_last_head = channels_last_head
         # one_frame: the steady step specialised for n == 1 (f_dil models only; see forward).
         self.steady, self.one_frame = steady or one_frame, one_frame
         self.plan = StreamPlan.of(model)
@@ -181,7 +191,9 @@ class StepGraph(nn.Module):
             window, new_ring, dilation = self._dil_window(new, position, temporal_state)
             new_states.append(new_ring)
             y = F.conv2d(window, t.conv.weight, t.conv.bias, stride=(1, t.stride), dilation=dilation)
-            if eval_fast_path(y, t.training):  # BN folded into the classifier, as ModelStream does
+            if self.channels_last_head and eval_fast_path(y, t.training):
+                logits = self._channels_last_logits(y, frames.shape[0], n)
+            elif eval_fast_path(y, t.training):  # BN folded into the classifier, as ModelStream does
                 # (B, n_classes, n, 1) taken to (B, n, n_classes) as a permute that onnxruntime
                 # folds into the Conv's output reorder (no Squeeze/Transpose nodes).
                 logits = t.classifier_conv(y, self.model.classifier)
@@ -195,6 +207,23 @@ class StepGraph(nn.Module):
         frame_index = pos - self.lookahead
         valid = self.plan.valid(frame_index, end, steady=self.steady)  # steady: frame_index >= 0 for every row
         return (torch.sigmoid(logits), logits, frame_index, valid, position + n, *new_states)
+
+    def _channels_last_logits(self, y: Tensor, batch, n) -> Tensor:
+        """f_dil's conv output y (B, C_out, n, W) -> logits (B, n, n_classes) through ReLU and the
+        BN-folded classifier, as one MatMul over (B, n, W C_out) (see the class docstring).
+        ``batch`` and ``n`` come from the step's frames: a Reshape whose shape is read off y
+        itself would make onnxruntime dequantize all of int8 y for its Shape node."""
+        t = self.model.temporal
+        weight, bias = t.folded_classifier(self.model.classifier)  # (k, C_out W), channel-major
+        k, c, w = weight.shape[0], t.conv.out_channels, t.width
+        # Row w C_out + c of the (W C_out, k) matrix is classifier input c W + w: a constant in the trace.
+        matrix = weight.reshape(k, c, w).permute(2, 1, 0).reshape(w * c, k).contiguous()
+        feats = F.relu(y).permute(0, 2, 3, 1)  # (B, n, W, C_out)
+        if self.one_frame:  # n == 1: a constant shape, no Shape/Gather nodes
+            feats = feats.reshape(-1, 1, w * c)
+        else:
+            feats = feats.reshape(batch, n, w * c)
+        return torch.matmul(feats, matrix) + bias
 
     def _dil_window(self, new: Tensor, position: Tensor, ring: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
         """f_dil's input window from its ring (B, R, C) and the step's new frames (B, n, C), or
@@ -398,6 +427,7 @@ def steady_step_model(proto, outputs: list[str] | None = None, one_frame: bool =
     import onnx
     from onnx import TensorProto, helper
 
+    proto = inline_shared_weights(proto)  # the branch's weights as its own initializers
     node = next((n for n in proto.graph.node if n.op_type == "If"), None)
     if node is None:
         raise ExportError("not a step graph with a steady-state branch (no If node)")
@@ -459,13 +489,16 @@ def check_exportable(model: SEDModel, config: DetectorConfig) -> None:
 
 
 def export_onnx(model: SEDModel, config: DetectorConfig, out: str | Path, streaming: bool = False,
-                opset: int = OPSET, transform=None, metadata: dict[str, str] | None = None) -> Path:
+                opset: int = OPSET, transform=None, metadata: dict[str, str] | None = None,
+                channels_last_head: bool = False) -> Path:
     """Write the offline (or, with streaming=True, the step) graph of a model to ``out``.
 
     ``transform(proto, variant) -> proto``, when given, rewrites each traced graph before the
     step variants are joined: variant is "offline", "masked", "steady" or "one_frame" (the
     one-frame steady variant, n == 1). rtsed.stream.onnx_quantize quantizes them this way.
-    ``metadata``: more (key, value) pairs for the file's metadata."""
+    ``metadata``: more (key, value) pairs for the file's metadata. ``channels_last_head``: the
+    step graph's classifier as a MatMul over channels-last f_dil output (``StepGraph``; what int8
+    graphs want)."""
     import onnx  # imported here: onnx is only needed to export
 
     check_exportable(model, config)
@@ -483,7 +516,7 @@ def export_onnx(model: SEDModel, config: DetectorConfig, out: str | Path, stream
         "rtsed_hop_s": repr(config.frontend.hop_s),
     }
     if streaming:
-        graph = StepGraph(model, config).eval()
+        graph = StepGraph(model, config, channels_last_head=channels_last_head).eval()
         specs = graph.state_specs()
         state_names = [name for name, _ in specs]
         args = (torch.zeros(2, 3, n_mels), torch.zeros(2, dtype=torch.int64),
@@ -540,16 +573,17 @@ def export_onnx(model: SEDModel, config: DetectorConfig, out: str | Path, stream
     if not streaming or opset < 13:
         proto = rewrite(proto, "offline" if not streaming else "masked")
     if streaming and opset >= 13:  # ReduceMin over int64 and GreaterOrEqual need opset 13
-        steady = trace(StepGraph(model, config, steady=True).eval())
+        steady = trace(StepGraph(model, config, steady=True, channels_last_head=channels_last_head).eval())
         one_frame = None
         if isinstance(model.temporal, DilatedTemporal):
             _name_ring_indices(steady)
             args = (args[0][:, :1], *args[1:])  # traced at n = 1: the variant only serves n == 1
-            one_frame = trace(StepGraph(model, config, one_frame=True).eval())
+            one_frame = trace(StepGraph(model, config, one_frame=True, channels_last_head=channels_last_head).eval())
             _name_one_frame_values(one_frame)
             one_frame = rewrite(one_frame, "one_frame")
         proto = _with_steady_branch(rewrite(proto, "masked"), rewrite(steady, "steady"), model.lookahead_frames,
                                     one_frame)
+        share_weights(proto)
         meta["rtsed_step_variants"] = "steady-if" if one_frame is None else "steady-if-1"
     meta.update(metadata or {})
     meta["rtsed_content_sha256"] = graph_digest(proto)
@@ -558,6 +592,79 @@ def export_onnx(model: SEDModel, config: DetectorConfig, out: str | Path, stream
         entry.key, entry.value = key, value
     proto.doc_string = f"rtsed {config.model.name} ({meta['rtsed_graph']} graph); labels: {', '.join(config.labels)}"
     return write_atomically(out, lambda f: f.write(proto.SerializeToString()), binary=True, what="ONNX file")
+
+
+# Constants of at least this many bytes held more than once (by several step variants, or
+# twice by one: e.g. the all-zero zero points of int8 weights) are stored once.
+SHARED_MIN_BYTES = 64
+SHARED_PREFIX = "shared/"
+
+
+def _subgraphs(graph):
+    """Every graph nested in ``graph`` (If branches, at any depth), outermost first."""
+    import onnx
+
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield a.g
+                yield from _subgraphs(a.g)
+
+
+def share_weights(proto) -> None:
+    """Store each weight that several step variants (If branches) hold once, in place: as an
+    initializer of the outer graph named ``shared/<i>``, which the branches read as an outer-scope
+    value. The three variants of a step graph carry the same weights (in int8 graphs too: each
+    variant quantizes the same fp32 weights per channel to the same int8 values and scales), so
+    this takes a file to about a third. onnxruntime lays weights out for its fast kernels only
+    when they are initializers of the graph that uses them (``_branch``), so the loader copies
+    them back into each branch (``inline_shared_weights``) before it builds a session."""
+    branches = list(_subgraphs(proto.graph))
+    holders: dict[tuple, list] = {}
+    for g in branches:
+        for init in g.initializer:
+            if len(init.raw_data) >= SHARED_MIN_BYTES:
+                holders.setdefault((init.data_type, tuple(init.dims), init.raw_data), []).append((g, init))
+    for key, held in holders.items():
+        if len(held) < 2:
+            continue
+        name = f"{SHARED_PREFIX}{len(proto.graph.initializer)}"
+        shared = proto.graph.initializer.add()
+        shared.CopyFrom(held[0][1])
+        shared.name = name
+        for g, init in held:
+            old = init.name
+            g.initializer.remove(init)
+            for node in g.node:
+                node.input[:] = [name if x == old else x for x in node.input]
+
+
+def inline_shared_weights(proto):
+    """A copy of ``proto`` with every shared weight (``share_weights``) copied into each graph
+    that reads it, under a name of that graph's, and gone from the outer graph: what onnxruntime
+    needs to lay them out for its fast kernels. A file without shared weights comes back as is."""
+    import onnx
+
+    shared = {init.name: init for init in proto.graph.initializer if init.name.startswith(SHARED_PREFIX)}
+    if not shared:
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for g in _subgraphs(out.graph):
+        local: dict[str, str] = {}
+        for node in g.node:
+            for i, x in enumerate(node.input):
+                if x in shared:
+                    if x not in local:
+                        local[x] = f"{g.name}/{x}"
+                        init = g.initializer.add()
+                        init.CopyFrom(shared[x])
+                        init.name = local[x]
+                    node.input[i] = local[x]
+    kept = [init for init in out.graph.initializer if init.name not in shared]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return out
 
 
 def graph_digest(proto) -> str:

@@ -15,10 +15,17 @@ What stays fp32, and why:
 - the carried state: the nodes that read a state input or write a state output (the CNN blocks'
   history Concat/Slice, f_dil's ring Gathers, Reshape and ScatterElements). State inputs and
   outputs are fp32 tensors holding exactly the values the step computed, so nothing is rounded
-  again on its way through the state and a stream cannot drift from its offline twin;
-- the classifier (the last Conv, whose output is the logits) unless ``quantize_logits``: int8
-  logits with one scale over every class moved probabilities by several hundredths;
+  again on its way through the state and a stream cannot drift from its offline twin; a state
+  node reads the fp32 value itself, never its dequantized copy (``keep_fp32_state_reads``);
+- the logits, unless ``quantize_logits``: int8 logits with one scale over every class moved
+  probabilities by several hundredths. The step graph's classifier is a MatMul over f_dil's
+  channels-last output (``StepGraph(channels_last_head=True)``) whose inputs and per-channel
+  weights are int8 and whose output is fp32 (onnxruntime's MatMulIntegerToFloat); a Conv
+  classifier (the offline graph) stays fp32 whole;
 - the normalisation (Sub/Div) and every integer index computation (not quantizable anyway).
+
+The three variants of a step graph hold the same int8 weights, stored once in the file
+(``rtsed.stream.onnx_export.share_weights``).
 
 The file records its precision (``rtsed_precision`` = ``int8``) and its calibration
 (``rtsed_calibration``: folder, files, SHA-256 of their bytes, frames, steps) in the metadata.
@@ -185,6 +192,41 @@ def state_nodes(proto) -> list[str]:
     return keep
 
 
+def keep_fp32_state_reads(proto, state: set[str]) -> None:
+    """Rewire (in place) each state node that reads DequantizeLinear(QuantizeLinear(x)) of an
+    fp32 x (a graph input, or the output of another state node) to read x itself, and drop the
+    quantize pairs left without readers.
+
+    The quantizer quantizes a tensor once for all its readers, so block 0's window (the Concat of
+    its history and the new frames) reached both its conv and the Slice that makes the next
+    history through the same DequantizeLinear: the history was then rounded to the conv's input
+    grid, and the DequantizeLinear, having two readers, kept onnxruntime from fusing block 0's
+    conv into an integer kernel (its QDQ fusion wants a DequantizeLinear that only the conv
+    reads). Read directly, the history stays exactly the fp32 frames."""
+    g = proto.graph
+    producer = {o: n for n in g.node for o in n.output}
+    graph_inputs = {i.name for i in g.input}
+    for node in g.node:
+        if node.name not in state:
+            continue
+        for i, x in enumerate(node.input):
+            dq = producer.get(x)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            source = q.input[0]
+            if source in graph_inputs or (source in producer and producer[source].name in state):
+                node.input[i] = source
+    outputs = {o.name for o in g.output}
+    while True:  # drop quantize/dequantize nodes nobody reads any more
+        read = {x for n in g.node for x in n.input} | outputs
+        dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in read]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+
+
 def classifier_nodes(proto) -> list[str]:
     """The node that makes the logits (the last Conv / Gemm / MatMul in graph order) and every
     node after it on the way to the outputs (layout ops, Sigmoid): quantizing any of those would
@@ -230,7 +272,20 @@ def quantize_proto(proto, feeds: list[dict[str, np.ndarray]], one_frame: bool = 
 
     proto = constants_as_initializers(proto)
     inputs = {i.name for i in proto.graph.input}
-    excluded = state_nodes(proto) + ([] if quantize_logits else classifier_nodes(proto)) + list(exclude)
+    classifier = [] if quantize_logits else classifier_nodes(proto)
+    # No CalibMaxIntermediateOutputs: onnxruntime's MinMax calibrator (1.32 here) drops each full
+    # batch of that many recorded outputs without taking their ranges, so only the last
+    # len(feeds) mod N feeds set the ranges (and none when len(feeds) is a multiple of N). What it
+    # keeps per feed is one min and one max per tensor: all feeds fit in memory.
+    options = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    op_types = {n.name: n.op_type for n in proto.graph.node}
+    if classifier and op_types[classifier[0]] == "MatMul":
+        # A MatMul classifier (StepGraph's channels-last head) takes int8 inputs and per-channel
+        # int8 weights but keeps an fp32 output: onnxruntime runs it as MatMulIntegerToFloat, and
+        # the logits never sit on an int8 grid. No other node of these graphs is a MatMul.
+        classifier = classifier[1:]
+        options["OpTypesToExcludeOutputQuantization"] = ["MatMul"]
+    excluded = state_nodes(proto) + classifier + list(exclude)
     with tempfile.TemporaryDirectory(prefix="rtsed-quantize-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(proto, str(src))
@@ -238,15 +293,15 @@ def quantize_proto(proto, feeds: list[dict[str, np.ndarray]], one_frame: bool = 
         root = logging.getLogger()
         level, root.level = root.level, logging.ERROR
         try:
-                quantize_static(str(src), str(dst), _Reader(feeds, inputs, one_frame), quant_format=QuantFormat.QDQ,
+            quantize_static(str(src), str(dst), _Reader(feeds, inputs, one_frame), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
-                            extra_options={"CalibMaxIntermediateOutputs": 64, "ActivationSymmetric": False,
-                                           "WeightSymmetric": True},
+                            extra_options=options,
                             calibration_providers=["CPUExecutionProvider"])
         finally:
             root.setLevel(level)
         out = onnx.load(str(dst))
+    keep_fp32_state_reads(out, set(state_nodes(proto)))
     # The quantizer drops the value infos of the outputs' dynamic axes only in name; keep the
     # graph's own interface exactly (names, order).
     if [o.name for o in out.graph.output] != [o.name for o in proto.graph.output]:
@@ -282,4 +337,5 @@ def export_int8(model, config: DetectorConfig, out: str | Path, calibration: str
 
     meta = {"rtsed_precision": "int8", "rtsed_calibration": record.to_json(),
             "rtsed_quantized_logits": str(bool(quantize_logits)).lower()}
-    return export_onnx(model, config, out, streaming=streaming, transform=transform, metadata=meta)
+    return export_onnx(model, config, out, streaming=streaming, transform=transform, metadata=meta,
+                       channels_last_head=True)

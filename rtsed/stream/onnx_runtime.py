@@ -19,7 +19,8 @@ from rtsed.config import DetectorConfig
 from rtsed.models.integrity import MAX_ABS_WEIGHT, absurd_message, modified_message
 from rtsed.stream.plan import NO_END, StreamPlan
 from rtsed.stream.onnx_export import (DIL_NEW, DIL_READ, DIL_TAPS, DIL_WRITE, ONNX_FORMAT, ONNX_FORMAT_VERSION,
-                          float_weights, graph_digest, steady_step_model, window_name)
+                                      float_weights, graph_digest, inline_shared_weights, steady_step_model,
+                                      window_name)
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +99,18 @@ class OnnxFile:
     graph: str
     lookahead_frames: int
     meta: dict[str, str]
+    # The graph as the session runs it (shared weights copied back into the branches that read
+    # them: rtsed.stream.onnx_export.inline_shared_weights); None without the onnx package.
+    proto: object = None
 
     @classmethod
     def open(cls, path: str | Path, device: str = "cpu", threads: int | None = None) -> "OnnxFile":
         path = Path(path)
         if not path.is_file():
             raise OnnxModelError(f"{path}: no such ONNX file")
-        session = _session(path, device, threads)
+        stored = _load_proto(path)
+        runnable = None if stored is None else inline_shared_weights(stored)
+        session = _session(path, device, threads, None if runnable is stored else runnable.SerializeToString())
         meta = dict(session.get_modelmeta().custom_metadata_map)
         if meta.get("rtsed_format") != ONNX_FORMAT:
             raise OnnxModelError(f"{path}: not an rtsed ONNX file (no rtsed metadata); export one with "
@@ -113,9 +119,9 @@ class OnnxFile:
         if version != str(ONNX_FORMAT_VERSION):
             raise OnnxModelError(f"{path}: rtsed ONNX format version {version}, this rtsed reads "
                                  f"version {ONNX_FORMAT_VERSION}; re-export it with this rtsed")
-        _check_weights(path, meta.get("rtsed_content_sha256"))
+        _check_weights(path, meta.get("rtsed_content_sha256"), stored)
         config = DetectorConfig.from_dict(json.loads(meta["rtsed_config"]))
-        opened = cls(path, session, config, meta["rtsed_graph"], int(meta["rtsed_lookahead_frames"]), meta)
+        opened = cls(path, session, config, meta["rtsed_graph"], int(meta["rtsed_lookahead_frames"]), meta, runnable)
         if opened.precision == "int8" and device == "cpu":
             from rtsed.backends.precision import cpu_int8_dot, int8_note
 
@@ -130,16 +136,27 @@ class OnnxFile:
         return self.meta.get("rtsed_precision", "fp32")
 
 
-def _check_weights(path: Path, digest: str | None) -> None:
-    """OnnxModelError when the graph no longer matches the content hash written at export, or
-    holds non-finite or absurdly large weights (rtsed.models.integrity). Files exported before
-    the hash existed are checked for magnitudes only."""
+def _load_proto(path: Path):
+    """The file's ModelProto, or None where the onnx package is missing (onnxruntime alone runs
+    the file as stored, shared weights as outer-scope values, more slowly) or cannot parse it
+    (onnxruntime then says why)."""
     try:
         import onnx
-    except ImportError:  # onnxruntime alone runs the file; the check needs the onnx package
+    except ImportError:
+        return None
+    try:
+        return onnx.load(str(path))
+    except Exception:  # noqa: BLE001 - the session that follows reports the file's problem
+        return None
+
+
+def _check_weights(path: Path, digest: str | None, proto) -> None:
+    """OnnxModelError when the graph (``proto``, as stored) no longer matches the content hash
+    written at export, or holds non-finite or absurdly large weights (rtsed.models.integrity).
+    Files exported before the hash existed are checked for magnitudes only."""
+    if proto is None:  # onnxruntime alone runs the file; the check needs the onnx package
         log.info("%s: not checked against its content hash (pip install onnx to check it)", path)
         return
-    proto = onnx.load(str(path))
     if digest is None:
         log.info("%s: exported without a content hash (an older rtsed); loaded unchecked", path)
     elif graph_digest(proto) != digest:
@@ -261,7 +278,7 @@ class OnnxStream:
         if variants in ("steady-if", "steady-if-1"):
             import onnx
 
-            proto = onnx.load(str(self.file.path))
+            proto = self.file.proto if self.file.proto is not None else onnx.load(str(self.file.path))
             specs = {s["name"]: s for s in json.loads(self.file.meta["rtsed_state"])}
             if variants == "steady-if-1":
                 # The one-frame session returns the CNN blocks' windows (history + new frame)
