@@ -116,7 +116,7 @@ def _gpu_choices(sm_count: int, tf32: bool, launches: list, case: list):
     patches = [
         (dt, "_config", lambda x, c_out: dt._gpu_config(c_out, sm_count)),
         (dt, "_dot_precision", precision),
-        (dsl, "_config", lambda ring, c_out: dsl._gpu_config(c_out, sm_count)),
+        (dsl, "_config", lambda ring, c_out: dsl._gpu_config(c_out, sm_count, ring.dtype)),
         (dws, "_tiles", lambda x, name, channels: dws._table_tiles(dws._GPU_TILES, name, channels)),
         (dws, "_row_programs", lambda x: dws._gpu_row_programs(sm_count)),
         (dws, "_dot_precision", precision),

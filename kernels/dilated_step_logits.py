@@ -141,15 +141,19 @@ def _config(ring: torch.Tensor, c_out: int) -> _Config:
     idx = ring.device.index if ring.device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _gpu_config(c_out, _SM_COUNT[idx])
+    return _gpu_config(c_out, _SM_COUNT[idx], ring.dtype)
 
 
-def _gpu_config(c_out: int, sm_count: int) -> _Config:
-    """The tiles on a GPU with ``sm_count`` SMs (benchmarks/kernel_resources.py compiles them
-    offline). Untimed: 64 frames x 32 channels per dot, two programs per SM before W is split;
-    64 x 64 tiles spilled in fp32 at K = 7 (up to 472 B per thread at 4 or 8 warps), these do not."""
-    return _Config(block_f=64, block_co=min(32, max(16, _dt._next_pow2(c_out))), programs=2 * sm_count, warps=8,
-                   stages=2)
+def _gpu_config(c_out: int, sm_count: int, dtype: torch.dtype) -> _Config:
+    """The tiles on a GPU with ``sm_count`` SMs for a ring of ``dtype`` (benchmarks/kernel_resources.py
+    compiles them offline). Untimed: 64 frames x 32 channels per dot, two programs per SM before W
+    is split; 64 x 64 tiles spilled in fp32 at K = 7 (up to 472 B per thread at 4 or 8 warps), these
+    do not. Full tiles run 8 warps in fp32 (at 4, K = 7 spills: 68-140 B in TF32, 760 B and more in
+    IEEE) and 4 in fp16: at 8, ptxas held the fp16 tile at K = 5 to 128 registers on sm_80 and
+    spilled 4 B, while at 4 warps it takes 142-210 registers on sm_90 and sm_80 without spilling
+    (at most 210 x 128 threads: still two resident programs per SM)."""
+    return _Config(block_f=64, block_co=min(32, max(16, _dt._next_pow2(c_out))), programs=2 * sm_count,
+                   warps=4 if dtype == torch.float16 else 8, stages=2)
 
 
 def _w_split(frame_tiles: int, class_blocks: int, width: int, programs: int) -> tuple[int, int]:
