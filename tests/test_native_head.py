@@ -349,12 +349,17 @@ def test_head_native_fp32_parity(native_on, monkeypatch, training):
     reference = _run(copy.deepcopy(model).double(), h.double(), grad.double(), "reference", monkeypatch)
     logits, dh, grads, _ = native_result
     torch.testing.assert_close(logits, reference[0].float(), rtol=RTOL, atol=ATOL)
+    reference_grads = {"dL/dh": reference[1], **reference[2]}
+    torch_grads = {"dL/dh": torch_result[1], **torch_result[2]}
     for other, what in ((torch_result, "torch fp32"), (reference, "reference fp64")):
         for name, actual, expected in [("dL/dh", dh, other[1]), *((n, grads[n], other[2][n]) for n in grads)]:
             expected = expected.float()
             scale = expected.abs().max().item()
-            torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL * max(scale, 1.0),
-                                       msg=f"native vs {what}: {name}")
+            atol = ATOL * max(scale, 1.0)
+            if what == "torch fp32":  # two float32 orderings differ by up to torch's own rounding error,
+                # which depends on its thread count; native against float64 holds the plain rule below
+                atol += (torch_grads[name].double() - reference_grads[name].double()).abs().max().item()
+            torch.testing.assert_close(actual, expected, rtol=RTOL, atol=atol, msg=f"native vs {what}: {name}")
 
 
 # --- head_logits: the eval-mode forward straight to logits -------------------------------------
