@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from serve_helpers import REPO, free_port
+from serve_helpers import REPO, free_port, stop_process
 
 
 def nats_server_binary() -> str | None:
@@ -49,14 +49,7 @@ class NatsServer:
         wait_for_port(port, self.proc, self.log_path)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        stop_process(self.proc, self.log, timeout_s=10.0)
 
 
 def start_nats(folder: Path, partitions: int) -> NatsServer:
@@ -95,12 +88,4 @@ class WorkerProcess:
             time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        return stop_process(self.proc, self.log, sig, timeout_s)

@@ -18,20 +18,17 @@ import os
 import socket
 import sys
 
+from rtsed.cli.engine_options import add_engine_arguments, check_numbers
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rtsed.worker", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint (.pt) or bundled detector name")
+    add_engine_arguments(p, "checkpoint (.pt) or bundled detector name", 16,
+                         "streams of the partition run at once, batched in one model call (default 16)")
     p.add_argument("--nats", required=True, metavar="URL", help="the NATS server: nats://host:4222")
     p.add_argument("--partition", required=True, action="append", metavar="K/N",
                    help="a partition this worker may own (repeatable: the first free one is taken, the others "
                         "are stood by for)")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnx"))
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="compute device")
-    p.add_argument("--threads", type=int, default=1, help="compute threads of the model (default 1)")
-    p.add_argument("--max-streams", type=int, default=16,
-                   help="streams of the partition run at once, batched in one model call (default 16)")
-    p.add_argument("--frames-per-step", type=int, default=4, help="hops per model step (latency vs cost)")
     p.add_argument("--retention-s", type=float, default=10.0,
                    help="audio JetStream keeps per stream for a takeover (a few receptive fields; default 10)")
     p.add_argument("--lease-s", type=float, default=3.0,
@@ -64,12 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if len({p.count for p in partitions}) != 1:
             raise ValueError(f"--partition {' '.join(args.partition)}: every partition must be of the same N (the N "
                              "of the server's mapping)")
-        for name in ("max_streams", "frames_per_step", "threads"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        for name in ("retention_s", "lease_s", "checkpoint_s"):
-            if not getattr(args, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        check_numbers(args, ("max_streams", "frames_per_step", "threads"), ("retention_s", "lease_s", "checkpoint_s"))
         if not args.nats.startswith(("nats://", "tls://")):
             raise ValueError(f"--nats {args.nats!r}: give a NATS URL, e.g. nats://127.0.0.1:4222")
         path = resolve_model(args.model)
