@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream time between the resume points written per stream")
     p.add_argument("--worker-id", default=f"{socket.gethostname()}-{os.getpid()}",
                    help="this worker's name in logs, leases and events (default host-pid)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics (steps, step latency, streams, queued audio) on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (0.0.0.0: every interface)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
@@ -88,8 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("rtsed.worker").info(
         "model %s: receptive field %.2f s (%d past + %d lookahead frames), retention %.3g s", config.model.name,
         field_s, past, stepper.lookahead_frames, args.retention_s)
+    metrics = None
+    if args.metrics_port is not None:
+        try:
+            from rtsed.cluster.telemetry import WorkerMetrics
+
+            metrics = WorkerMetrics()
+            metrics.serve(args.metrics_port, args.metrics_host)
+        except ImportError as exc:
+            print(f"rtsed.worker: --metrics-port needs {exc.name or exc}: pip install 'rtsed[serve]'", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"rtsed.worker: --metrics-port {args.metrics_port}: {exc}; choose a free port", file=sys.stderr)
+            return 2
     worker = PartitionWorker(stepper, config, past, args.nats, partitions, args.worker_id, args.frames_per_step,
-                             args.retention_s, args.lease_s, args.checkpoint_s)
+                             args.retention_s, args.lease_s, args.checkpoint_s, metrics)
     try:
         run_worker(worker)
     except Exception as exc:  # NATS unreachable, refused, or JetStream not enabled
