@@ -64,11 +64,11 @@ class WorkerProcess:
     """``python -m rtsed.worker`` in a subprocess; ``wait_for(text)`` in its log."""
 
     def __init__(self, nats_url: str, partitions: list[str], worker_id: str, log_path: Path, *extra: str,
-                 model: str = "dnd_7_10.pt"):
+                 model: str = "dnd_7_10.pt", allocator: str = "system"):
         self.worker_id = worker_id
         self.log_path = log_path
         self.log = open(log_path, "wb")
-        env = {**os.environ, "PYTHONPATH": str(REPO), "RTSED_ALLOCATOR": "system"}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RTSED_ALLOCATOR": allocator}
         args = [sys.executable, "-m", "rtsed.worker", "--model", model, "--nats", nats_url, "--worker-id", worker_id]
         for p in partitions:
             args += ["--partition", p]
