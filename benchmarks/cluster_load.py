@@ -238,10 +238,11 @@ def overhead(result: dict) -> list[dict]:
 
 
 def site_plan(result: dict, mics: int = 1000, utilisation: float = 0.7) -> dict:
-    """What ``mics`` microphones need, from the 1-worker NATS run's measured costs: the arithmetic
-    as lines of text ("lines") and its results. Processes are planned to run at ``utilisation`` of
-    a core. A worker steps its model on one thread and a gateway is one Python process: each
-    keeps about one core busy at most, so the plan counts processes of one core."""
+    """What ``mics`` microphones need, from the 1-worker NATS run's measurements at the largest N it
+    sustained: the arithmetic as lines of text ("lines") and its results. Two limits count:
+    processes (a worker sustained S streams by the latency rule, and a gateway is one Python
+    process, about one core at most) and cores (each process's measured CPU per stream, planned to
+    run at ``utilisation`` of the cores)."""
     run = next((r for r in result["runs"] if r["workers"] == 1), None)
     if run is None or not run["max_streams_sustained"]:
         return {"lines": ["no 1-worker NATS run sustained any stream: nothing to plan from"]}
@@ -255,30 +256,35 @@ def site_plan(result: dict, mics: int = 1000, utilisation: float = 0.7) -> dict:
     workers = math.ceil(mics / s)
     per_gateway = max(1, math.floor(utilisation / gateway_c + 1e-9)) if gateway_c > 0 else mics
     gateways = math.ceil(mics / per_gateway)
-    nats_cores = mics * nats_c / utilisation
-    worker_mb = per_stream_mb(t, tuple(r for r in t["rss_mb_by_process"]["idle"] if r.startswith("worker")))
+    worker_cores, gateway_cores, nats_cores = (mics * c / utilisation for c in (worker_c, gateway_c, nats_c))
+    cores = math.ceil(worker_cores + gateway_cores + nats_cores)
+    worker_mb = per_stream_mb(t, tuple(r for r in t["rss_mb_by_process"]["idle"] if r.startswith("worker"))) or 0.0
     idle_worker_mb = t["rss_mb_by_process"]["idle"]["worker0"]
+
+    def mc(c: float) -> str:
+        return f"{c * 1000:.1f} millicores"
+
     lines = [
-        f"measured (1 worker, {s} streams sustained, {t['backend']}): worker {worker_c * 1000:.1f}, gateway "
-        f"{gateway_c * 1000:.1f}, nats-server {nats_c * 1000:.1f} millicores per stream; NATS in "
-        f"{in_b / 1000:.1f} kB/s, out {out_b / 1000:.1f} kB/s per stream",
-        f"workers: {mics} mics / {s} streams per worker = {mics / s:.1f} -> {workers} worker processes "
-        f"(one core each; {mics} x {worker_c * 1000:.1f} millicores = {mics * worker_c:.1f} cores busy)",
-        f"worker memory: {workers} x {idle_worker_mb:.0f} MB idle + {mics} x {worker_mb:.2f} MB per stream = "
-        f"{(workers * idle_worker_mb + mics * (worker_mb or 0.0)) / 1024:.1f} GB",
-        f"gateways: {utilisation:g} core / {gateway_c * 1000:.1f} millicores per stream = {per_gateway} streams per "
-        f"gateway -> {mics} / {per_gateway} = {gateways} gateway process(es)",
-        f"nats-server: {mics} x {nats_c * 1000:.1f} millicores / {utilisation:g} = {nats_cores:.1f} cores",
-        f"NATS bandwidth in: {mics} x {in_b / 1000:.1f} kB/s = {mics * in_b / 1e6:.1f} MB/s "
-        f"({mics * in_b * 8 / 1e6:.0f} Mbit/s; the samples alone: {mics} x {MIC_BYTES_PER_S / 1000:g} kB/s = "
-        f"{mics * MIC_BYTES_PER_S / 1e6:g} MB/s, the rest is headers and events)",
-        f"NATS bandwidth out: {mics} x {out_b / 1000:.1f} kB/s = {mics * out_b / 1e6:.1f} MB/s "
-        f"({mics * out_b * 8 / 1e6:.0f} Mbit/s: audio to the workers, events to the gateways)",
-        f"cores in all: {workers} (workers) + {gateways} (gateways) + {math.ceil(nats_cores)} (nats-server) = "
-        f"{workers + gateways + math.ceil(nats_cores)}",
+        f"measured (1 worker, {s} streams sustained, {t['backend']}): per stream, worker {mc(worker_c)}, gateway "
+        f"{mc(gateway_c)}, nats-server {mc(nats_c)}; NATS in {in_b / 1000:.1f} kB/s, out {out_b / 1000:.1f} kB/s",
+        f"worker processes: {mics} mics / {s} streams per worker = {mics / s:.1f} -> {workers}",
+        f"worker cores: {mics} x {mc(worker_c)} / {utilisation:g} = {worker_cores:.1f}",
+        f"worker memory: {workers} x {idle_worker_mb:.0f} MB + {mics} x {worker_mb:.2f} MB per stream = "
+        f"{(workers * idle_worker_mb + mics * worker_mb) / 1024:.1f} GB",
+        f"gateway processes: {utilisation:g} core / {mc(gateway_c)} per stream = {per_gateway} streams per gateway "
+        f"-> {mics} / {per_gateway} = {gateways}",
+        f"gateway cores: {mics} x {mc(gateway_c)} / {utilisation:g} = {gateway_cores:.1f}",
+        f"nats-server cores: {mics} x {mc(nats_c)} / {utilisation:g} = {nats_cores:.1f}",
+        f"NATS in: {mics} x {in_b / 1000:.1f} kB/s = {mics * in_b / 1e6:.1f} MB/s ({mics * in_b * 8 / 1e6:.0f} Mbit/s; "
+        f"the samples alone: {mics} x {MIC_BYTES_PER_S / 1000:g} kB/s = {mics * MIC_BYTES_PER_S / 1e6:g} MB/s, the "
+        f"rest is headers, events and resume points)",
+        f"NATS out: {mics} x {out_b / 1000:.1f} kB/s = {mics * out_b / 1e6:.1f} MB/s ({mics * out_b * 8 / 1e6:.0f} "
+        f"Mbit/s: audio to the workers, events to the gateways)",
+        f"cores in all: {worker_cores:.1f} + {gateway_cores:.1f} + {nats_cores:.1f} -> {cores}",
     ]
     return {"mics": mics, "utilisation": utilisation, "streams_per_worker": s, "workers": workers,
-            "gateways": gateways, "nats_cores": round(nats_cores, 2), "nats_in_mb_per_s": round(mics * in_b / 1e6, 2),
+            "worker_cores": round(worker_cores, 2), "gateways": gateways, "gateway_cores": round(gateway_cores, 2),
+            "nats_cores": round(nats_cores, 2), "cores": cores, "nats_in_mb_per_s": round(mics * in_b / 1e6, 2),
             "nats_out_mb_per_s": round(mics * out_b / 1e6, 2), "lines": lines}
 
 

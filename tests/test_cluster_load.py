@@ -99,13 +99,16 @@ def test_site_plan_is_the_arithmetic_of_the_one_worker_measurement():
     assert plan["streams_per_worker"] == 12 and plan["workers"] == math.ceil(1000 / 12)
     assert plan["gateways"] == math.ceil(1000 / 70)  # 0.7 core / 10 millicores = 70 streams per gateway
     assert plan["nats_cores"] == pytest.approx(1000 * 0.005 / 0.7, abs=0.01)
+    assert plan["worker_cores"] == pytest.approx(1000 * 0.04 / 0.7, abs=0.01)
+    assert plan["gateway_cores"] == pytest.approx(1000 * 0.01 / 0.7, abs=0.01)
+    assert plan["cores"] == math.ceil(1000 * (0.04 + 0.01 + 0.005) / 0.7)
     assert plan["nats_in_mb_per_s"] == pytest.approx(36.0) and plan["nats_out_mb_per_s"] == pytest.approx(34.0)
     text = "\n".join(plan["lines"])
-    assert f"-> {plan['workers']} worker processes" in text and "32 MB/s" in text
+    assert f"= {1000 / 12:.1f} -> {plan['workers']}" in text and "32 MB/s" in text
 
 
 def test_report_has_a_row_per_deployment_and_the_site_plan():
     text = cluster_load.report(_result())
     assert "| in-process | 16 (32) | 16 |" in text
     assert "| NATS, 1 worker | 12 (16) | 12 |" in text
-    assert "1,000 microphones" in text and "worker processes" in text
+    assert "1,000 microphones" in text and "worker processes: 1000 mics / 12 streams per worker" in text
