@@ -354,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.report:
-        print(report(json.loads(Path(args.report).read_text())))
+        try:
+            result = json.loads(Path(args.report).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--report {args.report}: {exc}; give the JSON that --json wrote") from None
+        print(report(result))
         return 0
     if args.quick:
         args.streams, args.trial_s, args.warmup_s, args.check_events = args.streams or 2, 12.0, 4.0, True
@@ -363,8 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     result = {"machine": serve_load.machine(), "model": args.model, "backend": args.backend,
               "scenes": args.scenes or "procedural", "command": shlex.join(argv), "trial_s": args.trial_s,
-              "runs": [run_deployment(args, args.backend, w) for w in [0, *args.workers]]}
-    result["wall_s"] = round(time.monotonic() - started, 1)
+              "runs": []}
+    for w in [0, *args.workers]:
+        result["runs"].append(run_deployment(args, args.backend, w))
+        result["wall_s"] = round(time.monotonic() - started, 1)
+        if args.json:  # what is measured so far survives a run that is stopped later
+            Path(args.json).write_text(json.dumps(result, indent=1))
     result["overhead"] = overhead(result)
     result["site_plan"] = site_plan(result)
     text = json.dumps(result, indent=1)
