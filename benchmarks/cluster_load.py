@@ -2,7 +2,7 @@
 on loopback, measured side by side in one run.
 
     python -m benchmarks.cluster_load --backend onnx --workers 1 2 --json cluster_load.json
-    python -m benchmarks.cluster_load --quick --json quick.json           # 2 streams, about 2 min
+    python -m benchmarks.cluster_load --quick --json quick.json           # 2 streams: a check, not a capacity
     python -m benchmarks.cluster_load --report cluster_load.json          # the Markdown, from the JSON
 
 Each deployment runs the trials of ``benchmarks.serve_load`` (its clients, scenes, capacity search
@@ -343,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-events", action="store_true",
                    help="with --streams: compare each stream's events with rtsed.detect's on its audio")
     p.add_argument("--quick", action="store_true",
-                   help="--streams 2 --trial-s 12 --warmup-s 4 --check-events: a check that everything runs, "
-                        "not a capacity")
+                   help="--streams 2 --trial-s 10 --warmup-s 3 --client-procs 1 --check-events: a check that "
+                        "everything runs, not a capacity")
     p.add_argument("--json", metavar="PATH", help="write the JSON here (default: stdout)")
     p.add_argument("--report", metavar="JSON", help="print the Markdown of a result file and exit")
     return p
@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         print(report(result))
         return 0
     if args.quick:
-        args.streams, args.trial_s, args.warmup_s, args.check_events = args.streams or 2, 12.0, 4.0, True
+        args.streams, args.trial_s, args.warmup_s, args.check_events = args.streams or 2, 10.0, 3.0, True
+        args.client_procs = 1
     if any(w < 1 for w in args.workers):
         raise SystemExit("--workers: give worker counts >= 1 (the in-process server runs anyway)")
     started = time.monotonic()
