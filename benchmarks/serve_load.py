@@ -25,7 +25,11 @@ A trial **sustains** N streams when, from the server's /metrics and /streams:
 
 The capacity search doubles N from ``--start`` until a trial fails, then bisects. Memory per
 stream is the slope of the server's resident set (VmRSS) against N over the trials' steady
-states. ``--soak S`` runs one trial of S seconds at ``--streams`` N, samples the RSS every 5 s
+states. Each trial also records the end-to-end latency its clients saw (median/p95/p99, from
+sending the 20 ms block that holds an onset's, or an event's last, sample to receiving the onset
+notice, or the event) and the CPU the server kept busy between the warm-up and the end of the
+audio (cores, from /proc). A trial runs against ``InProcess`` (this server) or any deployment
+with its interface (benchmarks.cluster_load: a gateway, NATS and workers). ``--soak S`` runs one trial of S seconds at ``--streams`` N, samples the RSS every 5 s
 (flat: growth after the first minute within max(5 MB, 1 %)), and compares each stream's events
 with single-stream ``rtsed.detect`` (same backend) on exactly the audio it sent: labels one to
 one, onsets within one hop.
@@ -113,7 +117,9 @@ async def _client(ws_url: str, index: int, payload: bytes, rate_hz: int, start_a
 
     block = int(round(BLOCK_S * rate_hz)) * 2
     header = {"sample_rate": rate_hz, "channels": 1, "format": "s16le", "name": f"load{index}"}
-    result.update(index=index, events=[], end=None, close_code=None, max_late_s=0.0, late_blocks=0, error=None)
+    result.update(index=index, events=[], end=None, close_code=None, max_late_s=0.0, late_blocks=0, error=None,
+                  onset_latency_s=[], event_latency_s=[])
+    sent_at: list[float] = []  # monotonic time block k went out: the audio of [k, k + 1) * BLOCK_S
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     try:
         async with websockets.connect(ws_url, max_size=None, open_timeout=60, ping_interval=None) as ws:
@@ -131,7 +137,13 @@ async def _client(ws_url: str, index: int, payload: bytes, rate_hz: int, start_a
                         result["max_late_s"] = max(result["max_late_s"], late)
                         result["late_blocks"] += late > 0.1
                     await ws.send(payload[at:at + block])
+                    sent_at.append(time.monotonic())
                 await ws.send('{"type": "end"}')
+
+            def since_sent(t_s: float) -> float:
+                """Wall time from the sending of the block that holds stream time ``t_s`` to now."""
+                k = min(max(0, int(t_s / BLOCK_S + 1e-9)), len(sent_at) - 1)
+                return round(time.monotonic() - sent_at[k], 4)
 
             async def receive():
                 async for text in ws:
@@ -140,6 +152,10 @@ async def _client(ws_url: str, index: int, payload: bytes, rate_hz: int, start_a
                     m = json.loads(text)
                     if m["type"] == "event":
                         result["events"].append((m["label"], m["onset_s"], m["offset_s"]))
+                        # Its last sample lies just before offset_s.
+                        result["event_latency_s"].append(since_sent(max(0.0, m["offset_s"] - 1e-4)))
+                    elif m["type"] == "onset":
+                        result["onset_latency_s"].append(since_sent(m["onset_s"]))
                     elif m["type"] == "end":
                         result["end"] = m
 
@@ -210,12 +226,6 @@ class Server:
             body = r.read().decode()
         return body if path == "/metrics" else json.loads(body)
 
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS in /proc/PID/status")
-
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -255,64 +265,144 @@ def step_latency(before: dict, after: dict) -> dict:
     return {"steps": int(count), "mean_s": total / count if count else None, "p99_bound_s": p99}
 
 
+# ------------------------------------------------------------------------------ processes
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+class InProcess:
+    """The deployment a trial measures: one ``rtsed.serve`` that runs the model itself.
+
+    The interface ``trial`` uses (benchmarks.cluster_load has the NATS one): ``url`` (the front
+    door), ``get``, ``processes()`` {role: pid}, ``step_metrics()`` (the /metrics texts of the
+    processes that step the model), ``counters()`` (cumulative extra counters, e.g. bytes), ``stop()``.
+    """
+
+    def __init__(self, args, backend: str, n: int, folder: Path):
+        self.server = Server(args.model, backend, n, shlex.split(args.server_args), folder / "server.log")
+        self.url = self.server.url
+        self.get = self.server.get
+
+    def processes(self) -> dict[str, int]:
+        return {"server": self.server.proc.pid}
+
+    def step_metrics(self) -> list[str]:
+        return [self.server.get("/metrics")]
+
+    def counters(self) -> dict[str, float]:
+        return {}
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def latency_summary(values: list[float]) -> dict:
+    """Count, median, p95 and p99 (s) of latencies."""
+    if not values:
+        return {"count": 0, "median_s": None, "p95_s": None, "p99_s": None}
+    q = np.quantile(np.asarray(values), [0.5, 0.95, 0.99])
+    return {"count": len(values), "median_s": round(float(q[0]), 4), "p95_s": round(float(q[1]), 4),
+            "p99_s": round(float(q[2]), 4)}
+
+
+def worst_step_latency(before: list[dict], after: list[dict]) -> dict | None:
+    """The step latency of the process that steps slowest (highest p99 bound, then mean), from
+    two readings of each stepping process's /metrics."""
+    worst = None
+    for b, a in zip(before, after):
+        lat = step_latency(b, a)
+        if lat["p99_bound_s"] is None:
+            return lat  # a process that did not step at all: the trial cannot pass the rule
+        if worst is None or (lat["p99_bound_s"], lat["mean_s"]) > (worst["p99_bound_s"], worst["mean_s"]):
+            worst = lat
+    return worst
+
+
 # ------------------------------------------------------------------------------ one trial
-def trial(args, backend: str, n: int, seconds: float, check_events: bool, rss_every_s: float = 1.0) -> dict:
-    """N streams of ``seconds`` through a fresh server -> the trial's record (see the module doc)."""
+def trial(args, backend: str, n: int, seconds: float, check_events: bool, rss_every_s: float = 1.0,
+          deploy=InProcess) -> dict:
+    """N streams of ``seconds`` through a fresh deployment (``deploy(args, backend, n, folder)``,
+    the in-process server by default) -> the trial's record (see the module doc)."""
     rate = args.rate
     scene_args = (args.scenes, rate, seconds)
-    extra = shlex.split(args.server_args)
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(args.model, backend, n, extra, Path(tmp) / "server.log")
+        target = deploy(args, backend, n, Path(tmp))
         try:
-            idle_rss = server.rss_mb()
+            pids = target.processes()
+            idle_rss = {role: round(process_rss_mb(pid), 1) for role, pid in pids.items()}
             procs = max(1, min(args.client_procs, n))
             groups = [list(range(n))[k::procs] for k in range(procs)]
             spread = min(1.0, BLOCK_S * n)
             start_at = time.time() + 2.0 + 0.05 * n  # time for the client processes to start
             ctx = multiprocessing.get_context("spawn")
             with ctx.Pool(procs) as pool:
-                pending = [pool.apply_async(run_clients, (server.url.replace("http", "ws") + "/ws", g, scene_args,
+                pending = [pool.apply_async(run_clients, (target.url.replace("http", "ws") + "/ws", g, scene_args,
                                                           seconds, rate, start_at, spread)) for g in groups]
-                samples = []  # (t since start, rss MB, queued s per stream max, streams)
-                warm = last = None
+                samples = []  # (t since start, {role: rss MB}, queued s per stream max, engine queued per stream)
+                warm = last = None  # (wall, [metrics of each stepping process], {role: cpu s}, counters)
                 t_start = start_at + spread
                 while not all(p.ready() for p in pending):
                     time.sleep(rss_every_s)
                     t = time.time() - t_start
                     try:
-                        listing = server.get("/streams")["streams"]
-                        metrics = read_metrics(server.get("/metrics"))
+                        listing = target.get("/streams")["streams"]
+                        stepping = [read_metrics(text) for text in target.step_metrics()]
+                        point = (time.monotonic(), stepping, {r: process_cpu_s(p) for r, p in pids.items()},
+                                 target.counters())
                     except OSError:
                         continue
                     worst = max((s["queued_s"] for s in listing), default=0.0)
-                    engine_queued = metrics.get("rtsed_queued_audio_seconds", 0.0)
-                    samples.append((round(t, 2), round(server.rss_mb(), 2), worst,
-                                    round(engine_queued / max(1, len(listing)), 4), len(listing)))
+                    engine_queued = max((m.get("rtsed_queued_audio_seconds", 0.0) / max(1.0, m.get("rtsed_streams", 0.0))
+                                         for m in stepping), default=0.0)
+                    samples.append((round(t, 2), {r: round(process_rss_mb(p), 2) for r, p in pids.items()}, worst,
+                                    round(engine_queued, 4)))
                     if warm is None and t >= args.warmup_s:
-                        warm = metrics
+                        warm = point
                     if t < seconds - 1.0:
-                        last = metrics
+                        last = point
                 results = [r for p in pending for r in p.get()]
-            final = read_metrics(server.get("/metrics"))
+            final = read_metrics(target.get("/metrics"))
         finally:
-            server.stop()
+            target.stop()
     results.sort(key=lambda r: r["index"])
     steady = [s for s in samples if args.warmup_s <= s[0] <= seconds - 1.0]
+    window = warm is not None and last is not None and last is not warm
+    steady_rss = {role: round(float(np.median([s[1][role] for s in steady])), 1) for role in pids} if steady else None
     record = {
         "backend": backend, "streams": n, "seconds": seconds, "rate_hz": rate,
         "dropped_audio_s": final.get("rtsed_dropped_audio_seconds_total", 0.0),
         "queue_dropped_audio_s": final.get("rtsed_queue_dropped_audio_seconds_total", 0.0),
-        "step_latency": step_latency(warm, last) if warm and last and last is not warm else None,
+        "step_latency": worst_step_latency(warm[1], last[1]) if window else None,
         "max_backlog_s": max((max(s[2], s[3]) for s in steady), default=None),
-        "idle_rss_mb": round(idle_rss, 1),
-        "steady_rss_mb": round(float(np.median([s[1] for s in steady])), 1) if steady else None,
+        "idle_rss_mb": round(sum(idle_rss.values()), 1),
+        "steady_rss_mb": round(sum(steady_rss.values()), 1) if steady_rss else None,
+        "rss_mb_by_process": {"idle": idle_rss, "steady": steady_rss},
+        # Cores each process kept busy between the warm-up and the end of the audio.
+        "cpu_cores_by_process": ({role: round((last[2][role] - warm[2][role]) / (last[0] - warm[0]), 4)
+                                  for role in pids} if window else None),
+        "counters_per_s": ({k: round((last[3][k] - warm[3][k]) / (last[0] - warm[0]), 1) for k in last[3]}
+                           if window else None),
+        "onset_latency": latency_summary([x for r in results for x in r["onset_latency_s"]]),
+        "event_latency": latency_summary([x for r in results for x in r["event_latency_s"]]),
         "ended": sum(1 for r in results if r["end"] is not None),
         "errors": sorted({r["error"] for r in results if r["error"]}),
         "client_max_late_s": round(max(r["max_late_s"] for r in results), 3),
         "client_late_blocks": sum(r["late_blocks"] for r in results),
         "events": sum(len(r["events"]) for r in results),
-        "rss_samples": [(s[0], s[1]) for s in samples],
+        "rss_samples": [(s[0], round(sum(s[1].values()), 2)) for s in samples],
     }
+    cores = record["cpu_cores_by_process"]
+    record["cpu_cores"] = round(sum(cores.values()), 4) if cores else None
+    record["cpu_cores_per_stream"] = round(record["cpu_cores"] / n, 5) if cores else None
     lat = record["step_latency"]
     record["client_limited"] = record["client_max_late_s"] > args.max_client_late_s
     record["sustained"] = bool(
@@ -353,14 +443,14 @@ def compare_events(args, backend: str, results: list[dict], scene_args: tuple, s
 
 
 # ------------------------------------------------------------------------------ search and soak
-def capacity(args, backend: str) -> dict:
+def capacity(args, backend: str, deploy=InProcess, label: str | None = None) -> dict:
     """Doubling from --start until a trial fails, then bisection down to --resolution."""
     trials = []
 
     def run(n: int) -> bool:
-        record = trial(args, backend, n, args.trial_s, check_events=False)
+        record = trial(args, backend, n, args.trial_s, check_events=False, deploy=deploy)
         trials.append(record)
-        print(f"  {backend} N={n}: {'sustained' if record['sustained'] else 'NOT sustained'} "
+        print(f"  {label or backend} N={n}: {'sustained' if record['sustained'] else 'NOT sustained'} "
               f"(dropped {record['dropped_audio_s'] + record['queue_dropped_audio_s']:.2f} s, step p99 <= "
               f"{(record['step_latency'] or {}).get('p99_bound_s')} s, backlog {record['max_backlog_s']} s, "
               f"client late {record['client_max_late_s']} s)", file=sys.stderr, flush=True)
@@ -428,14 +518,11 @@ def summary_line(result: dict) -> str:
             f"{c['first_failing']}){limited}; {c['mb_per_stream']} MB per stream; load avg {load}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n\n")[0])
+def add_trial_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a trial and of the capacity search (benchmarks.cluster_load takes them too)."""
     p.add_argument("--model", default="dnd_7_10.pt")
-    p.add_argument("--backend", action="append", choices=("torch", "onnx"), help="repeatable (default: torch)")
     p.add_argument("--scenes", help="folder of scene recordings (default: procedural scenes)")
     p.add_argument("--rate", type=int, default=16000, help="the clients' sample rate in Hz (s16le mono)")
-    p.add_argument("--streams", type=int, help="one trial (or the soak) at this N instead of the search")
-    p.add_argument("--soak", type=float, metavar="SECONDS", help="soak: --streams streams for this long")
     p.add_argument("--trial-s", type=float, default=60.0, help="seconds of audio per stream in a trial")
     p.add_argument("--warmup-s", type=float, default=10.0, help="seconds before latency and backlog count")
     p.add_argument("--start", type=int, default=8, help="the search's first N")
@@ -445,8 +532,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-client-late-s", type=float, default=0.2,
                    help="a trial whose clients sent later than this is client-limited, not a server failure")
     p.add_argument("--client-procs", type=int, default=2, help="client processes (asyncio each)")
-    p.add_argument("--check-events", action="store_true", help="compare events with rtsed.detect in a --streams trial")
     p.add_argument("--server-args", default="", help="more rtsed.serve options, e.g. '--batch-streams 32'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n\n")[0])
+    add_trial_arguments(p)
+    p.add_argument("--backend", action="append", choices=("torch", "onnx"), help="repeatable (default: torch)")
+    p.add_argument("--streams", type=int, help="one trial (or the soak) at this N instead of the search")
+    p.add_argument("--soak", type=float, metavar="SECONDS", help="soak: --streams streams for this long")
+    p.add_argument("--check-events", action="store_true", help="compare events with rtsed.detect in a --streams trial")
     p.add_argument("--json", metavar="PATH", help="write the JSON here (default: stdout)")
     return p
 

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from serve_helpers import REPO, free_port
+from serve_helpers import REPO, free_port, stop_process
 
 
 def nats_server_binary() -> str | None:
@@ -49,14 +49,7 @@ class NatsServer:
         wait_for_port(port, self.proc, self.log_path)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        stop_process(self.proc, self.log, timeout_s=10.0)
 
 
 def start_nats(folder: Path, partitions: int) -> NatsServer:
@@ -71,11 +64,11 @@ class WorkerProcess:
     """``python -m rtsed.worker`` in a subprocess; ``wait_for(text)`` in its log."""
 
     def __init__(self, nats_url: str, partitions: list[str], worker_id: str, log_path: Path, *extra: str,
-                 model: str = "dnd_7_10.pt"):
+                 model: str = "dnd_7_10.pt", allocator: str = "system"):
         self.worker_id = worker_id
         self.log_path = log_path
         self.log = open(log_path, "wb")
-        env = {**os.environ, "PYTHONPATH": str(REPO), "RTSED_ALLOCATOR": "system"}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RTSED_ALLOCATOR": allocator}
         args = [sys.executable, "-m", "rtsed.worker", "--model", model, "--nats", nats_url, "--worker-id", worker_id]
         for p in partitions:
             args += ["--partition", p]
@@ -95,12 +88,4 @@ class WorkerProcess:
             time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        return stop_process(self.proc, self.log, sig, timeout_s)

@@ -63,15 +63,20 @@ class ServerProcess:
             return r.read().decode()
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        return stop_process(self.proc, self.log, sig, timeout_s)
+
+
+def stop_process(proc: subprocess.Popen, log, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+    """Send ``sig`` (SIGKILL after ``timeout_s``), close its log file -> the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log.close()
+    return proc.returncode
 
 
 def make_scene(seconds: float = 8.0, rate: int = 16000, seed: int = 0) -> np.ndarray:

@@ -10,15 +10,20 @@ import asyncio
 import signal
 import threading
 import time
+import urllib.request
 
 import pytest
 import soundfile as sf
 
 pytest.importorskip("nats", reason="the cluster tests need the cluster extra: pip install -e '.[cluster]'")
 pytest.importorskip("websockets", reason="the cluster tests need the serve extra: pip install -e '.[serve]'")
+text_string_to_metric_families = pytest.importorskip(
+    "prometheus_client.parser", reason="the worker's metrics need the serve extra: pip install -e '.[serve]'"
+).text_string_to_metric_families
 
 from cluster_helpers import WorkerProcess, nats_server_binary, start_nats  # noqa: E402
-from serve_helpers import ServerProcess, assert_same_events, detect_events, make_scene, stream_file  # noqa: E402
+from serve_helpers import (ServerProcess, assert_same_events, detect_events, free_port, make_scene,  # noqa: E402
+                           stream_file)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(nats_server_binary() is None,
@@ -42,7 +47,9 @@ def test_a_killed_worker_loses_no_event(tmp_path):
     gateway = None
     try:
         workers["A"] = WorkerProcess(nats.url, ["0/2"], "A", tmp_path / "A.log", *WORKER_OPTIONS)
-        workers["B"] = WorkerProcess(nats.url, ["1/2"], "B", tmp_path / "B.log", *WORKER_OPTIONS)
+        metrics_port = free_port()
+        workers["B"] = WorkerProcess(nats.url, ["1/2"], "B", tmp_path / "B.log", *WORKER_OPTIONS, "--metrics-port",
+                                     str(metrics_port))
         workers["A"].wait_for("owns partition 0/2")
         workers["B"].wait_for("owns partition 1/2")
         workers["C"] = WorkerProcess(nats.url, ["0/2"], "C", tmp_path / "C.log", *WORKER_OPTIONS)
@@ -91,6 +98,13 @@ def test_a_killed_worker_loses_no_event(tmp_path):
         assert moved and all(closed[name][-2:] == [victim, survivor] for name in moved), closed
         assert "resumed at" in workers[survivor].text()
         assert not [line for line in workers[survivor].text().splitlines() if "retained audio starts" in line]
+        # B, which ran partition 1's two streams to their end, counted its steps and timed each one.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            metrics = {s.name: s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples
+                       if not s.labels}
+        assert metrics["rtsed_steps_total"] >= 8.0 / (4 * 0.02)  # a stream's 8 s take 100 steps of 4 hops at least
+        assert metrics["rtsed_step_seconds_count"] == metrics["rtsed_steps_total"]
+        assert metrics["rtsed_streams"] == 0 and metrics["rtsed_queued_audio_seconds"] == 0
     finally:
         if gateway is not None:
             gateway.stop()

@@ -21,19 +21,17 @@ import argparse
 import logging
 import sys
 
+from rtsed.cli.engine_options import add_engine_arguments, check_numbers
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rtsed.serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint (.pt), step graph (.onnx) or bundled detector name")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnx"))
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="compute device")
-    p.add_argument("--threads", type=int, default=1, help="compute threads of the model (default 1)")
+    add_engine_arguments(p, "checkpoint (.pt), step graph (.onnx) or bundled detector name", 64,
+                         "streams at once; more are refused (close 1013)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-streams", type=int, default=64, help="streams at once; more are refused (close 1013)")
     p.add_argument("--batch-streams", type=int, default=16,
                    help="streams per batched model call; more streams open more batches")
-    p.add_argument("--frames-per-step", type=int, default=4, help="hops per model step (latency vs cost)")
     p.add_argument("--max-ahead-s", type=float, default=10.0,
                    help="how far a client's audio may run ahead of real time before it is closed as a flood")
     p.add_argument("--idle-timeout-s", type=float, default=10.0,
@@ -85,14 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     from rtsed.models.bundled import ModelNotFoundError
     from rtsed.models.checkpoint import CheckpointError
 
-    for name in ("max_streams", "batch_streams", "frames_per_step", "send_buffer_bytes"):
-        if getattr(args, name) < 1:
-            print(f"rtsed.serve: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
-    for name in ("max_ahead_s", "idle_timeout_s", "send_timeout_s", "display_interval_s"):
-        if not getattr(args, name) > 0:
-            print(f"rtsed.serve: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
-            return 2
+    try:
+        check_numbers(args, ("max_streams", "batch_streams", "frames_per_step", "send_buffer_bytes"),
+                      ("max_ahead_s", "idle_timeout_s", "send_timeout_s", "display_interval_s"))
+    except ValueError as exc:
+        print(f"rtsed.serve: {exc}", file=sys.stderr)
+        return 2
     mqtt = None
     try:
         if args.mqtt:

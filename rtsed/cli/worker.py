@@ -18,20 +18,17 @@ import os
 import socket
 import sys
 
+from rtsed.cli.engine_options import add_engine_arguments, check_numbers
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rtsed.worker", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint (.pt) or bundled detector name")
+    add_engine_arguments(p, "checkpoint (.pt) or bundled detector name", 16,
+                         "streams of the partition run at once, batched in one model call (default 16)")
     p.add_argument("--nats", required=True, metavar="URL", help="the NATS server: nats://host:4222")
     p.add_argument("--partition", required=True, action="append", metavar="K/N",
                    help="a partition this worker may own (repeatable: the first free one is taken, the others "
                         "are stood by for)")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnx"))
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="compute device")
-    p.add_argument("--threads", type=int, default=1, help="compute threads of the model (default 1)")
-    p.add_argument("--max-streams", type=int, default=16,
-                   help="streams of the partition run at once, batched in one model call (default 16)")
-    p.add_argument("--frames-per-step", type=int, default=4, help="hops per model step (latency vs cost)")
     p.add_argument("--retention-s", type=float, default=10.0,
                    help="audio JetStream keeps per stream for a takeover (a few receptive fields; default 10)")
     p.add_argument("--lease-s", type=float, default=3.0,
@@ -40,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream time between the resume points written per stream")
     p.add_argument("--worker-id", default=f"{socket.gethostname()}-{os.getpid()}",
                    help="this worker's name in logs, leases and events (default host-pid)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics (steps, step latency, streams, queued audio) on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (0.0.0.0: every interface)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
@@ -64,12 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if len({p.count for p in partitions}) != 1:
             raise ValueError(f"--partition {' '.join(args.partition)}: every partition must be of the same N (the N "
                              "of the server's mapping)")
-        for name in ("max_streams", "frames_per_step", "threads"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        for name in ("retention_s", "lease_s", "checkpoint_s"):
-            if not getattr(args, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        check_numbers(args, ("max_streams", "frames_per_step", "threads"), ("retention_s", "lease_s", "checkpoint_s"))
         if not args.nats.startswith(("nats://", "tls://")):
             raise ValueError(f"--nats {args.nats!r}: give a NATS URL, e.g. nats://127.0.0.1:4222")
         path = resolve_model(args.model)
@@ -96,8 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("rtsed.worker").info(
         "model %s: receptive field %.2f s (%d past + %d lookahead frames), retention %.3g s", config.model.name,
         field_s, past, stepper.lookahead_frames, args.retention_s)
+    metrics = None
+    if args.metrics_port is not None:
+        try:
+            from rtsed.cluster.telemetry import WorkerMetrics
+
+            metrics = WorkerMetrics()
+            metrics.serve(args.metrics_port, args.metrics_host)
+        except ImportError as exc:
+            print(f"rtsed.worker: --metrics-port needs {exc.name or exc}: pip install 'rtsed[serve]'", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"rtsed.worker: --metrics-port {args.metrics_port}: {exc}; choose a free port", file=sys.stderr)
+            return 2
     worker = PartitionWorker(stepper, config, past, args.nats, partitions, args.worker_id, args.frames_per_step,
-                             args.retention_s, args.lease_s, args.checkpoint_s)
+                             args.retention_s, args.lease_s, args.checkpoint_s, metrics)
     try:
         run_worker(worker)
     except Exception as exc:  # NATS unreachable, refused, or JetStream not enabled

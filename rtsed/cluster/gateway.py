@@ -31,7 +31,7 @@ from rtsed.cluster.subjects import (AudioBlock, audio_in_subject, check_token, e
 from rtsed.config import DetectorConfig
 from rtsed.serve.decode import OnsetNotice, SoundEvent
 from rtsed.serve.outputs import EventOutput, StreamRef, slugify
-from rtsed.serve.protocol import CLOSE_INTERNAL, CLOSE_NORMAL
+from rtsed.serve.protocol import CLOSE_NORMAL
 from rtsed.serve.session import SessionLimits, StreamSession
 from rtsed.serve.telemetry import ServerMetrics
 from rtsed.serve.worker import BatchWorker, _idle_reason
@@ -93,14 +93,7 @@ class GatewayRelay(BatchWorker):
         try:
             asyncio.run(self._main())
         except BaseException as exc:  # every stream is told, as the local worker does
-            log.exception("rtsed.serve NATS relay failed")
-            self.error = exc
-            with self._lock:
-                sessions = list(self.sessions.values())
-                self.sessions.clear()
-            for s in sessions:
-                s.request_end(CLOSE_INTERNAL, f"server error: {type(exc).__name__}: {exc}")
-                s.finish()
+            self._fail_every_stream(exc, "rtsed.serve NATS relay failed")
         finally:
             self._stopped.set()
 

@@ -29,6 +29,7 @@ import asyncio
 import json
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,7 +84,7 @@ class PartitionWorker:
 
     def __init__(self, stepper, config, past_frames: int, nats_url: str, partitions: list[Partition],
                  worker_id: str, frames_per_step: int = 4, retention_s: float = 10.0, lease_s: float = 3.0,
-                 checkpoint_s: float = 0.5):
+                 checkpoint_s: float = 0.5, metrics=None):
         if not partitions:
             raise ValueError("give at least one --partition K/N")
         if len({p.count for p in partitions}) != 1:
@@ -100,6 +101,7 @@ class PartitionWorker:
         self.retention_s = retention_s
         self.lease_s = lease_s
         self.checkpoint_frames = max(1, round(checkpoint_s / config.frontend.hop_s))
+        self.metrics = metrics  # rtsed.cluster.telemetry.WorkerMetrics, or None
         self.streams: dict[str, WorkerStream] = {}
         self.owner: list[WorkerStream | None] = [None] * self.engine.n
         self.finished: set[str] = set()  # streams ended (here or by a previous owner)
@@ -350,7 +352,11 @@ class PartitionWorker:
             if not engine.ready():
                 break
             run = engine.runnable()
+            started = time.perf_counter()
             out = engine.step()
+            if self.metrics is not None:
+                self.metrics.step_seconds.observe(time.perf_counter() - started)
+                self.metrics.steps.inc()
             for slot in np.flatnonzero(run):
                 st = self.owner[slot]
                 if st is None:
@@ -366,6 +372,10 @@ class PartitionWorker:
                 if frames - st.checkpoint_frame >= self.checkpoint_frames and not engine.skip_frames[slot]:
                     st.checkpoint_frame = frames
                     points.append((st, engine.decoders[slot].snapshot()))
+        if self.metrics is not None:
+            owned = [i for i, st in enumerate(self.owner) if st is not None]
+            self.metrics.streams.set(len(owned))
+            self.metrics.queued_audio.set(float(engine.queued[owned].sum()) * self.config.frontend.hop_s)
         return results, points
 
     async def _publish(self, results: list, points: list) -> None:

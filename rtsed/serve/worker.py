@@ -137,16 +137,21 @@ class BatchWorker(threading.Thread):
                     if self._stopping and not self.sessions:
                         break
         except BaseException as exc:  # the worker must not die silently: every stream is told
-            log.exception("rtsed.serve worker failed")
-            self.error = exc
-            with self._lock:
-                sessions = list(self.sessions.values())
-                self.sessions.clear()
-            for s in sessions:
-                s.request_end(CLOSE_INTERNAL, f"server error: {type(exc).__name__}: {exc}")
-                s.finish()
+            self._fail_every_stream(exc, "rtsed.serve worker failed")
         finally:
             self._stopped.set()
+
+    def _fail_every_stream(self, exc: BaseException, what: str) -> None:
+        """The thread is dying of ``exc``: log it, keep it in ``error`` (GET /health says so) and
+        close every stream with a server error, so that no client waits for events that never come."""
+        log.exception("%s", what)
+        self.error = exc
+        with self._lock:
+            sessions = list(self.sessions.values())
+            self.sessions.clear()
+        for s in sessions:
+            s.request_end(CLOSE_INTERNAL, f"server error: {type(exc).__name__}: {exc}")
+            s.finish()
 
     def _round(self) -> None:
         with self._lock:
