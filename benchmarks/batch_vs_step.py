@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rtsed.backends.allocator import ensure_caching_allocator, loaded_allocator

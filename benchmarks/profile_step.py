@@ -152,7 +152,6 @@ def isolated_times(model, x: Tensor, offline: bool, repeats: int = 3) -> list[tu
     """Wall time of each CNN block and of the head run alone on the inputs the step gives them
     (forward, plus backward of a ones gradient in training), median of ``repeats``: a direct
     measurement beside the profiler's attribution, which inflates big elementwise operators."""
-    from rtsed import ops
     from rtsed.backends.dispatch import channels_last_convs
 
     with torch.no_grad(), channels_last_convs():

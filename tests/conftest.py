@@ -1,5 +1,6 @@
-"""Fixtures several test files share: the native-kernel switch (tests/test_native_*.py), the thread
-count, and where the shared clip data lives (tests/test_bundled.py, tests/test_synth.py)."""
+"""Fixtures several test files share: the native-kernel switch (tests/test_native_*.py), the
+interpreter's kernel-test settings (tests/test_kernel_*.py), the thread count, and where the shared
+clip data lives (tests/test_bundled.py, tests/test_synth.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,18 @@ def native_on(monkeypatch):
     monkeypatch.setenv("RTSED_NATIVE", "1")
     if not native.available():
         pytest.skip("native kernels unavailable (no C++ compiler)")
+
+
+@pytest.fixture
+def interpreter_no_tf32(monkeypatch):
+    """TRITON_INTERPRET=1 for this test (rtsed.ops passes CPU tensors to a kernel only under it; the
+    kernel modules must already be imported interpreted: tests/interpreted_kernels.py), and TF32 off
+    in torch, as the parity rule asks, restored afterwards."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ class Broker:
         self.conf = folder / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
+        self.log = None
 
     def start(self) -> "Broker":
         self.log = open(self.folder / "mosquitto.log", "ab")
@@ -56,11 +57,18 @@ class Broker:
         return self
 
     def stop(self) -> None:
+        """Stops mosquitto if it runs (SIGTERM saves a persistent broker's queues; SIGKILL after 10 s);
+        safe to call again, or before start()."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.proc = None
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
 
 
 class Subscriber:
@@ -82,7 +90,11 @@ class Subscriber:
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port, keepalive=10)
         self.client.loop_start()
-        wait_until(self.subscribed.is_set, 10, "the subscription")
+        try:
+            wait_until(self.subscribed.is_set, 10, "the subscription")
+        except BaseException:
+            self.close()  # no network thread left behind by a failed test
+            raise
 
     def _on_message(self, client, userdata, message) -> None:
         with self._lock:

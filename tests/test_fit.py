@@ -29,7 +29,7 @@ import torch
 import train.fit as fit
 from rtsed import load_checkpoint
 from rtsed.backends.allocator import find_allocator
-from rtsed.config import FrontendConfig, NormalizationStats
+from rtsed.config import FrontendConfig
 from rtsed.audio.frontend import LogMel
 from train.features import SEQUENCE_FRAMES, FeatureCache, FileFeatures, SequenceDataset, normalization_stats
 from procedural import write_dcase_split  # tests/ is on sys.path (not a package)

@@ -19,35 +19,14 @@ cuDNN's fp16 backward does). The largest error seen per check is printed at the 
 from __future__ import annotations
 
 import copy
-import importlib
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-# The @triton.jit decorators read TRITON_INTERPRET when the kernel modules are imported, so set it
-# for that import only; the rest of the session (RTSED_KERNELS=auto on CPU) must not see it.
-_previous = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
-    import kernels.dilated_temporal as kd
-    import kernels.dilated_step as ks
+from interpreted_kernels import import_interpreted  # tests/ is on sys.path (not a package)
 
-    if not kd._INTERPRETED:  # imported earlier in this process without the interpreter
-        kd = importlib.reload(kd)
-    if not ks._INTERPRETED or ks._conv_tile is not kd._conv_tile:
-        ks = importlib.reload(ks)
-    import kernels.dilated_step_logits as ksl
-
-    if not ksl._INTERPRETED or ksl.dilated_step_ref is not ks.dilated_step_ref:
-        ksl = importlib.reload(ksl)
-finally:
-    if _previous is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
+kd, ks, ksl = import_interpreted("kernels.dilated_temporal", "kernels.dilated_step", "kernels.dilated_step_logits")
 
 from rtsed import ops  # noqa: E402
 from rtsed.backends import dispatch  # noqa: E402
@@ -59,6 +38,9 @@ ATOL, RTOL = 1e-5, 1e-4
 FP16_OUT, FP16_GRAD = 5e-3, 1e-2
 PARAMS = ("weight", "bias", "bn_weight", "bn_bias", "bn_running_mean", "bn_running_var")
 GRADS = ("x", "weight", "bias", "bn_weight", "bn_bias")
+
+# Kernels run on CPU tensors under the interpreter, with TF32 off (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("interpreter_no_tf32")
 
 # (B, T, C, C_out, K, d, S): W = (C - K) // S + 1 = 6, 11, 5, 6, 3; rows B T W = 60, 154, 45, 72, 12
 SHAPES = [(2, 5, 13, 6, 3, 2, 2), (2, 7, 11, 5, 3, 1, 1), (1, 9, 17, 8, 5, 3, 3), (2, 6, 15, 20, 5, 1, 2),
@@ -74,15 +56,6 @@ def _report_worst():
     print("\n[test_kernel_dilated] largest error per check: |a - b| (fraction of the tolerance)")
     for what, (err, ratio) in sorted(_WORST.items()):
         print(f"  {what:28s} {err:.3g} ({ratio:.3g})")
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_no_tf32(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # rtsed.ops allows CPU tensors only under it
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, what: str, *, fp16: float | None = None, check: str = "") -> None:
@@ -205,7 +178,7 @@ def test_layer_matches_conv_relu_bn_and_its_bookkeeping(monkeypatch):
     == layer.conv_relu_bn(x) over two training steps and an eval step, momentum 0.1 and None
     (cumulative average), num_batches_tracked included; the output is a (B, C_out, T, W) view
     whose flatten to (B, T, C_out W) is free."""
-    b, t, c, c_out, k, d, s = 2, 6, 13, 6, 3, 2, 2
+    b, t, c, k, d, s = 2, 6, 13, 3, 2, 2  # the layer's C_out is its C
     calls = _spy(monkeypatch, kd, "dilated_temporal")
     for momentum in (0.1, None):
         torch.manual_seed(0)
@@ -224,6 +197,7 @@ def test_layer_matches_conv_relu_bn_and_its_bookkeeping(monkeypatch):
                 assert_close(getattr(layer.bn, name), getattr(ref_layer.bn, name), f"layer {name}",
                              check="fp32 layer running stats")
             assert int(layer.bn.num_batches_tracked) == int(ref_layer.bn.num_batches_tracked)
+        assert out.shape == (b, c, t, (c - k) // s + 1)
         flat = DilatedTemporal._flatten(out)
         assert flat.data_ptr() == out.data_ptr()  # a view, no copy
     assert len(calls) == 6  # every step went through the kernel

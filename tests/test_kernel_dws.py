@@ -13,27 +13,14 @@ fp16 (kernel on fp16 tensors vs the fp32 reference on the same fp16 values upcas
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 
 import pytest
 import torch
 
-# The @triton.jit decorators read TRITON_INTERPRET when kernels.dws_block is imported, so set it
-# for that import only; the rest of the session (RTSED_KERNELS=auto on CPU) must not see it.
-_previous = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
-    import kernels.dws_block as kd
+from interpreted_kernels import import_interpreted  # tests/ is on sys.path (not a package)
 
-    if not kd._INTERPRETED:  # imported earlier in this process without the interpreter
-        kd = importlib.reload(kd)
-finally:
-    if _previous is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
+kd, = import_interpreted("kernels.dws_block")
 
 from rtsed.models.model import build_model  # noqa: E402
 
@@ -41,19 +28,13 @@ PARAMS = ("dw_weight", "dw_bias", "bn1_weight", "bn1_bias", "bn1_running_mean", 
           "pw_weight", "pw_bias", "bn2_weight", "bn2_bias", "bn2_running_mean", "bn2_running_var")
 RUNNING = {"bn1_running_mean", "bn1_running_var", "bn2_running_mean", "bn2_running_var"}
 
+# Kernels run on CPU tensors under the interpreter, with TF32 off (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("interpreter_no_tf32")
+
 # (C_in, C, T, F, P): F mod P = 2, 2, 1, 0, 0 (floor pooling drops the remainder); C_in = 2, C = 6
 # is a grouped conv with depth multiplier 3 (not used by the models, supported by the kernel)
 SHAPES = [(1, 8, 5, 10, 4), (6, 6, 5, 11, 3), (2, 6, 4, 9, 2), (1, 20, 3, 9, 3), (20, 20, 3, 8, 2)]
 FP16_SHAPES = [SHAPES[0], SHAPES[1]]
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_no_tf32(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # rtsed.ops allows CPU tensors only under it
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _params(c_in: int, c: int, seed: int, k: int = 5) -> dict[str, torch.Tensor]:

@@ -14,34 +14,15 @@ kernel must still be run compiled on a GPU (benchmarks/test_gpu_models.py stream
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# The @triton.jit decorators read TRITON_INTERPRET when the kernel modules are imported, so set it
-# for that import only (as tests/test_kernel_dilated.py does).
-_previous = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
-    import kernels.dilated_temporal as kd
-    import kernels.dilated_step as ks
-    import kernels.dilated_step_logits as ksl
+from interpreted_kernels import import_interpreted  # tests/ is on sys.path (not a package)
 
-    if not kd._INTERPRETED:  # imported earlier in this process without the interpreter
-        kd = importlib.reload(kd)
-    if not ks._INTERPRETED or ks._conv_tile is not kd._conv_tile:
-        ks = importlib.reload(ks)
-    if not ksl._INTERPRETED or ksl.dilated_step_ref is not ks.dilated_step_ref:
-        ksl = importlib.reload(ksl)
-finally:
-    if _previous is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
+kd, ks, ksl = import_interpreted("kernels.dilated_temporal", "kernels.dilated_step", "kernels.dilated_step_logits")
 
 from rtsed.models.model import build_model  # noqa: E402
 from rtsed.stream.model_stream import ModelStream  # noqa: E402
@@ -49,14 +30,8 @@ from rtsed.stream.model_stream import ModelStream  # noqa: E402
 ATOL, RTOL = 1e-5, 1e-4
 FP16 = 5e-3
 
-
-@pytest.fixture(autouse=True)
-def _interpreter_no_tf32(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # rtsed.ops allows CPU tensors only under it
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+# Kernels run on CPU tensors under the interpreter, with TF32 off (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("interpreter_no_tf32")
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, what: str, fp16: float | None = None) -> None:

@@ -19,7 +19,6 @@ import copy
 import pytest
 import torch
 
-from rtsed import ops
 from rtsed.backends import cpu_head
 from rtsed.models.layers import DilatedTemporal
 from rtsed.backends.native import head as native_head

@@ -17,7 +17,7 @@ from train.synth import main as synth
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("overlay")
     events = write_event_pool(root / "events")
-    world = write_world_pool(root / "world", groups={"speech": ("spk_a",), "music": ("album_a",)})
+    write_world_pool(root / "world", groups={"speech": ("spk_a",), "music": ("album_a",)})
     synth(["--pool", str(events), "--scene-s", "8", "--scenes", "0", "0", "3", "--seed", "5", "--noise", "pink",
            "--out", str(root / "scenes")])
     return root

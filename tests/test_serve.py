@@ -18,7 +18,7 @@ pytest.importorskip("starlette", reason="the server needs the serve extra: pip i
 pytest.importorskip("uvicorn", reason="the server needs the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("websockets", reason="the server tests need the serve extra: pip install -e '.[serve]'")
 
-from serve_helpers import (ServerProcess, assert_same_events, detect_events, file_payload, make_scene,  # noqa: E402
+from serve_helpers import (ServerProcess, assert_same_events, detect_events, file_payload,  # noqa: E402
                            stream_file, write_scene_files)
 from rtsed.serve.protocol import (CLOSE_BAD_DATA, ProtocolError, SampleDecoder, StreamHeader,  # noqa: E402
                                   close_reason, parse_header)

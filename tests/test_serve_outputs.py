@@ -6,6 +6,7 @@ real HTTP server (every finished event, retried through failures, counted in the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 
@@ -26,6 +27,14 @@ needs_broker = pytest.mark.skipif(MOSQUITTO is None, reason="no mosquitto binary
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
     return write_scene_files(tmp_path_factory.mktemp("scenes"))["16k_mono_s16"]
+
+
+@pytest.fixture
+def cleanup():
+    """An ExitStack whose callbacks run when the test ends, passed or failed: a failing test must not
+    leave a mosquitto (or a subscriber's network thread) running into the rest of the suite."""
+    with contextlib.ExitStack() as stack:
+        yield stack
 
 
 def ws_events(got: dict) -> list[tuple[str, float, float, float]]:
@@ -84,9 +93,12 @@ def test_webhook_does_not_retry_a_refusal_and_counts_it():
 
 # ------------------------------------------------------------------------------ a real broker
 @needs_broker
-def test_mqtt_and_webhook_carry_the_events_the_websocket_client_got(scene, tmp_path):
-    broker = Broker(free_port(), tmp_path / "broker").start()
+def test_mqtt_and_webhook_carry_the_events_the_websocket_client_got(scene, tmp_path, cleanup):
+    broker = Broker(free_port(), tmp_path / "broker")
+    cleanup.callback(broker.stop)
+    broker.start()
     subscriber = Subscriber(broker.port)
+    cleanup.callback(subscriber.close)
     hook = HookServer(fail_first=2)  # the first two POSTs get 503: the poster retries
     server = ServerProcess("--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--webhook", hook.url,
                            "--max-ahead-s", "30", log_path=tmp_path / "server.log")
@@ -137,23 +149,22 @@ def test_mqtt_and_webhook_carry_the_events_the_websocket_client_got(scene, tmp_p
     finally:
         code = server.stop(signal.SIGTERM)
         hook.close()
-    try:
-        assert code == 0
-        # A clean stop says "offline" itself (the broker keeps it: retained).
-        wait_until(lambda: subscriber.on("rtsed/status")[-1:] == ["offline"], 10, "the server's offline message")
-    finally:
-        subscriber.close()
-        broker.stop()
+    assert code == 0
+    # A clean stop says "offline" itself (the broker keeps it: retained).
+    wait_until(lambda: subscriber.on("rtsed/status")[-1:] == ["offline"], 10, "the server's offline message")
 
 
 @needs_broker
-def test_broker_down_at_start_and_mid_run_loses_nothing_and_the_will_says_offline(scene, tmp_path):
+def test_broker_down_at_start_and_mid_run_loses_nothing_and_the_will_says_offline(scene, tmp_path, cleanup):
     """The server starts with its broker down, a stream runs (its client gets every event), the
     broker comes up and receives them; the broker restarts mid-run, a second stream runs, and
     its events arrive too. Killed, the server's last will marks it offline."""
     port = free_port()
-    broker = Broker(port, tmp_path / "broker", persistent=True).start()
+    broker = Broker(port, tmp_path / "broker", persistent=True)
+    cleanup.callback(broker.stop)  # whichever state a failure leaves it in
+    broker.start()
     subscriber = Subscriber(port, persistent=True)  # the broker queues for it while it is away
+    cleanup.callback(subscriber.close)
     broker.stop()
     server = ServerProcess("--mqtt", f"mqtt://127.0.0.1:{port}", "--mqtt-reconnect-max-s", "2",
                            "--max-ahead-s", "30", log_path=tmp_path / "server.log")
@@ -175,8 +186,4 @@ def test_broker_down_at_start_and_mid_run_loses_nothing_and_the_will_says_offlin
         assert server.get_json("/health")["status"] == "ok"
     finally:
         server.stop(signal.SIGKILL)
-    try:
-        wait_until(lambda: subscriber.on("rtsed/status")[-1:] == ["offline"], 10, "the last will")
-    finally:
-        subscriber.close()
-        broker.stop()
+    wait_until(lambda: subscriber.on("rtsed/status")[-1:] == ["offline"], 10, "the last will")

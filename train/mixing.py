@@ -43,11 +43,14 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from train.datasets import SILENCE_PEAK
+
+if TYPE_CHECKING:  # imported when a config is built: train.augment pulls in torch and scipy
+    from train.augment import AugmentConfig
 
 ENVELOPE_FRAME_S = 0.02
 LABELLED_WORLD = ("speech", "music")  # world categories that become classes; ambience never does
@@ -146,7 +149,7 @@ class MixConfig:
     ramp_db: tuple[float, float] = (-20.0, 20.0)
     silence_p: float = 0.1
     silence_s: tuple[float, float] = (0.5, 4.0)
-    augment: "AugmentConfig | None" = None
+    augment: AugmentConfig | None = None
 
     def __post_init__(self) -> None:
         from train.augment import AugmentConfig

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import re
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 import urllib.parse
 from dataclasses import dataclass
 

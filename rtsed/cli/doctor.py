@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from rtsed.backends import allocator, cpu, dispatch, native, precision
-from rtsed.backends.dispatch import CPU_TRAIN, FOLDED, FOLDED_EXPORT, NATIVE, REFERENCE, TRITON
+from rtsed.backends.dispatch import CPU_TRAIN, FOLDED, FOLDED_EXPORT, NATIVE, TRITON
 from rtsed.models.model import build_model
 
 MODES = ("inference", "streaming step", "training", "bf16 inference", "ONNX export")

@@ -34,7 +34,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from rtsed.atomic import OutputError
 from rtsed.audio.sources import DEVICE_OPEN_TIMEOUT_S, AudioDeviceTimeout
 from rtsed.audio.watchdog import InputWatchdog
 from rtsed.backends.precision import PRECISIONS

@@ -34,13 +34,9 @@ def fold_cache(module: nn.Module) -> dict:
 
 
 @dataclass
-class ConvHistory:
-    """The last ``K - 1`` input frames of a K-tap time convolution: (B, C_in, K - 1, F).
-
-    Zeros at the start of a stream are exactly the left zero padding of the offline convolution.
-    Kept by concatenation rather than a ring: K - 1 = 4 frames is a constant, and the
-    concatenated window feeds one stock conv2d call.
-    """
+class FrameState:
+    """Past input frames a time convolution keeps between steps, one row per stream: ``frames``
+    (B, ...). A zero row is a stream's start: exactly the offline convolution's left zero padding."""
 
     frames: Tensor
 
@@ -51,11 +47,20 @@ class ConvHistory:
             self.frames[streams] = 0
 
     def save(self, streams: Tensor) -> Tensor:
-        """A copy of the given streams' state, for ``restore`` after a step they sat out."""
+        """A copy of the given streams' rows, for ``restore`` after a step they sat out."""
         return self.frames[streams].clone()
 
     def restore(self, streams: Tensor, saved: Tensor, stepped_frames: int) -> None:
         self.frames[streams] = saved
+
+
+@dataclass
+class ConvHistory(FrameState):
+    """The last ``K - 1`` input frames of a K-tap time convolution: frames (B, C_in, K - 1, F).
+
+    Kept by concatenation rather than a ring: K - 1 = 4 frames is a constant, and the
+    concatenated window feeds one stock conv2d call.
+    """
 
 
 class FrequencyBlock(nn.Module):
@@ -300,28 +305,16 @@ class TemporalPart(nn.Module):
 
 
 @dataclass
-class FrameRing:
-    """Past input frames of f_dil in a ring buffer: (B, capacity, C) plus a write position.
+class FrameRing(FrameState):
+    """Past input frames of f_dil in a ring buffer: frames (B, capacity, C) plus a write position.
 
     capacity = (K - 1) * d + max_step_frames, so writing a step's new frames never overwrites a
     frame that one of them still reads. The write position is shared by all streams of a batch
-    (they advance together); a stream is reset by zeroing its rows, which is exactly the zero left
-    padding of the offline convolution. Frames are written in place, never shifted: a step costs
-    O(new frames), whatever the dilation (d = 100 keeps 600 frames).
+    (they advance together); a stream is reset by zeroing its rows. Frames are written in place,
+    never shifted: a step costs O(new frames), whatever the dilation (d = 100 keeps 600 frames).
     """
 
-    frames: Tensor
     write_pos: int = 0
-
-    def reset(self, streams: Tensor | None = None) -> None:
-        if streams is None:
-            self.frames.zero_()
-        else:
-            self.frames[streams] = 0
-
-    def save(self, streams: Tensor) -> Tensor:
-        """A copy of the given streams' rows, for ``restore`` after a step they sat out."""
-        return self.frames[streams].clone()
 
     def restore(self, streams: Tensor, saved: Tensor, stepped_frames: int) -> None:
         """Put back rows saved before a step of ``stepped_frames`` frames. The write position is
