@@ -34,7 +34,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-QUICK = TeachConfig(scenes=12, val_scenes=3, scene_frames=256, epochs=60, augment=False, lr=3e-3)
+QUICK = TeachConfig(scenes=12, val_scenes=3, scene_frames=256, augment=False)
 
 
 # ------------------------------------------------------------------------------ generated sounds
@@ -235,12 +235,13 @@ def test_negatives_lower_false_alarms(taught, tmp_path):
     assert meta["negative_events_after"] < meta["negative_events_before"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue #22 item 4, not met: teaching negatives (whistles) drops knock's "
-                   "frame F1 by about 0.14 (beep by 0.09) against the 0.1 this asks; strict, so a fix shows as XPASS")
+@pytest.mark.xfail(strict=True, reason="issue #22 item 4, not met: after teaching whistles as negatives (false "
+                   "alarms 28 -> 1) beep's frame F1 rises (0.79 -> 0.94) but knock's drops (0.80 -> 0.53), against "
+                   "the issue's 0.02; strict, so a fix shows as XPASS")
 def test_negatives_keep_the_classes_scores(taught, tmp_path):
     *_, f1_before, f1_after, _ = negatives_taught(taught, tmp_path)
     drop = np.mean(f1_before, axis=0) - np.mean(f1_after, axis=0)
-    assert np.all(drop < 0.1), (np.mean(f1_before, axis=0), np.mean(f1_after, axis=0))
+    assert np.all(drop <= 0.02), (np.mean(f1_before, axis=0), np.mean(f1_after, axis=0))
 
 
 def negatives_taught(taught, tmp_path):

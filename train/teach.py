@@ -12,10 +12,11 @@ How (the design, and why):
   per new class appended after the old ones, whose rows are copied. With the trunk frozen, a
   frame's embedding (the temporal part's output, ``out_features`` per frame: 21,504 for dnd_7_10)
   does not change during teaching, so every training scene goes through the trunk once and the
-  head is fitted on the cached embeddings: a logistic regression per class, convex, over as many
-  epochs as it likes for the price of one. Training the last block (f_dil) too would need its
-  forward and backward on every scene in every epoch: on dnd_7_10 one such pass costs about 1.6
-  times a trunk forward, times the epochs, which is hours rather than minutes on two cores.
+  head is fitted on the cached embeddings: a logistic regression per class, convex, fitted by
+  full-batch L-BFGS (a few dozen passes over the cached frames, each two (N, D) x (D, C)
+  products) with an L2 penalty relative to the embeddings' scale, stopped early when the loss on
+  the held-out clips' scenes stops falling. Thousands of small minibatch steps did the same work
+  at several times the CPU time.
 - **Scenes in context.** Training scenes are mixed by train.mixing over whatever the user gives:
   the new clips (labelled by their audible extent, train.mixing's rule, or by ``--extents`` TSV
   rows ``filename onset offset``), ``--negatives`` clips, ``--world`` pools (speech, music,
@@ -26,10 +27,17 @@ How (the design, and why):
 - **Old classes kept.** With no ``--negatives`` the old rows are not trained at all: old classes
   output exactly what they did (bit for bit on the same input). With ``--negatives`` the old rows
   are trained too, by distillation: their target on every frame is the original detector's own
-  probability on that frame (the same scene through the same frozen trunk), except inside the
-  audible extent of a negative clip, where every old class's target is 0 (the user says nothing
-  sounds there that the detector should report); plus an L2 pull of the old rows toward the
-  original weights. Where a negative overlaps a new-class event, the new class keeps its label.
+  probability on that frame, 1 inside a recorded clip of that class, and 0 inside a negative
+  (the user says nothing sounds there that the detector should report). The old classes' clips
+  that an earlier ``train.teach`` recorded in the checkpoint (found on disk by path and sha256)
+  are mixed into the scenes so that the classes sound where the negatives are taught; the
+  negatives also go in whole, as recorded, where false alarms are heard. Each old row's loss
+  weighs negative frames, its own class's frames and the rest equally (a few seconds of
+  negatives neither drown nor are drowned), with an L2-SP pull toward the original rows. Then,
+  since head rows on a frozen trunk cannot pull apart a negative that the trunk maps near a class,
+  the last block (``model.temporal``) and the classifier are adapted by Adam over the same scenes'
+  cached CNN outputs, with an L2-SP pull toward their starting weights. Where a negative overlaps
+  a new-class event, the new class keeps its label.
 - **Held-out check and decoder.** ``--held-out`` (20 %, at least one clip) of each new class's clips
   never enter training scenes: they make fixed validation scenes (with the world pools' held-out
   groups), on which train.tune's search chooses each new class's decoder (median window, on/off
@@ -90,11 +98,15 @@ class TeachConfig:
     scenes: int = 48  # training scenes, each through the frozen trunk once
     val_scenes: int = 8  # validation scenes from the held-out clips (decoder tuning)
     scene_frames: int = 512
-    epochs: int = 40  # passes of the head over the cached frame embeddings
-    batch_frames: int = 256
-    lr: float = 3e-4
-    old_l2: float = 1e-2  # pull of the old rows toward the original weights (with --negatives)
+    head_steps: int = 60  # at most this many passes of L-BFGS over the cached frame embeddings
+    patience: int = 10  # passes without a better held-out loss before the head fit stops
+    new_l2: float = 1e-3  # L2 of the new rows, relative to the embeddings' scale (see fit_head)
+    old_l2: float = 1e-2  # L2-SP pull of the old rows toward the original weights (with --negatives)
     held_out: float = 0.2  # fraction of each new class's clips kept for validation (at least one)
+    adapt_epochs: int = 20  # with --negatives: Adam passes over the scenes adapting the last block
+    adapt_lr: float = 1e-3
+    adapt_l2: float = 1e-2  # L2-SP pull of the adapted block toward its original weights
+    adapt_batch_scenes: int = 4
     background_every: int = 4  # keep every n-th frame that no clip labels (weighted n): bounds memory
     events_per_minute: tuple[float, float] = (12.0, 36.0)
     noise_db: tuple[float, float] = (-70.0, -45.0)
@@ -105,7 +117,8 @@ class TeachConfig:
     def __post_init__(self) -> None:
         checks = [(self.scenes >= 1 and self.val_scenes >= 1, "scenes and val_scenes must be >= 1"),
                   (self.scene_frames >= 64, "scene_frames must be >= 64"),
-                  (self.epochs >= 1 and self.batch_frames >= 1, "epochs and batch_frames must be >= 1"),
+                  (self.head_steps >= 1 and self.patience >= 1, "head_steps and patience must be >= 1"),
+                  (self.new_l2 > 0 and self.old_l2 > 0, "new_l2 and old_l2 must be > 0"),
                   (0 < self.held_out < 1, "held_out must lie in (0, 1)"),
                   (self.background_every >= 1, "background_every must be >= 1")]
         for ok, message in checks:
@@ -211,6 +224,37 @@ def hold_out(clips: list[UserClip], fraction: float, seed: int) -> None:
         clips[i].held_out = True
 
 
+def recorded_clips(metadata: dict[str, Any], labels: tuple[str, ...], rate: int, mix: MixConfig,
+                   log=print) -> dict[str, list[UserClip]]:
+    """The clips an earlier ``train.teach`` recorded in a checkpoint's metadata for ``labels`` (its
+    taught classes, and the old-class clips it carried), {label: clips} in ``labels`` order. A clip
+    whose file is gone or changed (sha256) is left out, with a line saying so: the class is then
+    held by distillation on whatever else sounds in the scenes."""
+    taught = metadata.get("taught") or {}
+    earlier = (metadata.get("taught_from_metadata") or {}).get("taught") or {}
+    rows = list(taught.get("clips", [])) + list(taught.get("old_class_clips", [])) + list(earlier.get("clips", []))
+    found: dict[str, dict[str, Path]] = {}
+    missing = 0
+    for row in rows:
+        label, path = row.get("class"), Path(str(row.get("path", "")))
+        if label not in labels or row.get("sha256") in found.get(label, {}):
+            continue
+        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == row.get("sha256"):
+            found.setdefault(label, {})[row["sha256"]] = path
+        else:
+            missing += 1
+    if missing:
+        log(f"{missing} recorded clip(s) of the old classes are missing or changed on disk: left out")
+    out: dict[str, list[UserClip]] = {}
+    for label in labels:
+        if label in found:
+            try:
+                out[label] = load_clips(sorted(found[label].values()), label, rate, mix)
+            except TeachError as exc:
+                log(f"old class {label}: its recorded clips are left out ({exc})")
+    return out
+
+
 class ClipStore:
     """train.mixing's Store over the user's decoded clips, and a pool store (MemoryStore) for
     world and distractor clips."""
@@ -267,69 +311,211 @@ def scene_features(source: SceneSource, rng: np.random.Generator, logmel: LogMel
     return feats, events_to_frame_targets(events, feats.shape[0], hop_s, columns), events
 
 
-@torch.no_grad()
-def embed(model: SEDModel, x: torch.Tensor) -> torch.Tensor:
-    """Frozen trunk: normalised log-mel x (B, T, F) -> frame embeddings (B, T, D), D =
-    ``model.temporal.out_features``; ``model.classifier`` of them is the model's logits."""
-    return model.temporal(model.features(x))
-
-
 # --------------------------------------------------------------------------------------- head
 
 
 @dataclass
 class FrameBank:
-    """Cached training frames: embeddings (N, D) float16, new-class targets (N, K), negative
-    flags (N,), weights (N,) (a kept background frame stands for ``background_every`` frames)."""
+    """Cached frames: embeddings (N, D) float16, new-class targets (N, K), negative flags (N,),
+    old-class positives (N, C_old) (frames inside a recorded clip of an old class), weights (N,)
+    (a kept background frame stands for ``background_every`` frames)."""
 
     embeddings: torch.Tensor
     targets: torch.Tensor
     negative: torch.Tensor
+    old_positive: torch.Tensor
     weights: torch.Tensor
 
 
+CHUNK_FRAMES = 2048  # frames per float16 -> float32 slice: bounds the float32 copy (2048 x D) in memory
+
+
+def _embedding_scale(bank: FrameBank) -> float:
+    """Mean squared embedding norm over the frames divided by D: the average eigenvalue of the frames'
+    second-moment matrix, what the L2 strengths are relative to (so they mean the same for any trunk)."""
+    n, d = bank.embeddings.shape
+    total = sum(float(bank.embeddings[s:s + CHUNK_FRAMES].float().pow(2).sum()) for s in range(0, n, CHUNK_FRAMES))
+    return max(total / (n * d), 1e-12)
+
+
+def _old_targets(bank: FrameBank, w_old: torch.Tensor, b_old: torch.Tensor) -> torch.Tensor:
+    """Distillation targets of the old rows (N, C_old): the original rows' own probability on every
+    frame, except on a negative's frames, where a class is 1 only if one of its recorded clips sounds
+    there too (the negative says nothing of this detector's classes should fire), else 0."""
+    parts = []
+    for s in range(0, bank.embeddings.shape[0], CHUNK_FRAMES):
+        parts.append(torch.sigmoid(F.linear(bank.embeddings[s:s + CHUNK_FRAMES].float(), w_old, b_old)))
+    teacher = torch.cat(parts)
+    negative = bank.negative[:, None] > 0
+    return torch.where(bank.old_positive, 1.0, torch.where(negative, 0.0, teacher))
+
+
+def _balanced_weights(bank: FrameBank) -> torch.Tensor:
+    """Frame weights (N, C_old) for the old rows' loss, each column summing to 1: for each old class,
+    negative frames, that class's own recorded-clip frames and the rest each weigh a third (half when a
+    group is absent), so a few seconds of negatives neither drown nor are drowned by the class's own
+    sound or the scenes around them. ``bank.weights`` (N,) weighs frames within a group."""
+    negative = bank.negative > 0
+    out = torch.zeros(bank.weights.shape[0], bank.old_positive.shape[1])
+    for c in range(out.shape[1]):
+        positive = bank.old_positive[:, c] & ~negative
+        groups = [g for g in (negative, positive, ~negative & ~positive) if float(bank.weights[g].sum()) > 0]
+        for g in groups:
+            out[g, c] = bank.weights[g] / bank.weights[g].sum() / len(groups)
+    return out
+
+
+class _EarlyStop(Exception):
+    """The held-out loss stopped improving."""
+
+
+class _HeadLoss:
+    """The head's objective and its gradient, computed in float32 over float16 chunks of a bank, with
+    no autograd graph (the gradient of a weighted BCE of a linear map is closed-form).
+
+    Rows are [old rows (only when trained), new rows]; ``targets`` (N, rows) and ``frame_weights``
+    (N, rows) give each row's target and weight per frame."""
+
+    def __init__(self, embeddings: torch.Tensor, targets: torch.Tensor, frame_weights: torch.Tensor):
+        self.embeddings, self.targets, self.frame_weights = embeddings, targets, frame_weights
+        # One float32 slice reused for every chunk of every pass: a fresh 2048 x D allocation per
+        # chunk costs page faults (system time) comparable to the arithmetic.
+        self._slice = torch.empty(min(CHUNK_FRAMES, embeddings.shape[0]), embeddings.shape[1])
+
+    def __call__(self, w: torch.Tensor, b: torch.Tensor, grad: bool = True):
+        loss = torch.zeros((), dtype=torch.float64)
+        gw, gb = (torch.zeros_like(w), torch.zeros_like(b)) if grad else (None, None)
+        for s in range(0, self.embeddings.shape[0], CHUNK_FRAMES):
+            part = self.embeddings[s:s + CHUNK_FRAMES]
+            e = self._slice[:part.shape[0]]
+            e.copy_(part)
+            z = F.linear(e, w, b)
+            t, fw = self.targets[s:s + CHUNK_FRAMES], self.frame_weights[s:s + CHUNK_FRAMES]
+            loss += float((F.binary_cross_entropy_with_logits(z, t, reduction="none") * fw).sum())
+            if grad:
+                r = (torch.sigmoid(z) - t) * fw  # d loss / d z
+                gw.addmm_(r.T, e)
+                gb += r.sum(dim=0)
+        return loss, gw, gb
+
+
 def fit_head(bank: FrameBank, w_old: torch.Tensor, b_old: torch.Tensor, n_new: int, cfg: TeachConfig,
-             train_old: bool, progress=None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """The classifier (C_old + n_new, D) weight and bias fitted on ``bank``: new rows by BCE on their
-    targets; old rows (only when ``train_old``) by BCE toward the original rows' probabilities,
-    0 on negative frames, plus ``cfg.old_l2`` x the mean squared distance to the original rows.
-    Returns (weight, bias, mean loss per epoch)."""
-    d = bank.embeddings.shape[1]
+             train_old: bool, held: FrameBank | None = None, progress=None
+             ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """The classifier (C_old + n_new, D) weight and bias fitted on ``bank`` by full-batch L-BFGS
+    (a convex problem: a few dozen passes over the cached frames, each a pair of (N, D) x (D, C)
+    products, instead of thousands of small steps).
+
+    New rows: weighted BCE on their targets + ``cfg.new_l2`` x scale x ||w||^2 / 2. Old rows (only
+    when ``train_old``): weighted BCE toward the original rows' probabilities (0 on negatives, see
+    ``_old_targets``) with negatives, old-class frames and the rest balanced (``_balanced_weights``),
+    + ``cfg.old_l2`` x scale x ||w - w_original||^2 / 2 (L2-SP: the pull toward the original
+    weights). scale = ``_embedding_scale``. With ``held`` (frames of the held-out clips' scenes),
+    the step whose held-out loss of the new rows is lowest is kept, and fitting stops after
+    ``cfg.patience`` steps without improvement. Returns (weight, bias, objective per step)."""
+    n, d = bank.embeddings.shape
+    n_old = w_old.shape[0]
+    scale = _embedding_scale(bank)
+    new_weights = (bank.weights / bank.weights.sum())[:, None].expand(n, n_new)
+    if train_old:
+        targets = torch.cat([_old_targets(bank, w_old, b_old), bank.targets], dim=1)
+        frame_weights = torch.cat([_balanced_weights(bank), new_weights], dim=1)
+        w0, b0 = torch.cat([w_old, torch.zeros(n_new, d)]), torch.cat([b_old, torch.full((n_new,), -3.0)])
+    else:
+        targets, frame_weights = bank.targets, new_weights
+        w0, b0 = torch.zeros(n_new, d), torch.full((n_new,), -3.0)  # events are rare: start near "off"
+    objective = _HeadLoss(bank.embeddings, targets.float(), frame_weights.contiguous())
+    rows_old = n_old if train_old else 0
+    l2 = torch.full((w0.shape[0], 1), cfg.new_l2 * scale)
+    l2[:rows_old] = cfg.old_l2 * scale
+    anchor = torch.zeros_like(w0)
+    if rows_old:
+        anchor[:rows_old] = w_old
+
+    held_objective = None
+    if held is not None and n_new:
+        held_w = (held.weights / held.weights.sum())[:, None].expand(-1, n_new).contiguous()
+        held_objective = _HeadLoss(held.embeddings, held.targets.float(), held_w)
+    w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    best = {"held": float("inf"), "w": w0, "b": b0, "since": 0}
+    history: list[float] = []
+
+    def closure():
+        # Called once per pass over the frames (L-BFGS's line search included): each call is a
+        # candidate point, scored on the held-out frames for early stopping.
+        with torch.no_grad():
+            loss, gw, gb = objective(w, b)
+            delta = w - anchor
+            loss += float((l2 * delta.pow(2)).sum()) / 2
+            w.grad, b.grad = gw + l2 * delta, gb
+            history.append(float(loss))
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
+            if held_objective is not None:
+                value = held_objective(w[rows_old:], b[rows_old:], grad=False)[0]
+                if value < best["held"]:
+                    best.update(held=float(value), w=w.detach().clone(), b=b.detach().clone(), since=0)
+                else:
+                    best["since"] += 1
+                    if best["since"] >= cfg.patience:
+                        raise _EarlyStop
+        return torch.tensor(float(loss))
+
+    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=cfg.head_steps, max_eval=cfg.head_steps, history_size=20,
+                                  line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-9)
+    try:
+        optimizer.step(closure)
+    except _EarlyStop:
+        pass
+    weight, bias = (best["w"], best["b"]) if held_objective is not None else (w.detach(), b.detach())
+    if not train_old:
+        weight, bias = torch.cat([w_old, weight]), torch.cat([b_old, bias])
+    return weight, bias, history
+
+
+@dataclass
+class SceneBank:
+    """Whole training scenes for adapting the last block: CNN outputs h (S, C, T, 1) (the input of
+    ``model.temporal``), per-row targets (S, T, rows) and per-row frame weights (S, T, rows), each
+    row's weights summing to 1 over all scenes."""
+
+    cnn: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor
+
+
+def adapt_last_block(student: SEDModel, scenes: SceneBank, cfg: TeachConfig, progress=None) -> list[float]:
+    """Adapt ``student.temporal`` (the last block, f_dil or the GRU; BatchNorm on its running
+    statistics) and its classifier in place on ``scenes`` by Adam: weighted BCE on the targets plus
+    ``cfg.adapt_l2`` x the squared distance of every adapted tensor to its starting value (L2-SP:
+    the block moves only as far as the negatives need). Frozen-trunk head rows alone cannot pull
+    apart a negative that the trunk maps near a class (a whistle near a beep); one block more can.
+    Returns the mean loss per epoch."""
+    params = list(student.temporal.parameters()) + list(student.classifier.parameters())
+    anchors = [p.detach().clone() for p in params]
+    optimizer = torch.optim.Adam(params, lr=cfg.adapt_lr)
+    n = scenes.cnn.shape[0]
     gen = torch.Generator().manual_seed(cfg.seed)
-    w_new = torch.zeros(n_new, d, requires_grad=True)
-    b_new = torch.full((n_new,), -3.0, requires_grad=True)  # events are rare: start near "off"
-    w_o, b_o = w_old.clone().requires_grad_(train_old), b_old.clone().requires_grad_(train_old)
-    params = [w_new, b_new] + ([w_o, b_o] if train_old else [])
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    n, history = bank.embeddings.shape[0], []
-    for _epoch in range(cfg.epochs):
-        order = torch.randperm(n, generator=gen)
-        total, weight_sum = 0.0, 0.0
-        for start in range(0, n, cfg.batch_frames):
-            idx = order[start:start + cfg.batch_frames]
-            e = bank.embeddings[idx].float()
-            w = bank.weights[idx]
+    history = []
+    student.eval()  # BatchNorm keeps the running statistics the old classes were calibrated on
+    for _epoch in range(cfg.adapt_epochs):
+        total = 0.0
+        for idx in torch.randperm(n, generator=gen).split(cfg.adapt_batch_scenes):
             optimizer.zero_grad(set_to_none=True)
-            loss = torch.zeros(())
-            if n_new:
-                per = F.binary_cross_entropy_with_logits(F.linear(e, w_new, b_new), bank.targets[idx], reduction="none")
-                loss = loss + (per.mean(dim=1) * w).sum() / w.sum()
-            if train_old:
-                with torch.no_grad():
-                    target = torch.sigmoid(F.linear(e, w_old, b_old)) * (1.0 - bank.negative[idx, None])
-                per = F.binary_cross_entropy_with_logits(F.linear(e, w_o, b_o), target, reduction="none")
-                loss = loss + (per.mean(dim=1) * w).sum() / w.sum() + cfg.old_l2 * d * (w_o - w_old).pow(2).mean()
+            z = student.classifier(student.temporal(scenes.cnn[idx]))
+            fit = (F.binary_cross_entropy_with_logits(z, scenes.targets[idx], reduction="none")
+                   * scenes.weights[idx]).sum() * (n / len(idx))
+            pull = sum((p - a).pow(2).sum() for p, a in zip(params, anchors))
+            loss = fit + cfg.adapt_l2 * pull
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * float(w.sum())
-            weight_sum += float(w.sum())
-        history.append(total / max(weight_sum, 1e-12))
+            total += float(loss.detach()) * len(idx) / n
+        history.append(total)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
-    weight = torch.cat([w_o.detach(), w_new.detach()])
-    bias = torch.cat([b_o.detach(), b_new.detach()])
-    return weight, bias, history
+            progress.set_postfix(loss=f"{total:.4f}", refresh=False)
+    return history
 
 
 # ------------------------------------------------------------------------------------ teaching
@@ -407,7 +593,7 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
     (checkpoint) and ``out``.md (model card). See the module docstring."""
     from tqdm import tqdm
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     extents = dict(extents or {})
     # ---- check everything before any compute
     try:
@@ -452,6 +638,9 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
         hold_out(user[label], cfg.held_out, cfg.seed)
     negative_clips = [c for folder in negatives
                       for c in load_clips(audio_files(folder, "--negatives"), NEGATIVE, rate, mix)]
+    # With negatives the old rows move: the old classes' recorded clips sound in the training scenes so
+    # that distillation holds them where they sound, not only where nothing does.
+    old_clips = recorded_clips(teacher.metadata, old_labels, rate, mix, log) if negative_clips else {}
     out.parent.mkdir(parents=True, exist_ok=True)
 
     # ---- pools: the user's clips, world pools (groups held out for validation), distractors
@@ -466,20 +655,24 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
         pool_store = MemoryStore(world_train + world_held + distractor_clips, rate, mix.label_db, mix.min_gap_s)
     except MixError as exc:
         raise TeachError(f"--world/--distractors: {exc}") from None
-    store = ClipStore(rate, [c for cs in user.values() for c in cs] + negative_clips, pool_store)
+    store = ClipStore(rate, [c for cs in list(user.values()) + list(old_clips.values()) for c in cs] + negative_clips,
+                      pool_store)
     distractor_clips = [c for c in distractor_clips if c in pool_store]
 
     def pools(held: bool) -> ScenePools:
         events = {label: [c.clip(i) for i, c in enumerate(cs) if c.held_out == held] for label, cs in user.items()}
         if negative_clips:
             events[NEGATIVE] = [c.clip(i) for i, c in enumerate(negative_clips)]
+        if not held:
+            events.update({label: [c.clip(i) for i, c in enumerate(cs)] for label, cs in old_clips.items()})
         chosen = world_held if held else world_train
         by_category = {k: [c for c in chosen if c.label == k and c in pool_store] for k in ("speech", "music", "ambience")}
         return ScenePools(events, {}, distractor_clips, {k: v for k, v in by_category.items() if v}, ())
 
     augmenter = WaveAugmenter(mix.augment, rate) if mix.augment is not None else None
     train_source = SceneSource(mix, store, pools(False), augmenter, cfg.noise_db)
-    columns = new_labels + (NEGATIVE,)
+    kept_old = tuple(old_clips)
+    columns = new_labels + kept_old + (NEGATIVE,)
     logmel = LogMel(frontend)
     norm = teacher.config.normalization
     mean = torch.tensor(norm.mean if norm else [0.0] * frontend.n_mels)
@@ -488,19 +681,34 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
     n_old = len(old_labels)
     log(f"teaching {source_model} ({n_old} classes) "
         + (f"new: {', '.join(f'{k} ({sum(not c.held_out for c in v)} clips, {sum(c.held_out for c in v)} held out)' for k, v in user.items())}" if user else "no new class")
-        + f"; negatives: {len(negative_clips)} clips; world: {len(world_train)} clips; "
+        + f"; negatives: {len(negative_clips)} clips"
+        + (f" (old classes sounding in the scenes by their recorded clips: {', '.join(f'{k} ({len(v)})' for k, v in old_clips.items())})"
+           if old_clips else "")
+        + f"; world: {len(world_train)} clips; "
           f"{cfg.scenes} scenes of {mix.scene_s:.2f} s")
 
     # ---- training frames: mix, log-mel, frozen trunk, keep labelled frames and every n-th other
     timings = {"mix_s": 0.0, "trunk_s": 0.0}
-    chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    chunks: list[tuple[torch.Tensor, ...]] = []
+    old_columns = [old_labels.index(label) for label in kept_old]
+    adapt: list[tuple[torch.Tensor, ...]] = []
     bar = tqdm(total=cfg.scenes, desc="scenes through the frozen trunk", disable=not progress, leave=False,
                dynamic_ncols=True)
     for i in range(cfg.scenes):
         t0 = time.perf_counter()
         feats, targets, _ = scene_features(train_source, np.random.default_rng([cfg.seed, 2, i]), logmel, hop_s, columns)
         t1 = time.perf_counter()
-        e = embed(trunk, ((torch.from_numpy(feats) - mean) / std)[None])[0]
+        with torch.no_grad():
+            h = trunk.features(((torch.from_numpy(feats) - mean) / std)[None])
+            e = trunk.temporal(h)[0]
+        if negative_clips:  # whole scenes for adapting the last block: the CNN output and the teacher's own view
+            with torch.no_grad():
+                p = torch.sigmoid(trunk.classifier(e))
+            negative = torch.from_numpy(targets[:, -1] > 0)
+            positive = torch.zeros(len(targets), n_old, dtype=torch.bool)
+            positive[:, old_columns] = torch.from_numpy(targets[:, len(new_labels):-1] > 0)
+            adapt.append((h[0], torch.where(positive, 1.0, torch.where(negative[:, None], 0.0, p)),
+                          torch.from_numpy(targets[:, :len(new_labels)]), negative, positive, torch.ones(len(p), dtype=torch.bool)))
         timings["mix_s"] += t1 - t0
         timings["trunk_s"] += time.perf_counter() - t1
         labelled = targets.any(axis=1)
@@ -508,21 +716,76 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
         idx = torch.from_numpy(np.flatnonzero(keep))
         weights = torch.from_numpy(np.where(labelled[keep], 1.0, float(cfg.background_every)).astype(np.float32))
         t = torch.from_numpy(targets[keep])
-        chunks.append((e[idx].half(), t[:, :-1], t[:, -1], weights))
+        old_positive = torch.zeros(len(idx), n_old, dtype=torch.bool)
+        old_positive[:, old_columns] = t[:, len(new_labels):-1] > 0
+        chunks.append((e[idx].half(), t[:, :len(new_labels)], t[:, -1], old_positive, weights))
         bar.update(1)
     bar.close()
+    # The negatives as recorded, every frame of each, besides mixed into scenes: a false alarm is
+    # heard on the recording as it is (its own edges, level and silence), and there every old class
+    # should be off.
+    for clip in negative_clips:
+        feats = logmel(torch.from_numpy(clip.audio.astype(np.float32)))
+        k = feats.shape[0]
+        if k == 0:
+            continue
+        with torch.no_grad():
+            h = trunk.features(((feats - mean) / std)[None])
+            e = trunk.temporal(h)[0]
+            p = torch.sigmoid(trunk.classifier(e))
+        negative = torch.full((k,), clip.label == NEGATIVE)
+        positive = torch.zeros(k, n_old, dtype=torch.bool)
+        if clip.label != NEGATIVE:
+            events = [Event("clip", a / rate, b / rate, clip.label) for a, b in clip.segments]
+            positive[:, old_labels.index(clip.label)] = torch.from_numpy(
+                events_to_frame_targets(events, k, hop_s, (clip.label,))[:, 0] > 0)
+        old_target = torch.where(positive, 1.0, torch.where(negative[:, None], 0.0, p))
+        # Into the adaptation scenes too, cut to the scene length and zero-padded (the zeros the
+        # offline forward pads with anyway), the padding weighted 0.
+        for a in range(0, k, cfg.scene_frames):
+            m = min(cfg.scene_frames, k - a)
+            pad = (0, cfg.scene_frames - m)
+            valid = torch.arange(cfg.scene_frames) < m
+            adapt.append((F.pad(h[0, :, a:a + m], (0, 0) + pad), F.pad(old_target[a:a + m], (0, 0) + pad),
+                          torch.zeros(cfg.scene_frames, len(new_labels)), F.pad(negative[a:a + m], pad),
+                          F.pad(positive[a:a + m], (0, 0) + pad), valid))
+        chunks.append((e.half(), torch.zeros(k, len(new_labels)), negative.float(), positive, torch.ones(k)))
     bank = FrameBank(*(torch.cat(parts) for parts in zip(*chunks)))
     del chunks
     if not torch.isfinite(bank.embeddings).all():
         raise TeachError(f"--from {source_model}: its trunk's embeddings overflow float16 on these scenes; "
                          "this detector cannot be taught with train.teach")
-    t0 = time.perf_counter()
-    bar = tqdm(total=cfg.epochs, desc="fitting the head", disable=not progress, leave=False, dynamic_ncols=True)
+    # ---- validation scenes from the held-out clips: early stopping of the head fit, then the new
+    # classes' decoders
+    held, val_events = None, []
+    if new_labels:
+        t0 = time.perf_counter()
+        val_source = SceneSource(mix.replace(augment=None), store, pools(True), None, cfg.noise_db)
+        val_chunks = []
+        for i in range(cfg.val_scenes):
+            feats, targets, events = scene_features(val_source, np.random.default_rng([cfg.seed, 3, i]), logmel,
+                                                    hop_s, columns)
+            with torch.no_grad():
+                h = trunk.features(((torch.from_numpy(feats) - mean) / std)[None])
+                e = trunk.temporal(h)[0]
+            val_chunks.append(e.half())
+            val_events.append((h, torch.from_numpy(targets[:, :len(new_labels)]),
+                               tuple(ev for ev in events if ev.event_label in new_labels)))
+        embeddings = torch.cat(val_chunks)
+        held = FrameBank(embeddings, torch.cat([t for _, t, _ in val_events]), torch.zeros(len(embeddings)),
+                         torch.zeros(len(embeddings), n_old, dtype=torch.bool), torch.ones(len(embeddings)))
+        timings["validation_s"] = time.perf_counter() - t0
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    bar = tqdm(total=cfg.head_steps, desc="fitting the head (L-BFGS passes)", disable=not progress, leave=False,
+               dynamic_ncols=True)
     weight, bias, history = fit_head(bank, teacher.model.classifier.weight.detach(),
                                      teacher.model.classifier.bias.detach(), len(new_labels), cfg,
-                                     train_old=bool(negative_clips), progress=bar)
+                                     train_old=bool(negative_clips), held=held, progress=bar)
     bar.close()
     timings["head_s"] = time.perf_counter() - t0
+    timings["head_cpu_s"] = time.process_time() - cpu0
+    log(f"head fitted in {len(history)} passes: {timings['head_s']:.1f} s wall, {timings['head_cpu_s']:.1f} s CPU")
     frames = int(bank.embeddings.shape[0])
     del bank
 
@@ -531,23 +794,38 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
         student.classifier.weight.copy_(weight)
         student.classifier.bias.copy_(bias)
 
-    # ---- validation scenes from the held-out clips: tune the new classes' decoders there
+    adapt_history: list[float] = []
+    if adapt:
+        t0 = time.perf_counter()
+        cnn, old_t, new_t, negative, positive, valid = (torch.stack(parts) for parts in zip(*adapt))
+        del adapt
+        s_, t_ = negative.shape
+        flat = FrameBank(torch.empty(0), torch.empty(0), negative.reshape(-1).float(), positive.reshape(s_ * t_, n_old),
+                         valid.reshape(-1).float())
+        old_w = _balanced_weights(flat).reshape(s_, t_, n_old)
+        new_w = (valid.float() / valid.sum())[:, :, None].expand(s_, t_, len(new_labels))
+        scenes = SceneBank(cnn, torch.cat([old_t, new_t], dim=2), torch.cat([old_w, new_w], dim=2).contiguous())
+        bar = tqdm(total=cfg.adapt_epochs, desc="adapting the last block", disable=not progress, leave=False,
+                   dynamic_ncols=True)
+        adapt_history = adapt_last_block(student, scenes, cfg, progress=bar)
+        bar.close()
+        del scenes, cnn
+        timings["adapt_s"] = time.perf_counter() - t0
+        with torch.no_grad():
+            weight, bias = student.classifier.weight.detach().clone(), student.classifier.bias.detach().clone()
+
     validation, tuned = [], None
     if new_labels:
         t0 = time.perf_counter()
-        val_source = SceneSource(mix.replace(augment=None), store, pools(True), None, cfg.noise_db)
         files = []
-        for i in range(cfg.val_scenes):
-            feats, targets, events = scene_features(val_source, np.random.default_rng([cfg.seed, 3, i]), logmel,
-                                                    hop_s, columns)
+        for h, targets, events in val_events:  # the student's own last block: adapted with negatives
             with torch.no_grad():
-                logits = student(((torch.from_numpy(feats) - mean) / std)[None])[0]
-            probs = torch.sigmoid(logits[:, n_old:]).numpy()
-            files.append(ValidationFile(probs, targets[:, :-1],
-                                        tuple(e for e in events if e.event_label in new_labels)))
+                probs = torch.sigmoid(student.classifier(student.temporal(h))[0, :, n_old:]).numpy()
+            files.append(ValidationFile(probs, targets.numpy(), events))
         tuned, validation = tune_decoder(files, hop_s, new_labels,
                                          max_smoothing_s=default_max_smoothing_s(student.lookahead_frames))
-        timings["validation_s"] = time.perf_counter() - t0
+        timings["validation_s"] += time.perf_counter() - t0
+        del held
     config = config.replace(decoder=_merged_decoder(teacher.config.decoder, n_old, tuned, len(new_labels)))
 
     before = after = 0
@@ -556,14 +834,16 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
         after = _count_old_events((student, config, n_old), negative_clips, logmel)
 
     seconds = time.perf_counter() - started
+    timings["cpu_s"] = time.process_time() - cpu_started  # this process's CPU time, all threads
     metadata = {
         "taught": {
             "from": str(source_model), "from_content_sha256": _content_sha(teacher),
             "new_classes": list(new_labels),
             "clips": [c.record(rate) for cs in user.values() for c in cs],
             "negatives": [c.record(rate) for c in negative_clips],
+            "old_class_clips": [c.record(rate) for cs in old_clips.values() for c in cs],
             "world": [str(w) for w in world], "distractors": str(distractors) if distractors else None,
-            "settings": asdict(cfg), "training_frames": frames, "head_loss": history,
+            "settings": asdict(cfg), "training_frames": frames, "head_loss": history, "adapt_loss": adapt_history,
             "validation": validation, "negative_events_before": before, "negative_events_after": after,
             "seconds": round(seconds, 1), "timings_s": {k: round(v, 1) for k, v in timings.items()},
             "command": command, "torch": str(torch.__version__),
@@ -591,7 +871,8 @@ def model_card(path: Path, config: DetectorConfig, taught: dict[str, Any], n_old
              f" in {taught['seconds']:.0f} s.", "",
              f"Classes ({len(config.labels)}): {', '.join(config.labels)}. Old classes: the first {n_old}"
              + (" (unchanged: trunk and their head rows frozen)." if not taught["negatives"] else
-                " (trunk frozen; their head rows distilled from the original, 0 on the negatives)."), ""]
+                " (their head rows distilled from the original, 0 on the negatives; the last block adapted with "
+                "an L2-SP pull toward its original weights)."), ""]
     if taught["validation"]:
         lines += ["## New classes on validation scenes (held-out clips)", "",
                   "| class | event F1 tuned | event F1 at 0.5 | reference events | median | on | off | min event s | min gap s |",
@@ -650,7 +931,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output checkpoint (.pt); the model card is written beside it (.md)")
     p.add_argument("--scenes", type=int, default=d.scenes, help=f"training scenes (default {d.scenes})")
     p.add_argument("--val-scenes", type=int, default=d.val_scenes)
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes of the head over the cached frames")
+    p.add_argument("--head-steps", type=int, default=d.head_steps,
+                   help=f"most L-BFGS passes of the head over the cached frames (default {d.head_steps})")
     p.add_argument("--held-out", type=float, default=d.held_out, help="fraction of each class's clips for validation")
     p.add_argument("--no-augment", action="store_true", help="no pitch/stretch/reverb/microphone augmentation")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -664,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        cfg = TeachConfig(scenes=args.scenes, val_scenes=args.val_scenes, epochs=args.epochs, held_out=args.held_out,
+        cfg = TeachConfig(scenes=args.scenes, val_scenes=args.val_scenes, head_steps=args.head_steps, held_out=args.held_out,
                           augment=not args.no_augment, seed=args.seed)
         result = teach(args.source, _pairs(args.add, "--add"), args.out, negatives=args.negatives,
                        extents=_pairs(args.extents, "--extents"), world=args.world, distractors=args.distractors,
@@ -680,7 +962,8 @@ def main(argv: list[str] | None = None) -> int:
     if result.negatives_before or result.negatives_after:
         print(f"old-class events on the negative clips: {result.negatives_before} before, {result.negatives_after} after")
     print(f"wrote {result.path} ({len(result.labels)} classes: {', '.join(result.labels)}) and "
-          f"{result.path.with_suffix('.md')} in {result.seconds / 60:.1f} min")
+          f"{result.path.with_suffix('.md')} in {result.seconds / 60:.1f} min "
+          f"({result.timings['cpu_s'] / 60:.1f} CPU-min; head fit {result.timings['head_s']:.0f} s)")
     return 0
 
 
