@@ -252,3 +252,38 @@ def test_percentile_ranges_leave_out_a_rare_outlier():
     assert input_scale(quantize_proto(proto, feeds, method="percentile", percentile=99.9)) * 255 <= 2.5
     with pytest.raises(QuantizeError, match="use one of percentile, minmax"):
         quantize_proto(proto, feeds, method="entropy")
+
+
+def test_logit_bias_correction_removes_a_shift_near_the_threshold():
+    """A per-class shift of the logits (what int8 rounding left near the threshold) is measured
+    on the calibration feeds against the fp32 graph and taken off the logits' own bias: the
+    corrected graph's logits are the fp32 graph's; cells far from the threshold do not count."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rtsed.stream.onnx_quantize import correct_logit_bias, graph_logits
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((8, 3)).astype(np.float32) * 0.3
+
+    def head(bias, far_shift=0.0):
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["m"])]
+        if far_shift:  # moves only the cells whose product lies beyond 2: outside the band
+            nodes += [helper.make_node("Sub", ["m", "two"], ["over"]), helper.make_node("Relu", ["over"], ["r"]),
+                      helper.make_node("Sign", ["r"], ["s"]), helper.make_node("Mul", ["s", "far"], ["shift"]),
+                      helper.make_node("Add", ["m", "shift"], ["moved"])]
+        nodes.append(helper.make_node("Add", ["moved" if far_shift else "m", "b"], ["logits"]))
+        graph = helper.make_graph(
+            nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, 8])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.asarray(bias, np.float32), "b"),
+             numpy_helper.from_array(np.float32(2.0), "two"), numpy_helper.from_array(np.float32(far_shift), "far")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    fp32 = head([0.1, -0.2, 0.0])
+    shifted = head([0.1 + 0.3, -0.2, 0.0 - 0.15], far_shift=5.0)
+    feeds = [{"x": rng.standard_normal((1, 16, 8)).astype(np.float32) * 2} for _ in range(40)]
+    correction = correct_logit_bias(fp32, shifted, feeds)
+    np.testing.assert_allclose(correction, [0.3, 0.0, -0.15], atol=1e-5)
+    reference, corrected = graph_logits(fp32, feeds, False), graph_logits(shifted, feeds, False)
+    near = np.abs(reference) < 1.0
+    np.testing.assert_allclose(corrected[near], reference[near], atol=1e-5)
