@@ -7,7 +7,9 @@ onnxruntime.quantization's ``quantize_static`` in QDQ form: signed int8 activati
 tensor's range cut at its 0.0005th and 99.9995th percentiles over every calibration step,
 ``DEFAULT_PERCENTILE``). MinMax ranges (``method="minmax"``) stretch to the rarest outlier
 frame and leave a coarser grid for every other frame: on dnd_7_10's validation scenes they
-moved the probabilities 1.4x as far from fp32's as the percentile ranges. onnxruntime fuses
+moved the probabilities 1.4x as far from fp32's as the percentile ranges. After quantizing,
+each class's logit bias is corrected by the int8 graph's mean logit error near the decision
+threshold on the calibration feeds (``correct_logit_bias``). onnxruntime fuses
 each DequantizeLinear -> op -> QuantizeLinear group into an integer kernel (QLinearConv, with
 VNNI where the CPU has it). Calibration streams the scenes of DIR through the fp32 step graph
 and records every step's real inputs, carried state included (``CalibrationFeeds``), so that
@@ -59,7 +61,7 @@ PRECISIONS = ("fp32", "int8")
 CALIBRATION_FRAMES_PER_STEP = 16
 CALIBRATION_METHODS = ("percentile", "minmax")
 # Percentile calibration keeps this central share (per cent) of each tensor's calibration values,
-# cutting half the rest from each end. Chosen on dnd_7_10's validation scenes (its model card).
+# cutting half the rest from each end. Chosen on dnd_7_10's validation scenes (README, int8 streaming).
 DEFAULT_PERCENTILE = 99.999
 # Offline graphs are calibrated on pieces of this many frames (at most) of the scenes: the
 # percentile calibrator stacks every feed of a tensor, so the feeds must share a shape.
