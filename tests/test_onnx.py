@@ -280,6 +280,24 @@ def test_one_frame_steady_session(exported):
         assert_parity(one.states[name], ref.states[name])
         assert one.states[name].flags.c_contiguous
     assert one.positions[0] == 200
+    # One stream through step (push's tap table and int position): the If graph's logits, frame
+    # indices and positions, and each step output keeps its own frame indices after later steps.
+    one, ref = OnnxStream(step), OnnxStream(step)
+    ref._steady_session = None
+    sizes = [one.lookahead_frames + 5] + [1] * 40 + [3, 1, 1]
+    logmel = raw_logmel(config, sum(sizes), seed=10)
+    bounds = np.cumsum([0, *sizes])
+    outputs = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        a, b = one.step(logmel[:, lo:hi]), ref.step(logmel[:, lo:hi])
+        assert_parity(a.logits, b.logits)
+        np.testing.assert_array_equal(one.positions, ref.positions)
+        outputs.append((a, b.frame_index, b.valid))
+    for a, frame_index, valid in outputs:
+        np.testing.assert_array_equal(a.frame_index, frame_index)
+        np.testing.assert_array_equal(a.valid, valid)
+    for name in one.states:
+        assert_parity(one.states[name], ref.states[name])
 
 
 def test_dil_history_is_a_ring_by_position(exported):

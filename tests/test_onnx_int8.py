@@ -113,6 +113,16 @@ def test_int8_graph_is_quantized_keeps_state_fp32_and_records_its_calibration(in
                 assert node.op_type not in ("QuantizeLinear", "DequantizeLinear"), out.name
                 # ... nor does the node that makes it read a dequantized value (no rounding on the way round).
                 assert all(producer[x].op_type != "DequantizeLinear" for x in node.input if x in producer), out.name
+        # A block's window (history + new frames) is an fp32 Concat; the Transpose that takes it
+        # to its conv moves int8 values (quantize_windows_before_transpose): Concat -> Q -> DQ ->
+        # Transpose, never Concat -> Transpose, in both multi-channel blocks.
+        transposes = [n for n in branch.node if n.op_type == "Transpose" and n.input[0] in producer]
+        assert not [t.name for t in transposes if producer[t.input[0]].op_type == "Concat"]
+        moved = [t for t in transposes if producer[t.input[0]].op_type == "DequantizeLinear"
+                 and producer[producer[t.input[0]].input[0]].op_type == "QuantizeLinear"
+                 and producer.get(producer[producer[t.input[0]].input[0]].input[0]) is not None
+                 and producer[producer[producer[t.input[0]].input[0]].input[0]].op_type == "Concat"]
+        assert len(moved) == 2, [t.name for t in moved]
         # The logits come out of fp32 arithmetic (the classifier's output is not quantized).
         assert all(n.input[0] != classifier.output[0] for n in branch.node if n.op_type == "QuantizeLinear")
         assert producer["logits"].op_type not in ("DequantizeLinear",)
@@ -188,15 +198,11 @@ def test_no_vnni_is_said_once_and_doctor_names_the_precision(int8_graphs, monkey
     assert dict(environment())["int8"].startswith("no VNNI")
 
 
-def test_calibration_takes_the_range_of_every_feed():
-    """The activation ranges cover every calibration feed: a loud first step among 129 quiet
-    ones sets the input's scale (onnxruntime's calibrator, given CalibMaxIntermediateOutputs,
-    kept only the last len(feeds) mod N feeds' ranges, and failed on a multiple of N)."""
+def tiny_conv_model(rng: np.random.Generator):
+    """x (1, 1, 6, 6) -> conv, relu, 1x1 conv -> logits: the smallest graph the quantizer treats
+    as ours (a classifier that stays fp32 after a quantized conv)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from rtsed.stream.onnx_quantize import quantize_proto
-
-    rng = np.random.default_rng(0)
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1], name="conv"),
          helper.make_node("Relu", ["h"], ["r"], name="relu"),
@@ -205,11 +211,79 @@ def test_calibration_takes_the_range_of_every_feed():
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w1"),
          numpy_helper.from_array(rng.standard_normal((2, 4, 1, 1)).astype(np.float32), "w2")])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def input_scale(proto) -> float:
+    from onnx import numpy_helper
+
+    (q,) = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x"]
+    return float({i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}[q.input[1]])
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_calibration_takes_the_range_of_every_feed(method):
+    """The activation ranges cover every calibration feed: a loud first step among 129 quiet
+    ones sets the input's scale (onnxruntime's calibrator, given CalibMaxIntermediateOutputs,
+    kept only the last len(feeds) mod N feeds' ranges, and failed on a multiple of N). A whole
+    loud step is 0.8% of the values: inside the default percentile's range too."""
+    from rtsed.stream.onnx_quantize import quantize_proto
+
+    rng = np.random.default_rng(0)
+    proto = tiny_conv_model(rng)
     feeds = [{"x": rng.uniform(-1, 1, (1, 1, 6, 6)).astype(np.float32) * (100.0 if i == 0 else 1.0)}
              for i in range(129)]
     for count in (129, 128):
-        out = quantize_proto(proto, feeds[:count])
-        (q,) = [n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x"]
-        scale = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}[q.input[1]]
-        assert float(scale) * 255 >= 150, (count, float(scale))  # the loud feed's range (about -100..100)
+        scale = input_scale(quantize_proto(proto, feeds[:count], method=method))
+        assert scale * 255 >= 150, (count, scale)  # the loud feed's range (about -100..100)
+
+
+def test_percentile_ranges_leave_out_a_rare_outlier():
+    """One outlying value among 7,200 sets MinMax's input range (a grid 50x coarser for every
+    other value); percentile calibration at 99.9 keeps the bulk's range. An unknown method is
+    refused by name."""
+    from rtsed.stream.onnx_quantize import QuantizeError, quantize_proto
+
+    rng = np.random.default_rng(1)
+    proto = tiny_conv_model(rng)
+    feeds = [{"x": rng.uniform(-1, 1, (1, 1, 6, 6)).astype(np.float32)} for _ in range(200)]
+    feeds[50]["x"][0, 0, 2, 3] = 100.0
+    assert input_scale(quantize_proto(proto, feeds, method="minmax")) * 255 >= 100
+    assert input_scale(quantize_proto(proto, feeds, method="percentile", percentile=99.9)) * 255 <= 2.5
+    with pytest.raises(QuantizeError, match="use one of percentile, minmax"):
+        quantize_proto(proto, feeds, method="entropy")
+
+
+def test_logit_bias_correction_removes_a_shift_near_the_threshold():
+    """A per-class shift of the logits (what int8 rounding left near the threshold) is measured
+    on the calibration feeds against the fp32 graph and taken off the logits' own bias: the
+    corrected graph's logits are the fp32 graph's; cells far from the threshold do not count."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rtsed.stream.onnx_quantize import correct_logit_bias, graph_logits
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((8, 3)).astype(np.float32) * 0.3
+
+    def head(bias, far_shift=0.0):
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["m"])]
+        if far_shift:  # moves only the cells whose product lies beyond 2: outside the band
+            nodes += [helper.make_node("Sub", ["m", "two"], ["over"]), helper.make_node("Relu", ["over"], ["r"]),
+                      helper.make_node("Sign", ["r"], ["s"]), helper.make_node("Mul", ["s", "far"], ["shift"]),
+                      helper.make_node("Add", ["m", "shift"], ["moved"])]
+        nodes.append(helper.make_node("Add", ["moved" if far_shift else "m", "b"], ["logits"]))
+        graph = helper.make_graph(
+            nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, 8])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.asarray(bias, np.float32), "b"),
+             numpy_helper.from_array(np.float32(2.0), "two"), numpy_helper.from_array(np.float32(far_shift), "far")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    fp32 = head([0.1, -0.2, 0.0])
+    shifted = head([0.1 + 0.3, -0.2, 0.0 - 0.15], far_shift=5.0)
+    feeds = [{"x": rng.standard_normal((1, 16, 8)).astype(np.float32) * 2} for _ in range(40)]
+    correction = correct_logit_bias(fp32, shifted, feeds)
+    np.testing.assert_allclose(correction, [0.3, 0.0, -0.15], atol=1e-5)
+    reference, corrected = graph_logits(fp32, feeds, False), graph_logits(shifted, feeds, False)
+    near = np.abs(reference) < 1.0
+    np.testing.assert_allclose(corrected[near], reference[near], atol=1e-5)

@@ -11,7 +11,7 @@ from rtsed.atomic import OutputError, check_writable
 from rtsed.models.bundled import ModelNotFoundError, resolve_model
 from rtsed.models.checkpoint import CheckpointError, load_checkpoint
 from rtsed.stream.onnx_export import OPSET, ExportError, export_onnx
-from rtsed.stream.onnx_quantize import PRECISIONS, QuantizeError
+from rtsed.stream.onnx_quantize import CALIBRATION_METHODS, DEFAULT_PERCENTILE, PRECISIONS, QuantizeError
 from rtsed.stream.onnx_runtime import check_against_torch
 
 
@@ -29,7 +29,14 @@ def main(argv: list[str] | None = None) -> int:
                         "calibrate --quantize int8 on; the folder, files and their hash go into the metadata")
     p.add_argument("--calibration-steps", type=int, default=512, metavar="N",
                    help="step inputs recorded for calibration, spread over all of DIR's audio (default 512)")
+    p.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="percentile",
+                   help="activation ranges: each tensor's central --calibration-percentile per cent of its "
+                        "calibration values (default), or their whole min..max (minmax)")
+    p.add_argument("--calibration-percentile", type=float, default=DEFAULT_PERCENTILE, metavar="P",
+                   help=f"per cent of each tensor's values kept in range (default {DEFAULT_PERCENTILE:g})")
     args = p.parse_args(argv)
+    if not 50.0 < args.calibration_percentile <= 100.0:
+        p.error(f"--calibration-percentile {args.calibration_percentile:g}: give a share in (50, 100], e.g. 99.999")
     if args.quantize == "int8" and not args.calibration:
         p.error("--quantize int8 needs --calibration DIR: a folder of audio scenes from the model's training side")
     if args.calibration and args.quantize != "int8":
@@ -41,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             from rtsed.stream.onnx_quantize import export_int8
 
             out = export_int8(ckpt.model, ckpt.config, args.out, args.calibration, streaming=args.streaming,
-                              max_steps=args.calibration_steps)
+                              max_steps=args.calibration_steps, method=args.calibration_method,
+                              percentile=args.calibration_percentile)
         else:
             out = export_onnx(ckpt.model, ckpt.config, args.out, streaming=args.streaming, opset=args.opset)
     except (CheckpointError, ExportError, ModelNotFoundError, OutputError, QuantizeError) as exc:

@@ -206,7 +206,9 @@ class OnnxStepOutput:
     @property
     def frame_index(self) -> np.ndarray:
         if self._frame_index is None:
-            self._frame_index = self._plan.frame_index(self._first, np.arange(self.logits.shape[1]))
+            first = self._first  # an int for one stream's one-frame step (no array made per step)
+            first = np.array([first], np.int64) if type(first) is int else first
+            self._frame_index = self._plan.frame_index(first, np.arange(self.logits.shape[1]))
         return self._frame_index
 
     @property
@@ -408,6 +410,15 @@ class OnnxStream:
             raise OnnxModelError(f"step expects (batch={self.batch_size}, frames, {self._n_mels}); got {x.shape}")
         if self._steady or (self._steady is None and self._is_steady()):
             if x.shape[1] == 1 and self._one_frame_session is not None:
+                if self.batch_size == 1:
+                    # As push: the table of tap rows, an int slot and the position counted in an
+                    # int (see positions); each numpy op around the run is a visible share of a
+                    # one-frame step.
+                    position = int(self._positions[0]) + self._advance
+                    slot = position % self._ring_rows
+                    logits = self._one_frame_step(x, self._tap_table[slot], slot)
+                    self._advance += 1
+                    return OnnxStepOutput(logits, first=position, plan=self.plan)
                 first = self.positions
                 slots = first % self._ring_rows
                 taps = self._ring_base + (slots[:, None] + self._ring_taps) % self._ring_rows
