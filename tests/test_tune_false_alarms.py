@@ -22,7 +22,9 @@ from train.tune import (
     FalseAlarmAudio,
     FalseAlarmCost,
     count_events,
+    decode_joined,
     decode_smoothed,
+    join,
     main,
     median_smooth,
     tune_decoder,
@@ -56,6 +58,18 @@ def test_joined_count_equals_decoding_each_file(case):
     joined, file_id = audio.joined(0, k)
     assert count_events(joined, file_id, np.ones(len(files), bool), on, off, min_event, gap) == \
         sum(len(decode_smoothed(median_smooth(f, k), 0, on, off, min_event, gap)) for f in files)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_files(), st.integers(0, 4))
+def test_joined_decoding_equals_decoding_each_file(case, delay):
+    files, _, k, on, off, min_event, gap = case
+    smoothed = [median_smooth(f, k) for f in files]
+    joined, file_id, first = join(smoothed)
+    lengths = np.array([f.size for f in files])
+    got = decode_joined(joined, file_id, first, lengths, delay, on, off, min_event, gap)
+    assert [[tuple(map(int, c)) for c in cells] for cells in got] == \
+        [decode_smoothed(s, delay, on, off, min_event, gap) for s in smoothed]
 
 
 # ------------------------------------------------------------- the rate is train.evaluate's rate

@@ -93,12 +93,22 @@ def decode_smoothed(s: np.ndarray, delay_frames: int, on: float, off: float, min
     return out
 
 
-def count_events(joined: np.ndarray, file_id: np.ndarray, counted: np.ndarray, on: float, off: float,
-                 min_event_frames: int, gap_frames: int) -> int:
-    """How many events ``decode_smoothed`` finds in the counted files, summed, without a Python loop
-    over frames. ``joined`` (N,): the files' smoothed signals, each preceded by one frame of 0 (below
-    every off threshold, so no event crosses from one file into the next); ``file_id`` (N,): each
-    frame's file; ``counted`` (n_files,) bool: which files' events count."""
+def join(signals: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-file (T_i,) signals as one (N,) signal for ``joined_events``: each file preceded by one
+    frame of 0 (below every off threshold, so no event crosses from one file into the next).
+    Returns (joined, file id per frame (N,), each file's first frame (n_files,))."""
+    lengths = np.array([x.shape[0] for x in signals], int)
+    first = np.cumsum(lengths + 1) - lengths
+    parts = [part for x in signals for part in (np.zeros(1), np.asarray(x, np.float64))]
+    joined = np.concatenate(parts) if parts else np.zeros(0)
+    return joined, np.repeat(np.arange(lengths.size), lengths + 1), first
+
+
+def joined_events(joined: np.ndarray, file_id: np.ndarray, on: float, off: float, min_event_frames: int,
+                  gap_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """The events ``decode_smoothed`` finds in every file of a ``join``ed signal, before its delay
+    compensation, without a Python loop over frames: (starts, ends) (n,) as joined frame indices
+    [a, b)."""
     # Hysteresis as a state carried forward: on at p >= on, off at p < off, else the previous state.
     mark = np.where(joined >= on, 1, np.where(joined < off, 0, -1))
     last = np.maximum.accumulate(np.where(mark >= 0, np.arange(mark.size), 0))
@@ -106,13 +116,35 @@ def count_events(joined: np.ndarray, file_id: np.ndarray, counted: np.ndarray, o
     edges = np.diff(state)
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     if starts.size == 0:
-        return 0
+        return starts, ends
     new_event = np.ones(starts.size, bool)  # a run joins the previous one across a short gap in its file
     new_event[1:] = (starts[1:] - ends[:-1] >= gap_frames) | (file_id[starts[1:]] != file_id[starts[:-1]])
     first = np.flatnonzero(new_event)
     last_run = np.append(first[1:] - 1, starts.size - 1)
-    long_enough = ends[last_run] - starts[first] >= min_event_frames
-    return int(np.sum(long_enough & counted[file_id[starts[first]]]))
+    keep = ends[last_run] - starts[first] >= min_event_frames
+    return starts[first][keep], ends[last_run][keep]
+
+
+def count_events(joined: np.ndarray, file_id: np.ndarray, counted: np.ndarray, on: float, off: float,
+                 min_event_frames: int, gap_frames: int) -> int:
+    """How many events ``decode_smoothed`` finds in the counted files (``counted`` (n_files,) bool)
+    of a ``join``ed signal, summed."""
+    starts, _ = joined_events(joined, file_id, on, off, min_event_frames, gap_frames)
+    return int(np.sum(counted[file_id[starts]])) if starts.size else 0
+
+
+def decode_joined(joined: np.ndarray, file_id: np.ndarray, first: np.ndarray, lengths: np.ndarray,
+                  delay_frames: int, on: float, off: float, min_event_frames: int,
+                  gap_frames: int) -> list[np.ndarray]:
+    """``decode_smoothed`` of every file of a ``join``ed signal at once: per file its events as
+    (n, 2) frame cells [a, b), delay compensation included."""
+    starts, ends = joined_events(joined, file_id, on, off, min_event_frames, gap_frames)
+    f = file_id[starts] if starts.size else np.zeros(0, int)
+    local_a, local_b = starts - first[f], ends - first[f]
+    onset = np.maximum(local_a - delay_frames, 0)
+    offset = np.where(local_b == lengths[f], local_b, local_b - delay_frames)
+    cells = np.stack([onset, offset], axis=1)
+    return np.split(cells, np.searchsorted(f, np.arange(1, lengths.size)))
 
 
 @dataclass
@@ -133,12 +165,8 @@ class FalseAlarmAudio:
         wants them: (signal (N,), file id (N,)). The last (c, k) is kept: the search asks for it
         once per threshold pair."""
         if self._cache is None or self._cache[0] != (c, k):
-            parts, ids = [], []
-            for i, p in enumerate(self.probs):
-                parts += [np.zeros(1), median_smooth(np.asarray(p[:, c], np.float64), k)]
-                ids.append(np.full(p.shape[0] + 1, i))
-            joined = np.concatenate(parts) if parts else np.zeros(0)
-            self._cache = ((c, k), (joined, np.concatenate(ids) if ids else np.zeros(0, int)))
+            joined, file_id, _ = join([median_smooth(np.asarray(p[:, c], np.float64), k) for p in self.probs])
+            self._cache = ((c, k), (joined, file_id))
         return self._cache[1]
 
     def per_minute(self, c: int, label: str, k: int, on: float, off: float, min_event_frames: int,
@@ -256,11 +284,17 @@ def tune_class(probs: Sequence[np.ndarray], target: ClassTarget, hop_s: float, o
     search starts from (0.5, 0.5, no smoothing) at the first value of each duration grid. With
     ``false_alarms``, each candidate also decodes column ``class_index`` of the false-alarm audio
     (events labelled ``label`` are right on files of that category) and pays for what it reports."""
-    def evaluate(k: int, smoothed: list[np.ndarray], on: float, off: float, min_event_s: float,
+    lengths = np.array([p.shape[0] for p in probs], int)
+
+    def smooth(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        joined, file_id, first = join([median_smooth(p, k) for p in probs])
+        return joined, file_id, first, lengths
+
+    def evaluate(k: int, smoothed: tuple, on: float, off: float, min_event_s: float,
                  min_gap_s: float) -> ClassDecoder:
         min_event_frames = max(1, seconds_to_frames(min_event_s, hop_s))
         gap_frames = seconds_to_frames(min_gap_s, hop_s)
-        cells = [decode_smoothed(s, (k - 1) // 2, on, off, min_event_frames, gap_frames) for s in smoothed]
+        cells = decode_joined(*smoothed, (k - 1) // 2, on, off, min_event_frames, gap_frames)
         f1 = score(cells, target, hop_s, objective)
         if false_alarms is None:
             return ClassDecoder(k, on, off, min_event_s, min_gap_s, f1, f1)
@@ -268,12 +302,12 @@ def tune_class(probs: Sequence[np.ndarray], target: ClassTarget, hop_s: float, o
         return ClassDecoder(k, on, off, min_event_s, min_gap_s, false_alarms.objective(f1, fa), f1, fa)
 
     start_event_s, start_gap_s = min_event_grid_s[0], min_gap_grid_s[0]
-    best = evaluate(1, list(probs), 0.5, 0.5, start_event_s, start_gap_s)
+    best = evaluate(1, smooth(1), 0.5, 0.5, start_event_s, start_gap_s)
     current = best
     for _ in range(rounds):
         improved = False
         for k in smoothing_grid:
-            smoothed = [median_smooth(p, k) for p in probs]
+            smoothed = smooth(k)
             for on in ON_GRID:
                 for drop in OFF_DROPS:
                     off = round(on - drop, 2)
@@ -282,7 +316,7 @@ def tune_class(probs: Sequence[np.ndarray], target: ClassTarget, hop_s: float, o
                     candidate = evaluate(k, smoothed, on, off, current.min_event_s, current.min_gap_s)
                     if candidate.score > best.score + 1e-9:
                         best, improved = candidate, True
-        smoothed = [median_smooth(p, best.smoothing_frames) for p in probs]
+        smoothed = smooth(best.smoothing_frames)
         for min_event_s in min_event_grid_s:
             for min_gap_s in min_gap_grid_s:
                 candidate = evaluate(best.smoothing_frames, smoothed, best.on, best.off, min_event_s, min_gap_s)
