@@ -191,3 +191,62 @@ def test_cli_refuses_a_cost_without_audio(capsys):
         main(["--model", "m.pt", "--data", "d", "--out", "o.pt", "--fa-weight", "0.1"])
     assert exc.value.code == 2
     assert "--false-alarms DIR" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------- events that hold under shifts
+
+
+def test_flicker_counts_events_without_a_partner_in_the_shifted_copy():
+    from train.tune import ClassTarget, ShiftPair, StabilityCost
+
+    whole = np.array([[100, 150], [300, 320], [500, 600]])  # onsets 2.0, 6.0, 10.0 s
+    cut = np.array([[99, 150], [296, 320], [700, 720]])  # + 0.01 s: 1.99 (kept), 5.93 (kept), 14.0 (new)
+    target = ClassTarget([np.zeros((4, 2)), np.zeros((4, 2))], [np.zeros(1, bool)] * 2)
+    cost = StabilityCost((ShiftPair(0, 1, 0.01),), weight=1.0)
+    # 10.0 s and 14.0 s have no partner: 2 events per 4 reference events.
+    assert cost.flicker([whole, cut], target, HOP) == pytest.approx(2 / 4)
+    assert cost.flicker([whole, whole[:0]], target, HOP) == pytest.approx(3 / 4)
+
+
+def _aligned_pair():
+    """A file and its 10 ms shifted copy: 10 events at 0.9 in the file; in the copy 5 of them sit at
+    0.4 (found only at thresholds <= 0.4). Both hold 5 non-events at 0.4 of the same length."""
+    rng = np.random.default_rng(6)
+    t = 6000
+    targets = np.zeros((t, 1), np.float32)
+    events, whole = [], rng.uniform(0.0, 0.1, (t, 1))
+    for start in range(200, t - 400, 550):
+        targets[start:start + 100] = 1
+        events.append(Event("v", start * HOP, (start + 100) * HOP, "a"))
+    cut = whole.copy()
+    for i, start in enumerate(range(200, t - 400, 550)):
+        whole[start:start + 100] = 0.9
+        cut[start:start + 100] = 0.4 if i % 2 else 0.9
+        if i % 2 == 0:
+            whole[start + 275:start + 375] = cut[start + 275:start + 375] = 0.4
+    same = SimpleNamespace(targets=targets, events=tuple(events))
+    return [SimpleNamespace(probs=whole, **vars(same)), SimpleNamespace(probs=cut, **vars(same))]
+
+
+def test_a_stability_cost_prefers_events_that_hold_across_alignments():
+    from train.tune import ShiftPair, StabilityCost
+
+    outputs = _aligned_pair()
+    # Pooled F1 alone keeps to the strong events (15 of 20 found, no false ones: 0.857) although
+    # 5 of them vanish in the shifted copy; a threshold at 0.4 finds all 20, and 10 non-events.
+    _, free = tune_decoder(outputs, HOP, ["a"], "event_f1", rounds=1,
+                           stability=StabilityCost((ShiftPair(0, 1, 0.0),), weight=0.0))
+    assert free[0]["event_f1_tuned"] == pytest.approx(2 * 15 / 35)
+    assert free[0]["flicker_tuned"] == pytest.approx(5 / 10)
+    steady, table = tune_decoder(outputs, HOP, ["a"], "event_f1", rounds=1,
+                                 stability=StabilityCost((ShiftPair(0, 1, 0.0),), weight=1.0))
+    assert table[0]["flicker_tuned"] == 0.0
+    assert table[0]["event_f1_tuned"] == pytest.approx(2 * 20 / 50)
+    assert steady.on_thresholds[0] <= 0.4
+
+
+def test_cli_refuses_a_stability_cost_without_shifts(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "m.pt", "--data", "d", "--out", "o.pt", "--stability-weight", "0.5"])
+    assert exc.value.code == 2
+    assert "--shifts-ms 0" in capsys.readouterr().err

@@ -17,6 +17,20 @@ decoded by the decoder's own rules (rtsed.decode): the median is computed once p
 hysteresis and duration rules run on it (``decode_smoothed``), which gives the same events as
 ``EventDecoder`` with that window (tests/test_tune.py checks it).
 
+What users feel beyond validation F1 can be part of the choice:
+
+- ``--false-alarms DIR``: audio in which no target class sounds (the layout of ``train.evaluate
+  --false-alarms``: a meta.csv category or sub-folder per file; ``speech`` events on speech files
+  are right). Each candidate is also decoded there and its false alarms per minute cost
+  ``--fa-weight`` F1 each, and/or ``--max-fa-per-min`` bounds them per class (a decoder over the
+  bound is chosen only where none meets it, the one with the fewest). Build DIR from held-out
+  world groups (``python -m train.heldout_world``), never from test audio.
+- ``--shifts-ms 0 5 10 15``: every validation file also counts with its first 5, 10 and 15 ms cut
+  off (train.shifted), so the F1 is over all sub-hop alignments of the frames and the decoder is
+  chosen for events that hold at every one of them. ``--stability-weight W`` (with shift 0 among
+  them) also charges W for every event of a file or its shifted copy that has no partner in the
+  other (same class, onsets within 0.1 s: benchmarks.event_stability's rule), per reference event.
+
 Smoothing delays every decision by (k - 1) // 2 frames; ``--max-smoothing-s`` bounds that delay
 (default 0.3 s, 0.1 s for causal models, whose point is a short latency). The delay is part of the
 latency that ``rtsed.live`` states.
@@ -256,6 +270,7 @@ class ClassDecoder:
     score: float = 0.0  # the search's objective: F1, less the false-alarm cost when there is one
     f1: float = 0.0
     fa_per_min: float = 0.0  # on the false-alarm audio (0 without it)
+    flicker: float = 0.0  # events without a partner across shifts, per reference event (0 without shifts)
 
 
 @dataclass(frozen=True)
@@ -274,16 +289,65 @@ class FalseAlarmCost:
         return f1 - self.weight * fa_per_min
 
 
+STABILITY_TOLERANCE_S = 0.1  # benchmarks.event_stability's: same label, onsets at most 0.1 s apart
+
+
+@dataclass(frozen=True)
+class ShiftPair:
+    """A validation file (index ``whole`` among the tuning outputs) and its copy without the
+    first ``shift_s`` seconds (index ``cut``)."""
+
+    whole: int
+    cut: int
+    shift_s: float
+
+
+@dataclass(frozen=True)
+class StabilityCost:
+    """What events that change with the frames' alignment cost a candidate decoder: ``weight`` x
+    the events of a file and its shifted copy that have no partner in the other (same class,
+    onsets within 0.1 s, one to one, as benchmarks.event_stability counts them), per reference
+    event of the whole files. Reporting nothing is perfectly stable, so this is a cost beside F1,
+    never an objective of its own."""
+
+    pairs: tuple[ShiftPair, ...]
+    weight: float
+
+    def flicker(self, cells_per_file: Sequence[np.ndarray], target: ClassTarget, hop_s: float) -> float:
+        unpartnered = references = 0
+        for pair in self.pairs:
+            a = np.asarray(cells_per_file[pair.whole], float).reshape(-1, 2)[:, 0] * hop_s
+            b = np.asarray(cells_per_file[pair.cut], float).reshape(-1, 2)[:, 0] * hop_s + pair.shift_s
+            unpartnered += a.size + b.size - 2 * _onset_matches(a, b, STABILITY_TOLERANCE_S)
+            references += target.events[pair.whole].shape[0]
+        return unpartnered / max(references, 1)
+
+
+def _onset_matches(a: np.ndarray, b: np.ndarray, tolerance_s: float) -> int:
+    """Largest one-to-one matching of two sorted onset lists within tolerance_s (two pointers:
+    on a line, pairing the earliest unmatched candidates first is a maximum matching)."""
+    i = j = matched = 0
+    while i < a.size and j < b.size:
+        if abs(a[i] - b[j]) <= tolerance_s + 1e-9:
+            matched, i, j = matched + 1, i + 1, j + 1
+        elif a[i] < b[j]:
+            i += 1
+        else:
+            j += 1
+    return matched
+
+
 def tune_class(probs: Sequence[np.ndarray], target: ClassTarget, hop_s: float, objective: str = "event_f1",
                smoothing_grid: Sequence[int] = SMOOTHING_GRID, rounds: int = 2,
                min_event_grid_s: Sequence[float] = MIN_EVENT_GRID_S,
                min_gap_grid_s: Sequence[float] = MIN_GAP_GRID_S,
                false_alarms: FalseAlarmCost | None = None, class_index: int = 0,
-               label: str = "") -> ClassDecoder:
+               label: str = "", stability: StabilityCost | None = None) -> ClassDecoder:
     """The best decoder for one class: probs are its (T,) probabilities per validation file. The
     search starts from (0.5, 0.5, no smoothing) at the first value of each duration grid. With
     ``false_alarms``, each candidate also decodes column ``class_index`` of the false-alarm audio
-    (events labelled ``label`` are right on files of that category) and pays for what it reports."""
+    (events labelled ``label`` are right on files of that category) and pays for what it reports;
+    with ``stability``, it pays for events that change between a file and its shifted copy."""
     lengths = np.array([p.shape[0] for p in probs], int)
 
     def smooth(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -296,10 +360,12 @@ def tune_class(probs: Sequence[np.ndarray], target: ClassTarget, hop_s: float, o
         gap_frames = seconds_to_frames(min_gap_s, hop_s)
         cells = decode_joined(*smoothed, (k - 1) // 2, on, off, min_event_frames, gap_frames)
         f1 = score(cells, target, hop_s, objective)
+        flicker = stability.flicker(cells, target, hop_s) if stability is not None else 0.0
+        value = f1 - (stability.weight * flicker if stability is not None else 0.0)
         if false_alarms is None:
-            return ClassDecoder(k, on, off, min_event_s, min_gap_s, f1, f1)
+            return ClassDecoder(k, on, off, min_event_s, min_gap_s, value, f1, 0.0, flicker)
         fa = false_alarms.audio.per_minute(class_index, label, k, on, off, min_event_frames, gap_frames)
-        return ClassDecoder(k, on, off, min_event_s, min_gap_s, false_alarms.objective(f1, fa), f1, fa)
+        return ClassDecoder(k, on, off, min_event_s, min_gap_s, false_alarms.objective(value, fa), f1, fa, flicker)
 
     start_event_s, start_gap_s = min_event_grid_s[0], min_gap_grid_s[0]
     best = evaluate(1, smooth(1), 0.5, 0.5, start_event_s, start_gap_s)
@@ -346,13 +412,15 @@ def default_max_smoothing_s(lookahead_frames: int) -> float:
 def tune_decoder(outputs, hop_s: float, labels: Sequence[str], objective: str = "event_f1",
                  max_smoothing_s: float = 0.3, min_event_s: float | None = None,
                  min_gap_s: float | None = None, rounds: int = 2,
-                 false_alarms: FalseAlarmCost | None = None) -> tuple[DecoderConfig, list[dict]]:
+                 false_alarms: FalseAlarmCost | None = None,
+                 stability: StabilityCost | None = None) -> tuple[DecoderConfig, list[dict]]:
     """Per-class decoder settings chosen on ``outputs`` (train.evaluate.predict's FileOutputs, or
     anything with ``probs`` (T, C), ``targets`` (T, C) and ``events``; shifted copies of the same
     files simply add to the pool the F1 is counted over).
     ``min_event_s`` / ``min_gap_s`` fix that duration for every class instead of searching it;
     ``rounds`` bounds the coordinate-descent passes (fewer: faster, at most as good);
-    ``false_alarms`` makes each class pay for the events it reports on audio without targets.
+    ``false_alarms`` makes each class pay for the events it reports on audio without targets,
+    ``stability`` for its events that change with the frames' alignment.
     A class without reference events keeps the defaults (0.5, no smoothing, the fixed or zero
     durations): there is nothing to tune it on. Returns the config and one row per class."""
     if objective not in OBJECTIVES:
@@ -365,7 +433,7 @@ def tune_decoder(outputs, hop_s: float, labels: Sequence[str], objective: str = 
         probs = [np.asarray(o.probs[:, c], np.float64) for o in outputs]
         search = {"min_event_grid_s": MIN_EVENT_GRID_S if min_event_s is None else (min_event_s,),
                   "min_gap_grid_s": MIN_GAP_GRID_S if min_gap_s is None else (min_gap_s,),
-                  "false_alarms": false_alarms, "class_index": c, "label": label}
+                  "false_alarms": false_alarms, "class_index": c, "label": label, "stability": stability}
         default = tune_class(probs, target, hop_s, objective, smoothing_grid=(1,), rounds=0, **search)
         best = tune_class(probs, target, hop_s, objective, grid, rounds, **search) if target.n_events else default
         chosen.append(best)
@@ -375,6 +443,8 @@ def tune_decoder(outputs, hop_s: float, labels: Sequence[str], objective: str = 
                "reference_events": target.n_events}
         if false_alarms is not None:
             row.update(fa_per_min_tuned=best.fa_per_min, fa_per_min_default=default.fa_per_min)
+        if stability is not None:
+            row.update(flicker_tuned=best.flicker, flicker_default=default.flicker)
         table.append(row)
     config = DecoderConfig(
         on_thresholds=tuple(d.on for d in chosen), off_thresholds=tuple(d.off for d in chosen),
@@ -423,8 +493,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shifts-ms", type=float, nargs="+", default=[0.0],
                    help="tune on every validation file at each of these shifts (its first ms cut off), F1 "
                         "counted over all of them, for events that hold wherever the frames fall (e.g. 0 5 10 15)")
+    p.add_argument("--stability-weight", type=float, default=0.0,
+                   help="with --shifts-ms 0 and others: F1 given up per event that changes between a file and "
+                        "its shifted copies (per reference event; default 0)")
     p.add_argument("--cache-dir", default=None)
     args = p.parse_args(argv)
+    if args.stability_weight and (0.0 not in args.shifts_ms or len(set(args.shifts_ms)) < 2):
+        p.error("--stability-weight compares each file with its shifted copies: give --shifts-ms 0 and at least "
+                "one other shift, e.g. --shifts-ms 0 5 10 15")
     if (args.fa_weight or args.max_fa_per_min is not None) and not args.false_alarms:
         p.error("--fa-weight and --max-fa-per-min need --false-alarms DIR (audio without target classes)")
     if args.fa_weight < 0 or (args.max_fa_per_min is not None and args.max_fa_per_min < 0):
@@ -442,8 +518,14 @@ def main(argv: list[str] | None = None) -> int:
         args.max_smoothing_s = default_max_smoothing_s(ckpt.config.model.lookahead_frames)
     dataset = open_dataset(args)
     outputs = predict(ckpt, dataset.split(args.split), cache_dir=args.cache_dir)
-    unshifted = outputs if 0.0 in args.shifts_ms else []
-    outputs = unshifted + [o for ms in args.shifts_ms if ms > 0 for o in shifted_outputs(ckpt, outputs, ms / 1000)]
+    whole, outputs, pairs = outputs, (list(outputs) if 0.0 in args.shifts_ms else []), []
+    rate = ckpt.config.frontend.sample_rate_hz
+    for ms in sorted(set(args.shifts_ms) - {0.0}):
+        for i, o in enumerate(whole):
+            for cut in shifted_outputs(ckpt, [o], ms / 1000):  # none when the cut leaves no frame
+                pairs.append(ShiftPair(i, len(outputs), round(ms / 1000 * rate) / rate))
+                outputs.append(cut)
+    stability = StabilityCost(tuple(pairs), args.stability_weight) if args.stability_weight else None
     labels = ckpt.config.labels
     cost = None
     if args.false_alarms:
@@ -454,21 +536,25 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         cost = FalseAlarmCost(FalseAlarmAudio(probs, categories, minutes), args.fa_weight, args.max_fa_per_min)
     tuned, table = tune_decoder(outputs, ckpt.config.frontend.hop_s, labels, args.objective, args.max_smoothing_s,
-                                args.min_event_s, args.min_gap_s, false_alarms=cost)
+                                args.min_event_s, args.min_gap_s, false_alarms=cost, stability=stability)
     config = ckpt.config.replace(decoder=tuned)
     metadata = dict(ckpt.metadata, tuned_on=f"{args.data or args.val_data} split {args.split}",
                     tuning_objective=args.objective, tuning_max_smoothing_s=args.max_smoothing_s,
-                    tuning_shifts_ms=list(args.shifts_ms), tuning=table)
+                    tuning_shifts_ms=list(args.shifts_ms), tuning_stability_weight=args.stability_weight,
+                    tuning=table)
     if cost is not None:
         metadata.update(tuning_false_alarms=str(args.false_alarms), tuning_fa_weight=args.fa_weight,
                         tuning_max_fa_per_min=args.max_fa_per_min, tuning_fa_minutes=cost.audio.minutes)
     save_checkpoint(Path(args.out), ckpt.model, config, metadata)
     key = args.objective
-    fa_head = "  FA/min tuned / default" if cost is not None else ""
+    fa_head = ("  FA/min tuned / default" if cost is not None else "") + \
+        ("  flicker tuned / default" if stability is not None else "")
     print(f"{'label':>18}  {'median':>6} {'on':>5} {'off':>5} {'min ev':>6} {'min gap':>7}  {key} tuned / default"
           + fa_head)
     for row in table:
         fa = f"  {row['fa_per_min_tuned']:6.2f} / {row['fa_per_min_default']:.2f}" if cost is not None else ""
+        if stability is not None:
+            fa += f"  {row['flicker_tuned']:6.2f} / {row['flicker_default']:.2f}"
         print(f"{row['label']:>18}  {row['smoothing_frames']:6d} {row['on']:5.2f} {row['off']:5.2f} "
               f"{row['min_event_s']:6.2f} {row['min_gap_s']:7.2f}  {row[key + '_tuned']:.3f} / {row[key + '_default']:.3f}"
               + fa + ("" if row["reference_events"] else "  (no validation events: defaults)"))
