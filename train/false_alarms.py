@@ -123,6 +123,26 @@ def false_alarms(checkpoint: Checkpoint, folder: str | Path, device: str | torch
     }
 
 
+@torch.no_grad()
+def false_alarm_probabilities(checkpoint: Checkpoint, folder: str | Path,
+                              device: str | torch.device = "cpu") -> tuple[list[np.ndarray], list[str], float]:
+    """What ``false_alarms`` decodes, before decoding: per audio file of ``folder`` its frame
+    probabilities (T, C) and category, and the folder's minutes (for train.tune, which decodes
+    them under thousands of candidate decoders)."""
+    config = checkpoint.config
+    detector = Detector(config, checkpoint.model).to(device).eval()
+    features = InMemoryFeatures(config.frontend)
+    probs, categories, frames = [], [], 0
+    for path, category in categorised_audio(folder):
+        feats = features.get(path)
+        frames += feats.shape[0]
+        if feats.shape[0] == 0:
+            continue
+        probs.append(torch.sigmoid(file_logits(detector, feats).float()).cpu().numpy())
+        categories.append(category)
+    return probs, categories, frames * config.frontend.hop_s / 60.0
+
+
 def format_false_alarms(result: dict[str, Any]) -> str:
     """The false-alarm result as a short text table."""
     lines = [

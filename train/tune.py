@@ -17,6 +17,20 @@ decoded by the decoder's own rules (rtsed.decode): the median is computed once p
 hysteresis and duration rules run on it (``decode_smoothed``), which gives the same events as
 ``EventDecoder`` with that window (tests/test_tune.py checks it).
 
+What users feel beyond validation F1 can be part of the choice:
+
+- ``--false-alarms DIR``: audio in which no target class sounds (the layout of ``train.evaluate
+  --false-alarms``: a meta.csv category or sub-folder per file; ``speech`` events on speech files
+  are right). Each candidate is also decoded there and its false alarms per minute cost
+  ``--fa-weight`` F1 each, and/or ``--max-fa-per-min`` bounds them per class (a decoder over the
+  bound is chosen only where none meets it, the one with the fewest). Build DIR from held-out
+  world groups (``python -m train.heldout_world``), never from test audio.
+- ``--shifts-ms 0 5 10 15``: every validation file also counts with its first 5, 10 and 15 ms cut
+  off (train.shifted), so the F1 is over all sub-hop alignments of the frames and the decoder is
+  chosen for events that hold at every one of them. ``--stability-weight W`` (with shift 0 among
+  them) also charges W for every event of a file or its shifted copy that has no partner in the
+  other (same class, onsets within 0.1 s: benchmarks.event_stability's rule), per reference event.
+
 Smoothing delays every decision by (k - 1) // 2 frames; ``--max-smoothing-s`` bounds that delay
 (default 0.3 s, 0.1 s for causal models, whose point is a short latency). The delay is part of the
 latency that ``rtsed.live`` states.
@@ -93,6 +107,92 @@ def decode_smoothed(s: np.ndarray, delay_frames: int, on: float, off: float, min
     return out
 
 
+def join(signals: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-file (T_i,) signals as one (N,) signal for ``joined_events``: each file preceded by one
+    frame of 0 (below every off threshold, so no event crosses from one file into the next).
+    Returns (joined, file id per frame (N,), each file's first frame (n_files,))."""
+    lengths = np.array([x.shape[0] for x in signals], int)
+    first = np.cumsum(lengths + 1) - lengths
+    parts = [part for x in signals for part in (np.zeros(1), np.asarray(x, np.float64))]
+    joined = np.concatenate(parts) if parts else np.zeros(0)
+    return joined, np.repeat(np.arange(lengths.size), lengths + 1), first
+
+
+def joined_events(joined: np.ndarray, file_id: np.ndarray, on: float, off: float, min_event_frames: int,
+                  gap_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """The events ``decode_smoothed`` finds in every file of a ``join``ed signal, before its delay
+    compensation, without a Python loop over frames: (starts, ends) (n,) as joined frame indices
+    [a, b)."""
+    # Hysteresis as a state carried forward: on at p >= on, off at p < off, else the previous state.
+    mark = np.where(joined >= on, 1, np.where(joined < off, 0, -1))
+    last = np.maximum.accumulate(np.where(mark >= 0, np.arange(mark.size), 0))
+    state = np.concatenate([[0], mark[last] == 1, [0]]).astype(np.int8)
+    edges = np.diff(state)
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    if starts.size == 0:
+        return starts, ends
+    new_event = np.ones(starts.size, bool)  # a run joins the previous one across a short gap in its file
+    new_event[1:] = (starts[1:] - ends[:-1] >= gap_frames) | (file_id[starts[1:]] != file_id[starts[:-1]])
+    first = np.flatnonzero(new_event)
+    last_run = np.append(first[1:] - 1, starts.size - 1)
+    keep = ends[last_run] - starts[first] >= min_event_frames
+    return starts[first][keep], ends[last_run][keep]
+
+
+def count_events(joined: np.ndarray, file_id: np.ndarray, counted: np.ndarray, on: float, off: float,
+                 min_event_frames: int, gap_frames: int) -> int:
+    """How many events ``decode_smoothed`` finds in the counted files (``counted`` (n_files,) bool)
+    of a ``join``ed signal, summed."""
+    starts, _ = joined_events(joined, file_id, on, off, min_event_frames, gap_frames)
+    return int(np.sum(counted[file_id[starts]])) if starts.size else 0
+
+
+def decode_joined(joined: np.ndarray, file_id: np.ndarray, first: np.ndarray, lengths: np.ndarray,
+                  delay_frames: int, on: float, off: float, min_event_frames: int,
+                  gap_frames: int) -> list[np.ndarray]:
+    """``decode_smoothed`` of every file of a ``join``ed signal at once: per file its events as
+    (n, 2) frame cells [a, b), delay compensation included."""
+    starts, ends = joined_events(joined, file_id, on, off, min_event_frames, gap_frames)
+    f = file_id[starts] if starts.size else np.zeros(0, int)
+    local_a, local_b = starts - first[f], ends - first[f]
+    onset = np.maximum(local_a - delay_frames, 0)
+    offset = np.where(local_b == lengths[f], local_b, local_b - delay_frames)
+    cells = np.stack([onset, offset], axis=1)
+    return np.split(cells, np.searchsorted(f, np.arange(1, lengths.size)))
+
+
+@dataclass
+class FalseAlarmAudio:
+    """Audio in which no target class sounds, as train.false_alarms scores it: per file (T, C)
+    probabilities and its category; an event of a class is false unless the class's label is the
+    file's category. ``minutes``: the audio's length, the rate's denominator."""
+
+    probs: list[np.ndarray]
+    categories: list[str]
+    minutes: float
+
+    def __post_init__(self) -> None:
+        self._cache: tuple[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None
+
+    def joined(self, c: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Class c's probabilities smoothed over k frames per file, joined as ``count_events``
+        wants them: (signal (N,), file id (N,)). The last (c, k) is kept: the search asks for it
+        once per threshold pair."""
+        if self._cache is None or self._cache[0] != (c, k):
+            joined, file_id, _ = join([median_smooth(np.asarray(p[:, c], np.float64), k) for p in self.probs])
+            self._cache = ((c, k), (joined, file_id))
+        return self._cache[1]
+
+    def per_minute(self, c: int, label: str, k: int, on: float, off: float, min_event_frames: int,
+                   gap_frames: int) -> float:
+        """False alarms of class c per minute under one decoder."""
+        if not self.probs or self.minutes <= 0:
+            return 0.0
+        joined, file_id = self.joined(c, k)
+        counted = np.array([category != label for category in self.categories])
+        return count_events(joined, file_id, counted, on, off, min_event_frames, gap_frames) / self.minutes
+
+
 # ------------------------------------------------------------------------------------- scoring
 
 
@@ -167,45 +267,127 @@ class ClassDecoder:
     off: float = 0.5
     min_event_s: float = 0.0
     min_gap_s: float = 0.0
-    score: float = 0.0
+    score: float = 0.0  # the search's objective: F1, less the false-alarm cost when there is one
+    f1: float = 0.0
+    fa_per_min: float = 0.0  # on the false-alarm audio (0 without it)
+    flicker: float = 0.0  # events without a partner across shifts, per reference event (0 without shifts)
+
+
+@dataclass(frozen=True)
+class FalseAlarmCost:
+    """What false alarms cost a candidate decoder: ``weight`` x its false alarms per minute on
+    ``audio`` are taken off its F1, and with ``max_per_min`` a decoder above that rate is never
+    chosen over one at or below it (among those above, fewer false alarms win)."""
+
+    audio: FalseAlarmAudio
+    weight: float = 0.0
+    max_per_min: float | None = None
+
+    def objective(self, f1: float, fa_per_min: float) -> float:
+        if self.max_per_min is not None and fa_per_min > self.max_per_min + 1e-12:
+            return -1e6 - fa_per_min  # below every decoder that meets the bound
+        return f1 - self.weight * fa_per_min
+
+
+STABILITY_TOLERANCE_S = 0.1  # benchmarks.event_stability's: same label, onsets at most 0.1 s apart
+
+
+@dataclass(frozen=True)
+class ShiftPair:
+    """A validation file (index ``whole`` among the tuning outputs) and its copy without the
+    first ``shift_s`` seconds (index ``cut``)."""
+
+    whole: int
+    cut: int
+    shift_s: float
+
+
+@dataclass(frozen=True)
+class StabilityCost:
+    """What events that change with the frames' alignment cost a candidate decoder: ``weight`` x
+    the events of a file and its shifted copy that have no partner in the other (same class,
+    onsets within 0.1 s, one to one, as benchmarks.event_stability counts them), per reference
+    event of the whole files. Reporting nothing is perfectly stable, so this is a cost beside F1,
+    never an objective of its own."""
+
+    pairs: tuple[ShiftPair, ...]
+    weight: float
+
+    def flicker(self, cells_per_file: Sequence[np.ndarray], target: ClassTarget, hop_s: float) -> float:
+        unpartnered = references = 0
+        for pair in self.pairs:
+            a = np.asarray(cells_per_file[pair.whole], float).reshape(-1, 2)[:, 0] * hop_s
+            b = np.asarray(cells_per_file[pair.cut], float).reshape(-1, 2)[:, 0] * hop_s + pair.shift_s
+            unpartnered += a.size + b.size - 2 * _onset_matches(a, b, STABILITY_TOLERANCE_S)
+            references += target.events[pair.whole].shape[0]
+        return unpartnered / max(references, 1)
+
+
+def _onset_matches(a: np.ndarray, b: np.ndarray, tolerance_s: float) -> int:
+    """Largest one-to-one matching of two sorted onset lists within tolerance_s (two pointers:
+    on a line, pairing the earliest unmatched candidates first is a maximum matching)."""
+    i = j = matched = 0
+    while i < a.size and j < b.size:
+        if abs(a[i] - b[j]) <= tolerance_s + 1e-9:
+            matched, i, j = matched + 1, i + 1, j + 1
+        elif a[i] < b[j]:
+            i += 1
+        else:
+            j += 1
+    return matched
 
 
 def tune_class(probs: Sequence[np.ndarray], target: ClassTarget, hop_s: float, objective: str = "event_f1",
                smoothing_grid: Sequence[int] = SMOOTHING_GRID, rounds: int = 2,
                min_event_grid_s: Sequence[float] = MIN_EVENT_GRID_S,
-               min_gap_grid_s: Sequence[float] = MIN_GAP_GRID_S) -> ClassDecoder:
+               min_gap_grid_s: Sequence[float] = MIN_GAP_GRID_S,
+               false_alarms: FalseAlarmCost | None = None, class_index: int = 0,
+               label: str = "", stability: StabilityCost | None = None) -> ClassDecoder:
     """The best decoder for one class: probs are its (T,) probabilities per validation file. The
-    search starts from (0.5, 0.5, no smoothing) at the first value of each duration grid."""
-    def evaluate(k: int, smoothed: list[np.ndarray], on: float, off: float, min_event_s: float,
-                 min_gap_s: float) -> float:
-        cells = [decode_smoothed(s, (k - 1) // 2, on, off, max(1, seconds_to_frames(min_event_s, hop_s)),
-                                 seconds_to_frames(min_gap_s, hop_s)) for s in smoothed]
-        return score(cells, target, hop_s, objective)
+    search starts from (0.5, 0.5, no smoothing) at the first value of each duration grid. With
+    ``false_alarms``, each candidate also decodes column ``class_index`` of the false-alarm audio
+    (events labelled ``label`` are right on files of that category) and pays for what it reports;
+    with ``stability``, it pays for events that change between a file and its shifted copy."""
+    lengths = np.array([p.shape[0] for p in probs], int)
+
+    def smooth(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        joined, file_id, first = join([median_smooth(p, k) for p in probs])
+        return joined, file_id, first, lengths
+
+    def evaluate(k: int, smoothed: tuple, on: float, off: float, min_event_s: float,
+                 min_gap_s: float) -> ClassDecoder:
+        min_event_frames = max(1, seconds_to_frames(min_event_s, hop_s))
+        gap_frames = seconds_to_frames(min_gap_s, hop_s)
+        cells = decode_joined(*smoothed, (k - 1) // 2, on, off, min_event_frames, gap_frames)
+        f1 = score(cells, target, hop_s, objective)
+        flicker = stability.flicker(cells, target, hop_s) if stability is not None else 0.0
+        value = f1 - (stability.weight * flicker if stability is not None else 0.0)
+        if false_alarms is None:
+            return ClassDecoder(k, on, off, min_event_s, min_gap_s, value, f1, 0.0, flicker)
+        fa = false_alarms.audio.per_minute(class_index, label, k, on, off, min_event_frames, gap_frames)
+        return ClassDecoder(k, on, off, min_event_s, min_gap_s, false_alarms.objective(value, fa), f1, fa, flicker)
 
     start_event_s, start_gap_s = min_event_grid_s[0], min_gap_grid_s[0]
-    best = ClassDecoder(min_event_s=start_event_s, min_gap_s=start_gap_s,
-                        score=evaluate(1, list(probs), 0.5, 0.5, start_event_s, start_gap_s))
+    best = evaluate(1, smooth(1), 0.5, 0.5, start_event_s, start_gap_s)
     current = best
     for _ in range(rounds):
         improved = False
         for k in smoothing_grid:
-            smoothed = [median_smooth(p, k) for p in probs]
+            smoothed = smooth(k)
             for on in ON_GRID:
                 for drop in OFF_DROPS:
                     off = round(on - drop, 2)
                     if off < 0.05:
                         continue
-                    value = evaluate(k, smoothed, on, off, current.min_event_s, current.min_gap_s)
-                    if value > best.score + 1e-9:
-                        best = ClassDecoder(k, on, off, current.min_event_s, current.min_gap_s, value)
-                        improved = True
-        smoothed = [median_smooth(p, best.smoothing_frames) for p in probs]
+                    candidate = evaluate(k, smoothed, on, off, current.min_event_s, current.min_gap_s)
+                    if candidate.score > best.score + 1e-9:
+                        best, improved = candidate, True
+        smoothed = smooth(best.smoothing_frames)
         for min_event_s in min_event_grid_s:
             for min_gap_s in min_gap_grid_s:
-                value = evaluate(best.smoothing_frames, smoothed, best.on, best.off, min_event_s, min_gap_s)
-                if value > best.score + 1e-9:
-                    best = ClassDecoder(best.smoothing_frames, best.on, best.off, min_event_s, min_gap_s, value)
-                    improved = True
+                candidate = evaluate(best.smoothing_frames, smoothed, best.on, best.off, min_event_s, min_gap_s)
+                if candidate.score > best.score + 1e-9:
+                    best, improved = candidate, True
         current = best
         if not improved:
             break
@@ -229,11 +411,16 @@ def default_max_smoothing_s(lookahead_frames: int) -> float:
 
 def tune_decoder(outputs, hop_s: float, labels: Sequence[str], objective: str = "event_f1",
                  max_smoothing_s: float = 0.3, min_event_s: float | None = None,
-                 min_gap_s: float | None = None, rounds: int = 2) -> tuple[DecoderConfig, list[dict]]:
+                 min_gap_s: float | None = None, rounds: int = 2,
+                 false_alarms: FalseAlarmCost | None = None,
+                 stability: StabilityCost | None = None) -> tuple[DecoderConfig, list[dict]]:
     """Per-class decoder settings chosen on ``outputs`` (train.evaluate.predict's FileOutputs, or
-    anything with ``probs`` (T, C), ``targets`` (T, C) and ``events``).
+    anything with ``probs`` (T, C), ``targets`` (T, C) and ``events``; shifted copies of the same
+    files simply add to the pool the F1 is counted over).
     ``min_event_s`` / ``min_gap_s`` fix that duration for every class instead of searching it;
-    ``rounds`` bounds the coordinate-descent passes (fewer: faster, at most as good).
+    ``rounds`` bounds the coordinate-descent passes (fewer: faster, at most as good);
+    ``false_alarms`` makes each class pay for the events it reports on audio without targets,
+    ``stability`` for its events that change with the frames' alignment.
     A class without reference events keeps the defaults (0.5, no smoothing, the fixed or zero
     durations): there is nothing to tune it on. Returns the config and one row per class."""
     if objective not in OBJECTIVES:
@@ -244,15 +431,21 @@ def tune_decoder(outputs, hop_s: float, labels: Sequence[str], objective: str = 
     for c, label in enumerate(labels):
         target = class_target(outputs, c, label)
         probs = [np.asarray(o.probs[:, c], np.float64) for o in outputs]
-        durations = {"min_event_grid_s": MIN_EVENT_GRID_S if min_event_s is None else (min_event_s,),
-                     "min_gap_grid_s": MIN_GAP_GRID_S if min_gap_s is None else (min_gap_s,)}
-        default = tune_class(probs, target, hop_s, objective, smoothing_grid=(1,), rounds=0, **durations)
-        best = tune_class(probs, target, hop_s, objective, grid, rounds, **durations) if target.n_events else default
+        search = {"min_event_grid_s": MIN_EVENT_GRID_S if min_event_s is None else (min_event_s,),
+                  "min_gap_grid_s": MIN_GAP_GRID_S if min_gap_s is None else (min_gap_s,),
+                  "false_alarms": false_alarms, "class_index": c, "label": label, "stability": stability}
+        default = tune_class(probs, target, hop_s, objective, smoothing_grid=(1,), rounds=0, **search)
+        best = tune_class(probs, target, hop_s, objective, grid, rounds, **search) if target.n_events else default
         chosen.append(best)
-        table.append({"class": c, "label": label, "smoothing_frames": best.smoothing_frames, "on": best.on,
-                      "off": best.off, "min_event_s": best.min_event_s, "min_gap_s": best.min_gap_s,
-                      f"{objective}_tuned": best.score, f"{objective}_default": default.score,
-                      "reference_events": target.n_events})
+        row = {"class": c, "label": label, "smoothing_frames": best.smoothing_frames, "on": best.on,
+               "off": best.off, "min_event_s": best.min_event_s, "min_gap_s": best.min_gap_s,
+               f"{objective}_tuned": best.f1, f"{objective}_default": default.f1,
+               "reference_events": target.n_events}
+        if false_alarms is not None:
+            row.update(fa_per_min_tuned=best.fa_per_min, fa_per_min_default=default.fa_per_min)
+        if stability is not None:
+            row.update(flicker_tuned=best.flicker, flicker_default=default.flicker)
+        table.append(row)
     config = DecoderConfig(
         on_thresholds=tuple(d.on for d in chosen), off_thresholds=tuple(d.off for d in chosen),
         min_event_s=tuple(d.min_event_s for d in chosen), min_gap_s=tuple(d.min_gap_s for d in chosen),
@@ -274,6 +467,8 @@ def decoded_cells(probs: np.ndarray, hop_s: float, labels: Sequence[str], decode
 def main(argv: list[str] | None = None) -> int:
     from train.data_sources import open_dataset
     from train.evaluate import predict
+    from train.false_alarms import FalseAlarmError, false_alarm_probabilities
+    from train.shifted import shifted_outputs
 
     p = argparse.ArgumentParser(prog="python -m train.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint to tune (.pt)")
@@ -287,8 +482,31 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest median-smoother delay allowed (default 0.3 s; 0.1 s for causal models)")
     p.add_argument("--min-event-s", type=float, help="fix every class's minimum event duration instead of tuning it")
     p.add_argument("--min-gap-s", type=float, help="fix every class's minimum gap instead of tuning it")
+    p.add_argument("--false-alarms", metavar="DIR",
+                   help="audio without target classes (train.evaluate --false-alarms's folder layout): each "
+                        "candidate pays for the false alarms it reports there; never the test folder")
+    p.add_argument("--fa-weight", type=float, default=0.0,
+                   help="F1 given up per false alarm per minute of a class (with --false-alarms; default 0)")
+    p.add_argument("--max-fa-per-min", type=float, default=None,
+                   help="per class, choose only decoders with at most this many false alarms per minute on "
+                        "--false-alarms (where none reaches it, the fewest)")
+    p.add_argument("--shifts-ms", type=float, nargs="+", default=[0.0],
+                   help="tune on every validation file at each of these shifts (its first ms cut off), F1 "
+                        "counted over all of them, for events that hold wherever the frames fall (e.g. 0 5 10 15)")
+    p.add_argument("--stability-weight", type=float, default=0.0,
+                   help="with --shifts-ms 0 and others: F1 given up per event that changes between a file and "
+                        "its shifted copies (per reference event; default 0)")
     p.add_argument("--cache-dir", default=None)
     args = p.parse_args(argv)
+    if args.stability_weight and (0.0 not in args.shifts_ms or len(set(args.shifts_ms)) < 2):
+        p.error("--stability-weight compares each file with its shifted copies: give --shifts-ms 0 and at least "
+                "one other shift, e.g. --shifts-ms 0 5 10 15")
+    if (args.fa_weight or args.max_fa_per_min is not None) and not args.false_alarms:
+        p.error("--fa-weight and --max-fa-per-min need --false-alarms DIR (audio without target classes)")
+    if args.fa_weight < 0 or (args.max_fa_per_min is not None and args.max_fa_per_min < 0):
+        p.error("--fa-weight and --max-fa-per-min must be >= 0")
+    if any(ms < 0 for ms in args.shifts_ms):
+        p.error("--shifts-ms: a shift cuts audio off the start of each file; give values >= 0")
     args.train_data = args.test_data = None
     args.labels = None
     try:
@@ -300,19 +518,46 @@ def main(argv: list[str] | None = None) -> int:
         args.max_smoothing_s = default_max_smoothing_s(ckpt.config.model.lookahead_frames)
     dataset = open_dataset(args)
     outputs = predict(ckpt, dataset.split(args.split), cache_dir=args.cache_dir)
+    whole, outputs, pairs = outputs, (list(outputs) if 0.0 in args.shifts_ms else []), []
+    rate = ckpt.config.frontend.sample_rate_hz
+    for ms in sorted(set(args.shifts_ms) - {0.0}):
+        for i, o in enumerate(whole):
+            for cut in shifted_outputs(ckpt, [o], ms / 1000):  # none when the cut leaves no frame
+                pairs.append(ShiftPair(i, len(outputs), round(ms / 1000 * rate) / rate))
+                outputs.append(cut)
+    stability = StabilityCost(tuple(pairs), args.stability_weight) if args.stability_weight else None
     labels = ckpt.config.labels
+    cost = None
+    if args.false_alarms:
+        try:
+            probs, categories, minutes = false_alarm_probabilities(ckpt, args.false_alarms)
+        except FalseAlarmError as exc:
+            print(f"train.tune: {exc}", file=sys.stderr)
+            return 2
+        cost = FalseAlarmCost(FalseAlarmAudio(probs, categories, minutes), args.fa_weight, args.max_fa_per_min)
     tuned, table = tune_decoder(outputs, ckpt.config.frontend.hop_s, labels, args.objective, args.max_smoothing_s,
-                                args.min_event_s, args.min_gap_s)
+                                args.min_event_s, args.min_gap_s, false_alarms=cost, stability=stability)
     config = ckpt.config.replace(decoder=tuned)
     metadata = dict(ckpt.metadata, tuned_on=f"{args.data or args.val_data} split {args.split}",
-                    tuning_objective=args.objective, tuning_max_smoothing_s=args.max_smoothing_s, tuning=table)
+                    tuning_objective=args.objective, tuning_max_smoothing_s=args.max_smoothing_s,
+                    tuning_shifts_ms=list(args.shifts_ms), tuning_stability_weight=args.stability_weight,
+                    tuning=table)
+    if cost is not None:
+        metadata.update(tuning_false_alarms=str(args.false_alarms), tuning_fa_weight=args.fa_weight,
+                        tuning_max_fa_per_min=args.max_fa_per_min, tuning_fa_minutes=cost.audio.minutes)
     save_checkpoint(Path(args.out), ckpt.model, config, metadata)
     key = args.objective
-    print(f"{'label':>18}  {'median':>6} {'on':>5} {'off':>5} {'min ev':>6} {'min gap':>7}  {key} tuned / default")
+    fa_head = ("  FA/min tuned / default" if cost is not None else "") + \
+        ("  flicker tuned / default" if stability is not None else "")
+    print(f"{'label':>18}  {'median':>6} {'on':>5} {'off':>5} {'min ev':>6} {'min gap':>7}  {key} tuned / default"
+          + fa_head)
     for row in table:
+        fa = f"  {row['fa_per_min_tuned']:6.2f} / {row['fa_per_min_default']:.2f}" if cost is not None else ""
+        if stability is not None:
+            fa += f"  {row['flicker_tuned']:6.2f} / {row['flicker_default']:.2f}"
         print(f"{row['label']:>18}  {row['smoothing_frames']:6d} {row['on']:5.2f} {row['off']:5.2f} "
               f"{row['min_event_s']:6.2f} {row['min_gap_s']:7.2f}  {row[key + '_tuned']:.3f} / {row[key + '_default']:.3f}"
-              + ("" if row["reference_events"] else "  (no validation events: defaults)"))
+              + fa + ("" if row["reference_events"] else "  (no validation events: defaults)"))
     print(f"wrote {args.out}")
     return 0
 
