@@ -193,6 +193,18 @@ def attribution(clips: list[tuple[str, str, str, str]], world: list[tuple[str, s
 # ------------------------------------------------------------------------------------ model card
 
 
+def _tuning_objective(meta: dict) -> str:
+    """What train.tune maximised, in words, from the tuned checkpoint's metadata."""
+    objective = meta.get("tuning_objective", "event_f1").replace("_", " ").replace("f1", "F1")
+    if meta.get("tuning_max_fa_per_min") is not None:
+        return (f"{objective} with at most {meta['tuning_max_fa_per_min']:g} false alarms per minute per class on "
+                f"held-out world audio ({meta.get('tuning_fa_minutes', 0):.0f} min, `--false-alarms`)")
+    if meta.get("tuning_fa_weight"):
+        return (f"{objective} less {meta['tuning_fa_weight']:g} per false alarm per minute on held-out world "
+                f"audio ({meta.get('tuning_fa_minutes', 0):.0f} min, `--false-alarms`, no training scene heard it)")
+    return objective
+
+
 def model_card(name: str, ckpt, test: dict, test_world: dict | None, false_alarms: dict | None,
                commands: list[str], latency: dict, progress: dict, world: list[tuple[str, str, str, float]]) -> str:
     cfg = ckpt.config
@@ -254,8 +266,8 @@ def model_card(name: str, ckpt, test: dict, test_world: dict | None, false_alarm
         "",
         "## Decoder",
         "",
-        "Chosen per class on the validation scenes to maximise event F1 (`python -m train.tune`): a median "
-        "over the window (its delay is compensated in the reported times and counted in the latency), "
+        "Chosen per class on the validation scenes to maximise " + _tuning_objective(meta)
+        + " (`python -m train.tune`): a median over the window (its delay is compensated in the reported times and counted in the latency), "
         "hysteresis thresholds, then minimum event and gap durations. `rtsed.live`, `rtsed.detect` and the "
         "engines use it as is; `--threshold LABEL=ON[:OFF]` overrides a class.",
         "",
