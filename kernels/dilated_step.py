@@ -42,13 +42,11 @@ from kernels.dilated_temporal import _conv_tile, _row_coords
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@triton.jit(do_not_specialize=["write_pos"])  # it changes every step: one compiled variant for all
-def _dilated_step_kernel(ring_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, out_ptr,
-                         n_rows, N, W, C_out, CAP, write_pos, srb, srt, src, S, DIL, eps,
-                         K: tl.constexpr, KK_PAD: tl.constexpr, PREC: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_CO: tl.constexpr):
-    """Rows (b, j, w) of one tile, all output channels: out[b, j, co * W + w]."""
-    r, rmask, b, j, w = _row_coords(tl.program_id(0), n_rows, N, W, BLOCK_R)
+@triton.jit
+def _ring_taps(write_pos, j, CAP, DIL, K: tl.constexpr, KK_PAD: tl.constexpr):
+    """The K x K taps of new frames j (length F), padded to KK_PAD: each frame's ring slot per tap,
+    slot[F, KK_PAD] = (write_pos + j - (K - 1 - kt) DIL) mod CAP, the tap index k (padding taps read
+    tap 0), its channel offset kc = k % K and its mask."""
     k = tl.arange(0, KK_PAD)
     kmask = k < K * K
     k = tl.where(kmask, k, 0)
@@ -56,6 +54,17 @@ def _dilated_step_kernel(ring_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv
     kc = k % K
     # (K - 1) d < CAP, so adding CAP keeps the slot numerator non-negative.
     slot = (write_pos + j[:, None] - (K - 1 - kt[None, :]) * DIL + CAP) % CAP
+    return slot, k, kc, kmask
+
+
+@triton.jit(do_not_specialize=["write_pos"])  # it changes every step: one compiled variant for all
+def _dilated_step_kernel(ring_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, out_ptr,
+                         n_rows, N, W, C_out, CAP, write_pos, srb, srt, src, S, DIL, eps,
+                         K: tl.constexpr, KK_PAD: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """Rows (b, j, w) of one tile, all output channels: out[b, j, co * W + w]."""
+    r, rmask, b, j, w = _row_coords(tl.program_id(0), n_rows, N, W, BLOCK_R)
+    slot, k, kc, kmask = _ring_taps(write_pos, j, CAP, DIL, K, KK_PAD)
     chan = (w * S)[:, None] + kc[None, :]
     off = (b.to(tl.int64) * srb)[:, None] + slot.to(tl.int64) * srt + chan.to(tl.int64) * src
     patch = tl.load(ring_ptr + off, mask=rmask[:, None] & kmask[None, :], other=0.0)

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from kernels import dilated_temporal as _dt
-from kernels.dilated_step import _check, _write_ring, dilated_step_ref
+from kernels.dilated_step import _check, _ring_taps, _write_ring, dilated_step_ref
 
 # As in kernels.dilated_temporal: what the decorator below saw.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -82,13 +82,7 @@ def _dilated_step_logits_kernel(ring_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_
     clsmask = cls < n_classes
     cls = tl.where(clsmask, cls, 0)
 
-    k = tl.arange(0, KK_PAD)
-    kmask = k < K * K
-    k = tl.where(kmask, k, 0)
-    kt = k // K
-    kc = k % K
-    # Tap (kt, kc) of frame j reads slot write_pos + j - (K - 1 - kt) d; (K - 1) d < CAP keeps it >= 0.
-    slot = (write_pos + j[:, None] - (K - 1 - kt[None, :]) * DIL + CAP) % CAP
+    slot, k, kc, kmask = _ring_taps(write_pos, j, CAP, DIL, K, KK_PAD)
     tap = (b.to(tl.int64) * srb)[:, None] + slot.to(tl.int64) * srt + kc.to(tl.int64)[None, :] * src
     tap_mask = fmask[:, None] & kmask[None, :]
 
