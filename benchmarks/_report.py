@@ -562,10 +562,15 @@ def _kernel_dilated_table() -> list[str]:
                        ["mode", "precision"], rows, _CUDNN_IMPLS, "triton", "gb_per_s_effective", "tflops_useful")
 
 
-def _kernel_dilated_step_table() -> list[str]:
-    rows = _grouped((DIL_STEP,),
+def _ring_step_rows(figure: str) -> dict[tuple, dict[str, Result]]:
+    """A ring-step figure's results by (streams, frames per step), one column per implementation."""
+    return _grouped((figure,),
                     lambda r: (r.extra.get("streams", "-"), r.extra.get("frames_per_step", "-")),
                     lambda r: r.extra.get("impl", _model_part(r, 0)))
+
+
+def _kernel_dilated_step_table() -> list[str]:
+    rows = _ring_step_rows(DIL_STEP)
     if not rows:
         return []
     lines = [
@@ -586,9 +591,7 @@ def _kernel_dilated_step_table() -> list[str]:
 
 
 def _kernel_dilated_step_logits_table() -> list[str]:
-    rows = _grouped((DIL_STEP_LOGITS,),
-                    lambda r: (r.extra.get("streams", "-"), r.extra.get("frames_per_step", "-")),
-                    lambda r: r.extra.get("impl", _model_part(r, 0)))
+    rows = _ring_step_rows(DIL_STEP_LOGITS)
     if not rows:
         return []
     lines = [
