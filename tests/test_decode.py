@@ -20,6 +20,7 @@ from rtsed.serve.decode import (
     SoundEvent,
     decode_offline,
     event_to_json,
+    smoothed_scores,
     write_audacity_labels,
     write_dcase_tsv,
 )
@@ -318,6 +319,32 @@ def test_median_delay_is_compensated_for_clean_pulses(k):
     dec = EventDecoder(["dog"], HOP, DecoderConfig(smoothing_frames=k), compensate_delay=False)
     d = (k - 1) // 2
     assert cells(run_all(dec, p)) == [("dog", 10 + d, 25 + d)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_smoothed_scores_are_what_the_decoder_thresholds(seed):
+    """Runs of smoothed_scores >= on give the decoder's events (plain threshold, no durations):
+    the scores are the decoder's median per class, moved back by each class's delay. The signal
+    ends in 12 quiet frames so that no event reaches into the tail the decoder has not decided."""
+    rng = np.random.default_rng(seed)
+    p = rng.uniform(0.0, 1.0, (300, 3))
+    p[-12:] = 0.0
+    config = DecoderConfig(smoothing_frames=(1, 5, 9))
+    s = smoothed_scores(p, LABELS, config)
+    assert s.shape == p.shape
+    np.testing.assert_array_equal(s[:, 0], p[:, 0])  # a window of 1 leaves the class as it is
+    expected = []
+    for c, label in enumerate(LABELS):
+        active = np.concatenate([[False], s[:, c] >= 0.5, [False]])
+        edges = np.flatnonzero(np.diff(active.astype(int)))
+        expected += [(label, int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+    got = cells(decode_offline(p, LABELS, HOP, config))
+    assert sorted(got) == sorted(expected) and len(got) > 20
+
+
+def test_smoothed_scores_reject_a_wrong_shape():
+    with pytest.raises(ValueError, match=r"must be \(n_frames, 3\)"):
+        smoothed_scores(np.zeros((10, 2)), LABELS, DecoderConfig(smoothing_frames=3))
 
 
 def test_median_removes_short_blips_and_fills_short_holes():

@@ -328,6 +328,32 @@ def test_live_decoder_point_merges_flicker_that_a_plain_threshold_splits():
     assert "min gap 0.1 s" in live["event"]["params"]["decode"]
 
 
+def test_live_decoder_psds_is_scored_on_its_smoothed_scores(tmp_path):
+    """One-frame spikes between the reference events: on the raw probabilities every threshold
+    that finds the events also reports the spikes (false positives far beyond PSDS's eFPR range),
+    so PSDS1 is low; the decoder's 5-frame median, which it thresholds, removes them, and PSDS1 on
+    its smoothed scores is high. The live decoder's per-class PSDS are the latter."""
+    n, hop = 1500, HOP_S
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0.0, 0.3, (n, 2)).astype(np.float32)
+    probs[5::10, 1] = 0.95  # a one-frame spike every 0.2 s (not at frame 0: edge padding repeats it)
+    refs = [Event("f.wav", 2.0, 6.0, "tone"), Event("f.wav", 12.0, 18.0, "tone"),
+            Event("f.wav", 22.0, 25.0, "tone")]
+    for e in refs:
+        a, b = int(round(e.onset_s / hop)), int(round(e.offset_s / hop))
+        probs[a:b, 1] = 0.9
+    targets = events_to_frame_targets(refs, n, hop, LABELS)
+    out = ev.FileOutput("f.wav", Path("f.wav"), probs, targets, tuple(refs), n * hop)
+    ckpt = _make_checkpoint(tmp_path / "smoothing.pt", decoder=DecoderConfig(smoothing_frames=(1, 5)))
+    res = ev.evaluate(ckpt, [], outputs=[out])
+    raw, smoothed = res["psds1"]["psds"], res["psds1_decoder"]["psds"]
+    assert raw < 0.2 and smoothed > 0.9
+    live = next(p for p in res["operating_points"] if p["threshold"] == "decoder")
+    assert live["per_class"]["tone"]["psds1"] == pytest.approx(res["psds1_decoder"]["per_class"]["tone"])
+    assert res["operating_points"][0]["per_class"]["tone"]["psds1"] == pytest.approx(raw)
+    assert "decoder's smoothed scores" in ev.format_report(res)
+
+
 def test_cli_takes_a_bundled_detectors_name(tmp_path, capsys):
     quiet = tmp_path / "quiet"
     quiet.mkdir()

@@ -77,6 +77,9 @@ def _point(results: dict, name: str) -> dict | None:
 
 def _score_rows(results: dict) -> list[str]:
     ps1, ps2 = results["psds1"]["psds"], results.get("psds2", {}).get("psds")
+    # The decoder's row: PSDS of the smoothed scores it thresholds (the model's where it was not computed).
+    dec1 = results.get("psds1_decoder", {}).get("psds", ps1)
+    dec2 = results.get("psds2_decoder", {}).get("psds", ps2)
     rows = ["| decoding | frame F1 | frame ER | segment F1 | segment ER | event F1 | event F1, onset only | PSDS1 | PSDS2 |",
             "|---|---|---|---|---|---|---|---|---|"]
     for p in results["operating_points"]:
@@ -85,7 +88,8 @@ def _score_rows(results: dict) -> list[str]:
         title = "**events a user gets** (the decoder below)" if p["threshold"] == "decoder" else (
             f"threshold {p['threshold']}" if not isinstance(p["threshold"], list) else "on-thresholds, no smoothing")
         rows.append(f"| {title} | {_num(f['f1'])} | {_num(f['error_rate'])} | {_num(s['f1'])} | {_num(s['error_rate'])} "
-                    f"| {_num(e['f1'])} | {_num(eo.get('f1'))} | {_num(ps1)} | {_num(ps2)} |")
+                    f"| {_num(e['f1'])} | {_num(eo.get('f1'))} "
+                    + (f"| {_num(dec1)} | {_num(dec2)} |" if p["threshold"] == "decoder" else f"| {_num(ps1)} | {_num(ps2)} |"))
     return rows
 
 
@@ -278,8 +282,9 @@ def model_card(name: str, ckpt, test: dict, test_world: dict | None, false_alarm
         "",
         "`python -m train.evaluate`: frame F1/ER as the paper (20 ms frames), segment F1/ER on 1 s segments, "
         "event F1 as DCASE scores it (onset within 200 ms, offset within max(200 ms, 20 %); sed_eval) and "
-        "onset-only, PSDS1 and PSDS2 (sed_scores_eval; threshold-free). The first row scores what a user "
-        "gets: the events of the decoder above.",
+        "onset-only, PSDS1 and PSDS2 (sed_scores_eval; threshold-free). The row in bold scores what a user "
+        "gets: the events of the decoder above; its PSDS are those of the median-smoothed scores the decoder "
+        "thresholds, the other rows' those of the model's probabilities.",
         "",
         *_score_rows(test),
         "",

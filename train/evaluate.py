@@ -49,7 +49,7 @@ from rtsed.audio.files import AudioFileError
 from rtsed.models.bundled import ModelNotFoundError, resolve_model
 from rtsed.models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from rtsed.config import ConfigError, DecoderConfig
-from rtsed.serve.decode import decode_offline
+from rtsed.serve.decode import decode_offline, smoothed_scores
 from rtsed.serve.detector import Detector
 from rtsed.stream.onnx_runtime import OnnxModelError
 from rtsed.metrics import (
@@ -325,7 +325,9 @@ def evaluate(
 
     Keys: ``format``, ``model``, ``data``, ``operating_points`` (one dict per threshold: frame,
     segment, event scores with their ``params``, per_class), ``psds1`` and ``psds2``
-    (threshold-independent),
+    (threshold-independent, on the model's probabilities), ``psds1_decoder`` and ``psds2_decoder``
+    (on the decoder's median-smoothed scores, ``rtsed.serve.decode.smoothed_scores``; the live
+    decoder's per-class PSDS are these),
     ``summary`` (the headline numbers at the first operating point), ``per_file``.
     """
     if not 0.0 < float(threshold) < 1.0:
@@ -348,10 +350,19 @@ def evaluate(
 
     psds_1 = _psds(outputs, labels, hop_s, durations, scenario=1)
     psds_2 = _psds(outputs, labels, hop_s, durations, scenario=2)
+    # The decoder thresholds its median-smoothed scores, so the live decoder's threshold-free
+    # scores are PSDS on those (as DCASE systems score their post-processed outputs).
+    if max(config.decoder.per_class("smoothing_frames", len(labels))) > 1:
+        smoothed = [dataclasses.replace(o, probs=smoothed_scores(o.probs, labels, config.decoder)) for o in outputs]
+        psds_1_dec = _psds(smoothed, labels, hop_s, durations, scenario=1)
+        psds_2_dec = _psds(smoothed, labels, hop_s, durations, scenario=2)
+    else:  # no smoothing: the decoder thresholds the model's scores themselves
+        psds_1_dec, psds_2_dec = psds_1, psds_2
     for point in points:
+        p1, p2 = (psds_1_dec, psds_2_dec) if point["threshold"] == "decoder" else (psds_1, psds_2)
         for label in labels:
-            point["per_class"][label]["psds1"] = psds_1["per_class"].get(label)
-            point["per_class"][label]["psds2"] = psds_2["per_class"].get(label)
+            point["per_class"][label]["psds1"] = p1["per_class"].get(label)
+            point["per_class"][label]["psds2"] = p2["per_class"].get(label)
 
     duration_s = sum(o.duration_s for o in outputs)
     first = points[0]
@@ -378,12 +389,15 @@ def evaluate(
         "operating_points": points,
         "psds1": psds_1,
         "psds2": psds_2,
+        "psds1_decoder": psds_1_dec,
+        "psds2_decoder": psds_2_dec,
         "summary": {
             "threshold": first["threshold"],
             "frame_f1": first["frame"]["f1"], "frame_er": first["frame"]["error_rate"],
             "segment_f1": first["segment"]["f1"], "segment_er": first["segment"]["error_rate"],
             "event_f1": first["event"]["f1"], "event_er": first["event"]["error_rate"],
             "psds1": psds_1["psds"], "psds2": psds_2["psds"],
+            "psds1_decoder": psds_1_dec["psds"], "psds2_decoder": psds_2_dec["psds"],
         },
         "per_file": [
             {"path": o.key, "duration_s": o.duration_s, "n_frames": int(o.probs.shape[0]),
@@ -471,11 +485,15 @@ def format_report(results: dict[str, Any]) -> str:
                 f"{_f(c.get('psds2')):>6}"
             )
     lines.append("")
-    for key in ("psds1", "psds2"):
+    for key in ("psds1", "psds2", "psds1_decoder", "psds2_decoder"):
         ps = results.get(key)
-        if ps is None:  # JSON written before PSDS2 was reported
+        if ps is None:  # JSON written before PSDS2 (or PSDS on the decoder's scores) was reported
             continue
-        name = key.upper()
+        name = key[:5].upper()
+        if key.endswith("_decoder"):
+            if results.get(key[:5]) is ps:  # no smoothing: the same scores as above
+                continue
+            name += " on the decoder's smoothed scores"
         if ps["error"]:
             lines.append(f"{name} (sed_scores_eval): not computed ({ps['error']})")
             continue

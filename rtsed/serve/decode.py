@@ -57,6 +57,7 @@ __all__ = [
     "OnsetNotice",
     "EventDecoder",
     "decode_offline",
+    "smoothed_scores",
     "write_dcase_tsv",
     "write_audacity_labels",
     "event_to_json",
@@ -393,6 +394,28 @@ def decode_offline(
     events = [e for e in dec.push(probs) if isinstance(e, SoundEvent)]
     events += dec.flush()
     return sorted(events, key=lambda e: (e.onset_s, e.label))
+
+
+def smoothed_scores(probs: Any, labels: Sequence[str], config: DecoderConfig | None = None) -> np.ndarray:
+    """The scores the decoder thresholds, aligned with the frames they describe: probs (T, C) ->
+    (T, C) float64, each class through its median window (rule 1) and moved back by that window's
+    delay D, so that frame t holds the smoothed value the decoder assigns to cell t. The last D
+    frames of a class, whose window would reach past the end, repeat the last smoothed value (at
+    ``flush()`` the decoder likewise takes an open event to the end). Threshold-free metrics
+    (PSDS) of what the decoder decides on are computed on these."""
+    dec = EventDecoder(labels, 1.0, config)
+    x = np.asarray(probs, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != len(labels):
+        raise ValueError(f"smoothed_scores: probs must be (n_frames, {len(labels)}), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        return x.copy()
+    causal = dec._smooth(x)
+    out = causal.copy()
+    for c, d in enumerate(dec.delay_frames):
+        if d > 0:
+            out[:-d, c] = causal[d:, c]
+            out[-d:, c] = causal[-1, c]
+    return out
 
 
 # ---------------------------------------------------------------------------------- writers
