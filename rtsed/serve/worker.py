@@ -20,17 +20,19 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from rtsed.config import DetectorConfig
-from rtsed.serve.engine import MultiStreamEngine
 from rtsed.serve.outputs import EventOutput, StreamRef, slugify
 from rtsed.serve.protocol import CLOSE_INTERNAL, CLOSE_NORMAL
 from rtsed.serve.session import SessionLimits, StreamSession
-from rtsed.serve.steppers import Stepper
 from rtsed.serve.telemetry import ServerMetrics
+
+if TYPE_CHECKING:  # the engine (and torch, through its front end) loads when a shard is made:
+    from rtsed.serve.engine import MultiStreamEngine  # a gateway's relay never makes one
+    from rtsed.serve.steppers import Stepper
 
 log = logging.getLogger("rtsed.serve")
 
@@ -204,6 +206,8 @@ class BatchWorker(threading.Thread):
                 self._start(s, shard, int(free[0]))
                 return
         # A new shard: a batch of its own (max_streams bounds the total through ``add``).
+        from rtsed.serve.engine import MultiStreamEngine
+
         engine = MultiStreamEngine(self.make_stepper(self.batch_streams), self.config, self.frames_per_step,
                                    idle_timeout_s=self.limits.idle_timeout_s, max_queue_s=self.limits.max_queue_s)
         self.shards.append(engine)
