@@ -74,10 +74,10 @@ def test_files_without_a_hash_load_but_absurd_weights_are_refused(checkpoint, tm
         load_checkpoint(bad)
     message = str(exc.value)
     assert str(bad) in message and "absurd magnitude" in message and name in message
-    # dnd_7_10_causal was bundled before the hash existed, dnd_7_10 after: both load.
+    # The bundled detectors carry the hash (train.bundle writes it) and load.
     hashed = {name: "content_sha256" in torch.load(rtsed.models.bundled.resolve_model(name), weights_only=True)
               for name in ("dnd_7_10", "dnd_7_10_causal")}
-    assert hashed == {"dnd_7_10": True, "dnd_7_10_causal": False}
+    assert hashed == {"dnd_7_10": True, "dnd_7_10_causal": True}
     for name in hashed:
         load_checkpoint(rtsed.models.bundled.resolve_model(name))
 
