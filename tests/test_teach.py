@@ -235,13 +235,19 @@ def test_negatives_lower_false_alarms(taught, tmp_path):
     assert meta["negative_events_after"] < meta["negative_events_before"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue #22 item 4, not met: after teaching whistles as negatives (false "
-                   "alarms 28 -> 1) beep's frame F1 rises (0.79 -> 0.94) but knock's drops (0.80 -> 0.53), against "
-                   "the issue's 0.02; strict, so a fix shows as XPASS")
 def test_negatives_keep_the_classes_scores(taught, tmp_path):
-    *_, f1_before, f1_after, _ = negatives_taught(taught, tmp_path)
+    """Issue #22 item 4: after teaching whistles as negatives every class scores within 0.02 frame F1 of
+    before on unseen scenes. On this random trunk whistles sit where beep and knock do: their rows, fitted
+    to silence whistles, scored less on their held-out clips, so teach moves them back toward the
+    original rows (knock all the way), leaves the last block, and records the check."""
+    *_, f1_before, f1_after, meta = negatives_taught(taught, tmp_path)
     drop = np.mean(f1_before, axis=0) - np.mean(f1_after, axis=0)
     assert np.all(drop <= 0.02), (np.mean(f1_before, axis=0), np.mean(f1_after, axis=0))
+    check = meta["old_class_check"]
+    assert set(check) == {"beep", "knock"}  # the classes with recorded held-out clips, both checked
+    for label, row in check.items():  # every class kept at or above its score before, on the check
+        assert row["kept"] >= row["before"] and 0 <= row["share"] <= 1, (label, row)
+        assert row["share"] == 1 or row["head"] < row["before"], (label, row)  # held back only when it lost
 
 
 def negatives_taught(taught, tmp_path):

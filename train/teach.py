@@ -38,6 +38,18 @@ How (the design, and why):
   the last block (``model.temporal``) and the classifier are adapted by Adam over the same scenes'
   cached CNN outputs, with an L2-SP pull toward their starting weights. Where a negative overlaps
   a new-class event, the new class keeps its label.
+- **Old-class check (with ``--negatives``).** An old class whose recorded clips include held-out
+  ones (an earlier ``train.teach`` kept them; otherwise ``--held-out`` of them are kept now) is
+  scored before and after on ``check_scenes`` scenes of those clips: frame F1 of the events its
+  own decoder reports. A head row that scores less than the original is moved back toward it,
+  keeping the largest share of its change (1/2, 1/4, 1/8, else none) that scores at least the
+  original (exact on the frozen trunk); the last block is then not adapted (such a row holds only
+  on the original block), and an adapted block under which a checked class scores less is undone.
+  Where the trunk maps a negative near a class, silencing it costs the class, and the class wins:
+  what is left of its false alarms stays, and the model card says so. Distillation alone does not
+  hold such a class: its row loses the class's frames (lower probability inside, higher outside)
+  and the decoder tuned on the original probabilities then splits or misses its events. Classes
+  with no recorded clips (a bundled detector's) are held by distillation alone, unchecked.
 - **Held-out check and decoder.** ``--held-out`` (20 %, at least one clip) of each new class's clips
   never enter training scenes: they make fixed validation scenes (with the world pools' held-out
   groups), on which train.tune's search chooses each new class's decoder (median window, on/off
@@ -85,6 +97,7 @@ MIN_CLIPS = 5
 NEGATIVE = "__negative__"  # the mixer's label for negative clips' extents; never a class
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 NOISES = ("white", "pink", "brown")
+TAUGHT_SHARES = (0.5, 0.25, 0.125)  # the shares of an old row's change tried, largest first, when it loses its class
 
 
 class TeachError(ValueError):
@@ -103,6 +116,8 @@ class TeachConfig:
     new_l2: float = 1e-3  # L2 of the new rows, relative to the embeddings' scale (see fit_head)
     old_l2: float = 1e-2  # L2-SP pull of the old rows toward the original weights (with --negatives)
     held_out: float = 0.2  # fraction of each new class's clips kept for validation (at least one)
+    hold_tolerance: float = 0.0  # with --negatives: most frame F1 an old class may lose on its held-out clips
+    check_scenes: int = 16  # with --negatives: scenes of the old classes' held-out clips that check them
     adapt_epochs: int = 20  # with --negatives: Adam passes over the scenes adapting the last block
     adapt_lr: float = 1e-3
     adapt_l2: float = 1e-2  # L2-SP pull of the adapted block toward its original weights
@@ -115,11 +130,13 @@ class TeachConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = [(self.scenes >= 1 and self.val_scenes >= 1, "scenes and val_scenes must be >= 1"),
+        checks = [(self.scenes >= 1 and self.val_scenes >= 1 and self.check_scenes >= 1,
+                   "scenes, val_scenes and check_scenes must be >= 1"),
                   (self.scene_frames >= 64, "scene_frames must be >= 64"),
                   (self.head_steps >= 1 and self.patience >= 1, "head_steps and patience must be >= 1"),
                   (self.new_l2 > 0 and self.old_l2 > 0, "new_l2 and old_l2 must be > 0"),
                   (0 < self.held_out < 1, "held_out must lie in (0, 1)"),
+                  (0 <= self.hold_tolerance < 1, "hold_tolerance must lie in [0, 1)"),
                   (self.background_every >= 1, "background_every must be >= 1")]
         for ok, message in checks:
             if not ok:
@@ -227,13 +244,15 @@ def hold_out(clips: list[UserClip], fraction: float, seed: int) -> None:
 def recorded_clips(metadata: dict[str, Any], labels: tuple[str, ...], rate: int, mix: MixConfig,
                    log=print) -> dict[str, list[UserClip]]:
     """The clips an earlier ``train.teach`` recorded in a checkpoint's metadata for ``labels`` (its
-    taught classes, and the old-class clips it carried), {label: clips} in ``labels`` order. A clip
+    taught classes, and the old-class clips it carried), {label: clips} in ``labels`` order, each
+    clip held out if it was recorded so. A clip
     whose file is gone or changed (sha256) is left out, with a line saying so: the class is then
     held by distillation on whatever else sounds in the scenes."""
     taught = metadata.get("taught") or {}
     earlier = (metadata.get("taught_from_metadata") or {}).get("taught") or {}
     rows = list(taught.get("clips", [])) + list(taught.get("old_class_clips", [])) + list(earlier.get("clips", []))
     found: dict[str, dict[str, Path]] = {}
+    held_out: set[str] = set()  # sha256 of the clips recorded as held out (never trained on)
     missing = 0
     for row in rows:
         label, path = row.get("class"), Path(str(row.get("path", "")))
@@ -241,6 +260,8 @@ def recorded_clips(metadata: dict[str, Any], labels: tuple[str, ...], rate: int,
             continue
         if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == row.get("sha256"):
             found.setdefault(label, {})[row["sha256"]] = path
+            if row.get("split") == "held_out":
+                held_out.add(row["sha256"])
         else:
             missing += 1
     if missing:
@@ -250,6 +271,8 @@ def recorded_clips(metadata: dict[str, Any], labels: tuple[str, ...], rate: int,
         if label in found:
             try:
                 out[label] = load_clips(sorted(found[label].values()), label, rate, mix)
+                for clip in out[label]:
+                    clip.held_out = clip.sha256 in held_out
             except TeachError as exc:
                 log(f"old class {label}: its recorded clips are left out ({exc})")
     return out
@@ -566,6 +589,58 @@ class ValidationFile:
     events: tuple[Event, ...]
 
 
+@dataclass(frozen=True)
+class CheckScene:
+    """A scene of old classes' held-out clips: the frozen CNN's output h (1, C, T, 1) (the input of
+    ``model.temporal``) and the reference frames (T, len(labels)) of the checked classes."""
+
+    cnn: torch.Tensor
+    reference: np.ndarray
+
+
+def _old_check_scenes(source: SceneSource, cfg: TeachConfig, logmel: LogMel, hop_s: float, labels: tuple[str, ...],
+                      normalization: tuple[torch.Tensor, torch.Tensor], trunk: SEDModel) -> list[CheckScene]:
+    """``cfg.check_scenes`` scenes mixed from ``source`` (the old classes' held-out clips), through the frozen
+    CNN: a few held-out clips in many placements, levels and noise beds, so that one lucky or unlucky
+    event does not decide a class."""
+    mean, std = normalization
+    out = []
+    for i in range(cfg.check_scenes):
+        feats, targets, _ = scene_features(source, np.random.default_rng([cfg.seed, 4, i]), logmel, hop_s, labels)
+        with torch.no_grad():
+            h = trunk.features(((torch.from_numpy(feats) - mean) / std)[None])
+        out.append(CheckScene(h, targets > 0))
+    return out
+
+
+def _check_embeddings(model: SEDModel, scenes: list[CheckScene]) -> list[torch.Tensor]:
+    """The last block's output (T, D) on every check scene: what the classifier rows read."""
+    with torch.no_grad():
+        return [model.temporal(scene.cnn)[0] for scene in scenes]
+
+
+def _old_class_f1(embeddings: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, config: DetectorConfig,
+                  scenes: list[CheckScene], labels: tuple[str, ...]) -> dict[str, float]:
+    """Frame F1 of each of ``labels`` (old classes) over ``scenes`` pooled, for the classifier
+    (``weight``, ``bias``) on ``embeddings`` (``_check_embeddings``): the events its own decoder
+    (``config.decoder``) reports, as frames, against the reference frames. The decoder is part of the
+    score: a class whose probabilities shift under thresholds tuned for the original loses events."""
+    hop = config.frontend.hop_s
+    counts = {label: np.zeros(3) for label in labels}  # tp, fp, fn
+    for e, scene in zip(embeddings, scenes):
+        with torch.no_grad():
+            probs = torch.sigmoid(F.linear(e, weight, bias)).numpy()
+        decoded = decode_offline(probs, config.labels, hop, config.decoder)
+        for k, label in enumerate(labels):
+            ref = scene.reference[:, k]
+            est = np.zeros_like(ref)
+            for e in decoded:
+                if e.label == label:
+                    est[round(e.onset_s / hop):round(e.offset_s / hop)] = True
+            counts[label] += (np.sum(ref & est), np.sum(~ref & est), np.sum(ref & ~est))
+    return {label: float(2 * tp / max(2 * tp + fp + fn, 1)) for label, (tp, fp, fn) in counts.items()}
+
+
 def _count_old_events(checkpoint: Checkpoint | tuple, clips: list[UserClip], logmel: LogMel) -> int:
     """Events of the old classes the detector reports on the negative clips, each run whole."""
     model, config, n_old = checkpoint
@@ -641,6 +716,12 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
     # With negatives the old rows move: the old classes' recorded clips sound in the training scenes so
     # that distillation holds them where they sound, not only where nothing does.
     old_clips = recorded_clips(teacher.metadata, old_labels, rate, mix, log) if negative_clips else {}
+    for clips in old_clips.values():
+        if len(clips) >= 2 and not any(c.held_out for c in clips):
+            hold_out(clips, cfg.held_out, cfg.seed)
+    # Old classes whose held-out clips can check them: each must score on scenes of those clips at
+    # least what it scored before, or its changes are undone (see the old-class check below).
+    checked_old = tuple(label for label, clips in old_clips.items() if any(c.held_out for c in clips))
     out.parent.mkdir(parents=True, exist_ok=True)
 
     # ---- pools: the user's clips, world pools (groups held out for validation), distractors
@@ -664,9 +745,16 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
         if negative_clips:
             events[NEGATIVE] = [c.clip(i) for i, c in enumerate(negative_clips)]
         if not held:
-            events.update({label: [c.clip(i) for i, c in enumerate(cs)] for label, cs in old_clips.items()})
+            events.update({label: [c.clip(i) for i, c in enumerate(cs) if not c.held_out] for label, cs in old_clips.items()})
+        events = {label: clips for label, clips in events.items() if clips}
         chosen = world_held if held else world_train
         by_category = {k: [c for c in chosen if c.label == k and c in pool_store] for k in ("speech", "music", "ambience")}
+        return ScenePools(events, {}, distractor_clips, {k: v for k, v in by_category.items() if v}, ())
+
+    def old_check_pools() -> ScenePools:
+        """The old classes' held-out clips alone, over the held-out world: where each class must still sound."""
+        events = {label: [c.clip(i) for i, c in enumerate(old_clips[label]) if c.held_out] for label in checked_old}
+        by_category = {k: [c for c in world_held if c.label == k and c in pool_store] for k in ("speech", "music", "ambience")}
         return ScenePools(events, {}, distractor_clips, {k: v for k, v in by_category.items() if v}, ())
 
     augmenter = WaveAugmenter(mix.augment, rate) if mix.augment is not None else None
@@ -794,11 +882,61 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
         student.classifier.weight.copy_(weight)
         student.classifier.bias.copy_(bias)
 
+    # ---- the old-class check: each old class with held-out clips scored (frame F1, its own decoder)
+    # on scenes of those clips, before and after. A head row that scores less than the original is
+    # put back as it was (exact: the trunk is frozen); the adapted block is kept only if no checked
+    # class scores less with it than before. Distillation alone cannot promise this: where the trunk
+    # maps a negative near a class, the row that silences the negative also loses the class.
+    checks = _old_check_scenes(SceneSource(mix.replace(augment=None), store, old_check_pools(), None, cfg.noise_db),
+                               cfg, logmel, hop_s, checked_old, (mean, std), trunk) if checked_old else []
+    old_check: dict[str, dict[str, Any]] = {}
+    if checks:
+        embeddings = _check_embeddings(trunk, checks)
+        w_teacher = teacher.model.classifier.weight.detach()
+        b_teacher = teacher.model.classifier.bias.detach()
+        before_f1 = _old_class_f1(embeddings, w_teacher, b_teacher, teacher.config, checks, checked_old)
+        head_f1 = _old_class_f1(embeddings, weight, bias, config, checks, checked_old)
+        for label in checked_old:
+            c = old_labels.index(label)
+            old_check[label] = {"before": round(before_f1[label], 4), "head": round(head_f1[label], 4), "share": 1.0}
+            # A row that loses its class goes back toward the original along the line between them
+            # (its logits move linearly): the largest share of the change that still holds the
+            # class keeps what it can of the negatives' effect; share 0 is the original row.
+            for share in TAUGHT_SHARES:
+                if head_f1[label] >= before_f1[label] - cfg.hold_tolerance:
+                    break
+                with torch.no_grad():
+                    weight[c] = w_teacher[c] + share * (weight[c] - w_teacher[c]) / old_check[label]["share"]
+                    bias[c] = b_teacher[c] + share * (bias[c] - b_teacher[c]) / old_check[label]["share"]
+                old_check[label]["share"] = share
+                head_f1[label] = _old_class_f1(embeddings, weight, bias, config, checks, (label,))[label]
+            else:
+                if head_f1[label] < before_f1[label] - cfg.hold_tolerance:
+                    with torch.no_grad():
+                        weight[c], bias[c] = w_teacher[c], b_teacher[c]
+                    old_check[label]["share"] = 0.0
+                    head_f1[label] = before_f1[label]
+            old_check[label]["kept"] = round(head_f1[label], 4)
+        del embeddings
+        with torch.no_grad():
+            student.classifier.weight.copy_(weight)
+            student.classifier.bias.copy_(bias)
+    held_back = [f"{label} ({row['share']:g} of its change)" for label, row in old_check.items() if row["share"] < 1]
+    if held_back:
+        # A row held back reproduces its check only on the original last block: adapting the block
+        # for the other rows' sake moves what the row reads (measured: a restored class distilled
+        # toward the original everywhere still lost frame F1 on unseen scenes), so the block stays.
+        log(f"old class(es) scoring less on their held-out clips after teaching the negatives keep part of the "
+            f"change: {', '.join(held_back)}; the last block is not adapted (what is left of these classes' "
+            "false alarms stays)")
+        adapt = []
+
     adapt_history: list[float] = []
     if adapt:
         t0 = time.perf_counter()
         cnn, old_t, new_t, negative, positive, valid = (torch.stack(parts) for parts in zip(*adapt))
         del adapt
+        head_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
         s_, t_ = negative.shape
         flat = FrameBank(torch.empty(0), torch.empty(0), negative.reshape(-1).float(), positive.reshape(s_ * t_, n_old),
                          valid.reshape(-1).float())
@@ -810,6 +948,18 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
         adapt_history = adapt_last_block(student, scenes, cfg, progress=bar)
         bar.close()
         del scenes, cnn
+        if checks:
+            adapted_f1 = _old_class_f1(_check_embeddings(student, checks), student.classifier.weight.detach(),
+                                       student.classifier.bias.detach(), config, checks, checked_old)
+            worse = [label for label in checked_old
+                     if adapted_f1[label] < before_f1[label] - cfg.hold_tolerance]
+            for label in checked_old:
+                old_check[label]["adapted"] = round(adapted_f1[label], 4)
+            if worse:
+                log(f"adapting the last block lowered {', '.join(worse)} on their held-out clips: it is undone")
+                student.load_state_dict(head_state)
+                adapt_history = []
+        del head_state
         timings["adapt_s"] = time.perf_counter() - t0
         with torch.no_grad():
             weight, bias = student.classifier.weight.detach().clone(), student.classifier.bias.detach().clone()
@@ -845,6 +995,7 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
             "world": [str(w) for w in world], "distractors": str(distractors) if distractors else None,
             "settings": asdict(cfg), "training_frames": frames, "head_loss": history, "adapt_loss": adapt_history,
             "validation": validation, "negative_events_before": before, "negative_events_after": after,
+            "old_class_check": old_check,
             "seconds": round(seconds, 1), "timings_s": {k: round(v, 1) for k, v in timings.items()},
             "command": command, "torch": str(torch.__version__),
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -871,8 +1022,10 @@ def model_card(path: Path, config: DetectorConfig, taught: dict[str, Any], n_old
              f" in {taught['seconds']:.0f} s.", "",
              f"Classes ({len(config.labels)}): {', '.join(config.labels)}. Old classes: the first {n_old}"
              + (" (unchanged: trunk and their head rows frozen)." if not taught["negatives"] else
-                " (their head rows distilled from the original, 0 on the negatives; the last block adapted with "
-                "an L2-SP pull toward its original weights)."), ""]
+                " (their head rows distilled from the original, 0 on the negatives, each held back toward the "
+                "original as far as its held-out clips need; "
+                + ("the last block adapted with an L2-SP pull toward its original weights)." if taught["adapt_loss"]
+                   else "the last block as it was).")), ""]
     if taught["validation"]:
         lines += ["## New classes on validation scenes (held-out clips)", "",
                   "| class | event F1 tuned | event F1 at 0.5 | reference events | median | on | off | min event s | min gap s |",
@@ -885,6 +1038,15 @@ def model_card(path: Path, config: DetectorConfig, taught: dict[str, Any], n_old
     if taught["negatives"]:
         lines += [f"Old-class events on the negative clips: {taught['negative_events_before']} before, "
                   f"{taught['negative_events_after']} after.", ""]
+    if taught.get("old_class_check"):
+        lines += ["## Old classes on scenes of their held-out clips (frame F1, their own decoders)", "",
+                  "| class | before | fitted row | kept row | share of the fitted change kept | adapted block |",
+                  "|---|---|---|---|---|---|"]
+        for label, row in taught["old_class_check"].items():
+            adapted = f"{row['adapted']:.3f}" if "adapted" in row else "-"
+            lines.append(f"| {label} | {row['before']:.3f} | {row['head']:.3f} | {row['kept']:.3f} | {row['share']:g} | "
+                         f"{adapted} |")
+        lines.append("")
     lines += ["## Clips used", "", "| class | file | split | extent | seconds | sha256 |", "|---|---|---|---|---|---|"]
     for c in taught["clips"] + taught["negatives"]:
         lines.append(f"| {c['class'] or '(negative)'} | {c['file']} | {c['split'] if c['class'] else 'train'} | "
