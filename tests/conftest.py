@@ -1,6 +1,6 @@
 """Fixtures several test files share: the native-kernel switch (tests/test_native_*.py), the
-interpreter's kernel-test settings (tests/test_kernel_*.py), the thread count, and where the shared
-clip data lives (tests/test_bundled.py, tests/test_synth.py)."""
+interpreter's kernel-test settings (tests/test_kernel_*.py), the thread count, the engine tests'
+checkpoint, and where the shared clip data lives (tests/test_bundled.py, tests/test_synth.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from rtsed.backends import native
+
+from engine_helpers import LABELS as ENGINE_LABELS, RATE as ENGINE_RATE, lively_checkpoint
 
 
 @pytest.fixture
@@ -39,6 +41,25 @@ def threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training with one thread, like train.fit's subprocesses in the tests (and as fast
+    on shared cores); the thread count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The engine tests' checkpoint (engine_helpers): a small dnd_3_10 with randomised weights and
+    BN statistics, scaled so its probabilities cross the thresholds often (events to compare), saved
+    as a real checkpoint. A test module that defines its own ``checkpoint`` uses that one instead."""
+    return lively_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.pt", "dnd_3_10", ENGINE_LABELS, seed=0,
+                             rate=ENGINE_RATE)
 
 
 SHARED_DATA_ENV = "RTSED_SHARED_DATA"

@@ -10,7 +10,6 @@ import torch
 
 from rtsed.audio.files import AudioFileError, AudioFileReader, declared_wav_frames, read_audio
 
-from test_engine import checkpoint  # noqa: F401  (fixture)
 
 RATE = 16000
 

@@ -12,7 +12,7 @@ from rtsed.cli.detect import detect_file, main
 from rtsed.serve.engine import make_stepper
 
 # tests/ is not a package: pytest puts this folder on sys.path, so the engine tests' fixture is shared.
-from test_engine import RATE, checkpoint, offline_events, scene  # noqa: F401  (fixture)
+from engine_helpers import RATE, offline_events, scene  # tests/ is on sys.path
 
 
 @pytest.fixture()

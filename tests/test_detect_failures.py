@@ -26,7 +26,7 @@ from rtsed.serve.decode import SoundEvent
 from rtsed.serve.engine import DetectionEngine, make_stepper
 
 from mounts import tmpfs  # tests/ is on sys.path (not a package)
-from test_engine import RATE, checkpoint, scene  # noqa: F401  (fixture)
+from engine_helpers import RATE, scene  # tests/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 

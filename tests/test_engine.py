@@ -6,36 +6,10 @@ import pytest
 import torch
 
 import rtsed
-from rtsed.serve.decode import OnsetNotice, SoundEvent, decode_offline
+from rtsed.serve.decode import OnsetNotice, SoundEvent
 from rtsed.serve.engine import DetectionEngine, MultiStreamEngine, make_stepper
 
-from engine_helpers import lively_checkpoint
-
-RATE = 16000
-LABELS = ("tone", "noise", "click")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A small dnd model with randomised weights and BN statistics, scaled so its probabilities
-    cross the thresholds often (events to compare), saved as a real checkpoint."""
-    return lively_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.pt", "dnd_3_10", LABELS, seed=0, rate=RATE)
-
-
-def scene(seconds=6.0, seed=0):
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * RATE)) / RATE
-    x = 0.01 * rng.standard_normal(t.shape)
-    x += 0.3 * np.sin(2 * np.pi * 800 * t) * ((t > 1.0) & (t < 2.5))
-    x += 0.2 * rng.standard_normal(t.shape) * ((t > 3.0) & (t < 4.2))
-    return x.astype(np.float32)
-
-
-def offline_events(checkpoint_path, audio):
-    detector = rtsed.load_detector(checkpoint_path)
-    probs = torch.sigmoid(detector.detect_logits(audio)).numpy()
-    return decode_offline(probs, detector.labels, detector.hop_s, detector.config.decoder), probs
-
+from engine_helpers import RATE, offline_events, same_events, scene
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 @pytest.mark.parametrize("block", [320, 1000, 7919])
@@ -51,7 +25,7 @@ def test_engine_events_equal_offline_detection(checkpoint, backend, block, tmp_p
         items += engine.push_audio(audio[start:start + block])
     items += engine.flush()
     events = [e for e in items if isinstance(e, SoundEvent)]
-    assert _same(events, expected)
+    assert same_events(events, expected)
     np.testing.assert_allclose(engine.probabilities(), probs, atol=2e-5, rtol=1e-4)
     notices = [e for e in items if isinstance(e, OnsetNotice)]
     assert len(notices) == len(events)
@@ -59,14 +33,6 @@ def test_engine_events_equal_offline_detection(checkpoint, backend, block, tmp_p
     for n in notices:
         i = items.index(n)
         assert any(isinstance(e, SoundEvent) and e.label == n.label and e.onset_s == n.onset_s for e in items[i:])
-
-
-def _same(a, b):
-    a = sorted(a, key=lambda e: (e.onset_s, e.label))
-    b = sorted(b, key=lambda e: (e.onset_s, e.label))
-    return len(a) == len(b) and all(x.label == y.label and abs(x.onset_s - y.onset_s) < 1e-9
-                                    and abs(x.offset_s - y.offset_s) < 1e-9 and abs(x.score - y.score) < 1e-4
-                                    for x, y in zip(a, b))
 
 
 def test_engine_reports_latency_and_compute(checkpoint):
@@ -124,7 +90,7 @@ def test_engine_reset_and_flushed_stream(checkpoint):
         engine.push_audio(audio)
     engine.reset()
     again = [e for e in engine.push_audio(audio) + engine.flush() if isinstance(e, SoundEvent)]
-    assert _same(first, again)
+    assert same_events(first, again)
 
 
 def test_multistream_slots_are_independent(checkpoint):
@@ -157,7 +123,7 @@ def test_multistream_slots_are_independent(checkpoint):
         ref = [e for e in single.push_audio(audios[slot]) if isinstance(e, SoundEvent)]
         # Events that ended well before the signal's end are final in both.
         cutoff = len(audios[slot]) / RATE - 1.0
-        assert _same([e for e in events[slot] if e.offset_s < cutoff], [e for e in ref if e.offset_s < cutoff])
+        assert same_events([e for e in events[slot] if e.offset_s < cutoff], [e for e in ref if e.offset_s < cutoff])
 
 
 def test_make_stepper_errors(checkpoint, tmp_path):

@@ -32,45 +32,13 @@ from rtsed.backends.allocator import find_allocator
 from rtsed.config import FrontendConfig
 from rtsed.audio.frontend import LogMel
 from train.features import SEQUENCE_FRAMES, FeatureCache, FileFeatures, SequenceDataset, normalization_stats
-from procedural import write_dcase_split  # tests/ is on sys.path (not a package)
+from fit_helpers import LABELS, RATE, TINY, make_scenes, write_split  # tests/ is on sys.path (not a package)
 
 REPO = Path(__file__).resolve().parents[1]
-RATE = 16000
-LABELS = ["beep", "hiss"]
-TINY = ["--model", "dnd_7_10", "--set", "model.channels=8"]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def _scene(rng: np.random.Generator, seconds: float) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
-    """Faint noise with three events: 880 Hz tone bursts ("beep") and noise bursts ("hiss")."""
-    n = int(seconds * RATE)
-    x = 0.003 * rng.standard_normal(n)
-    events = []
-    for k in range(3):
-        label = LABELS[k % 2]
-        onset = rng.uniform(0.0, seconds - 0.6)
-        offset = onset + rng.uniform(0.2, 0.5)
-        a, b = int(onset * RATE), int(offset * RATE)
-        t = np.arange(b - a) / RATE
-        x[a:b] += 0.3 * np.sin(2 * np.pi * 880 * t) if label == "beep" else 0.2 * rng.standard_normal(b - a)
-        events.append((round(onset, 3), round(offset, 3), label))
-    return x.astype(np.float32), events
-
-
-def _write_split(folder: Path, n_files: int, seconds: float, rng: np.random.Generator) -> tuple[Path, Path]:
-    return write_dcase_split(folder, n_files, seconds, rng, _scene, RATE)
-
-
-def make_scenes(root: Path, n_train: int = 4, n_val: int = 2, seconds: float = 3.0, seed: int = 0) -> Path:
-    """A train.synth-like folder: <root>/{train,validate}/{audio/, annotations.tsv} + manifest.json."""
-    rng = np.random.default_rng(seed)
-    _write_split(root / "train", n_train, seconds, rng)
-    _write_split(root / "validate", n_val, seconds, rng)
-    (root / "manifest.json").write_text(json.dumps({"labels": LABELS}))
-    return root
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -104,15 +72,6 @@ def _tone_file(path: Path, seconds: float, freq: float) -> np.ndarray:
     x = (0.3 * np.sin(2 * np.pi * freq * np.arange(int(seconds * RATE)) / RATE)).astype(np.float32)
     sf.write(path, x, RATE, subtype="FLOAT")
     return x
-
-
-@pytest.fixture
-def one_thread():
-    """In-process training with one thread, like the subprocesses (and as fast on shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------- feature cache
@@ -576,8 +535,8 @@ def test_torchrun_fit_end_to_end_on_cpu(tmp_path):
     """``torchrun --nproc_per_node 2 -m train.fit`` (gloo) on DCASE-format splits: one epoch, one set
     of epoch lines (rank 0 only), one best.pt and last.pt, no leftover temporary files."""
     rng = np.random.default_rng(3)
-    train_audio, train_tsv = _write_split(tmp_path / "train", 4, 2.0, rng)
-    val_audio, val_tsv = _write_split(tmp_path / "val", 2, 2.0, rng)
+    train_audio, train_tsv = write_split(tmp_path / "train", 4, 2.0, rng)
+    val_audio, val_tsv = write_split(tmp_path / "val", 2, 2.0, rng)
     out = tmp_path / "run"
     proc = _torchrun(["-m", "train.fit", *TINY, "--train-data", str(train_audio), str(train_tsv),
                       "--val-data", str(val_audio), str(val_tsv), "--labels", ",".join(LABELS),

@@ -13,7 +13,6 @@ from rtsed.models.integrity import MAX_ABS_WEIGHT
 from rtsed.stream.onnx_export import export_onnx
 from rtsed.stream.onnx_runtime import OnnxFile, OnnxModelError
 
-from test_engine import checkpoint  # noqa: F401  (fixture)
 
 
 def _flip_exponent_bit(data: bytes, weight: np.ndarray) -> bytes:

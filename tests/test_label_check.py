@@ -9,15 +9,15 @@ import pytest
 
 import train.fit as fit
 from procedural import write_dcase_split  # tests/ is on sys.path (not a package)
-from test_fit import RATE, TINY, _scene, one_thread  # noqa: F401  (the tiny train.fit fixtures)
+from fit_helpers import RATE, TINY, beep_hiss_scene  # tests/ is on sys.path
 from train.data_sources import open_dataset
 from train.label_check import LabelError, check_labels
 
 
 def _splits(tmp_path, train_extra: str = "", val_extra: str = ""):
     rng = np.random.default_rng(0)
-    train = write_dcase_split(tmp_path / "train", 2, 1.5, rng, _scene, RATE)
-    val = write_dcase_split(tmp_path / "validate", 1, 1.5, rng, _scene, RATE)
+    train = write_dcase_split(tmp_path / "train", 2, 1.5, rng, beep_hiss_scene, RATE)
+    val = write_dcase_split(tmp_path / "validate", 1, 1.5, rng, beep_hiss_scene, RATE)
     for (_, tsv), extra in ((train, train_extra), (val, val_extra)):
         with tsv.open("a") as f:
             f.write(extra)

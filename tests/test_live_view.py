@@ -41,7 +41,7 @@ from rtsed.serve.decode import OnsetNotice, SoundEvent
 from rtsed.serve.engine import DetectionEngine
 from rtsed.audio.frontend import mel_filterbank
 from rtsed.audio.sources import ArraySource
-from test_engine import checkpoint, scene  # noqa: F401  (fixture; tests/ is on sys.path)
+from engine_helpers import scene  # tests/ is on sys.path
 
 RATE = 16000  # the model's
 IN_RATE = 48000  # the source's

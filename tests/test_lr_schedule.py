@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train.fit as fit
-from test_fit import TINY, make_scenes, one_thread  # noqa: F401  (fixture; tests/ is on sys.path)
+from fit_helpers import TINY, make_scenes  # tests/ is on sys.path
 
 
 def _fit(data, out, cache, *extra: str) -> None:

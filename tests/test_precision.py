@@ -23,7 +23,6 @@ from rtsed.models.model import build_model
 from rtsed.stream.model_stream import ModelStream
 
 # tests/ is not a package: pytest puts this folder on sys.path, so the engine tests' fixture is shared.
-from test_engine import checkpoint  # noqa: F401  (fixture)
 
 
 def _model(seed=0):

@@ -14,7 +14,7 @@ import rtsed
 from rtsed.serve.engine import DetectionEngine, MultiStreamEngine, make_stepper
 from rtsed.serve.steppers import OnnxStepper, Stepper, TorchStepper
 
-from test_engine import _same, checkpoint, offline_events, scene  # noqa: F401  (fixture)
+from engine_helpers import offline_events, same_events, scene  # tests/ is on sys.path
 
 
 class RemoteStepper:
@@ -72,7 +72,7 @@ def test_a_new_backend_is_one_class(checkpoint, make):  # noqa: F811
     for i in range(0, len(audio), 1000):
         events += [e for e in engine.push_audio(audio[i:i + 1000]) if isinstance(e, rtsed.serve.decode.SoundEvent)]
     events += [e for e in engine.flush() if isinstance(e, rtsed.serve.decode.SoundEvent)]
-    assert expected and _same(events, expected)
+    assert expected and same_events(events, expected)
 
 
 def test_many_streams_through_a_one_class_backend(checkpoint):  # noqa: F811
