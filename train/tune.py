@@ -218,6 +218,37 @@ def event_matches(ref: np.ndarray, est: np.ndarray, collar_s: float = COLLAR_S,
     return int(np.sum(match >= 0))
 
 
+FILE_SPAN_S = 1e6  # sort keys file * FILE_SPAN_S + onset_s keep every file's events apart (no file is that long)
+CANDIDATE_SLACK_S = 1e-6  # candidates are gathered this much beyond a tolerance; the exact test decides
+
+
+def _pairs_within(a_key: np.ndarray, b_key: np.ndarray, reach: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every index pair (i, j) with b_key[j] in [a_key[i] - reach, a_key[i] + reach]; b_key (m,)
+    sorted ascending. The candidate edges of a matching, found without an (n, m) matrix."""
+    lo = np.searchsorted(b_key, a_key - reach, "left")
+    hi = np.searchsorted(b_key, a_key + reach, "right")
+    counts = np.maximum(hi - lo, 0)
+    rows = np.repeat(np.arange(a_key.size), counts)
+    cols = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts - lo, counts)
+    return rows, cols
+
+
+def _matching_size(rows: np.ndarray, cols: np.ndarray, n_a: int, n_b: int) -> int:
+    """Size of a maximum one-to-one matching of the bipartite graph with edges (rows[i], cols[i])."""
+    if rows.size == 0:
+        return 0
+    graph = csr_matrix((np.ones(rows.size, np.int8), (rows, cols)), shape=(n_a, n_b))
+    return int(np.sum(maximum_bipartite_matching(graph, perm_type="column") >= 0))
+
+
+def _flat_cells(cells_per_file: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Per-file (n_i, 2) frame cells as one (n, 2) float array and each cell's file index (n,)."""
+    parts = [np.asarray(c, float).reshape(-1, 2) for c in cells_per_file]
+    sizes = np.array([p.shape[0] for p in parts], int)
+    cells = np.concatenate(parts) if parts else np.zeros((0, 2))
+    return cells, np.repeat(np.arange(sizes.size), sizes)
+
+
 @dataclass
 class ClassTarget:
     """One class's validation reference: per file, reference events as (n, 2) onset/offset
@@ -230,18 +261,34 @@ class ClassTarget:
     def n_events(self) -> int:
         return int(sum(e.shape[0] for e in self.events))
 
+    def flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every file's reference events at once, sorted by (file, onset): (events (n, 2) seconds,
+        file index (n,), sort key (n,)). Computed once."""
+        if getattr(self, "_flat", None) is None:
+            events, file_id = _flat_cells(self.events)
+            key = file_id * FILE_SPAN_S + events[:, 0]
+            order = np.argsort(key, kind="stable")
+            self._flat = (events[order], file_id[order], key[order])
+        return self._flat
+
 
 def score(cells_per_file: Sequence[list[tuple[int, int]]], target: ClassTarget, hop_s: float,
           objective: str) -> float:
     """F1 of one class's decoded events over every validation file."""
     if objective in ("event_f1", "onset_f1"):
-        offset_fraction = OFFSET_FRACTION if objective == "event_f1" else None
-        tp = n_est = 0
-        for cells, ref in zip(cells_per_file, target.events):
-            est = np.array(cells, float).reshape(-1, 2) * hop_s
-            n_est += est.shape[0]
-            tp += event_matches(ref, est, COLLAR_S, offset_fraction)
-        denom = n_est + target.n_events
+        # event_matches' test on every file at once: candidate pairs come from sorted onsets (same
+        # file, onsets within the collar), the comparisons are event_matches' own on the same values,
+        # and a maximum matching of the union of the files' graphs is the sum of theirs.
+        est, est_file = _flat_cells(cells_per_file)
+        est = est * hop_s
+        ref, ref_file, ref_key = target.flat()
+        rows, cols = _pairs_within(ref_key, est_file * FILE_SPAN_S + est[:, 0], COLLAR_S + CANDIDATE_SLACK_S)
+        ok = (ref_file[rows] == est_file[cols]) & (np.abs(ref[rows, 0] - est[cols, 0]) <= COLLAR_S)
+        if objective == "event_f1":
+            tolerance = np.maximum(COLLAR_S, OFFSET_FRACTION * (ref[rows, 1] - ref[rows, 0]))
+            ok &= np.abs(ref[rows, 1] - est[cols, 1]) <= tolerance
+        tp = _matching_size(rows[ok], cols[ok], ref.shape[0], est.shape[0])
+        denom = est.shape[0] + target.n_events
         return 2.0 * tp / denom if denom else 0.0
     tp = fp = fn = 0
     for cells, ref in zip(cells_per_file, target.frames):
@@ -314,27 +361,19 @@ class StabilityCost:
     weight: float
 
     def flicker(self, cells_per_file: Sequence[np.ndarray], target: ClassTarget, hop_s: float) -> float:
-        unpartnered = references = 0
-        for pair in self.pairs:
-            a = np.asarray(cells_per_file[pair.whole], float).reshape(-1, 2)[:, 0] * hop_s
-            b = np.asarray(cells_per_file[pair.cut], float).reshape(-1, 2)[:, 0] * hop_s + pair.shift_s
-            unpartnered += a.size + b.size - 2 * _onset_matches(a, b, STABILITY_TOLERANCE_S)
-            references += target.events[pair.whole].shape[0]
+        """Events without a partner across every pair, per reference event of the whole files.
+        cells_per_file: (n_i, 2) frame cells per tuning output."""
+        onsets = [np.asarray(cells_per_file[i], float).reshape(-1, 2)[:, 0] * hop_s for i in range(len(cells_per_file))]
+        a = [onsets[pair.whole] for pair in self.pairs]
+        b = [onsets[pair.cut] + pair.shift_s for pair in self.pairs]
+        a_pair, b_pair = (np.repeat(np.arange(len(self.pairs)), [x.size for x in side]) for side in (a, b))
+        a, b = (np.concatenate(side) if side else np.zeros(0) for side in (a, b))
+        rows, cols = _pairs_within(a_pair * FILE_SPAN_S + a, b_pair * FILE_SPAN_S + b,
+                                   STABILITY_TOLERANCE_S + CANDIDATE_SLACK_S)
+        ok = (a_pair[rows] == b_pair[cols]) & (np.abs(a[rows] - b[cols]) <= STABILITY_TOLERANCE_S + 1e-9)
+        unpartnered = a.size + b.size - 2 * _matching_size(rows[ok], cols[ok], a.size, b.size)
+        references = sum(target.events[pair.whole].shape[0] for pair in self.pairs)
         return unpartnered / max(references, 1)
-
-
-def _onset_matches(a: np.ndarray, b: np.ndarray, tolerance_s: float) -> int:
-    """Largest one-to-one matching of two sorted onset lists within tolerance_s (two pointers:
-    on a line, pairing the earliest unmatched candidates first is a maximum matching)."""
-    i = j = matched = 0
-    while i < a.size and j < b.size:
-        if abs(a[i] - b[j]) <= tolerance_s + 1e-9:
-            matched, i, j = matched + 1, i + 1, j + 1
-        elif a[i] < b[j]:
-            i += 1
-        else:
-            j += 1
-    return matched
 
 
 def tune_class(probs: Sequence[np.ndarray], target: ClassTarget, hop_s: float, objective: str = "event_f1",
@@ -342,9 +381,13 @@ def tune_class(probs: Sequence[np.ndarray], target: ClassTarget, hop_s: float, o
                min_event_grid_s: Sequence[float] = MIN_EVENT_GRID_S,
                min_gap_grid_s: Sequence[float] = MIN_GAP_GRID_S,
                false_alarms: FalseAlarmCost | None = None, class_index: int = 0,
-               label: str = "", stability: StabilityCost | None = None) -> ClassDecoder:
+               label: str = "", stability: StabilityCost | None = None, min_smoothing_frames: int = 1,
+               min_hysteresis: float = 0.0) -> ClassDecoder:
     """The best decoder for one class: probs are its (T,) probabilities per validation file. The
-    search starts from (0.5, 0.5, no smoothing) at the first value of each duration grid. With
+    search starts from on = 0.5 at the smallest allowed smoothing window and hysteresis width
+    (``min_smoothing_frames``, ``min_hysteresis``: floors that no candidate goes below, for
+    events that do not flicker where the probability hovers around one threshold) and the first
+    value of each duration grid. With
     ``false_alarms``, each candidate also decodes column ``class_index`` of the false-alarm audio
     (events labelled ``label`` are right on files of that category) and pays for what it reports;
     with ``stability``, it pays for events that change between a file and its shifted copy."""
@@ -367,15 +410,17 @@ def tune_class(probs: Sequence[np.ndarray], target: ClassTarget, hop_s: float, o
         fa = false_alarms.audio.per_minute(class_index, label, k, on, off, min_event_frames, gap_frames)
         return ClassDecoder(k, on, off, min_event_s, min_gap_s, false_alarms.objective(value, fa), f1, fa, flicker)
 
+    windows = [k for k in smoothing_grid if k >= min_smoothing_frames] or [min_smoothing_frames]
+    drops = [d for d in OFF_DROPS if d >= min_hysteresis - 1e-9] or [round(min_hysteresis, 2)]
     start_event_s, start_gap_s = min_event_grid_s[0], min_gap_grid_s[0]
-    best = evaluate(1, smooth(1), 0.5, 0.5, start_event_s, start_gap_s)
+    best = evaluate(windows[0], smooth(windows[0]), 0.5, round(0.5 - drops[0], 2), start_event_s, start_gap_s)
     current = best
     for _ in range(rounds):
         improved = False
-        for k in smoothing_grid:
+        for k in windows:
             smoothed = smooth(k)
             for on in ON_GRID:
-                for drop in OFF_DROPS:
+                for drop in drops:
                     off = round(on - drop, 2)
                     if off < 0.05:
                         continue
@@ -413,20 +458,29 @@ def tune_decoder(outputs, hop_s: float, labels: Sequence[str], objective: str = 
                  max_smoothing_s: float = 0.3, min_event_s: float | None = None,
                  min_gap_s: float | None = None, rounds: int = 2,
                  false_alarms: FalseAlarmCost | None = None,
-                 stability: StabilityCost | None = None) -> tuple[DecoderConfig, list[dict]]:
+                 stability: StabilityCost | None = None, min_smoothing_frames: int = 1,
+                 min_hysteresis: float = 0.0) -> tuple[DecoderConfig, list[dict]]:
     """Per-class decoder settings chosen on ``outputs`` (train.evaluate.predict's FileOutputs, or
     anything with ``probs`` (T, C), ``targets`` (T, C) and ``events``; shifted copies of the same
     files simply add to the pool the F1 is counted over).
     ``min_event_s`` / ``min_gap_s`` fix that duration for every class instead of searching it;
     ``rounds`` bounds the coordinate-descent passes (fewer: faster, at most as good);
     ``false_alarms`` makes each class pay for the events it reports on audio without targets,
-    ``stability`` for its events that change with the frames' alignment.
+    ``stability`` for its events that change with the frames' alignment;
+    ``min_smoothing_frames`` (median window, frames) and ``min_hysteresis`` (on - off) are floors
+    under every class's choice.
     A class without reference events keeps the defaults (0.5, no smoothing, the fixed or zero
     durations): there is nothing to tune it on. Returns the config and one row per class."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r} is not one of {OBJECTIVES}")
     max_delay = int(np.floor(max_smoothing_s / hop_s + 1e-9))
     grid = [k for k in SMOOTHING_GRID if (k - 1) // 2 <= max_delay]
+    if not grid or min_smoothing_frames > grid[-1]:
+        raise ValueError(f"a smoothing window of at least {min_smoothing_frames} frames delays events by more than "
+                         f"the {max_smoothing_s:g} s allowed (max_smoothing_s): lower the floor or raise the bound")
+    if not 0.0 <= min_hysteresis <= OFF_DROPS[-1]:
+        raise ValueError(f"min_hysteresis {min_hysteresis}: the search's hysteresis widths (on - off) are "
+                         f"{OFF_DROPS}; give a floor between 0 and {OFF_DROPS[-1]}")
     chosen, table = [], []
     for c, label in enumerate(labels):
         target = class_target(outputs, c, label)
@@ -435,7 +489,8 @@ def tune_decoder(outputs, hop_s: float, labels: Sequence[str], objective: str = 
                   "min_gap_grid_s": MIN_GAP_GRID_S if min_gap_s is None else (min_gap_s,),
                   "false_alarms": false_alarms, "class_index": c, "label": label, "stability": stability}
         default = tune_class(probs, target, hop_s, objective, smoothing_grid=(1,), rounds=0, **search)
-        best = tune_class(probs, target, hop_s, objective, grid, rounds, **search) if target.n_events else default
+        best = tune_class(probs, target, hop_s, objective, grid, rounds, min_smoothing_frames=min_smoothing_frames,
+                          min_hysteresis=min_hysteresis, **search) if target.n_events else default
         chosen.append(best)
         row = {"class": c, "label": label, "smoothing_frames": best.smoothing_frames, "on": best.on,
                "off": best.off, "min_event_s": best.min_event_s, "min_gap_s": best.min_gap_s,
