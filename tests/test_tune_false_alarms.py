@@ -72,6 +72,18 @@ def test_joined_decoding_equals_decoding_each_file(case, delay):
         [decode_smoothed(s, delay, on, off, min_event, gap) for s in smoothed]
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(st.floats(0, 1), max_size=30), min_size=1, max_size=5), st.sampled_from([1, 2, 3, 5, 31]))
+def test_smoothing_every_file_at_once_equals_smoothing_each(files, k):
+    from train.tune import smooth_and_join
+
+    signals = [np.asarray(f, float) for f in files]
+    want = join([median_smooth(x, k) if x.size else x for x in signals])
+    got = smooth_and_join(signals, k)
+    for w, g in zip(want, got):
+        assert np.array_equal(w, g)
+
+
 # ------------------------------------------------------------- the rate is train.evaluate's rate
 
 
