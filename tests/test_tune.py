@@ -150,3 +150,30 @@ def test_fixed_durations_are_kept_for_every_class():
     probs = np.clip(targets + rng.normal(0, 0.3, targets.shape), 0, 1)
     tuned, _ = tune_decoder(_outputs(probs, targets, ["a", "b"]), HOP, ["a", "b"], min_event_s=0.1, min_gap_s=0.2)
     assert tuned.min_event_s == (0.1, 0.1) and tuned.min_gap_s == (0.2, 0.2)
+
+
+@st.composite
+def _files_of_events(draw):
+    """Reference and decoded events of one class in 1-4 files: (n, 2) seconds per file (reference)
+    and (n, 2) frame cells per file (decoded), onsets landing on and around collar edges."""
+    n_files = draw(st.integers(1, 4))
+    def cells():
+        starts = sorted(draw(st.lists(st.integers(0, 400), max_size=8)))
+        return np.array([(a, a + draw(st.integers(1, 120))) for a in starts], float).reshape(-1, 2)
+    refs = [cells() * HOP + draw(st.sampled_from([0.0, 0.01, -0.005])) for _ in range(n_files)]
+    return refs, [cells() for _ in range(n_files)], draw(st.sampled_from(["event_f1", "onset_f1"]))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_files_of_events())
+def test_scoring_all_files_at_once_equals_matching_each_file(case):
+    """score() matches every file's events in one graph; it must count what event_matches counts
+    file by file (sed_eval's rule, tested above)."""
+    from train.tune import ClassTarget, score
+
+    refs, cells, objective = case
+    target = ClassTarget([np.maximum(r, 0.0) for r in refs], [np.zeros(1, bool)] * len(refs))
+    offset_fraction = OFFSET_FRACTION if objective == "event_f1" else None
+    tp = sum(event_matches(r, c * HOP, COLLAR_S, offset_fraction) for r, c in zip(target.events, cells))
+    n = target.n_events + sum(c.shape[0] for c in cells)
+    assert score(cells, target, HOP, objective) == pytest.approx(2 * tp / n if n else 0.0)

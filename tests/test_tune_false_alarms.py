@@ -72,6 +72,18 @@ def test_joined_decoding_equals_decoding_each_file(case, delay):
         [decode_smoothed(s, delay, on, off, min_event, gap) for s in smoothed]
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(st.floats(0, 1), max_size=30), min_size=1, max_size=5), st.sampled_from([1, 2, 3, 5, 31]))
+def test_smoothing_every_file_at_once_equals_smoothing_each(files, k):
+    from train.tune import smooth_and_join
+
+    signals = [np.asarray(f, float) for f in files]
+    want = join([median_smooth(x, k) if x.size else x for x in signals])
+    got = smooth_and_join(signals, k)
+    for w, g in zip(want, got):
+        assert np.array_equal(w, g)
+
+
 # ------------------------------------------------------------- the rate is train.evaluate's rate
 
 
@@ -206,6 +218,29 @@ def test_flicker_counts_events_without_a_partner_in_the_shifted_copy():
     # 10.0 s and 14.0 s have no partner: 2 events per 4 reference events.
     assert cost.flicker([whole, cut], target, HOP) == pytest.approx(2 / 4)
     assert cost.flicker([whole, whole[:0]], target, HOP) == pytest.approx(3 / 4)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.lists(st.integers(0, 300), max_size=10), st.lists(st.integers(0, 300), max_size=10),
+                          st.sampled_from([0.005, 0.01, 0.015])), min_size=1, max_size=3))
+def test_flicker_counts_what_the_stability_benchmark_counts(files):
+    """Per pair (a file, its copy cut by a shift), the events without a partner are those
+    benchmarks.event_stability leaves unmatched (same label, onsets within 0.1 s, one to one)."""
+    from benchmarks.event_stability import match_events, shifted_events
+    from rtsed.serve.decode import SoundEvent
+    from train.tune import ClassTarget, ShiftPair, StabilityCost
+
+    cells, pairs, unmatched = [], [], 0
+    for whole, cut, shift_s in files:
+        a = np.array([(x, x + 5) for x in sorted(whole)], float).reshape(-1, 2)
+        b = np.array([(x, x + 5) for x in sorted(cut)], float).reshape(-1, 2)
+        pairs.append(ShiftPair(len(cells), len(cells) + 1, shift_s))
+        cells += [a, b]
+        as_events = lambda c: [SoundEvent("a", x * HOP, y * HOP, 1.0) for x, y in c]  # noqa: E731
+        got = match_events(as_events(a), shifted_events(as_events(b), shift_s))
+        unmatched += got.n_a + got.n_b - 2 * got.matched
+    target = ClassTarget([np.zeros((2, 2))] * len(cells), [np.zeros(1, bool)] * len(cells))
+    assert StabilityCost(tuple(pairs), 1.0).flicker(cells, target, HOP) == pytest.approx(unmatched / (2 * len(files)))
 
 
 def _aligned_pair():
