@@ -8,7 +8,8 @@ tensor's range cut at its 0.0005th and 99.9995th percentiles over every calibrat
 ``DEFAULT_PERCENTILE``). MinMax ranges (``method="minmax"``) stretch to the rarest outlier
 frame and leave a coarser grid for every other frame: on dnd_7_10's validation scenes they
 moved the probabilities 1.4x as far from fp32's as the percentile ranges. After quantizing,
-each class's logit bias is corrected by the int8 graph's mean logit error near the decision
+each quantized conv's bias is corrected by its mean int8 minus fp32 output per channel on the
+calibration feeds, conv by conv (``correct_conv_biases``), and each class's logit bias is corrected by the int8 graph's mean logit error near the decision
 threshold on the calibration feeds (``correct_logit_bias``). onnxruntime fuses
 each DequantizeLinear -> op -> QuantizeLinear group into an integer kernel (QLinearConv, with
 VNNI where the CPU has it). Calibration streams the scenes of DIR through the fp32 step graph
@@ -89,10 +90,11 @@ class Calibration:
     method: str  # Calibration.describe
 
     @staticmethod
-    def describe(method: str, percentile: float = DEFAULT_PERCENTILE) -> str:
+    def describe(method: str, percentile: float = DEFAULT_PERCENTILE, conv_bias_correction: bool = True) -> str:
         ranges = f"Percentile {percentile:g}" if method == "percentile" else "MinMax"
+        convs = "conv biases corrected per channel, " if conv_bias_correction else ""
         return (f"{ranges}, QDQ S8S8, per-channel weights (onnxruntime.quantization.quantize_static), "
-                "logit bias corrected near the decision threshold")
+                f"{convs}logit bias corrected near the decision threshold")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -435,8 +437,10 @@ def _channel_means(proto, feeds: list[dict[str, np.ndarray]], one_frame: bool, t
 
 def correct_conv_biases(fp32, int8, feeds: list[dict[str, np.ndarray]], one_frame: bool = False) -> dict[str, np.ndarray]:
     """Empirical bias correction of every quantized Conv of ``int8`` (in place), in graph order:
-    subtract from its fp32 bias the mean per output channel of its int8 output minus the same
-    conv's output in ``fp32``, over the calibration feeds; {conv name: correction (C,)}.
+    subtract from its bias the mean per output channel of its int8 output minus the same conv's
+    output in ``fp32``, over the calibration feeds; {conv name: correction (C,)}. The bias is the
+    int32 one onnxruntime's quantizer makes (DequantizeLinear with scale = input scale x weight
+    scale, corrected in whole steps of it) or an fp32 initializer.
 
     Each conv is measured after the ones before it are corrected, so its correction also takes up
     what reaches it from upstream: the mean error that rounding a conv's weights leaves where its
@@ -452,20 +456,39 @@ def correct_conv_biases(fp32, int8, feeds: list[dict[str, np.ndarray]], one_fram
     for n in int8.graph.node:
         for x in n.input:
             readers[x] = readers.get(x, 0) + 1
-    convs = [n for n in int8.graph.node if n.op_type == "Conv" and n.name in reference and len(n.input) > 2
-             and n.input[2] in initializers and readers[n.input[2]] == 1
+
+    def bias_of(conv):
+        """(initializer, scale): the fp32 bias itself (scale None), or the int32 bias the quantizer
+        made (DequantizeLinear(int32, scale = input scale x weight scale, zero point 0)); None
+        where the bias is neither or is read by other nodes too."""
+        if len(conv.input) < 3 or readers.get(conv.input[2]) != 1:
+            return None
+        if conv.input[2] in initializers:
+            return initializers[conv.input[2]], None
+        dq = producer.get(conv.input[2])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in initializers \
+                or dq.input[1] not in initializers or readers.get(dq.input[0]) != 1:
+            return None
+        return initializers[dq.input[0]], numpy_helper.to_array(initializers[dq.input[1]])
+
+    convs = [(n, bias_of(n)) for n in int8.graph.node if n.op_type == "Conv" and n.name in reference
              and getattr(producer.get(n.input[1]), "op_type", None) == "DequantizeLinear"]
+    convs = [(n, b) for n, b in convs if b is not None]
     if not convs:
         return {}
-    targets = _channel_means(fp32, feeds, one_frame, [reference[n.name] for n in convs])
+    targets = _channel_means(fp32, feeds, one_frame, [reference[n.name] for n, _ in convs])
     corrections = {}
-    for conv, target in zip(convs, targets):
+    for (conv, (init, scale)), target in zip(convs, targets):
         (got,) = _channel_means(int8, feeds, one_frame, [conv.output[0]])
-        init = initializers[conv.input[2]]
         bias = numpy_helper.to_array(init)
-        correction = (got - target).astype(bias.dtype)
-        init.CopyFrom(numpy_helper.from_array(bias - correction.reshape(bias.shape), init.name))
-        corrections[conv.name] = correction
+        correction = (got - target).reshape(bias.shape)
+        if scale is None:
+            bias = (bias - correction).astype(bias.dtype)
+        else:  # int32 steps of the bias's own scale
+            info = np.iinfo(bias.dtype)
+            bias = np.clip(bias - np.round(correction / scale), info.min, info.max).astype(bias.dtype)
+        init.CopyFrom(numpy_helper.from_array(bias, init.name))
+        corrections[conv.name] = correction.astype(np.float32)
     return corrections
 
 
@@ -559,7 +582,8 @@ def export_int8(model, config: DetectorConfig, out: str | Path, calibration: str
             every = max(1, -(-len(pieces) // max_steps))
             feeds = [{"logmel": np.ascontiguousarray(x[None])} for x in pieces[::every]]
     record = Calibration(str(folder.resolve()), tuple(str(p.relative_to(folder)) for p in files),
-                         files_digest(folder, files), frames, len(feeds), Calibration.describe(method, percentile))
+                         files_digest(folder, files), frames, len(feeds),
+                         Calibration.describe(method, percentile, conv_bias_correction))
 
     def transform(proto, variant: str):
         return quantize_proto(proto, feeds, one_frame=variant == "one_frame", quantize_logits=quantize_logits,
