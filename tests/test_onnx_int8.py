@@ -287,3 +287,64 @@ def test_logit_bias_correction_removes_a_shift_near_the_threshold():
     reference, corrected = graph_logits(fp32, feeds, False), graph_logits(shifted, feeds, False)
     near = np.abs(reference) < 1.0
     np.testing.assert_allclose(corrected[near], reference[near], atol=1e-5)
+
+
+def test_conv_bias_correction_takes_the_mean_error_off_each_conv_in_turn():
+    """Two convs whose int8 weights are rounded up (a mean error per channel on inputs that do not
+    average zero, as after a ReLU): each conv's bias is corrected by its mean int8 - fp32 output
+    per channel on the calibration feeds, the second one after the first (so its correction
+    takes only what is left), and the corrected graph's conv outputs average fp32's per channel."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rtsed.stream.onnx_quantize import _channel_means, correct_conv_biases
+
+    rng = np.random.default_rng(4)
+    w1 = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((3, 4, 1, 1)).astype(np.float32)
+    b1, b2 = rng.standard_normal(4).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    scale1, scale2 = np.float32(0.05), np.float32(0.04)
+
+    def graph(quantized: bool):
+        weights, nodes = [], []
+        for name, w, scale in (("w1", w1, scale1), ("w2", w2, scale2)):
+            if quantized:  # int8 weights rounded up: every product comes out a little high
+                q = np.clip(np.ceil(w / scale), -127, 127).astype(np.int8)
+                weights += [numpy_helper.from_array(q, f"{name}_q"), numpy_helper.from_array(scale, f"{name}_s")]
+                nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s"], [name]))
+            else:
+                weights.append(numpy_helper.from_array(w, name))
+        if quantized:  # conv2's bias as the quantizer writes it: int32 steps of a scale
+            weights += [numpy_helper.from_array(np.round(b2 / 1e-4).astype(np.int32), "b2_q"),
+                        numpy_helper.from_array(np.float32(1e-4), "b2_s")]
+            nodes.append(helper.make_node("DequantizeLinear", ["b2_q", "b2_s"], ["b2"]))
+        nodes += [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1], name="conv1"),
+                  helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                  helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2"),
+                  helper.make_node("Identity", ["y"], ["logits"], name="out")]
+        g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+                              [*weights, numpy_helper.from_array(b1, "b1"),
+                               *([] if quantized else [numpy_helper.from_array(b2, "b2")])])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    fp32, int8 = graph(False), graph(True)
+    feeds = [{"x": rng.uniform(0, 2, (1, 2, 6, 6)).astype(np.float32)} for _ in range(30)]
+    before = [a - b for a, b in zip(_channel_means(int8, feeds, False, ["h", "y"]),
+                                    _channel_means(fp32, feeds, False, ["h", "y"]))]
+    assert np.all(before[0] > 0.05), before[0]  # the rounding left a real, one-signed error
+    corrections = correct_conv_biases(fp32, int8, feeds)
+    assert list(corrections) == ["conv1", "conv2"]
+    np.testing.assert_allclose(corrections["conv1"], before[0], rtol=1e-4, atol=1e-5)
+    # conv2's own error, after conv1's is gone, is not what it was with conv1's still in.
+    assert np.abs(corrections["conv2"] - before[1]).max() > 1e-3
+    after = [a - b for a, b in zip(_channel_means(int8, feeds, False, ["h", "y"]),
+                                   _channel_means(fp32, feeds, False, ["h", "y"]))]
+    np.testing.assert_allclose(after[0], 0, atol=1e-5)
+    np.testing.assert_allclose(after[1], 0, atol=1e-4)  # half a step of its int32 bias, at most
+    # And on onnxruntime's own QDQ graph (conv1 quantized, its bias int32; conv2 the fp32 classifier).
+    from rtsed.stream.onnx_quantize import quantize_proto
+
+    quantized = quantize_proto(fp32, feeds, method="minmax")
+    (conv1,) = [n for n in quantized.graph.node if n.name == "conv1"]
+    error = _channel_means(quantized, feeds, False, [conv1.output[0]])[0] - _channel_means(fp32, feeds, False, ["h"])[0]
+    np.testing.assert_allclose(error, 0, atol=1e-4)

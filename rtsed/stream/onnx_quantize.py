@@ -8,7 +8,8 @@ tensor's range cut at its 0.0005th and 99.9995th percentiles over every calibrat
 ``DEFAULT_PERCENTILE``). MinMax ranges (``method="minmax"``) stretch to the rarest outlier
 frame and leave a coarser grid for every other frame: on dnd_7_10's validation scenes they
 moved the probabilities 1.4x as far from fp32's as the percentile ranges. After quantizing,
-each class's logit bias is corrected by the int8 graph's mean logit error near the decision
+each quantized conv's bias is corrected by its mean int8 minus fp32 output per channel on the
+calibration feeds, conv by conv (``correct_conv_biases``), and each class's logit bias is corrected by the int8 graph's mean logit error near the decision
 threshold on the calibration feeds (``correct_logit_bias``). onnxruntime fuses
 each DequantizeLinear -> op -> QuantizeLinear group into an integer kernel (QLinearConv, with
 VNNI where the CPU has it). Calibration streams the scenes of DIR through the fp32 step graph
@@ -89,10 +90,11 @@ class Calibration:
     method: str  # Calibration.describe
 
     @staticmethod
-    def describe(method: str, percentile: float = DEFAULT_PERCENTILE) -> str:
+    def describe(method: str, percentile: float = DEFAULT_PERCENTILE, conv_bias_correction: bool = True) -> str:
         ranges = f"Percentile {percentile:g}" if method == "percentile" else "MinMax"
+        convs = "conv biases corrected per channel, " if conv_bias_correction else ""
         return (f"{ranges}, QDQ S8S8, per-channel weights (onnxruntime.quantization.quantize_static), "
-                "logit bias corrected near the decision threshold")
+                f"{convs}logit bias corrected near the decision threshold")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -409,13 +411,95 @@ def correct_logit_bias(fp32, int8, feeds: list[dict[str, np.ndarray]], one_frame
     return correction
 
 
+def _channel_means(proto, feeds: list[dict[str, np.ndarray]], one_frame: bool, tensors: list[str]) -> list[np.ndarray]:
+    """The mean per channel (axis 1: Conv outputs are NCHW) of each of ``tensors`` of ``proto``
+    over every calibration feed (each a (C,) float64), the tensors exposed as extra outputs."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for t in tensors if t not in known)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    reader = _Reader(feeds, {i.name for i in session.get_inputs()}, one_frame)
+    sums, counts = [0.0] * len(tensors), [0] * len(tensors)
+    while (feed := reader.get_next()) is not None:
+        for i, y in enumerate(session.run(tensors, feed)):
+            y = np.moveaxis(y, 1, 0).reshape(y.shape[1], -1).astype(np.float64)
+            sums[i] = sums[i] + y.sum(axis=1)
+            counts[i] += y.shape[1]
+    return [s / max(c, 1) for s, c in zip(sums, counts)]
+
+
+def correct_conv_biases(fp32, int8, feeds: list[dict[str, np.ndarray]], one_frame: bool = False) -> dict[str, np.ndarray]:
+    """Empirical bias correction of every quantized Conv of ``int8`` (in place), in graph order:
+    subtract from its bias the mean per output channel of its int8 output minus the same conv's
+    output in ``fp32``, over the calibration feeds; {conv name: correction (C,)}. The bias is the
+    int32 one onnxruntime's quantizer makes (DequantizeLinear with scale = input scale x weight
+    scale, corrected in whole steps of it) or an fp32 initializer.
+
+    Each conv is measured after the ones before it are corrected, so its correction also takes up
+    what reaches it from upstream: the mean error that rounding a conv's weights leaves where its
+    inputs do not average zero (after ReLU and max-pooling), and the upward shift a max-pool gives
+    noisy values. The outputs compared are the Conv nodes' own (before any activation the
+    quantizer folded into the Conv's output range)."""
+    from onnx import numpy_helper
+
+    producer = {o: n for n in int8.graph.node for o in n.output}
+    reference = {n.name: n.output[0] for n in fp32.graph.node if n.op_type == "Conv"}
+    initializers = {i.name: i for i in int8.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in int8.graph.node:
+        for x in n.input:
+            readers[x] = readers.get(x, 0) + 1
+
+    def bias_of(conv):
+        """(initializer, scale): the fp32 bias itself (scale None), or the int32 bias the quantizer
+        made (DequantizeLinear(int32, scale = input scale x weight scale, zero point 0)); None
+        where the bias is neither or is read by other nodes too."""
+        if len(conv.input) < 3 or readers.get(conv.input[2]) != 1:
+            return None
+        if conv.input[2] in initializers:
+            return initializers[conv.input[2]], None
+        dq = producer.get(conv.input[2])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in initializers \
+                or dq.input[1] not in initializers or readers.get(dq.input[0]) != 1:
+            return None
+        return initializers[dq.input[0]], numpy_helper.to_array(initializers[dq.input[1]])
+
+    convs = [(n, bias_of(n)) for n in int8.graph.node if n.op_type == "Conv" and n.name in reference
+             and getattr(producer.get(n.input[1]), "op_type", None) == "DequantizeLinear"]
+    convs = [(n, b) for n, b in convs if b is not None]
+    if not convs:
+        return {}
+    targets = _channel_means(fp32, feeds, one_frame, [reference[n.name] for n, _ in convs])
+    corrections = {}
+    for (conv, (init, scale)), target in zip(convs, targets):
+        (got,) = _channel_means(int8, feeds, one_frame, [conv.output[0]])
+        bias = numpy_helper.to_array(init)
+        correction = (got - target).reshape(bias.shape)
+        if scale is None:
+            bias = (bias - correction).astype(bias.dtype)
+        else:  # int32 steps of the bias's own scale
+            info = np.iinfo(bias.dtype)
+            bias = np.clip(bias - np.round(correction / scale), info.min, info.max).astype(bias.dtype)
+        init.CopyFrom(numpy_helper.from_array(bias, init.name))
+        corrections[conv.name] = correction.astype(np.float32)
+    return corrections
+
+
 def quantize_proto(proto, feeds: list[dict[str, np.ndarray]], one_frame: bool = False,
                    quantize_logits: bool = False, exclude: tuple[str, ...] = (), method: str = "percentile",
-                   percentile: float = DEFAULT_PERCENTILE):
+                   percentile: float = DEFAULT_PERCENTILE, conv_bias_correction: bool = True):
     """An fp32 ModelProto (an offline graph or one step-graph variant, no If) -> its QDQ int8
     ModelProto, calibrated on ``feeds`` (each cut to the graph's inputs) with ``method``
     (CALIBRATION_METHODS; "percentile" keeps ``percentile`` per cent of each tensor's values in
-    range). ``exclude``: more node names to keep in fp32."""
+    range). ``exclude``: more node names to keep in fp32. ``conv_bias_correction``: correct each
+    quantized conv's bias on the feeds (``correct_conv_biases``)."""
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_static)
 
@@ -460,6 +544,8 @@ def quantize_proto(proto, feeds: list[dict[str, np.ndarray]], one_frame: bool = 
         out = onnx.load(str(dst))
     keep_fp32_state_reads(out, set(state_nodes(proto)))
     quantize_windows_before_transpose(out)
+    if conv_bias_correction:
+        correct_conv_biases(proto, out, feeds, one_frame)
     if not quantize_logits:
         correct_logit_bias(proto, out, feeds, one_frame)
     # The quantizer drops the value infos of the outputs' dynamic axes only in name; keep the
@@ -471,7 +557,8 @@ def quantize_proto(proto, feeds: list[dict[str, np.ndarray]], one_frame: bool = 
 
 def export_int8(model, config: DetectorConfig, out: str | Path, calibration: str | Path, streaming: bool = False,
                 max_steps: int = 512, quantize_logits: bool = False, exclude: tuple[str, ...] = (),
-                method: str = "percentile", percentile: float = DEFAULT_PERCENTILE) -> Path:
+                method: str = "percentile", percentile: float = DEFAULT_PERCENTILE,
+                conv_bias_correction: bool = True) -> Path:
     """Export a model's offline (or step) graph quantized to int8 (see the module docstring),
     calibrated on the audio files under ``calibration`` with ``method`` (CALIBRATION_METHODS)
     and ``percentile``. Returns the written path."""
@@ -495,11 +582,13 @@ def export_int8(model, config: DetectorConfig, out: str | Path, calibration: str
             every = max(1, -(-len(pieces) // max_steps))
             feeds = [{"logmel": np.ascontiguousarray(x[None])} for x in pieces[::every]]
     record = Calibration(str(folder.resolve()), tuple(str(p.relative_to(folder)) for p in files),
-                         files_digest(folder, files), frames, len(feeds), Calibration.describe(method, percentile))
+                         files_digest(folder, files), frames, len(feeds),
+                         Calibration.describe(method, percentile, conv_bias_correction))
 
     def transform(proto, variant: str):
         return quantize_proto(proto, feeds, one_frame=variant == "one_frame", quantize_logits=quantize_logits,
-                              exclude=exclude, method=method, percentile=percentile)
+                              exclude=exclude, method=method, percentile=percentile,
+                              conv_bias_correction=conv_bias_correction)
 
     meta = {"rtsed_precision": "int8", "rtsed_calibration": record.to_json(),
             "rtsed_quantized_logits": str(bool(quantize_logits)).lower()}
