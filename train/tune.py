@@ -13,9 +13,11 @@ checkpoint (``config.decoder``), which every engine then uses. Tuned on validati
 
 The search is coordinate descent per class: for every smoothing window, the (on, off) grid at the
 current durations, then the (min event, min gap) grid at the best thresholds, twice. Candidates are
-decoded by the decoder's own rules (rtsed.decode): the median is computed once per window, and the
-hysteresis and duration rules run on it (``decode_smoothed``), which gives the same events as
-``EventDecoder`` with that window (tests/test_tune.py checks it).
+decoded by the decoder's own rules (rtsed.decode), vectorised over every file at once: the median
+is computed once per window (``smooth_and_join``), and the hysteresis and duration rules run on it
+(``decode_joined``), which gives the same events as ``EventDecoder`` with that window
+(tests/test_tune.py and tests/test_tune_false_alarms.py check both against a per-frame reference,
+tests/decode_reference.py).
 
 What users feel beyond validation F1 can be part of the choice:
 
@@ -72,20 +74,11 @@ OBJECTIVES = ("event_f1", "onset_f1", "frame_f1")
 # ------------------------------------------------------------------------------ decoding one class
 
 
-def median_smooth(x: np.ndarray, k: int) -> np.ndarray:
-    """The decoder's causal median over k frames with edge padding: (T,) -> (T,), frame t is the
-    median of frames t-k+1..t, the first frame repeated before the start (rtsed.decode rule 1)."""
-    if k == 1:
-        return x
-    padded = np.concatenate([np.full(k - 1, x[0]), x])
-    n = x.shape[0]
-    return np.median(np.stack([padded[i:i + n] for i in range(k)]), axis=0)
-
-
 def smooth_and_join(signals: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``join([median_smooth(x, k) for x in signals])`` in one median over every file's windows
-    instead of one per file (the false-alarm audio is a thousand short files): the same values,
-    each window holding the same k frames, edge padding per file."""
+    """``join`` of every signal through the decoder's causal median over k frames (rtsed.decode
+    rule 1: frame t is the median of frames t-k+1..t, the file's first frame repeated before its
+    start), in one median over every file's windows instead of one per file (the false-alarm
+    audio is a thousand short files)."""
     signals = [np.asarray(x, np.float64) for x in signals]
     lengths = np.array([x.size for x in signals], int)
     if k == 1 or lengths.sum() == 0:
@@ -101,38 +94,6 @@ def smooth_and_join(signals: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, 
     return join([next(parts) if x.size else x for x in signals])
 
 
-def decode_smoothed(s: np.ndarray, delay_frames: int, on: float, off: float, min_event_frames: int,
-                    gap_frames: int) -> list[tuple[int, int]]:
-    """Events of one class as frame cells [a, b) from an already smoothed (T,) signal, by the
-    decoder's rules 2-4 (hysteresis, gap merging, minimum duration) and its delay compensation:
-    onsets and closed offsets move back by ``delay_frames`` (clamped at 0); an event still open at
-    the end of the signal ends at its last frame."""
-    n = s.shape[0]
-    above, below = s >= on, s < off
-    runs: list[list[int]] = []
-    t = 0
-    while t < n:
-        starts = np.flatnonzero(above[t:])
-        if starts.size == 0:
-            break
-        a = t + int(starts[0])
-        ends = np.flatnonzero(below[a:])
-        b = a + int(ends[0]) if ends.size else n
-        if runs and a - runs[-1][1] < gap_frames:
-            runs[-1][1] = b
-        else:
-            runs.append([a, b])
-        t = b if b > a else a + 1
-    out = []
-    for a, b in runs:
-        if b - a < min_event_frames:
-            continue
-        onset = max(a - delay_frames, 0)
-        offset = n if b == n else b - delay_frames
-        out.append((onset, offset))
-    return out
-
-
 def join(signals: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-file (T_i,) signals as one (N,) signal for ``joined_events``: each file preceded by one
     frame of 0 (below every off threshold, so no event crosses from one file into the next).
@@ -146,9 +107,9 @@ def join(signals: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 def joined_events(joined: np.ndarray, file_id: np.ndarray, on: float, off: float, min_event_frames: int,
                   gap_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """The events ``decode_smoothed`` finds in every file of a ``join``ed signal, before its delay
-    compensation, without a Python loop over frames: (starts, ends) (n,) as joined frame indices
-    [a, b)."""
+    """The events of every file of a ``join``ed, already smoothed signal by the decoder's rules 2-4
+    (hysteresis, gap merging, minimum duration), before its delay compensation, without a Python
+    loop over frames: (starts, ends) (n,) as joined frame indices [a, b)."""
     # Hysteresis as a state carried forward: on at p >= on, off at p < off, else the previous state.
     mark = np.where(joined >= on, 1, np.where(joined < off, 0, -1))
     last = np.maximum.accumulate(np.where(mark >= 0, np.arange(mark.size), 0))
@@ -167,7 +128,7 @@ def joined_events(joined: np.ndarray, file_id: np.ndarray, on: float, off: float
 
 def count_events(joined: np.ndarray, file_id: np.ndarray, counted: np.ndarray, on: float, off: float,
                  min_event_frames: int, gap_frames: int) -> int:
-    """How many events ``decode_smoothed`` finds in the counted files (``counted`` (n_files,) bool)
+    """How many events ``joined_events`` finds in the counted files (``counted`` (n_files,) bool)
     of a ``join``ed signal, summed."""
     starts, _ = joined_events(joined, file_id, on, off, min_event_frames, gap_frames)
     return int(np.sum(counted[file_id[starts]])) if starts.size else 0
@@ -176,8 +137,10 @@ def count_events(joined: np.ndarray, file_id: np.ndarray, counted: np.ndarray, o
 def decode_joined(joined: np.ndarray, file_id: np.ndarray, first: np.ndarray, lengths: np.ndarray,
                   delay_frames: int, on: float, off: float, min_event_frames: int,
                   gap_frames: int) -> list[np.ndarray]:
-    """``decode_smoothed`` of every file of a ``join``ed signal at once: per file its events as
-    (n, 2) frame cells [a, b), delay compensation included."""
+    """The decoder's events of every file of a ``join``ed, already smoothed signal at once: per file
+    (n, 2) frame cells [a, b), with its delay compensation (onsets and closed offsets move back by
+    ``delay_frames``, clamped at 0; an event still open at the end of a file ends at its last
+    frame)."""
     starts, ends = joined_events(joined, file_id, on, off, min_event_frames, gap_frames)
     f = file_id[starts] if starts.size else np.zeros(0, int)
     local_a, local_b = starts - first[f], ends - first[f]
