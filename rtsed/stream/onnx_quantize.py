@@ -363,19 +363,23 @@ def logit_bias_node(proto):
     return None
 
 
-def graph_logits(proto, feeds: list[dict[str, np.ndarray]], one_frame: bool) -> np.ndarray:
-    """The ``logits`` output (..., C) of ``proto`` on every calibration feed, as (cells, C)."""
+def _outputs_on_feeds(proto, feeds: list[dict[str, np.ndarray]], one_frame: bool, names: list[str]):
+    """``names``' values of ``proto`` (onnxruntime, CPU) on every calibration feed, one list per
+    feed, the feeds cut to the graph's inputs as the calibrator cuts them (``_Reader``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     reader = _Reader(feeds, {i.name for i in session.get_inputs()}, one_frame)
-    rows = []
     while (feed := reader.get_next()) is not None:
-        logits = session.run(["logits"], feed)[0]
-        rows.append(logits.reshape(-1, logits.shape[-1]))
-    return np.concatenate(rows)
+        yield session.run(names, feed)
+
+
+def graph_logits(proto, feeds: list[dict[str, np.ndarray]], one_frame: bool) -> np.ndarray:
+    """The ``logits`` output (..., C) of ``proto`` on every calibration feed, as (cells, C)."""
+    return np.concatenate([logits.reshape(-1, logits.shape[-1])
+                           for (logits,) in _outputs_on_feeds(proto, feeds, one_frame, ["logits"])])
 
 
 def correct_logit_bias(fp32, int8, feeds: list[dict[str, np.ndarray]], one_frame: bool = False) -> np.ndarray:
@@ -415,20 +419,15 @@ def _channel_means(proto, feeds: list[dict[str, np.ndarray]], one_frame: bool, t
     """The mean per channel (axis 1: Conv outputs are NCHW) of each of ``tensors`` of ``proto``
     over every calibration feed (each a (C,) float64), the tensors exposed as extra outputs."""
     import onnx
-    import onnxruntime as ort
 
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
                               for t in tensors if t not in known)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    reader = _Reader(feeds, {i.name for i in session.get_inputs()}, one_frame)
     sums, counts = [0.0] * len(tensors), [0] * len(tensors)
-    while (feed := reader.get_next()) is not None:
-        for i, y in enumerate(session.run(tensors, feed)):
+    for values in _outputs_on_feeds(probe, feeds, one_frame, tensors):
+        for i, y in enumerate(values):
             y = np.moveaxis(y, 1, 0).reshape(y.shape[1], -1).astype(np.float64)
             sums[i] = sums[i] + y.sum(axis=1)
             counts[i] += y.shape[1]
