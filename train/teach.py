@@ -589,6 +589,17 @@ class ValidationFile:
     events: tuple[Event, ...]
 
 
+def _through_trunk(trunk: SEDModel, feats: np.ndarray | torch.Tensor,
+                   normalization: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scene's un-normalised log-mel (T, F) through the frozen trunk: (h (1, C, T, 1), the CNN's
+    output and ``model.temporal``'s input; e (T, D), the frame embeddings the classifier reads)."""
+    mean, std = normalization
+    x = torch.as_tensor(feats)
+    with torch.no_grad():
+        h = trunk.features(((x - mean) / std)[None])
+        return h, trunk.temporal(h)[0]
+
+
 @dataclass(frozen=True)
 class CheckScene:
     """A scene of old classes' held-out clips: the frozen CNN's output h (1, C, T, 1) (the input of
@@ -747,15 +758,18 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
         if not held:
             events.update({label: [c.clip(i) for i, c in enumerate(cs) if not c.held_out] for label, cs in old_clips.items()})
         events = {label: clips for label, clips in events.items() if clips}
-        chosen = world_held if held else world_train
+        return ScenePools(events, {}, distractor_clips, world_by_category(world_held if held else world_train), ())
+
+    def world_by_category(chosen) -> dict:
+        """The world clips of ``chosen`` that the pool store holds, by category (speech, music,
+        ambience), the empty categories left out."""
         by_category = {k: [c for c in chosen if c.label == k and c in pool_store] for k in ("speech", "music", "ambience")}
-        return ScenePools(events, {}, distractor_clips, {k: v for k, v in by_category.items() if v}, ())
+        return {k: v for k, v in by_category.items() if v}
 
     def old_check_pools() -> ScenePools:
         """The old classes' held-out clips alone, over the held-out world: where each class must still sound."""
         events = {label: [c.clip(i) for i, c in enumerate(old_clips[label]) if c.held_out] for label in checked_old}
-        by_category = {k: [c for c in world_held if c.label == k and c in pool_store] for k in ("speech", "music", "ambience")}
-        return ScenePools(events, {}, distractor_clips, {k: v for k, v in by_category.items() if v}, ())
+        return ScenePools(events, {}, distractor_clips, world_by_category(world_held), ())
 
     augmenter = WaveAugmenter(mix.augment, rate) if mix.augment is not None else None
     train_source = SceneSource(mix, store, pools(False), augmenter, cfg.noise_db)
@@ -786,9 +800,7 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
         t0 = time.perf_counter()
         feats, targets, _ = scene_features(train_source, np.random.default_rng([cfg.seed, 2, i]), logmel, hop_s, columns)
         t1 = time.perf_counter()
-        with torch.no_grad():
-            h = trunk.features(((torch.from_numpy(feats) - mean) / std)[None])
-            e = trunk.temporal(h)[0]
+        h, e = _through_trunk(trunk, feats, (mean, std))
         if negative_clips:  # whole scenes for adapting the last block: the CNN output and the teacher's own view
             with torch.no_grad():
                 p = torch.sigmoid(trunk.classifier(e))
@@ -817,9 +829,8 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
         k = feats.shape[0]
         if k == 0:
             continue
+        h, e = _through_trunk(trunk, feats, (mean, std))
         with torch.no_grad():
-            h = trunk.features(((feats - mean) / std)[None])
-            e = trunk.temporal(h)[0]
             p = torch.sigmoid(trunk.classifier(e))
         negative = torch.full((k,), clip.label == NEGATIVE)
         positive = torch.zeros(k, n_old, dtype=torch.bool)
@@ -853,9 +864,7 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
         for i in range(cfg.val_scenes):
             feats, targets, events = scene_features(val_source, np.random.default_rng([cfg.seed, 3, i]), logmel,
                                                     hop_s, columns)
-            with torch.no_grad():
-                h = trunk.features(((torch.from_numpy(feats) - mean) / std)[None])
-                e = trunk.temporal(h)[0]
+            h, e = _through_trunk(trunk, feats, (mean, std))
             val_chunks.append(e.half())
             val_events.append((h, torch.from_numpy(targets[:, :len(new_labels)]),
                                tuple(ev for ev in events if ev.event_label in new_labels)))
@@ -902,20 +911,20 @@ def teach(source_model: str | Path, additions: dict[str, str | Path], out: str |
             # A row that loses its class goes back toward the original along the line between them
             # (its logits move linearly): the largest share of the change that still holds the
             # class keeps what it can of the negatives' effect; share 0 is the original row.
+            fitted_w, fitted_b = weight[c].clone(), bias[c].clone()
             for share in TAUGHT_SHARES:
                 if head_f1[label] >= before_f1[label] - cfg.hold_tolerance:
                     break
                 with torch.no_grad():
-                    weight[c] = w_teacher[c] + share * (weight[c] - w_teacher[c]) / old_check[label]["share"]
-                    bias[c] = b_teacher[c] + share * (bias[c] - b_teacher[c]) / old_check[label]["share"]
+                    weight[c] = w_teacher[c] + share * (fitted_w - w_teacher[c])
+                    bias[c] = b_teacher[c] + share * (fitted_b - b_teacher[c])
                 old_check[label]["share"] = share
                 head_f1[label] = _old_class_f1(embeddings, weight, bias, config, checks, (label,))[label]
-            else:
-                if head_f1[label] < before_f1[label] - cfg.hold_tolerance:
-                    with torch.no_grad():
-                        weight[c], bias[c] = w_teacher[c], b_teacher[c]
-                    old_check[label]["share"] = 0.0
-                    head_f1[label] = before_f1[label]
+            if head_f1[label] < before_f1[label] - cfg.hold_tolerance:
+                with torch.no_grad():
+                    weight[c], bias[c] = w_teacher[c], b_teacher[c]
+                old_check[label]["share"] = 0.0
+                head_f1[label] = before_f1[label]
             old_check[label]["kept"] = round(head_f1[label], 4)
         del embeddings
         with torch.no_grad():
