@@ -74,22 +74,17 @@ def false_alarms(checkpoint: Checkpoint, folder: str | Path, device: str | torch
     config = checkpoint.config
     labels = list(config.labels)
     hop_s = config.frontend.hop_s
-    detector = Detector(config, checkpoint.model).to(device).eval()
-    features = InMemoryFeatures(config.frontend)
     minutes: Counter[str] = Counter()
     false_by_category: Counter[str] = Counter()
     false_by_label: Counter[str] = Counter()
     right_by_label: Counter[str] = Counter()
     files_by_category: Counter[str] = Counter()
     worst: list[tuple[int, str]] = []
-    for path, category in categorised_audio(folder):
-        feats = features.get(path)
+    for path, category, n_frames, probs in _file_probabilities(checkpoint, folder, device, logits):
         files_by_category[category] += 1
-        minutes[category] += feats.shape[0] * hop_s / 60.0
-        if feats.shape[0] == 0:
+        minutes[category] += n_frames * hop_s / 60.0
+        if probs is None:
             continue
-        out = file_logits(detector, feats) if logits is None else logits(path, feats)
-        probs = torch.sigmoid(out.float()).cpu().numpy()
         events = decode_offline(probs, labels, hop_s, config.decoder)
         n_false = 0
         for e in events:
@@ -123,24 +118,35 @@ def false_alarms(checkpoint: Checkpoint, folder: str | Path, device: str | torch
     }
 
 
-@torch.no_grad()
 def false_alarm_probabilities(checkpoint: Checkpoint, folder: str | Path,
                               device: str | torch.device = "cpu") -> tuple[list[np.ndarray], list[str], float]:
     """What ``false_alarms`` decodes, before decoding: per audio file of ``folder`` its frame
     probabilities (T, C) and category, and the folder's minutes (for train.tune, which decodes
     them under thousands of candidate decoders)."""
+    probs, categories, frames = [], [], 0
+    for _, category, n_frames, p in _file_probabilities(checkpoint, folder, device):
+        frames += n_frames
+        if p is not None:
+            probs.append(p)
+            categories.append(category)
+    return probs, categories, frames * checkpoint.config.frontend.hop_s / 60.0
+
+
+@torch.no_grad()
+def _file_probabilities(checkpoint: Checkpoint, folder: str | Path, device: str | torch.device = "cpu",
+                        logits: Callable[[Path, np.ndarray], torch.Tensor] | None = None):
+    """Per audio file of ``folder``, one at a time: (path, category, frames, probabilities (T, C),
+    or None for a file shorter than one window). ``logits`` as in ``false_alarms``."""
     config = checkpoint.config
     detector = Detector(config, checkpoint.model).to(device).eval()
     features = InMemoryFeatures(config.frontend)
-    probs, categories, frames = [], [], 0
     for path, category in categorised_audio(folder):
         feats = features.get(path)
-        frames += feats.shape[0]
         if feats.shape[0] == 0:
+            yield path, category, 0, None
             continue
-        probs.append(torch.sigmoid(file_logits(detector, feats).float()).cpu().numpy())
-        categories.append(category)
-    return probs, categories, frames * config.frontend.hop_s / 60.0
+        out = file_logits(detector, feats) if logits is None else logits(path, feats)
+        yield path, category, feats.shape[0], torch.sigmoid(out.float()).cpu().numpy()
 
 
 def format_false_alarms(result: dict[str, Any]) -> str:
