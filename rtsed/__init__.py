@@ -68,9 +68,4 @@ def load_detector(path, map_location="cpu") -> Detector:
     return Detector(ckpt.config, ckpt.model).to(map_location).eval()
 
 
-__all__ = [
-    "AudioStream", "Checkpoint", "CheckpointError", "ConfigError", "DecoderConfig", "Detector",
-    "DetectorConfig", "FrontendConfig", "ModelConfig", "ModelStream", "NormalizationStats",
-    "SEDModel", "StepOutput", "TUT_SED_2016_LABELS", "build_model", "count_parameters",
-    "load_checkpoint", "load_detector", "load_model", "macs_per_frame", "register_temporal", "save_checkpoint",
-]
+__all__ = sorted([*_EXPORTS, "load_detector", "load_model"])
