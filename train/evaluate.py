@@ -491,7 +491,7 @@ def format_report(results: dict[str, Any]) -> str:
             continue
         name = key[:5].upper()
         if key.endswith("_decoder"):
-            if results.get(key[:5]) is ps:  # no smoothing: the same scores as above
+            if results.get(key[:5]) == ps:  # no smoothing: the same scores as above (also once read back from JSON)
                 continue
             name += " on the decoder's smoothed scores"
         if ps["error"]:
